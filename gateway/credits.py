@@ -1,0 +1,83 @@
+"""Credits: amounts with two decimals, held as integer hundredths, and the per-prefix rate table.
+
+Integers make every sum exact and let the store check balances with plain SQL arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+
+CENTS = 100
+
+
+class InvalidAmount(ValueError):
+    pass
+
+
+def to_cents(value: str | int | float | Decimal, *, allow_negative: bool = False) -> int:
+    """Parse a credit amount (`150`, `12.5`, `0.07`) into hundredths of a credit."""
+    if isinstance(value, bool):
+        raise InvalidAmount(f"invalid credit amount {value!r}")
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation as exc:
+        raise InvalidAmount(f"invalid credit amount {value!r}") from exc
+    if not amount.is_finite():
+        raise InvalidAmount(f"invalid credit amount {value!r}")
+    scaled = amount * CENTS
+    if scaled != scaled.to_integral_value():
+        raise InvalidAmount(f"invalid credit amount {value!r}: at most 2 decimals")
+    if scaled < 0 and not allow_negative:
+        raise InvalidAmount(f"invalid credit amount {value!r}: must not be negative")
+    if abs(scaled) > 10**15:
+        raise InvalidAmount(f"invalid credit amount {value!r}: too large")
+    return int(scaled)
+
+
+def format_credits(cents: int) -> str:
+    """`1987`, `12.5`, `0.07`: whole credits without decimals, as OVH prints them."""
+    sign = "-" if cents < 0 else ""
+    whole, frac = divmod(abs(cents), CENTS)
+    if frac == 0:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{frac:02d}".rstrip("0")
+
+
+def as_number(cents: int) -> int | float:
+    """For JSON bodies of the admin API: an int when whole, else a float with 2 decimals."""
+    return cents // CENTS if cents % CENTS == 0 else round(cents / CENTS, 2)
+
+
+@dataclass(frozen=True)
+class RateTable:
+    """Price of one SMS part by destination prefix; the longest matching prefix wins."""
+
+    default: int = CENTS
+    by_prefix: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, default: str | int | float, prefixes: Mapping[str, object]) -> RateTable:
+        table: dict[str, int] = {}
+        for prefix, rate in prefixes.items():
+            key = prefix.strip()
+            if key.startswith("00"):
+                key = "+" + key[2:]
+            if not key.startswith("+"):
+                key = "+" + key
+            if not key[1:].isdigit():
+                raise InvalidAmount(f"rate table: invalid prefix {prefix!r}")
+            table[key] = to_cents(rate)  # type: ignore[arg-type]
+        return cls(default=to_cents(default), by_prefix=table)
+
+    def rate(self, e164: str) -> int:
+        for end in range(min(len(e164), 8), 1, -1):
+            found = self.by_prefix.get(e164[:end])
+            if found is not None:
+                return found
+        return self.default
+
+    def cost(self, recipients: list[str], parts: int) -> list[int]:
+        """Cost of each recipient's message, in hundredths."""
+        return [self.rate(number) * parts for number in recipients]

@@ -1,0 +1,100 @@
+"""API-user passwords: the rule, scrypt hashes, and a verification cache for the send path.
+
+scrypt costs tens of milliseconds by design; paying that on every send would cap a core at a
+few dozen requests a second. The cache remembers verdicts under a key that binds the stored
+hash and the presented password, so a password change or a wrong password can never reuse
+another verdict, and it holds no password, only a keyed digest of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+
+# n=2**14, r=8 is the interactive-login setting recommended for scrypt (~16 MiB, tens of ms).
+_N, _R, _P = 2**14, 8, 1
+_DKLEN = 32
+
+
+class InvalidPassword(ValueError):
+    pass
+
+
+def validate(password: str) -> str:
+    """OVH asks for 8 alphanumeric characters; longer is allowed, anything else is refused."""
+    if len(password) < 8:
+        raise InvalidPassword("password: at least 8 characters")
+    if len(password) > 128:
+        raise InvalidPassword("password: at most 128 characters")
+    if not (password.isascii() and password.isalnum()):
+        raise InvalidPassword("password: letters and digits only")
+    return password
+
+
+def hash_password(password: str, *, n: int = _N) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=_R, p=_P, dklen=_DKLEN,
+                            maxmem=64 * 1024 * 1024)
+    return "$".join(("scrypt", str(n), str(_R), str(_P), _b64(salt), _b64(digest)))
+
+
+def verify(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n),
+                                r=int(r), p=int(p), dklen=len(expected),
+                                maxmem=64 * 1024 * 1024)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+class VerificationCache:
+    """Bounded LRU of verdicts keyed by HMAC(process key, stored hash, password)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._key = secrets.token_bytes(32)
+        self._size = size
+        self._verdicts: OrderedDict[bytes, bool] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[bool]] = {}
+
+    def _cache_key(self, password: str, stored: str) -> bytes:
+        return hmac.new(self._key, stored.encode() + b"\0" + password.encode(),
+                        hashlib.sha256).digest()
+
+    async def verify(self, password: str, stored: str) -> bool:
+        key = self._cache_key(password, stored)
+        verdict = self._verdicts.get(key)
+        if verdict is not None:
+            self._verdicts.move_to_end(key)
+            return verdict
+        # A burst of requests with the same new credentials shares one scrypt run.
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            verdict = await asyncio.to_thread(verify, password, stored)
+            future.set_result(verdict)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the waiters, if any, re-raise it themselves
+            raise
+        finally:
+            del self._inflight[key]
+        self._verdicts[key] = verdict
+        if len(self._verdicts) > self._size:
+            self._verdicts.popitem(last=False)
+        return verdict

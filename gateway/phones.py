@@ -1,0 +1,37 @@
+"""Recipient numbers: the international formats the send URL accepts, normalised to E.164."""
+
+from __future__ import annotations
+
+import phonenumbers
+
+
+class InvalidNumber(ValueError):
+    pass
+
+
+def normalize(raw: str) -> str:
+    """Return the E.164 form (`+33612345678`) of an international number.
+
+    OVH accepts `+33...` and `0033...`; a national number such as `0612345678` is refused
+    because the gateway cannot guess the country a script meant.
+    """
+    text = raw.strip()
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    if not text.startswith("+") or not text[1:].isdigit():
+        raise InvalidNumber(f"invalid number {raw!r}: use the international format +33612345678")
+    try:
+        parsed = phonenumbers.parse(text, None)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidNumber(f"invalid number {raw!r}") from exc
+    if not phonenumbers.is_valid_number(parsed):
+        raise InvalidNumber(f"invalid number {raw!r}")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def is_international(raw: str) -> bool:
+    try:
+        normalize(raw)
+    except InvalidNumber:
+        return False
+    return True

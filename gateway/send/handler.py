@@ -1,0 +1,77 @@
+"""The HTTP edge of the send path: `GET`/`POST /cgi-bin/sms/http2sms.cgi`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+
+from gateway import iprules
+from gateway.send import params as url_params
+from gateway.send import responses
+from gateway.send.pipeline import Answer, SendPipeline
+from gateway.store import StoreUnavailable
+
+PATH = "/cgi-bin/sms/http2sms.cgi"
+
+log = structlog.get_logger("gateway.send")
+
+PIPELINE = web.AppKey("send_pipeline", SendPipeline)
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)
+
+
+async def read_params(request: web.Request) -> dict[str, str]:
+    # The raw query, not aiohttp's decoded one: values may be Latin-1 percent-encoded.
+    raw_query = request.raw_path.partition("?")[2]
+    params = url_params.parse(raw_query.encode("utf-8", "surrogateescape"))
+    if request.method == "POST" and request.can_read_body:
+        ctype = request.content_type
+        if ctype in ("", "application/x-www-form-urlencoded", "application/octet-stream",
+                     "text/plain"):
+            url_params.parse(await request.read(), into=params)
+    return params
+
+
+def caller_ip(request: web.Request) -> iprules.IPAddress | None:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
+    return iprules.client_ip(host, forwarded, request.app[TRUSTED_PROXIES])
+
+
+async def http2sms(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    request_id = uuid.uuid4().hex[:16]
+    pipeline = request.app[PIPELINE]
+    params = await read_params(request)
+    client = caller_ip(request)
+    try:
+        answer = await pipeline.send(params, client)
+    except StoreUnavailable as exc:
+        log.error("send", request_id=request_id, outcome=503, error=str(exc),
+                  client_ip=str(client))
+        return web.json_response({"message": "the gateway cannot store messages right now"},
+                                 status=503, headers={"Retry-After": "5"})
+    log.info("send", request_id=request_id, method=request.method,
+             duration_ms=round((time.perf_counter() - started) * 1000, 2), **answer.log)
+    return render(answer, request_id)
+
+
+def render(answer: Answer, request_id: str) -> web.Response:
+    if answer.ok:
+        body = responses.success(answer.fmt, answer.status, answer.credit_left, answer.ids)
+    else:
+        body = responses.failure(answer.fmt, answer.status, answer.message)
+    # Clients read the outcome in the body; OVH answers 200 to every request it answers.
+    response = web.Response(body=body.encode("utf-8"), status=200,
+                            headers={"X-Request-Id": request_id})
+    response.content_type = answer.fmt.value
+    response.charset = "utf-8"
+    return response
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_route("GET", PATH, http2sms)
+    app.router.add_route("POST", PATH, http2sms)

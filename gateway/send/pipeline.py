@@ -1,0 +1,121 @@
+"""The send path: from a parsed request to an answer, in the order a refusal costs least.
+
+Cheap checks first (parameters), then who is calling (credentials, caller IP), then what the
+account allows (sender), then the price and the atomic charge through the group committer.
+Nothing is written unless every check has passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway import iprules
+from gateway.credits import RateTable, format_credits
+from gateway.passwords import VerificationCache, hash_password
+from gateway.send import request as rules
+from gateway.send.batcher import GroupCommitter
+from gateway.send.request import SendRefused
+from gateway.send.responses import ContentType
+from gateway.store import SendContext, SendOutcome, Store
+
+
+@dataclass(frozen=True, slots=True)
+class SendSettings:
+    tz: ZoneInfo
+    rates: RateTable
+    stop_clause: str
+    reply_sender: str
+    max_recipients: int
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    fmt: ContentType
+    message: str = ""
+    credit_left: str = ""
+    ids: tuple[int, ...] = ()
+    # What the request log records; never a password.
+    log: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (rules.ACCEPTED, rules.ACCEPTED_DEFERRED)
+
+
+class SendPipeline:
+    def __init__(self, store: Store, committer: GroupCommitter, settings: SendSettings,
+                 verifier: VerificationCache | None = None) -> None:
+        self._store = store
+        self._committer = committer
+        self.settings = settings
+        self._verifier = verifier or VerificationCache()
+        # Unknown logins are checked against this hash so that they take as long to refuse
+        # as a wrong password: the timing must not tell which logins exist.
+        self._decoy_hash = hash_password("decoy0000")
+
+    async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None) -> Answer:
+        fmt = rules.requested_format(params)
+        log: dict[str, Any] = {"account": params.get("account", "")[:64],
+                               "login": params.get("login", "")[:64],
+                               "client_ip": str(client_ip) if client_ip else None}
+        try:
+            request = rules.parse(params, tz=self.settings.tz,
+                                  max_recipients=self.settings.max_recipients)
+            context = await self._authenticate(request, client_ip)
+            order = rules.price(
+                request, account_id=context.user.account_id, user_id=context.user.id,
+                sender=self._sender(request, context),
+                stop_clause=context.account_stop_clause if context.account_stop_clause
+                is not None else self.settings.stop_clause,
+                rates=self.settings.rates)
+            log.update(recipients=len(order.recipients), parts=order.parts,
+                       credits=format_credits(order.total))
+            outcome = await self._committer.submit(order)
+            if not outcome.accepted:
+                if outcome.reason not in ("quota", "credits"):
+                    # The user or account vanished between the check and the commit.
+                    raise SendRefused(rules.UNAUTHORIZED, "Invalid account, login or password")
+                raise SendRefused(rules.NO_CREDITS, _no_credit_message(outcome))
+        except SendRefused as refused:
+            log["outcome"] = refused.status
+            log["reason"] = refused.message
+            return Answer(refused.status, fmt, message=refused.message, log=log)
+        status = rules.ACCEPTED_DEFERRED if request.deferred_until else rules.ACCEPTED
+        log.update(outcome=status, ids=_id_range(outcome.ids))
+        return Answer(status, fmt, credit_left=format_credits(outcome.credit_left),
+                      ids=outcome.ids, log=log)
+
+    async def _authenticate(self, request: rules.SendRequest,
+                            client_ip: iprules.IPAddress | None) -> SendContext:
+        context = await self._store.send_context(request.account, request.login)
+        stored = context.user.password_hash if context else self._decoy_hash
+        if not await self._verifier.verify(request.password, stored) or context is None:
+            raise SendRefused(rules.UNAUTHORIZED, "Invalid account, login or password")
+        if not iprules.allowed(client_ip, context.user.ip_restrictions):
+            raise SendRefused(rules.UNAUTHORIZED,
+                              f"The IP address {client_ip} is not allowed for this user")
+        return context
+
+    def _sender(self, request: rules.SendRequest, context: SendContext) -> str:
+        if request.reply_sender:
+            return self.settings.reply_sender
+        if request.sender not in context.senders:
+            raise SendRefused(rules.BAD_SENDER, f"Sender {request.sender!r} is not declared "
+                              "on this account")
+        return request.sender
+
+
+def _no_credit_message(outcome: SendOutcome) -> str:
+    if outcome.reason == "quota":
+        return (f"Not enough quota: {format_credits(outcome.credit_left)} credits left "
+                "on this user's quota")
+    return f"Not enough credits: {format_credits(outcome.credit_left)} credits left"
+
+
+def _id_range(ids: tuple[int, ...]) -> str:
+    if not ids:
+        return ""
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"

@@ -1,0 +1,222 @@
+"""Managing accounts, senders and API users: the one set of rules behind the CLI and the API.
+
+Every change is validated completely before the store sees it, so a request that is half
+wrong changes nothing. Views render the objects with OVH's field names for both front ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway import iprules, passwords, phones
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config
+from gateway.credits import InvalidAmount, as_number, to_cents
+from gateway.store import UNSET, Account, Store, User, UserChanges
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_ALPHA_SENDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._&-]{0,10}")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+SUPPORTS = ("mail", "sms", "both")
+
+
+class ValidationError(ValueError):
+    """Bad input, naming the field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Management:
+    def __init__(self, store: Store, config: Config, clock: Clock | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock or SystemClock()
+
+    # -- accounts and senders ------------------------------------------------------------
+
+    async def create_account(self, name: str, credits: Any = 0) -> Account:
+        if not _NAME.fullmatch(name or ""):
+            raise ValidationError("name", "letters, digits, '.', '_' and '-', at most 64")
+        return await self.store.create_account(name, _amount("credits", credits),
+                                               at=self.clock.now())
+
+    async def credit_account(self, name: str, amount: Any) -> Account:
+        cents = _amount("amount", amount)
+        if cents <= 0:
+            raise ValidationError("amount", "must be positive")
+        return await self.store.credit_account(name, cents, at=self.clock.now())
+
+    async def update_account(self, name: str, *, callback_url: Any = UNSET,
+                             stop_clause: Any = UNSET) -> Account:
+        if callback_url is not UNSET:
+            callback_url = _url("callBack", callback_url)
+        if stop_clause is not UNSET and stop_clause is not None and (
+                not isinstance(stop_clause, str) or len(stop_clause) > 40
+                or any(ord(c) < 32 for c in stop_clause)):
+            raise ValidationError("stopClause", "a single line of at most 40 characters")
+        return await self.store.update_account(name, callback_url=callback_url,
+                                               stop_clause=stop_clause)
+
+    async def add_sender(self, account: str, sender: str) -> None:
+        await self.store.add_sender(account, validate_sender(sender))
+
+    async def remove_sender(self, account: str, sender: str) -> None:
+        await self.store.remove_sender(account, sender)
+
+    # -- API users -----------------------------------------------------------------------
+
+    async def create_user(self, account: str, login: str, password: str) -> User:
+        if not _LOGIN.fullmatch(login or ""):
+            raise ValidationError("login", "letters, digits, '.', '_', '@' and '-', at most 64")
+        hashed = _password(password)
+        return await self.store.create_user(account, login, hashed, at=self.clock.now())
+
+    async def update_user(self, account: str, login: str, **fields: Any) -> User:
+        """Apply any of: password, quota (None = no quota), ip_restrictions, callback_url,
+        alert_threshold, alert_support, alert_email, alert_number."""
+        current = await self.store.get_user(account, login)
+        changes = UserChanges()
+        unknown = set(fields) - set(UserChanges.__dataclass_fields__) - {"password"}
+        if unknown:
+            raise ValidationError(sorted(unknown)[0], "unknown field")
+        if "password" in fields:
+            changes.password_hash = _password(fields["password"])
+        if "quota" in fields:
+            changes.quota = None if fields["quota"] is None else _amount("quotaLeft",
+                                                                          fields["quota"])
+        if "ip_restrictions" in fields:
+            ips = fields["ip_restrictions"]
+            if not isinstance(ips, list | tuple) or not all(isinstance(i, str) for i in ips):
+                raise ValidationError("ipRestrictions", "a list of IP addresses")
+            try:
+                changes.ip_restrictions = iprules.validate_restrictions(
+                    ips, allow_private=self.config.server.allow_private_ips)
+            except iprules.InvalidIPRule as exc:
+                raise ValidationError("ipRestrictions", str(exc).split(": ", 1)[-1]) from None
+        if "callback_url" in fields:
+            changes.callback_url = _url("callBack", fields["callback_url"])
+        if "alert_threshold" in fields:
+            value = fields["alert_threshold"]
+            changes.alert_threshold = None if value is None else _amount("alertThreshold",
+                                                                         value)
+        if "alert_support" in fields:
+            if fields["alert_support"] not in SUPPORTS:
+                raise ValidationError("support", "one of mail, sms, both")
+            changes.alert_support = fields["alert_support"]
+        if "alert_email" in fields:
+            email = fields["alert_email"] or None
+            if email is not None and (not isinstance(email, str) or not _EMAIL.fullmatch(email)
+                                      or len(email) > 254):
+                raise ValidationError("alertEmail", f"not an e-mail address: {email!r}")
+            changes.alert_email = email
+        if "alert_number" in fields:
+            number = fields["alert_number"] or None
+            if number is not None:
+                try:
+                    number = phones.normalize(str(number))
+                except phones.InvalidNumber:
+                    raise ValidationError("alertNumber", "an international number such as "
+                                          "+33612345678") from None
+            changes.alert_number = number
+        _check_alert(current, changes)
+        return await self.store.update_user(account, login, changes, at=self.clock.now())
+
+    async def delete_user(self, account: str, login: str) -> None:
+        await self.store.delete_user(account, login, at=self.clock.now())
+
+
+def validate_sender(sender: str) -> str:
+    """A declared sender: up to 11 letters/digits, or a number of up to 15 digits."""
+    text = (sender or "").strip()
+    digits = text[1:] if text.startswith("+") else text
+    if digits.isdigit() and 3 <= len(digits) <= 15:
+        return text
+    if _ALPHA_SENDER.fullmatch(text) and not text.isdigit():
+        return text
+    raise ValidationError("sender", "up to 11 letters and digits, or a number of up to "
+                          "15 digits")
+
+
+def _amount(field: str, value: Any) -> int:
+    try:
+        return to_cents(value)
+    except InvalidAmount as exc:
+        raise ValidationError(field, str(exc)) from None
+
+
+def _password(password: Any) -> str:
+    if not isinstance(password, str):
+        raise ValidationError("password", "letters and digits only, at least 8")
+    try:
+        passwords.validate(password)
+    except passwords.InvalidPassword as exc:
+        raise ValidationError("password", str(exc).split(": ", 1)[-1]) from None
+    return passwords.hash_password(password)
+
+
+def _url(field: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 2048:
+        raise ValidationError(field, "an http or https URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(field, f"an http or https URL, got {value!r}")
+    return value
+
+
+def _check_alert(current: User, changes: UserChanges) -> None:
+    given = changes.given()
+    support = given.get("alert_support", current.alert_support)
+    email = given.get("alert_email", current.alert_email)
+    number = given.get("alert_number", current.alert_number)
+    threshold = given.get("alert_threshold", current.alert_threshold)
+    if threshold is None:
+        return
+    if support in ("mail", "both") and not email:
+        raise ValidationError("alertEmail", f"needed when support is {support}")
+    if support in ("sms", "both") and not number:
+        raise ValidationError("alertNumber", f"needed when support is {support}")
+
+
+# -- views: OVH's field names, shared by the CLI's --json and the admin API ---------------
+
+def account_view(account: Account, stop_default: str) -> dict[str, Any]:
+    return {
+        "name": account.name,
+        "creditsLeft": as_number(account.balance),
+        "creditsHoldByQuota": as_number(account.quota_held),
+        "userQuantityWithQuota": account.users_with_quota,
+        "callBack": account.callback_url or "",
+        "stopClause": account.stop_clause if account.stop_clause is not None else stop_default,
+        "senders": list(account.senders),
+    }
+
+
+def user_view(user: User) -> dict[str, Any]:
+    return {
+        "login": user.login,
+        "quotaInformations": {
+            "quotaStatus": "active" if user.quota_active else "inactive",
+            "quotaLeft": as_number(user.quota_left),
+        },
+        "alertThresholdInformations": {
+            "alertThreshold": None if user.alert_threshold is None
+            else as_number(user.alert_threshold),
+            "support": user.alert_support,
+            "alertEmail": user.alert_email or "",
+            "alertNumber": user.alert_number or "",
+        },
+        "ipRestrictions": list(user.ip_restrictions),
+        "callBack": user.callback_url or "",
+    }
+
+
+def split_ips(text: str) -> Sequence[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]

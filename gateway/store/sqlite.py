@@ -1,0 +1,790 @@
+"""The SQLite backend: the embedded default store, one file in WAL mode.
+
+One writer connection serialises every write transaction (SQLite allows one writer anyway);
+a second connection serves reads so they never queue behind a commit's fsync. The send path
+writes in batches: `commit_sends` takes many requests and commits them together (group
+commit), which is what makes durable sends cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway.store import (
+    UNSET,
+    Account,
+    Conflict,
+    LedgerEntry,
+    Message,
+    MessageEvent,
+    MessageFilter,
+    NotEnoughCredits,
+    NotFound,
+    OutboxAttempt,
+    OutboxItem,
+    OutboxResult,
+    OutgoingMessage,
+    SendContext,
+    SendOrder,
+    SendOutcome,
+    StateUpdate,
+    StoreUnavailable,
+    User,
+    UserChanges,
+)
+
+_USER_COLUMNS = """
+    u.id, u.account_id, a.name, u.login, u.password_hash, u.quota_active, u.quota_left,
+    u.alert_threshold, u.alert_support, u.alert_email, u.alert_number, u.alert_armed,
+    u.ip_restrictions, u.callback_url
+"""
+
+_MESSAGE_COLUMNS = """
+    m.id, m.account_id, a.name, m.login, m.kind, m.sender, m.receiver, m.body, m.coding,
+    m.parts, m.class, m.tag, m.credits, m.charged_to, m.created_at, m.deferred_until, m.state,
+    m.ptt, m.dlr, m.sent_at, m.delivered_at
+"""
+
+_OUTGOING_COLUMNS = "id, sender, receiver, body, coding, class, created_at, deferred_until"
+
+# What a user can spend: its quota while active, else its account's balance.
+_SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
+# The same, in an UPDATE of `users` where no join is possible.
+_SPENDABLE_HERE = ("CASE WHEN quota_active THEN quota_left ELSE "
+                   "(SELECT balance FROM accounts WHERE id = users.account_id) END")
+
+
+def _user(row: Sequence[Any]) -> User:
+    return User(
+        id=row[0], account_id=row[1], account_name=row[2], login=row[3], password_hash=row[4],
+        quota_active=bool(row[5]), quota_left=row[6], alert_threshold=row[7],
+        alert_support=row[8], alert_email=row[9], alert_number=row[10],
+        alert_armed=bool(row[11]), ip_restrictions=tuple(json.loads(row[12])),
+        callback_url=row[13],
+    )
+
+
+def _message(row: Sequence[Any]) -> Message:
+    return Message(*row[:11], tag=row[11], credits=row[12], charged_to=row[13],
+                   created_at=row[14], deferred_until=row[15], state=row[16], ptt=row[17],
+                   dlr=row[18], sent_at=row[19], delivered_at=row[20])
+
+
+def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
+    return OutgoingMessage(*row)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _is_full_or_broken(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("disk", "full", "locked", "readonly", "read-only",
+                                         "not a database", "malformed", "i/o"))
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        # One transaction at a time on the writer connection: statements of two
+        # transactions must never interleave on it.
+        self._write_lock: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        import asyncio
+
+        self._write_lock = asyncio.Lock()
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._writer = await self._connect()
+            await self._migrate()
+            self._reader = await self._connect()
+            await self._reader.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        # WAL lets readers run during a commit; synchronous=FULL makes an answered send
+        # survive power loss, not only a process crash.
+        await conn.execute("PRAGMA busy_timeout = 10000")
+        mode = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+        if mode and mode[0][0] != "wal" and self.path != ":memory:":
+            raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
+        await conn.execute("PRAGMA synchronous = FULL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                with suppress(sqlite3.Error, ValueError):
+                    await conn.close()
+        self._reader = self._writer = None
+
+    async def _migrate(self) -> None:
+        assert self._writer is not None
+        await self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+            "name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)")
+        done = {row[0] for row in await self._writer.execute_fetchall(
+            "SELECT version FROM schema_migrations")}
+        folder = resources.files("gateway.store") / "migrations"
+        scripts = sorted(item.name for item in folder.iterdir() if item.name.endswith(".sql"))
+        for name in scripts:
+            version = int(name.split("_", 1)[0])
+            if version in done:
+                continue
+            sql = (folder / name).read_text(encoding="utf-8")
+            # executescript would commit on its own; wrapping the script keeps a failed
+            # migration from leaving half a schema behind.
+            try:
+                await self._writer.executescript(
+                    f"BEGIN IMMEDIATE;\n{sql}\nINSERT INTO schema_migrations (version, name) "
+                    f"VALUES ({version}, '{name}');\nCOMMIT;")
+            except sqlite3.Error:
+                if self._writer.in_transaction:
+                    await self._writer.execute("ROLLBACK")
+                raise
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._writer is None:
+            raise StoreUnavailable("the store is closed")
+        async with self._write_lock:
+            db = self._writer
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        await db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise Conflict(str(exc)) from exc
+                if isinstance(exc, sqlite3.Error) and _is_full_or_broken(exc):
+                    raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
+                raise
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._reader is None:
+            raise StoreUnavailable("the store is closed")
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def check_writable(self) -> None:
+        """Readiness: prove a write transaction can start and commit."""
+        async with self._tx() as db:
+            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ready', '1')")
+
+    # -- accounts and senders --------------------------------------------------------
+
+    async def _account_id(self, db: aiosqlite.Connection, name: str) -> int:
+        rows = await db.execute_fetchall("SELECT id FROM accounts WHERE name = ?", (name,))
+        if not rows:
+            raise NotFound(f"unknown account {name!r}")
+        return int(rows[0][0])
+
+    async def create_account(self, name: str, balance: int, *, at: float) -> Account:
+        async with self._tx() as db:
+            try:
+                cur = await db.execute(
+                    "INSERT INTO accounts (name, balance, created_at) VALUES (?, ?, ?)",
+                    (name, balance, at))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"account {name!r} already exists") from exc
+            account_id = cur.lastrowid
+            if balance:
+                await self._ledger(db, at, account_id, None, None, "purchase", "outside",
+                                   "account", balance, "initial credits")
+        return await self.get_account(name)
+
+    async def get_account(self, name: str) -> Account:
+        rows = await self._read(
+            "SELECT a.id, a.name, a.balance, a.callback_url, a.stop_clause, "
+            "(SELECT group_concat(sender, char(10)) FROM "
+            "  (SELECT sender FROM senders WHERE account_id = a.id ORDER BY sender)), "
+            "(SELECT COALESCE(SUM(quota_left), 0) FROM users WHERE account_id = a.id "
+            "   AND quota_active), "
+            "(SELECT COUNT(*) FROM users WHERE account_id = a.id AND quota_active) "
+            "FROM accounts a WHERE a.name = ?", (name,))
+        if not rows:
+            raise NotFound(f"unknown account {name!r}")
+        r = rows[0]
+        senders = tuple(r[5].split("\n")) if r[5] else ()
+        return Account(r[0], r[1], r[2], r[3], r[4], senders, r[6], r[7])
+
+    async def list_accounts(self) -> list[str]:
+        return [r[0] for r in await self._read("SELECT name FROM accounts ORDER BY name")]
+
+    async def credit_account(self, name: str, amount: int, *, at: float) -> Account:
+        async with self._tx() as db:
+            account_id = await self._account_id(db, name)
+            await db.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?",
+                             (amount, account_id))
+            await self._ledger(db, at, account_id, None, None, "purchase", "outside", "account",
+                               amount, "top-up")
+            await self._evaluate_alerts(db, [account_id], at)
+        return await self.get_account(name)
+
+    async def update_account(self, name: str, *, callback_url: Any = UNSET,
+                             stop_clause: Any = UNSET) -> Account:
+        async with self._tx() as db:
+            account_id = await self._account_id(db, name)
+            if callback_url is not UNSET:
+                await db.execute("UPDATE accounts SET callback_url = ? WHERE id = ?",
+                                 (callback_url, account_id))
+            if stop_clause is not UNSET:
+                await db.execute("UPDATE accounts SET stop_clause = ? WHERE id = ?",
+                                 (stop_clause, account_id))
+        return await self.get_account(name)
+
+    async def add_sender(self, account: str, sender: str) -> None:
+        async with self._tx() as db:
+            account_id = await self._account_id(db, account)
+            try:
+                await db.execute("INSERT INTO senders (account_id, sender) VALUES (?, ?)",
+                                 (account_id, sender))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"sender {sender!r} is already declared") from exc
+
+    async def remove_sender(self, account: str, sender: str) -> None:
+        async with self._tx() as db:
+            account_id = await self._account_id(db, account)
+            cur = await db.execute("DELETE FROM senders WHERE account_id = ? AND sender = ?",
+                                   (account_id, sender))
+            if cur.rowcount == 0:
+                raise NotFound(f"unknown sender {sender!r}")
+
+    # -- API users -------------------------------------------------------------------
+
+    async def create_user(self, account: str, login: str, password_hash: str, *,
+                          at: float) -> User:
+        async with self._tx() as db:
+            account_id = await self._account_id(db, account)
+            try:
+                await db.execute(
+                    "INSERT INTO users (account_id, login, password_hash, created_at) "
+                    "VALUES (?, ?, ?, ?)", (account_id, login, password_hash, at))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"user {login!r} already exists in {account!r}") from exc
+        return await self.get_user(account, login)
+
+    async def _fetch_user(self, db: aiosqlite.Connection, account: str, login: str) -> User:
+        rows = await db.execute_fetchall(
+            f"SELECT {_USER_COLUMNS} FROM users u JOIN accounts a ON a.id = u.account_id "
+            "WHERE a.name = ? AND u.login = ?", (account, login))
+        if not rows:
+            await self._account_id(db, account)
+            raise NotFound(f"unknown user {login!r} in {account!r}")
+        return _user(rows[0])
+
+    async def get_user(self, account: str, login: str) -> User:
+        assert self._reader is not None
+        return await self._fetch_user(self._reader, account, login)
+
+    async def list_users(self, account: str) -> list[str]:
+        rows = await self._read(
+            "SELECT u.login FROM users u JOIN accounts a ON a.id = u.account_id "
+            "WHERE a.name = ? ORDER BY u.login", (account,))
+        if not rows:
+            assert self._reader is not None
+            await self._account_id(self._reader, account)
+        return [r[0] for r in rows]
+
+    async def update_user(self, account: str, login: str, changes: UserChanges, *,
+                          at: float) -> User:
+        given = changes.given()
+        async with self._tx() as db:
+            user = await self._fetch_user(db, account, login)
+            if "quota" in given:
+                await self._set_quota(db, user, given.pop("quota"), at)
+            columns = {
+                "password_hash": "password_hash", "callback_url": "callback_url",
+                "alert_threshold": "alert_threshold", "alert_support": "alert_support",
+                "alert_email": "alert_email", "alert_number": "alert_number",
+            }
+            for key, column in columns.items():
+                if key in given:
+                    await db.execute(f"UPDATE users SET {column} = ? WHERE id = ?",
+                                     (given[key], user.id))
+            if "ip_restrictions" in given:
+                await db.execute("UPDATE users SET ip_restrictions = ? WHERE id = ?",
+                                 (json.dumps(list(given["ip_restrictions"])), user.id))
+            if "alert_threshold" in given:
+                # A new threshold is armed only if the credits are above it now: setting it
+                # is not a crossing, so it must not fire an alert by itself.
+                await db.execute(
+                    f"UPDATE users SET alert_armed = COALESCE(({_SPENDABLE_HERE}) >= "
+                    "alert_threshold, 1) WHERE id = ?", (user.id,))
+            await self._evaluate_alerts(db, [user.account_id], at)
+            return await self._fetch_user(db, account, login)
+
+    async def _set_quota(self, db: aiosqlite.Connection, user: User, quota: int | None,
+                         at: float) -> None:
+        """Move credits between the account and the user's quota, as OVH does."""
+        balance = (await db.execute_fetchall("SELECT balance FROM accounts WHERE id = ?",
+                                             (user.account_id,)))[0][0]
+        if quota is None:
+            if user.quota_active:
+                await self._move_quota(db, user, -user.quota_left, at)
+                await db.execute(
+                    "UPDATE users SET quota_active = 0, quota_left = 0 WHERE id = ?", (user.id,))
+            return
+        held = user.quota_left if user.quota_active else 0
+        delta = quota - held
+        if delta > balance:
+            raise NotEnoughCredits(
+                f"quota: the account holds {balance / 100:g} credits, "
+                f"{delta / 100:g} more are needed")
+        await self._move_quota(db, user, delta, at)
+        await db.execute("UPDATE users SET quota_active = 1, quota_left = ? WHERE id = ?",
+                         (quota, user.id))
+
+    async def _move_quota(self, db: aiosqlite.Connection, user: User, delta: int,
+                          at: float) -> None:
+        if delta == 0:
+            return
+        await db.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?",
+                         (delta, user.account_id))
+        source, target = ("account", "quota") if delta > 0 else ("quota", "account")
+        await self._ledger(db, at, user.account_id, user.id, user.login, "quota", source,
+                           target, abs(delta), "quota change")
+
+    async def delete_user(self, account: str, login: str, *, at: float) -> None:
+        async with self._tx() as db:
+            user = await self._fetch_user(db, account, login)
+            if user.quota_active and user.quota_left:
+                await self._move_quota(db, user, -user.quota_left, at)
+            await db.execute("DELETE FROM users WHERE id = ?", (user.id,))
+            await self._evaluate_alerts(db, [user.account_id], at)
+
+    # -- the send path ---------------------------------------------------------------
+
+    async def send_context(self, account: str, login: str) -> SendContext | None:
+        rows = await self._read(
+            f"SELECT {_USER_COLUMNS}, a.balance, a.stop_clause, "
+            "(SELECT group_concat(sender, char(10)) FROM senders WHERE account_id = a.id) "
+            "FROM users u JOIN accounts a ON a.id = u.account_id "
+            "WHERE a.name = ? AND u.login = ?", (account, login))
+        if not rows:
+            return None
+        row = rows[0]
+        senders = frozenset(row[16].split("\n")) if row[16] else frozenset()
+        return SendContext(_user(row), row[14], row[15], senders)
+
+    async def commit_sends(self, orders: Sequence[SendOrder], *,
+                           at: float) -> list[SendOutcome]:
+        """Charge and store a batch of sends in one transaction.
+
+        Balances are read once, the orders are decided in order in Python, and the writes go
+        out as a few executemany calls: each statement costs a thread hop, so the number of
+        statements does not grow with the batch.
+        """
+        async with self._tx() as db:
+            account_ids = sorted({o.account_id for o in orders})
+            user_ids = sorted({o.user_id for o in orders if o.user_id is not None})
+            balances = dict(await db.execute_fetchall(
+                f"SELECT id, balance FROM accounts WHERE id IN ({_marks(len(account_ids))})",
+                account_ids))
+            quotas: dict[int, int | None] = {}
+            if user_ids:
+                for uid, active, left in await db.execute_fetchall(
+                        "SELECT id, quota_active, quota_left FROM users "
+                        f"WHERE id IN ({_marks(len(user_ids))})", user_ids):
+                    quotas[uid] = left if active else None
+            next_id = (await db.execute_fetchall(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM messages"))[0][0]
+
+            outcomes: list[SendOutcome] = []
+            messages: list[tuple[Any, ...]] = []
+            events: list[tuple[Any, ...]] = []
+            ledger: list[tuple[Any, ...]] = []
+            touched_accounts: set[int] = set()
+            touched_users: set[int] = set()
+            for order in orders:
+                outcome, next_id = self._decide(order, at, next_id, balances, quotas,
+                                                messages, events, ledger)
+                outcomes.append(outcome)
+                if outcome.accepted:
+                    touched_accounts.add(order.account_id)
+                    if order.user_id is not None and quotas.get(order.user_id) is not None:
+                        touched_users.add(order.user_id)
+            if messages:
+                await db.executemany(
+                    "INSERT INTO messages (id, account_id, user_id, login, kind, sender, "
+                    "receiver, body, coding, parts, class, no_stop, tag, credits, charged_to, "
+                    "created_at, deferred_until, state, dlr, updated_at) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)", messages)
+                await db.executemany(
+                    "INSERT INTO message_events (message_id, at, ptt, dlr, note) "
+                    "VALUES (?, ?, NULL, 0, ?)", events)
+                await db.executemany(
+                    "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
+                    "amount, reference) VALUES (?, ?, ?, ?, ?, ?, 'spent', ?, ?)", ledger)
+                await db.executemany("UPDATE accounts SET balance = ? WHERE id = ?",
+                                     [(balances[a], a) for a in touched_accounts])
+                if touched_users:
+                    await db.executemany("UPDATE users SET quota_left = ? WHERE id = ?",
+                                         [(quotas[u], u) for u in touched_users])
+                await self._evaluate_alerts(db, sorted(touched_accounts), at)
+        return outcomes
+
+    @staticmethod
+    def _decide(order: SendOrder, at: float, next_id: int, balances: dict[int, int],
+                quotas: dict[int, int | None], messages: list[tuple[Any, ...]],
+                events: list[tuple[Any, ...]],
+                ledger: list[tuple[Any, ...]]) -> tuple[SendOutcome, int]:
+        total = order.total
+        if order.account_id not in balances:
+            return SendOutcome(False, reason="unknown account"), next_id
+        quota = quotas.get(order.user_id) if order.user_id is not None else None
+        if order.user_id is not None and order.user_id not in quotas:
+            return SendOutcome(False, reason="unknown user"), next_id
+        if quota is not None:
+            if quota < total:
+                return SendOutcome(False, credit_left=quota, reason="quota"), next_id
+            quotas[order.user_id] = credit_left = quota - total  # type: ignore[index]
+            charged_to = "quota"
+        else:
+            balance = balances[order.account_id]
+            if balance < total:
+                return SendOutcome(False, credit_left=balance, reason="credits"), next_id
+            balances[order.account_id] = credit_left = balance - total
+            charged_to = "account"
+        deferred = order.deferred_until if order.deferred_until and \
+            order.deferred_until > at else None
+        state = "deferred" if deferred else "queued"
+        ids = tuple(range(next_id, next_id + len(order.recipients)))
+        out: list[OutgoingMessage] = []
+        for message_id, receiver, cost in zip(ids, order.recipients, order.costs, strict=True):
+            messages.append((message_id, order.account_id, order.user_id, order.login,
+                             order.kind, order.sender, receiver, order.body, order.coding,
+                             order.parts, order.klass, int(order.no_stop), order.tag, cost,
+                             charged_to, at, deferred, state, at))
+            events.append((message_id, at, "deferred" if deferred else "accepted"))
+            out.append(OutgoingMessage(message_id, order.sender, receiver, order.body,
+                                       order.coding, order.klass, at, deferred))
+        reference = f"sms:{ids[0]}" if len(ids) == 1 else f"sms:{ids[0]}-{ids[-1]}"
+        kind = "alert" if order.kind == "alert" else "send"
+        ledger.append((at, order.account_id, order.user_id, order.login, kind, charged_to,
+                       total, reference))
+        return SendOutcome(True, credit_left, ids, tuple(out)), next_id + len(ids)
+
+    async def _evaluate_alerts(self, db: aiosqlite.Connection, account_ids: Iterable[int],
+                               at: float) -> None:
+        """Fire the low-credit alerts crossed by this transaction, and re-arm the others.
+
+        Runs inside every transaction that moves credits, so concurrent sends that cross a
+        threshold together see one armed flag and fire exactly one alert.
+        """
+        ids = list(account_ids)
+        if not ids:
+            return
+        marks = _marks(len(ids))
+        crossed = await db.execute_fetchall(
+            f"SELECT u.id, u.account_id, a.name, u.login, u.alert_threshold, u.alert_support, "
+            f"u.alert_email, u.alert_number, {_SPENDABLE} FROM users u "
+            "JOIN accounts a ON a.id = u.account_id "
+            f"WHERE u.account_id IN ({marks}) AND u.alert_armed = 1 "
+            f"AND u.alert_threshold IS NOT NULL AND {_SPENDABLE} < u.alert_threshold", ids)
+        await db.execute(
+            "UPDATE users SET alert_armed = 1 WHERE alert_armed = 0 "
+            f"AND account_id IN ({marks}) AND alert_threshold IS NOT NULL "
+            f"AND ({_SPENDABLE_HERE}) >= alert_threshold", ids)
+        if not crossed:
+            return
+        await db.executemany("UPDATE users SET alert_armed = 0 WHERE id = ?",
+                             [(row[0],) for row in crossed])
+        items: list[tuple[Any, ...]] = []
+        for uid, account_id, account, login, threshold, support, email, number, left in crossed:
+            payload = json.dumps({"account": account, "login": login, "credits_left": left,
+                                  "threshold": threshold})
+            if support in ("mail", "both") and email:
+                items.append(("alert_mail", account_id, uid, email, payload, at, at))
+            if support in ("sms", "both") and number:
+                items.append(("alert_sms", account_id, uid, number, payload, at, at))
+        await db.executemany(
+            "INSERT INTO outbox (kind, account_id, user_id, target, payload, created_at, "
+            "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)", items)
+
+    async def _ledger(self, db: aiosqlite.Connection, at: float, account_id: int,
+                      user_id: int | None, login: str | None, kind: str, source: str,
+                      target: str, amount: int, reference: str) -> None:
+        await db.execute(
+            "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, amount, "
+            "reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (at, account_id, user_id, login, kind, source, target, amount, reference))
+
+    # -- delivery --------------------------------------------------------------------
+
+    async def undelivered(self, *, after_id: int, limit: int) -> list[OutgoingMessage]:
+        """Messages accepted but not final and not waiting for their deferred time.
+
+        Read at start: what the operator had not finished when the gateway stopped.
+        """
+        rows = await self._read(
+            f"SELECT {_OUTGOING_COLUMNS} FROM messages WHERE state IN ('queued', 'sent') "
+            "AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        return [_outgoing(r) for r in rows]
+
+    async def due_deferred(self, now: float, limit: int) -> list[OutgoingMessage]:
+        rows = await self._read(
+            f"SELECT {_OUTGOING_COLUMNS} FROM messages WHERE state = 'deferred' "
+            "AND deferred_until <= ? ORDER BY deferred_until, id LIMIT ?", (now, limit))
+        return [_outgoing(r) for r in rows]
+
+    async def next_deferred_at(self) -> float | None:
+        rows = await self._read(
+            "SELECT MIN(deferred_until) FROM messages WHERE state = 'deferred'")
+        return rows[0][0] if rows else None
+
+    async def mark_sent(self, ids: Sequence[int], *, at: float) -> None:
+        if not ids:
+            return
+        async with self._tx() as db:
+            await db.executemany(
+                "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ? "
+                "WHERE id = ? AND state IN ('queued', 'deferred')",
+                [(at, at, i) for i in ids])
+
+    async def apply_updates(self, updates: Sequence[StateUpdate]) -> int:
+        """Record state changes; queue their callbacks and refunds in the same transaction.
+
+        Returns how many callbacks were queued. Updates to a message already final are
+        ignored: a late or duplicated report must not change a settled outcome.
+        """
+        if not updates:
+            return 0
+        ids = sorted({u.message_id for u in updates})
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
+                "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active "
+                "FROM messages m JOIN accounts a ON a.id = m.account_id "
+                "LEFT JOIN users u ON u.id = m.user_id "
+                f"WHERE m.id IN ({_marks(len(ids))})", ids)
+            current = {r[0]: list(r) for r in rows}
+            changed: list[tuple[Any, ...]] = []
+            events: list[tuple[Any, ...]] = []
+            callbacks: list[tuple[Any, ...]] = []
+            refunds: list[tuple[Any, ...]] = []
+            account_refunds: dict[int, int] = {}
+            quota_refunds: dict[int, int] = {}
+            for update in updates:
+                row = current.get(update.message_id)
+                if row is None or row[1] == "final":
+                    continue
+                mid, _, account_id, user_id, charged_to, credits, tag, login, url, active = row
+                row[1] = "final" if update.final else "sent"
+                changed.append((update.ptt, update.dlr, row[1], update.at,
+                                update.at if update.ptt == 4 else None, update.at, mid))
+                events.append((mid, update.at, update.ptt, update.dlr, update.note))
+                if url:
+                    payload = json.dumps({"id": mid, "ptt": update.ptt, "dlr": update.dlr,
+                                          "at": update.at, "tag": tag})
+                    callbacks.append(("callback", mid, account_id, user_id, url, payload,
+                                      update.at, update.at))
+                if update.final and not update.billed and credits:
+                    # Refund to where the credits came from, unless that quota is gone.
+                    if charged_to == "quota" and active:
+                        quota_refunds[user_id] = quota_refunds.get(user_id, 0) + credits
+                        pool = "quota"
+                    else:
+                        account_refunds[account_id] = account_refunds.get(account_id, 0) \
+                            + credits
+                        pool = "account"
+                    refunds.append((update.at, account_id, user_id, login, "refund", "spent",
+                                    pool, credits, f"sms:{mid} ptt {update.ptt}"))
+            await db.executemany(
+                "UPDATE messages SET ptt = ?, dlr = ?, state = ?, "
+                "sent_at = COALESCE(sent_at, ?), delivered_at = COALESCE(delivered_at, ?), "
+                "updated_at = ? WHERE id = ?", changed)
+            await db.executemany(
+                "INSERT INTO message_events (message_id, at, ptt, dlr, note) "
+                "VALUES (?, ?, ?, ?, ?)", events)
+            if callbacks:
+                await db.executemany(
+                    "INSERT INTO outbox (kind, message_id, account_id, user_id, target, "
+                    "payload, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    callbacks)
+            if refunds:
+                await db.executemany(
+                    "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
+                    "amount, reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", refunds)
+                await db.executemany("UPDATE accounts SET balance = balance + ? WHERE id = ?",
+                                     [(v, k) for k, v in account_refunds.items()])
+                await db.executemany("UPDATE users SET quota_left = quota_left + ? "
+                                     "WHERE id = ?", [(v, k) for k, v in quota_refunds.items()])
+                await self._evaluate_alerts(db, sorted({r[1] for r in refunds}),
+                                            refunds[-1][0])
+        return len(callbacks)
+
+    # -- outbox ----------------------------------------------------------------------
+
+    async def enqueue_outbox(self, kind: str, *, account_id: int, user_id: int | None,
+                             target: str, payload: dict[str, Any], at: float,
+                             message_id: int | None = None) -> int:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "INSERT INTO outbox (kind, message_id, account_id, user_id, target, payload, "
+                "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, message_id, account_id, user_id, target, json.dumps(payload), at, at))
+            return int(cur.lastrowid or 0)
+
+    async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
+                           limit: int) -> list[OutboxItem]:
+        """Take due items and push their next attempt past a lease.
+
+        If the gateway dies mid-attempt, the item becomes due again when the lease ends,
+        so nothing claimed is ever lost.
+        """
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "UPDATE outbox SET next_attempt_at = ?, attempts = attempts + 1 "
+                "WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' "
+                f"AND kind IN ({_marks(len(kinds))}) AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, id LIMIT ?) "
+                "RETURNING id, kind, message_id, account_id, user_id, target, payload, "
+                "created_at, attempts", (now + lease, *kinds, now, limit))
+        items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
+                 for r in rows]
+        items.sort(key=lambda item: item.id)
+        return items
+
+    async def next_outbox_at(self, kinds: Sequence[str]) -> float | None:
+        rows = await self._read(
+            "SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' "
+            f"AND kind IN ({_marks(len(kinds))})", kinds)
+        return rows[0][0] if rows else None
+
+    async def record_outbox_results(self, results: Sequence[OutboxResult]) -> None:
+        if not results:
+            return
+        async with self._tx() as db:
+            await db.executemany(
+                "INSERT INTO outbox_attempts (outbox_id, at, ok, detail) VALUES (?, ?, ?, ?)",
+                [(r.item_id, r.at, int(r.ok), r.detail[:500]) for r in results])
+            await db.executemany(
+                "UPDATE outbox SET state = 'done', done_at = ?, last_error = '' WHERE id = ?",
+                [(r.at, r.item_id) for r in results if r.ok])
+            await db.executemany(
+                "UPDATE outbox SET next_attempt_at = ?, last_error = ? WHERE id = ?",
+                [(r.next_attempt_at, r.detail[:500], r.item_id) for r in results
+                 if not r.ok and r.next_attempt_at is not None])
+            await db.executemany(
+                "UPDATE outbox SET state = 'dead', done_at = ?, last_error = ? WHERE id = ?",
+                [(r.at, r.detail[:500], r.item_id) for r in results
+                 if not r.ok and r.next_attempt_at is None])
+
+    # -- reading back ----------------------------------------------------------------
+
+    async def get_message(self, message_id: int) -> Message:
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "WHERE m.id = ?", (message_id,))
+        if not rows:
+            raise NotFound(f"unknown message {message_id}")
+        return _message(rows[0])
+
+    async def message_events(self, message_id: int) -> list[MessageEvent]:
+        rows = await self._read(
+            "SELECT at, ptt, dlr, note FROM message_events WHERE message_id = ? ORDER BY id",
+            (message_id,))
+        return [MessageEvent(*r) for r in rows]
+
+    async def message_attempts(self, message_id: int) -> list[OutboxAttempt]:
+        rows = await self._read(
+            "SELECT o.id, o.kind, o.target, o.state, t.at, t.ok, t.detail FROM outbox o "
+            "JOIN outbox_attempts t ON t.outbox_id = o.id WHERE o.message_id = ? "
+            "ORDER BY t.id", (message_id,))
+        return [OutboxAttempt(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows]
+
+    async def pending_outbox(self, message_id: int) -> list[tuple[int, str, str, int]]:
+        """Callbacks of a message not yet delivered: (id, state, target, attempts)."""
+        rows = await self._read(
+            "SELECT id, state, target, attempts FROM outbox WHERE message_id = ? ORDER BY id",
+            (message_id,))
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    async def list_messages(self, where: MessageFilter, *, limit: int,
+                            before_id: int | None = None) -> list[Message]:
+        clauses = ["m.account_id = ?"]
+        params: list[Any] = [where.account_id]
+        for column, value in (("m.user_id", where.user_id), ("m.login", where.login),
+                              ("m.tag", where.tag), ("m.ptt", where.ptt),
+                              ("m.receiver", where.receiver), ("m.sender", where.sender)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if where.created_from is not None:
+            clauses.append("m.created_at >= ?")
+            params.append(where.created_from)
+        if where.created_to is not None:
+            clauses.append("m.created_at <= ?")
+            params.append(where.created_to)
+        if before_id is not None:
+            clauses.append("m.id < ?")
+            params.append(before_id)
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN accounts a ON a.id = m.account_id "
+            f"WHERE {' AND '.join(clauses)} ORDER BY m.id DESC LIMIT ?", (*params, limit))
+        return [_message(r) for r in rows]
+
+    async def list_ledger(self, account: str, *, limit: int,
+                          after_id: int = 0) -> list[LedgerEntry]:
+        assert self._reader is not None
+        account_id = await self._account_id(self._reader, account)
+        rows = await self._read(
+            "SELECT id, at, account_id, login, kind, source, target, amount, reference "
+            "FROM ledger WHERE account_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (account_id, after_id, limit))
+        return [LedgerEntry(*r) for r in rows]
+
+    async def ledger_totals(self) -> dict[str, int]:
+        """The pools the ledger says exist, next to what the tables hold."""
+        rows = await self._read(
+            "SELECT "
+            "(SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE source = 'outside'), "
+            "(SELECT COALESCE(SUM(CASE WHEN target = 'spent' THEN amount ELSE -amount END), 0)"
+            "   FROM ledger WHERE 'spent' IN (source, target)), "
+            "(SELECT COALESCE(SUM(balance), 0) FROM accounts), "
+            "(SELECT COALESCE(SUM(quota_left), 0) FROM users WHERE quota_active), "
+            "(SELECT COALESCE(SUM(CASE WHEN target = 'account' THEN amount ELSE -amount END), 0)"
+            "   FROM ledger WHERE 'account' IN (source, target)), "
+            "(SELECT COALESCE(SUM(CASE WHEN target = 'quota' THEN amount ELSE -amount END), 0)"
+            "   FROM ledger WHERE 'quota' IN (source, target))")
+        purchased, spent, balances, quotas, ledger_accounts, ledger_quotas = rows[0]
+        return {"purchased": purchased, "spent": spent, "balances": balances,
+                "quotas": quotas, "ledger_balances": ledger_accounts,
+                "ledger_quotas": ledger_quotas}
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._read(
+            "SELECT "
+            "(SELECT COUNT(*) FROM messages WHERE state = 'queued'), "
+            "(SELECT COUNT(*) FROM messages WHERE state = 'deferred'), "
+            "(SELECT COUNT(*) FROM messages WHERE state = 'sent'), "
+            "(SELECT COUNT(*) FROM outbox WHERE state = 'pending'), "
+            "(SELECT COUNT(*) FROM outbox WHERE state = 'dead')")
+        queued, deferred, sent, pending, dead = rows[0]
+        return {"queued": queued, "deferred": deferred, "sent": sent,
+                "outbox_pending": pending, "outbox_dead": dead}
