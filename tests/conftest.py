@@ -1,0 +1,115 @@
+"""Shared fixtures: a real gateway app on a real SQLite file, driven over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway import app as gateway_app
+from gateway.clock import ManualClock
+from gateway.config import Config
+from gateway.service import Management
+from gateway.store.sqlite import SQLiteStore
+
+SEND_PATH = "/cgi-bin/sms/http2sms.cgi"
+ACCOUNT = "sms-test-1"
+LOGIN = "alice"
+PASSWORD = "secret123"
+SENDER = "ACME"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    cfg = Config()
+    cfg.store.path = str(tmp_path / "gateway.sqlite3")
+    cfg.server.allow_private_ips = True
+    cfg.log.format = "json"
+    cfg.admin.token = "test-admin-token-0123456789"
+    # Tests drive delivery explicitly; a real network's delays would only slow them.
+    cfg.operator.min_delay = 0.0
+    cfg.operator.max_delay = 0.0
+    # Every message is delivered, so no refund moves credits behind a test's back; tests
+    # of failures use the simulator's magic numbers (+336123990NN).
+    cfg.operator.failure_ratio = 0.0
+    cfg.operator.retry_ratio = 0.0
+    return cfg
+
+
+@dataclass
+class Harness:
+    """A running gateway and its test client."""
+
+    client: TestClient
+    gateway: gateway_app.Gateway
+    manage: Management
+
+    async def send(self, method: str = "GET", **params: Any) -> tuple[int, str]:
+        query = {"account": ACCOUNT, "login": LOGIN, "password": PASSWORD, "from": SENDER,
+                 "to": "+33612345678", "message": "Hello"}
+        query.update({k: v for k, v in params.items() if v is not None})
+        query = {k: v for k, v in query.items() if v is not ...}
+        if method == "POST":
+            resp = await self.client.post(SEND_PATH, data=query)
+        else:
+            resp = await self.client.get(SEND_PATH, params=query)
+        return resp.status, await resp.text()
+
+    async def balance(self, account: str = ACCOUNT) -> int:
+        return (await self.gateway.store.get_account(account)).balance
+
+    async def quota(self, login: str = LOGIN, account: str = ACCOUNT) -> int:
+        return (await self.gateway.store.get_user(account, login)).quota_left
+
+
+HarnessFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_harness(aiohttp_client: Any, config: Config
+                       ) -> AsyncIterator[Callable[..., Any]]:
+    """Build a gateway (optionally with a manual clock) with one account, sender and user."""
+
+    async def make(*, credits: Any = 1000, clock: ManualClock | None = None,
+                   seed: bool = True, cfg: Config | None = None,
+                   server_kwargs: dict[str, Any] | None = None) -> Harness:
+        cfg = cfg or config
+        gateway = gateway_app.build(cfg, clock=clock)
+        app = gateway_app.create_app(gateway)
+        client = await aiohttp_client(app, server_kwargs=server_kwargs)
+        manage = Management(gateway.store, cfg, gateway.clock)
+        if seed:
+            await manage.create_account(ACCOUNT, credits)
+            await manage.add_sender(ACCOUNT, SENDER)
+            await manage.create_user(ACCOUNT, LOGIN, PASSWORD)
+        return Harness(client, gateway, manage)
+
+    yield make
+
+
+@pytest.fixture
+async def harness(make_harness: Callable[..., Any]) -> Harness:
+    return await make_harness()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "store.sqlite3")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def ledger_identity(totals: dict[str, int]) -> None:
+    """purchased = balances + quotas + spent, and the ledger agrees with the tables."""
+    assert totals["purchased"] == totals["balances"] + totals["quotas"] + totals["spent"], totals
+    assert totals["ledger_balances"] == totals["balances"], totals
+    assert totals["ledger_quotas"] == totals["quotas"], totals
+
+
+__all__ = ["ACCOUNT", "LOGIN", "PASSWORD", "SENDER", "SEND_PATH", "Harness", "web"]

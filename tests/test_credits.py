@@ -1,0 +1,170 @@
+"""Credits, quotas and the ledger: the money rules, and that concurrency cannot break them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import pytest
+
+from gateway.credits import InvalidAmount, RateTable, format_credits, to_cents
+from gateway.service import ValidationError
+from gateway.store import NotEnoughCredits
+from tests.conftest import ACCOUNT, LOGIN, Harness, ledger_identity
+
+# -- pure amounts ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "cents"), [("150", 15000), ("12.5", 1250), ("0.07", 7),
+                                            (3, 300), ("1e2", 10000)])
+def test_to_cents(raw: Any, cents: int) -> None:
+    assert to_cents(raw) == cents
+
+
+@pytest.mark.parametrize("raw", ["-1", "0.001", "abc", "nan", "inf", True, ""])
+def test_to_cents_refuses(raw: Any) -> None:
+    with pytest.raises(InvalidAmount):
+        to_cents(raw)
+
+
+@pytest.mark.parametrize(("cents", "text"), [(198700, "1987"), (1250, "12.5"), (7, "0.07"),
+                                             (0, "0"), (5, "0.05"), (-150, "-1.5")])
+def test_format_credits(cents: int, text: str) -> None:
+    assert format_credits(cents) == text
+
+
+def test_rate_table_longest_prefix() -> None:
+    table = RateTable.from_config("1", {"+33": "1.5", "336": "2", "0044": "3"})
+    assert table.rate("+33612345678") == 200
+    assert table.rate("+33112345678") == 150
+    assert table.rate("+447911123456") == 300
+    assert table.rate("+15551234567") == 100
+    assert table.cost(["+33612345678", "+15551234567"], 3) == [600, 300]
+
+
+# -- quota moves -----------------------------------------------------------------------------
+
+
+async def test_quota_moves_credits_between_account_and_user(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=200)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=150)
+    assert (await h.balance(), await h.quota()) == (5000, 15000)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=180)
+    assert (await h.balance(), await h.quota()) == (2000, 18000)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=100)
+    assert (await h.balance(), await h.quota()) == (10000, 10000)
+    with pytest.raises(NotEnoughCredits):
+        await h.manage.update_user(ACCOUNT, LOGIN, quota=201)
+    assert (await h.balance(), await h.quota()) == (10000, 10000)
+    await h.send()
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=None)
+    user = await h.gateway.store.get_user(ACCOUNT, LOGIN)
+    assert (user.quota_active, await h.balance()) == (False, 19900)
+    ledger_identity(await h.gateway.store.ledger_totals())
+
+
+async def test_sends_draw_from_the_quota_while_active(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=10)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=2)
+    assert (await h.send())[1] == "OK\n1\n1"
+    assert (await h.send())[1] == "OK\n0\n2"
+    status, body = await h.send()
+    assert body.startswith("KO\n402 Not enough quota")
+    assert await h.balance() == 800  # the account is untouched
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=None)
+    assert (await h.send())[1] == "OK\n7\n3"
+
+
+async def test_delete_user_returns_quota(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=100)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=40)
+    await h.manage.delete_user(ACCOUNT, LOGIN)
+    assert await h.balance() == 10000
+    ledger_identity(await h.gateway.store.ledger_totals())
+
+
+async def test_half_invalid_change_changes_nothing(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=100)
+    before = await h.gateway.store.get_user(ACCOUNT, LOGIN)
+    with pytest.raises(ValidationError):
+        await h.manage.update_user(ACCOUNT, LOGIN, quota=50,
+                                   ip_restrictions=["1.1.1.1"] * 3 + ["2.2.2.2", "3.3.3.3",
+                                                                      "4.4.4.4", "5.5.5.5"])
+    with pytest.raises(ValidationError):
+        await h.manage.update_user(ACCOUNT, LOGIN, quota=50, password="short")
+    assert await h.gateway.store.get_user(ACCOUNT, LOGIN) == before
+    assert await h.balance() == 10000
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+
+async def test_200_concurrent_sends_against_a_quota_of_50(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=1000)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=50)
+    await h.send()  # warm the password cache so the race is on the charge itself
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=50)
+    results = await asyncio.gather(*(h.send(noStop="1") for _ in range(200)))
+    accepted = [body for _, body in results if body.startswith("OK")]
+    refused = [body for _, body in results if body.startswith("KO\n402")]
+    assert (len(accepted), len(refused)) == (50, 150)
+    ids = {body.split("\n")[2] for body in accepted}
+    assert len(ids) == 50
+    assert await h.quota() == 0
+    assert await h.balance() == 94900  # 1000 - 50 - the 1 refilled after the warm-up
+    ledger_identity(await h.gateway.store.ledger_totals())
+    assert h.gateway.committer.batches < 200  # the sends were committed in groups
+
+
+async def test_concurrent_sends_never_overdraw_the_account(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=30)
+    await h.send(noStop="1")
+    results = await asyncio.gather(*(
+        h.send(noStop="1", to="+33612345678,+33612345679") for _ in range(40)))
+    accepted = sum(body.startswith("OK") for _, body in results)
+    assert accepted == 14  # 29 credits left, 2 per request
+    assert await h.balance() == 100
+
+
+async def test_ledger_identity_after_a_mixed_workload(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=500)
+    await h.manage.create_user(ACCOUNT, "bob", "bobpass99")
+    await h.manage.create_user(ACCOUNT, "carol", "carolpass9")
+    rng = random.Random(7)
+    for step in range(60):
+        choice = rng.randrange(6)
+        if choice == 0:
+            await h.manage.update_user(ACCOUNT, rng.choice([LOGIN, "bob", "carol"]),
+                                       quota=rng.randrange(0, 60))
+        elif choice == 1:
+            await h.manage.update_user(ACCOUNT, rng.choice([LOGIN, "bob", "carol"]),
+                                       quota=None)
+        elif choice == 2:
+            await h.manage.credit_account(ACCOUNT, f"{rng.randrange(1, 2000) / 100:.2f}")
+        else:
+            login, password = rng.choice([(LOGIN, "secret123"), ("bob", "bobpass99"),
+                                          ("carol", "carolpass9")])
+            await asyncio.gather(*(h.send(login=login, password=password,
+                                          to="+33612345678,+447911123456",
+                                          message="x" * rng.randrange(1, 400))
+                                   for _ in range(rng.randrange(1, 5))))
+        if step == 30:
+            await h.manage.delete_user(ACCOUNT, "carol")
+            await h.manage.create_user(ACCOUNT, "carol", "carolpass9")
+    totals = await h.gateway.store.ledger_totals()
+    ledger_identity(totals)
+    assert totals["spent"] > 0
+    assert totals["purchased"] > 50000
+
+
+async def test_response_credit_left_is_the_quota_or_the_balance(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=100)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=10)
+    body = json.loads((await h.send(contentType="text/json"))[1])
+    assert body["creditLeft"] == "9"
+    await h.manage.create_user(ACCOUNT, "bob", "bobpass99")
+    body = json.loads((await h.send(login="bob", password="bobpass99",
+                                    contentType="text/json"))[1])
+    assert body["creditLeft"] == "89"

@@ -1,0 +1,277 @@
+"""The send URL over real HTTP: outcome codes, formats, parameters, parts and prices."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import pytest
+
+from gateway.store import MessageFilter
+from tests.conftest import ACCOUNT, LOGIN, SEND_PATH, Harness
+
+FORMATS = ["text/plain", "text/xml", "application/xml", "text/json", "application/json",
+           "text/html"]
+
+
+def parse_body(fmt: str, body: str) -> dict[str, Any]:
+    """Read any of the four formats back into status, message, creditLeft and ids."""
+    if fmt == "text/plain":
+        lines = body.split("\n")
+        if lines[0] == "OK":
+            return {"ok": True, "creditLeft": lines[1], "ids": lines[2:]}
+        code, _, message = lines[1].partition(" ")
+        return {"ok": False, "status": int(code), "message": message}
+    if fmt.endswith("json"):
+        data = json.loads(body)
+        if "SmsIds" in data:
+            return {"ok": True, "status": data["status"], "creditLeft": data["creditLeft"],
+                    "ids": data["SmsIds"]}
+        return {"ok": False, "status": data["status"], "message": data["message"]}
+    if fmt.endswith("xml"):
+        assert body.startswith('<?xml version="1.0" encoding="UTF-8" ?><response>')
+        root = ET.fromstring(body.encode())
+        status = int(root.findtext("status") or 0)
+        if root.find("smsIds") is not None:
+            return {"ok": True, "status": status, "creditLeft": root.findtext("creditLeft"),
+                    "ids": [e.text for e in root.iter("smsId")]}
+        return {"ok": False, "status": status, "message": root.findtext("message")}
+    assert fmt == "text/html"
+    inner = body.split("<BODY>", 1)[1].split("</BODY>", 1)[0]
+    parts = inner.split("<br>")
+    assert parts[-1] == ""
+    if parts[0] == "OK":
+        return {"ok": True, "creditLeft": parts[1], "ids": parts[2:-1]}
+    return {"ok": False, "message": parts[1]}
+
+
+# -- the documented shapes, byte for byte --------------------------------------------------
+
+async def test_success_bodies_are_byte_exact(harness: Harness) -> None:
+    assert await harness.send() == (200, "OK\n999\n1")
+    assert await harness.send(contentType="application/json") == \
+        (200, '{"status":100,"creditLeft":"998","SmsIds":["2"]}')
+    assert await harness.send(contentType="text/xml") == (200, (
+        '<?xml version="1.0" encoding="UTF-8" ?><response><status>100</status>'
+        "<creditLeft>997</creditLeft><smsIds><smsId>3</smsId></smsIds></response>"))
+    status, body = await harness.send(contentType="text/html")
+    assert status == 200
+    assert body.startswith("<!DOCTYPE html PUBLIC")
+    assert "<BODY>OK<br>996<br>4<br></BODY>" in body
+
+
+async def test_failure_bodies_are_byte_exact(harness: Harness) -> None:
+    assert await harness.send(message="") == (200, "KO\n201 Missing message")
+    assert await harness.send(message="", contentType="application/json") == \
+        (200, '{"status":201,"message":"Missing message"}')
+    assert await harness.send(message="", contentType="application/xml") == (200, (
+        '<?xml version="1.0" encoding="UTF-8" ?><response><status>201</status>'
+        "<message>Missing message</message></response>"))
+    status, body = await harness.send(message="", contentType="text/html")
+    assert "<BODY>KO<br>Missing message<br></BODY>" in body
+
+
+async def test_content_type_headers(harness: Harness) -> None:
+    for fmt in FORMATS:
+        resp = await harness.client.get(SEND_PATH, params={
+            "account": ACCOUNT, "login": LOGIN, "password": "secret123", "from": "ACME",
+            "to": "+33612345678", "message": "x", "contentType": fmt})
+        assert resp.status == 200
+        assert resp.content_type == fmt
+        assert resp.charset == "utf-8"
+
+
+# -- every outcome code in every format -----------------------------------------------------
+
+CASES: list[tuple[dict[str, Any], int, str]] = [
+    ({"account": ...}, 201, "Missing account"),
+    ({"login": ...}, 201, "Missing login"),
+    ({"password": ...}, 201, "Missing password"),
+    ({"from": ...}, 201, "Missing from"),
+    ({"to": ...}, 201, "Missing to"),
+    ({"message": ...}, 201, "Missing message"),
+    ({"to": "0612345678"}, 202, "Invalid to"),
+    ({"class": "7"}, 202, "Invalid class"),
+    ({"smsCoding": "3"}, 202, "Invalid smsCoding"),
+    ({"deferred": "2530"}, 202, "Invalid deferred"),
+    ({"tag": "x" * 21}, 202, "Invalid tag"),
+    ({"from": "NOPE"}, 241, "NOPE"),
+    ({"password": "wrongpass1"}, 401, "Invalid account, login or password"),
+    ({"login": "nobody"}, 401, "Invalid account, login or password"),
+    ({"account": "sms-none-1"}, 401, "Invalid account, login or password"),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_every_outcome_in_every_format(make_harness: Any, fmt: str) -> None:
+    h: Harness = await make_harness(credits=1)
+    for params, code, text in CASES:
+        status, body = await h.send(contentType=fmt, **params)
+        assert status == 200
+        parsed = parse_body(fmt, body)
+        assert not parsed["ok"], (params, body)
+        assert parsed.get("status", code) == code, (params, body)
+        assert text in parsed["message"], (params, body)
+    parsed = parse_body(fmt, (await h.send(contentType=fmt))[1])
+    assert parsed["ok"] and parsed.get("status", 100) == 100 and parsed["creditLeft"] == "0"
+    parsed = parse_body(fmt, (await h.send(contentType=fmt))[1])
+    assert parsed.get("status", 402) == 402 and "Not enough credits" in parsed["message"]
+    parsed = parse_body(fmt, (await h.send(contentType=fmt, deferred="000001012099"))[1])
+    assert parsed.get("status", 402) == 402
+    await h.manage.credit_account(ACCOUNT, 5)
+    parsed = parse_body(fmt, (await h.send(contentType=fmt, deferred="000001012099"))[1])
+    assert parsed["ok"] and parsed.get("status", 101) == 101
+
+
+async def test_invalid_content_type_answers_202_in_text(harness: Harness) -> None:
+    assert await harness.send(contentType="image/png") == (200, (
+        "KO\n202 Invalid contentType: use text/plain, text/xml, application/xml, "
+        "text/json, application/json or text/html"))
+
+
+async def test_refusals_change_nothing(harness: Harness) -> None:
+    for params, _, _ in CASES:
+        await harness.send(**params)
+    await harness.manage.update_user(ACCOUNT, LOGIN, quota=0)
+    assert (await harness.send())[1].startswith("KO\n402 Not enough quota")
+    assert await harness.balance() == 100_000
+    account = await harness.gateway.store.get_account(ACCOUNT)
+    assert await harness.gateway.store.list_messages(MessageFilter(account.id), limit=10) == []
+
+
+# -- parameters ------------------------------------------------------------------------------
+
+async def test_names_are_case_insensitive_and_aliases_work(harness: Harness) -> None:
+    resp = await harness.client.get(
+        f"{SEND_PATH}?&SMSACCOUNT={ACCOUNT}&Login={LOGIN}&PASSWORD=secret123&FROM=ACME"
+        "&To=%2B33612345678&Message=hi&ContentType=text/json&SMSencoding=2")
+    assert json.loads(await resp.text())["status"] == 100
+    message = await harness.gateway.store.get_message(1)
+    assert message.coding == 2
+
+
+async def test_post_form_encoded(harness: Harness) -> None:
+    status, body = await harness.send("POST", message="posted é", contentType="text/json")
+    assert json.loads(body)["status"] == 100
+    assert (await harness.gateway.store.get_message(1)).body.startswith("posted é\n")
+
+
+async def test_latin1_fallback_and_newlines(harness: Harness) -> None:
+    resp = await harness.client.get(
+        f"{SEND_PATH}?account={ACCOUNT}&login={LOGIN}&password=secret123&from=ACME"
+        "&to=%2B33612345678&message=caf%E9%0D%0Aa%0Db%0Ac&noStop=1")
+    assert (await resp.text()).startswith("OK")
+    message = await harness.gateway.store.get_message(1)
+    assert message.body == "café\na\nb\nc"
+
+
+async def test_multi_recipient_ids_in_order_and_cost(harness: Harness) -> None:
+    status, body = await harness.send(
+        to="+33612345678,0033612345679, +447911123456", contentType="application/json")
+    data = json.loads(body)
+    assert data == {"status": 100, "creditLeft": "997", "SmsIds": ["1", "2", "3"]}
+    receivers = [(await harness.gateway.store.get_message(i)).receiver for i in (1, 2, 3)]
+    assert receivers == ["+33612345678", "+33612345679", "+447911123456"]
+
+
+async def test_stop_clause_and_no_stop(harness: Harness) -> None:
+    await harness.send(message="Promo")
+    await harness.send(message="Code 1234", noStop="1")
+    assert (await harness.gateway.store.get_message(1)).body == "Promo\nSTOP 36111"
+    assert (await harness.gateway.store.get_message(2)).body == "Code 1234"
+    await harness.manage.update_account(ACCOUNT, stop_clause="STOP au 36180")
+    await harness.send(message="Promo")
+    assert (await harness.gateway.store.get_message(3)).body == "Promo\nSTOP au 36180"
+
+
+async def test_sender_for_response(harness: Harness) -> None:
+    status, body = await harness.send(senderForResponse="1", contentType="text/json", **{
+        "from": ...})
+    assert json.loads(body)["status"] == 100
+    message = await harness.gateway.store.get_message(1)
+    assert message.sender == harness.gateway.config.send.reply_sender
+
+
+async def test_tag_class_and_deferred_are_stored(harness: Harness) -> None:
+    status, body = await harness.send(tag="campaign-7", **{"class": "0"},
+                                      deferred="183019072099", contentType="text/json")
+    assert json.loads(body)["status"] == 101
+    message = await harness.gateway.store.get_message(1)
+    assert (message.tag, message.klass, message.state) == ("campaign-7", 0, "deferred")
+    # 18:30 on 19/07/2099 in Europe/Paris (UTC+2 in summer) is 16:30 UTC.
+    from datetime import UTC, datetime
+    assert datetime.fromtimestamp(message.deferred_until or 0, UTC) == \
+        datetime(2099, 7, 19, 16, 30, tzinfo=UTC)
+
+
+async def test_control_characters_in_tag_and_from_are_refused(harness: Harness) -> None:
+    assert (await harness.send(tag="a\tb"))[1].startswith("KO\n202 Invalid tag")
+    assert (await harness.send(**{"from": "AC\x00ME"}))[1].startswith("KO\n202 Invalid from")
+
+
+async def test_too_many_recipients(make_harness: Any, config: Any) -> None:
+    config.send.max_recipients = 2
+    h: Harness = await make_harness()
+    status, body = await h.send(to="+33612345678,+33612345679,+33612345670")
+    assert body == "KO\n202 Invalid to: at most 2 recipients per request"
+
+
+# -- parts and encodings ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "parts", "coding"), [
+    ("a" * 160, 1, 1), ("a" * 161, 2, 1), ("a" * 918, 6, 1),
+    ("€" * 80, 1, 1), ("€" * 81, 2, 1),
+    ("é" * 160, 1, 1),
+    ("ç" * 70, 1, 2), ("ç" * 71, 2, 2), ("ç" * 402, 6, 2),
+])
+async def test_parts_at_the_boundaries(harness: Harness, text: str, parts: int,
+                                       coding: int) -> None:
+    status, body = await harness.send(message=text, noStop="1", contentType="text/json")
+    data = json.loads(body)
+    assert data["status"] == 100, body
+    message = await harness.gateway.store.get_message(int(data["SmsIds"][0]))
+    assert (message.parts, message.coding, message.credits) == (parts, coding, parts * 100)
+    assert data["creditLeft"] == str(1000 - parts)
+
+
+@pytest.mark.parametrize("text", ["a" * 919, "ç" * 403, "€" * 460])
+async def test_more_than_six_parts_is_invalid(harness: Harness, text: str) -> None:
+    status, body = await harness.send(message=text, noStop="1")
+    assert body.startswith("KO\n202 Invalid message: 7 SMS parts, at most 6")
+    assert await harness.balance() == 100_000
+
+
+async def test_stop_clause_counts_toward_length(harness: Harness) -> None:
+    # 150 + "\nSTOP 36111" (11) = 161 characters: two parts.
+    status, body = await harness.send(message="a" * 150, contentType="text/json")
+    message = await harness.gateway.store.get_message(int(json.loads(body)["SmsIds"][0]))
+    assert message.parts == 2
+
+
+async def test_forced_gsm_with_unicode_is_invalid(harness: Harness) -> None:
+    status, body = await harness.send(message="ç", smsCoding="1")
+    assert body.startswith("KO\n202 Invalid message for smsCoding=1")
+
+
+async def test_forced_unicode_counts_ucs2(harness: Harness) -> None:
+    status, body = await harness.send(message="a" * 71, smsCoding="2", noStop="1",
+                                      contentType="text/json")
+    message = await harness.gateway.store.get_message(int(json.loads(body)["SmsIds"][0]))
+    assert (message.coding, message.parts) == (2, 2)
+
+
+async def test_rate_table_by_prefix(make_harness: Any, config: Any) -> None:
+    config.rates = {"+44": "2.5", "+1": "3"}
+    h: Harness = await make_harness(credits=100)
+    status, body = await h.send(to="+447911123456,+33612345678", message="a" * 200,
+                                noStop="1", contentType="text/json")
+    # two parts each: 2 x 2.5 + 2 x 1
+    assert json.loads(body)["creditLeft"] == "93"
+    assert (await h.gateway.store.get_message(1)).credits == 500
+
+
+async def test_credit_left_with_decimals(make_harness: Any, config: Any) -> None:
+    config.send.default_rate = "0.05"
+    h: Harness = await make_harness(credits="1")
+    assert await h.send(noStop="1") == (200, "OK\n0.95\n1")

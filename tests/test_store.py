@@ -1,0 +1,65 @@
+"""The SQLite store on its own: migrations, durability settings, failures at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.store import NotFound, SendOrder, StoreUnavailable
+from gateway.store.sqlite import SQLiteStore
+
+
+async def test_migrations_are_applied_once(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite3"
+    for _ in range(2):
+        store = SQLiteStore(path)
+        await store.open()
+        assert store._writer is not None
+        rows = await store._writer.execute_fetchall("SELECT version FROM schema_migrations")
+        assert [r[0] for r in rows] == sorted(r[0] for r in rows) and len(rows) >= 1
+        mode = await store._writer.execute_fetchall("PRAGMA journal_mode")
+        sync = await store._writer.execute_fetchall("PRAGMA synchronous")
+        assert (mode[0][0], sync[0][0]) == ("wal", 2)  # 2 = FULL
+        await store.close()
+
+
+async def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    store = SQLiteStore(path)
+    with pytest.raises(StoreUnavailable, match="cannot open the store"):
+        await store.open()
+
+
+async def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    store = SQLiteStore(blocker / "sub" / "db.sqlite3")
+    with pytest.raises((StoreUnavailable, OSError)):
+        await store.open()
+
+
+async def test_commit_sends_decides_in_order(store: SQLiteStore) -> None:
+    account = await store.create_account("a", 300, at=1.0)
+    user = await store.create_user("a", "u", "x", at=1.0)
+
+    def order(n: int) -> SendOrder:
+        return SendOrder(account_id=account.id, user_id=user.id, login="u", sender="S",
+                         body="b", coding=1, parts=1, klass=1, no_stop=True, tag="",
+                         recipients=tuple(f"+3361234567{i}" for i in range(n)),
+                         costs=(100,) * n)
+
+    outcomes = await store.commit_sends([order(2), order(2), order(1)], at=2.0)
+    assert [o.accepted for o in outcomes] == [True, False, True]
+    assert [o.ids for o in outcomes] == [(1, 2), (), (3,)]
+    assert outcomes[1].reason == "credits" and outcomes[1].credit_left == 100
+    assert (await store.get_account("a")).balance == 0
+
+
+async def test_not_found(store: SQLiteStore) -> None:
+    with pytest.raises(NotFound, match="unknown account"):
+        await store.get_user("nope", "u")
+    await store.create_account("a", 0, at=1.0)
+    with pytest.raises(NotFound, match="unknown user"):
+        await store.get_user("a", "u")
