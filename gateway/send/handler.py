@@ -64,9 +64,12 @@ def render(answer: Answer, request_id: str) -> web.Response:
         body = responses.success(answer.fmt, answer.status, answer.credit_left, answer.ids)
     else:
         body = responses.failure(answer.fmt, answer.status, answer.message)
+    headers = {"X-Request-Id": request_id}
+    if answer.retry_after:
+        headers["Retry-After"] = str(answer.retry_after)
     # Clients read the outcome in the body; OVH answers 200 to every request it answers.
-    response = web.Response(body=body.encode("utf-8"), status=200,
-                            headers={"X-Request-Id": request_id})
+    response = web.Response(body=body.encode("utf-8"), status=429 if answer.retry_after
+                            else 200, headers=headers)
     response.content_type = answer.fmt.value
     response.charset = "utf-8"
     return response

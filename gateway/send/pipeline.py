@@ -7,18 +7,25 @@ Nothing is written unless every check has passed.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import structlog
+
 from gateway import iprules
+from gateway.clock import Clock, SystemClock
 from gateway.credits import RateTable, format_credits
 from gateway.passwords import VerificationCache, hash_password
+from gateway.security import LoginGuard, Throttle
 from gateway.send import request as rules
 from gateway.send.batcher import GroupCommitter
 from gateway.send.request import SendRefused
 from gateway.send.responses import ContentType
 from gateway.store import SendContext, SendOutcome, Store
+
+log = structlog.get_logger("gateway.send")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +46,31 @@ class Answer:
     ids: tuple[int, ...] = ()
     # What the request log records; never a password.
     log: dict[str, Any] = field(default_factory=dict)
+    # Throttled: HTTP 429 with this Retry-After instead of an outcome code.
+    retry_after: int = 0
 
     @property
     def ok(self) -> bool:
         return self.status in (rules.ACCEPTED, rules.ACCEPTED_DEFERRED)
 
 
+class Throttled(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"retry after {retry_after:g} s")
+        self.retry_after = int(retry_after)
+
+
 class SendPipeline:
     def __init__(self, store: Store, committer: GroupCommitter, settings: SendSettings,
-                 verifier: VerificationCache | None = None) -> None:
+                 verifier: VerificationCache | None = None, *, guard: LoginGuard | None = None,
+                 throttle: Throttle | None = None, clock: Clock | None = None) -> None:
         self._store = store
         self._committer = committer
         self.settings = settings
         self._verifier = verifier or VerificationCache()
+        self._guard = guard or LoginGuard(10, 300.0)
+        self._throttle = throttle or Throttle(0.0, 1)
+        self._clock = clock or SystemClock()
         # Unknown logins are checked against this hash so that they take as long to refuse
         # as a wrong password: the timing must not tell which logins exist.
         self._decoy_hash = hash_password("decoy0000")
@@ -65,6 +84,10 @@ class SendPipeline:
             request = rules.parse(params, tz=self.settings.tz,
                                   max_recipients=self.settings.max_recipients)
             context = await self._authenticate(request, client_ip)
+            wait = self._throttle.take(context.user.id, len(request.recipients),
+                                       self._clock.now())
+            if wait:
+                raise Throttled(wait)
             order = rules.price(
                 request, account_id=context.user.account_id, user_id=context.user.id,
                 sender=self._sender(request, context),
@@ -83,6 +106,11 @@ class SendPipeline:
             log["outcome"] = refused.status
             log["reason"] = refused.message
             return Answer(refused.status, fmt, message=refused.message, log=log)
+        except Throttled as throttled:
+            log.update(outcome=429, reason="throttled")
+            return Answer(429, fmt, message=f"Too many messages: retry after "
+                          f"{throttled.retry_after} s", log=log,
+                          retry_after=throttled.retry_after)
         status = rules.ACCEPTED_DEFERRED if request.deferred_until else rules.ACCEPTED
         log.update(outcome=status, ids=_id_range(outcome.ids))
         return Answer(status, fmt, credit_left=format_credits(outcome.credit_left),
@@ -90,10 +118,23 @@ class SendPipeline:
 
     async def _authenticate(self, request: rules.SendRequest,
                             client_ip: iprules.IPAddress | None) -> SendContext:
+        guard, now = self._guard, self._clock.now()
+        if guard.locked(request.account, request.login, client_ip, now):
+            # Locked: refuse without looking at the password, so guessing goes nowhere.
+            raise SendRefused(rules.UNAUTHORIZED, "Too many failed logins: try again later")
         context = await self._store.send_context(request.account, request.login)
         stored = context.user.password_hash if context else self._decoy_hash
         if not await self._verifier.verify(request.password, stored) or context is None:
+            delay = guard.delay(request.account, request.login, client_ip, now)
+            if guard.failed(request.account, request.login, client_ip, now):
+                log.warning("login_locked", account=request.account[:64],
+                            login=request.login[:64], client_ip=str(client_ip),
+                            seconds=guard.lockout_seconds)
+            if delay:
+                # Wall time on purpose: the slowdown is for the caller, not for the clock.
+                await asyncio.sleep(delay)
             raise SendRefused(rules.UNAUTHORIZED, "Invalid account, login or password")
+        guard.succeeded(request.account, request.login, client_ip)
         if not iprules.allowed(client_ip, context.user.ip_restrictions):
             raise SendRefused(rules.UNAUTHORIZED,
                               f"The IP address {client_ip} is not allowed for this user")
