@@ -1,0 +1,26 @@
+# http2sms-gateway: the gateway on its embedded SQLite store.
+#   docker build -t http2sms-gateway .
+#   docker run -p 8080:8080 -v http2sms-data:/data http2sms-gateway
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HTTP2SMS_SERVER_HOST=0.0.0.0 \
+    HTTP2SMS_SERVER_PORT=8080 \
+    HTTP2SMS_STORE_PATH=/data/gateway.sqlite3 \
+    HTTP2SMS_LOG_FORMAT=json
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+COPY config ./config
+RUN pip install --no-cache-dir '.[fast]' \
+    && useradd --system --home-dir /data --create-home http2sms
+
+USER http2sms
+VOLUME ["/data"]
+EXPOSE 8080
+# SIGTERM lets the gateway finish in-flight requests and flush before exiting.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["http2sms"]
+CMD ["serve"]
