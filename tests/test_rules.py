@@ -1,0 +1,79 @@
+"""Pure rules of the send path: parameters, numbers, bodies, passwords."""
+
+from __future__ import annotations
+
+import asyncio
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from gateway import passwords, phones
+from gateway.send import params, responses
+from gateway.send.request import SendRefused, parse
+
+
+def test_params_case_aliases_encodings() -> None:
+    got = params.parse(b"&ACCOUNT=a&SmsAccount=b&Login=x+y&message=caf%E9&to=%2B33&e=%C3%A9")
+    assert got == {"account": "b", "login": "x y", "message": "café", "to": "+33", "e": "é"}
+    assert params.parse(b"a&=1&b=") == {"a": "", "b": ""}
+    assert params.parse(b"m=%ZZ%4") == {"m": "%ZZ%4"}  # broken escapes stay as written
+    assert params.normalize_newlines("a\r\nb\rc\nd") == "a\nb\nc\nd"
+
+
+@pytest.mark.parametrize(("raw", "e164"), [("+33612345678", "+33612345678"),
+                                           ("0033612345678", "+33612345678"),
+                                           (" +447911123456 ", "+447911123456")])
+def test_numbers(raw: str, e164: str) -> None:
+    assert phones.normalize(raw) == e164
+
+
+@pytest.mark.parametrize("raw", ["0612345678", "+33", "+3361234567890123", "33612345678",
+                                 "+33 6 12 34 56 78", "++33612345678", "+336123a5678", ""])
+def test_invalid_numbers(raw: str) -> None:
+    with pytest.raises(phones.InvalidNumber):
+        phones.normalize(raw)
+
+
+def test_bodies_escape_text() -> None:
+    xml = responses.failure(responses.ContentType.XML, 202, "Invalid <to> & 'x'")
+    assert "<message>Invalid &lt;to&gt; &amp; 'x'</message>" in xml
+    html = responses.failure(responses.ContentType.HTML, 202, "a<b")
+    assert "KO<br>a&lt;b<br>" in html
+    assert responses.failure(responses.ContentType.JSON, 202, "é") == \
+        '{"status":202,"message":"é"}'
+
+
+def test_deferred_in_the_configured_zone() -> None:
+    base = {"account": "a", "login": "l", "password": "p", "from": "F", "to": "+33612345678",
+            "message": "m", "deferred": "183019072020"}
+    paris = parse(base, tz=ZoneInfo("Europe/Paris"), max_recipients=5)
+    utc = parse(base, tz=ZoneInfo("UTC"), max_recipients=5)
+    assert utc.deferred_until is not None and paris.deferred_until is not None
+    assert utc.deferred_until - paris.deferred_until == 7200
+    for bad in ("183019132020", "12345", "2530190720201"):
+        with pytest.raises(SendRefused) as err:
+            parse({**base, "deferred": bad}, tz=ZoneInfo("UTC"), max_recipients=5)
+        assert err.value.status == 202
+
+
+def test_password_rule_and_hash() -> None:
+    for bad in ("short1", "with space1", "accentué1", "dash-dash1", "x" * 129):
+        with pytest.raises(passwords.InvalidPassword):
+            passwords.validate(bad)
+    assert passwords.validate("Abcd1234") == "Abcd1234"
+    stored = passwords.hash_password("Abcd1234")
+    assert "Abcd1234" not in stored and stored.startswith("scrypt$")
+    assert passwords.verify("Abcd1234", stored)
+    assert not passwords.verify("Abcd1235", stored)
+    assert not passwords.verify("Abcd1234", "garbage")
+
+
+async def test_verification_cache_is_keyed_by_hash_and_password() -> None:
+    cache = passwords.VerificationCache(size=2)
+    old = passwords.hash_password("Abcd1234")
+    new = passwords.hash_password("Efgh5678")
+    results = await asyncio.gather(*(cache.verify("Abcd1234", old) for _ in range(5)))
+    assert results == [True] * 5
+    assert not await cache.verify("Abcd1234", new)  # password changed: no stale verdict
+    assert await cache.verify("Efgh5678", new)
+    assert not await cache.verify("Wrong999", old)
