@@ -32,6 +32,13 @@ class CommandError(Exception):
     pass
 
 
+class Failed:
+    """A command's output with exit status 1: it ran, but what it tried failed."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+
 def command(name: str) -> Callable[[Command], Command]:
     def register(fn: Command) -> Command:
         COMMANDS[name] = fn
@@ -122,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = alert.add_parser("test", help="send a test alert through the user's channels")
     p.add_argument("account")
     p.add_argument("login")
+    p.add_argument("--wait", type=float, default=30.0,
+                   help="seconds to wait for the running gateway to send the SMS (default 30)")
     return parser
 
 
@@ -168,6 +177,9 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
         result = await run(args, manager)
     finally:
         await store.close()
+    if isinstance(result, Failed):
+        _print(args, result.result)
+        return 1
     _print(args, result)
     return 0
 
@@ -352,6 +364,26 @@ async def _message_list(args: argparse.Namespace, m: Management) -> Any:
              "tag": r.tag} for r in rows]
 
 
+# -- alerts ----------------------------------------------------------------------------------
+
+@command("alert test")
+async def _alert_test(args: argparse.Namespace, m: Management) -> Any:
+    from gateway.hooks.alerts import NoAlertConfigured, send_test_alert
+
+    try:
+        reports = await send_test_alert(m.store, m.config, args.account, args.login,
+                                        wait=max(0.0, args.wait))
+    except NoAlertConfigured as exc:
+        raise CommandError(str(exc)) from None
+    if args.json:
+        result: Any = [{"channel": r.channel, "target": r.target, "ok": r.ok,
+                        "detail": r.detail} for r in reports]
+    else:
+        result = [f"{r.channel} to {r.target}: {'sent' if r.ok else 'FAILED'}: {r.detail}"
+                  for r in reports]
+    return result if all(r.ok for r in reports) else Failed(result)
+
+
 # -- serve -----------------------------------------------------------------------------------
 
 DEMO_ACCOUNT = "sms-demo-1"
@@ -400,8 +432,8 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         _install_uvloop()
         asyncio.run(serve(config, ready=ready))
     except OSError as exc:
-        print(f"error: cannot listen on {config.server.host}:{config.server.port}: {exc}",
-              file=sys.stderr)
+        # The error names the address: the public or the admin listener.
+        print(f"error: cannot listen: {exc}", file=sys.stderr)
         return 1
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -49,3 +49,26 @@ class ManualClock:
             _, _, future = heapq.heappop(self._sleepers)
             if not future.done():
                 future.set_result(None)
+
+
+async def sleep_until(clock: Clock, deadline: float | None, wake: asyncio.Event) -> None:
+    """Wait until `deadline` on `clock` (None: no deadline) or until `wake` is set.
+
+    Background loops sleep here so that new work (a nearer deferred time, a new callback)
+    can cut their sleep short. `wake` is cleared on return: callers re-examine all their
+    state after each return, so a set that raced with the timer is never lost.
+    """
+    if wake.is_set():
+        wake.clear()
+        return
+    if deadline is not None and deadline - clock.now() <= 0:
+        return
+    pending: set[asyncio.Future[Any]] = {asyncio.ensure_future(wake.wait())}
+    if deadline is not None:
+        pending.add(asyncio.ensure_future(clock.sleep(deadline - clock.now())))
+    try:
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in pending:
+            future.cancel()
+    wake.clear()

@@ -89,6 +89,8 @@ class CallbacksConfig:
     first_retry_seconds: float = 5.0
     max_retry_seconds: float = 3600.0
     give_up_after_hours: float = 24.0
+    # Each retry delay is stretched by a random share of up to this much.
+    jitter_ratio: float = 0.2
     per_host_concurrency: int = 8
     max_concurrency: int = 256
 
@@ -102,7 +104,10 @@ class SmtpConfig:
     username: str = ""
     password: str = ""
     sender: str = "http2sms-gateway@localhost"
+    # Per SMTP step (connect, each command); a whole delivery gets four times this.
     timeout_seconds: float = 30.0
+    # Alert mails sent at once (SMTP sessions open together).
+    max_connections: int = 4
 
 
 @dataclass
@@ -111,6 +116,9 @@ class AlertsConfig:
     sms_sender: str = "ALERT"
     # Where the alert mail tells the owner to top up.
     top_up_hint: str = "Top up with: http2sms account credit <account> <amount>"
+    # How often the store is checked for alerts queued outside this process (the CLI, a
+    # quota change); alerts fired by sends are picked up at once.
+    poll_seconds: float = 5.0
 
 
 @dataclass

@@ -26,7 +26,10 @@ def to_cents(value: str | int | float | Decimal, *, allow_negative: bool = False
         raise InvalidAmount(f"invalid credit amount {value!r}") from exc
     if not amount.is_finite():
         raise InvalidAmount(f"invalid credit amount {value!r}")
-    scaled = amount * CENTS
+    try:
+        scaled = amount * CENTS
+    except ArithmeticError as exc:  # decimal.Overflow: an exponent such as 1e999999999
+        raise InvalidAmount(f"invalid credit amount {value!r}: too large") from exc
     if scaled != scaled.to_integral_value():
         raise InvalidAmount(f"invalid credit amount {value!r}: at most 2 decimals")
     if scaled < 0 and not allow_negative:

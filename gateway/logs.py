@@ -24,15 +24,22 @@ def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+def _keep(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    return event
+
+
 def configure(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
+    # Plain tracebacks: rich's pretty ones print local variables, which can hold secrets.
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
-                     else structlog.dev.ConsoleRenderer(colors=False))
+                     else structlog.dev.ConsoleRenderer(
+                         colors=False, exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _drop_secrets,
+            structlog.processors.format_exc_info if fmt == "json" else _keep,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

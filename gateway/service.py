@@ -22,6 +22,8 @@ _LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _ALPHA_SENDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._&-]{0,10}")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 SUPPORTS = ("mail", "sms", "both")
+# `GET /1.0/sms/ptts` would hide an account of that name from the admin API.
+RESERVED_NAMES = frozenset({"ptts"})
 
 
 class ValidationError(ValueError):
@@ -41,8 +43,10 @@ class Management:
     # -- accounts and senders ------------------------------------------------------------
 
     async def create_account(self, name: str, credits: Any = 0) -> Account:
-        if not _NAME.fullmatch(name or ""):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValidationError("name", "letters, digits, '.', '_' and '-', at most 64")
+        if name in RESERVED_NAMES:
+            raise ValidationError("name", f"{name!r} is reserved")
         return await self.store.create_account(name, _amount("credits", credits),
                                                at=self.clock.now())
 
@@ -63,8 +67,11 @@ class Management:
         return await self.store.update_account(name, callback_url=callback_url,
                                                stop_clause=stop_clause)
 
-    async def add_sender(self, account: str, sender: str) -> None:
-        await self.store.add_sender(account, validate_sender(sender))
+    async def add_sender(self, account: str, sender: str) -> str:
+        """Declare a sender; return it as stored (trimmed)."""
+        cleaned = validate_sender(sender)
+        await self.store.add_sender(account, cleaned)
+        return cleaned
 
     async def remove_sender(self, account: str, sender: str) -> None:
         await self.store.remove_sender(account, sender)
@@ -72,7 +79,7 @@ class Management:
     # -- API users -----------------------------------------------------------------------
 
     async def create_user(self, account: str, login: str, password: str) -> User:
-        if not _LOGIN.fullmatch(login or ""):
+        if not isinstance(login, str) or not _LOGIN.fullmatch(login):
             raise ValidationError("login", "letters, digits, '.', '_', '@' and '-', at most 64")
         hashed = _password(password)
         return await self.store.create_user(account, login, hashed, at=self.clock.now())
@@ -110,13 +117,20 @@ class Management:
                 raise ValidationError("support", "one of mail, sms, both")
             changes.alert_support = fields["alert_support"]
         if "alert_email" in fields:
-            email = fields["alert_email"] or None
-            if email is not None and (not isinstance(email, str) or not _EMAIL.fullmatch(email)
+            email = fields["alert_email"]
+            if email is not None and not isinstance(email, str):
+                raise ValidationError("alertEmail", "an e-mail address")
+            email = email or None
+            if email is not None and (not _EMAIL.fullmatch(email)
                                       or len(email) > 254):
                 raise ValidationError("alertEmail", f"not an e-mail address: {email!r}")
             changes.alert_email = email
         if "alert_number" in fields:
-            number = fields["alert_number"] or None
+            number = fields["alert_number"]
+            if number is not None and not isinstance(number, str):
+                raise ValidationError("alertNumber", "an international number such as "
+                                      "+33612345678")
+            number = number or None
             if number is not None:
                 try:
                     number = phones.normalize(str(number))
@@ -133,7 +147,10 @@ class Management:
 
 def validate_sender(sender: str) -> str:
     """A declared sender: up to 11 letters/digits, or a number of up to 15 digits."""
-    text = (sender or "").strip()
+    if not isinstance(sender, str):
+        raise ValidationError("sender", "up to 11 letters and digits, or a number of up to "
+                              "15 digits")
+    text = sender.strip()
     digits = text[1:] if text.startswith("+") else text
     if digits.isdigit() and 3 <= len(digits) <= 15:
         return text

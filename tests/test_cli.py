@@ -20,7 +20,8 @@ import pytest
 PYTHON = [sys.executable, "-m", "gateway"]
 
 
-def run(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(db: Path, *args: str,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PYTHON, "--db", str(db), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=60, check=False)
 

@@ -70,7 +70,7 @@ async def test_sends_draw_from_the_quota_while_active(make_harness: Any) -> None
     await h.manage.update_user(ACCOUNT, LOGIN, quota=2)
     assert (await h.send())[1] == "OK\n1\n1"
     assert (await h.send())[1] == "OK\n0\n2"
-    status, body = await h.send()
+    _, body = await h.send()
     assert body.startswith("KO\n402 Not enough quota")
     assert await h.balance() == 800  # the account is untouched
     await h.manage.update_user(ACCOUNT, LOGIN, quota=None)

@@ -68,7 +68,7 @@ async def test_failure_bodies_are_byte_exact(harness: Harness) -> None:
     assert await harness.send(message="", contentType="application/xml") == (200, (
         '<?xml version="1.0" encoding="UTF-8" ?><response><status>201</status>'
         "<message>Missing message</message></response>"))
-    status, body = await harness.send(message="", contentType="text/html")
+    _, body = await harness.send(message="", contentType="text/html")
     assert "<BODY>KO<br>Missing message<br></BODY>" in body
 
 
@@ -152,7 +152,7 @@ async def test_names_are_case_insensitive_and_aliases_work(harness: Harness) -> 
 
 
 async def test_post_form_encoded(harness: Harness) -> None:
-    status, body = await harness.send("POST", message="posted é", contentType="text/json")
+    _, body = await harness.send("POST", message="posted é", contentType="text/json")
     assert json.loads(body)["status"] == 100
     assert (await harness.gateway.store.get_message(1)).body.startswith("posted é\n")
 
@@ -167,7 +167,7 @@ async def test_latin1_fallback_and_newlines(harness: Harness) -> None:
 
 
 async def test_multi_recipient_ids_in_order_and_cost(harness: Harness) -> None:
-    status, body = await harness.send(
+    _, body = await harness.send(
         to="+33612345678,0033612345679, +447911123456", contentType="application/json")
     data = json.loads(body)
     assert data == {"status": 100, "creditLeft": "997", "SmsIds": ["1", "2", "3"]}
@@ -186,7 +186,7 @@ async def test_stop_clause_and_no_stop(harness: Harness) -> None:
 
 
 async def test_sender_for_response(harness: Harness) -> None:
-    status, body = await harness.send(senderForResponse="1", contentType="text/json", **{
+    _, body = await harness.send(senderForResponse="1", contentType="text/json", **{
         "from": ...})
     assert json.loads(body)["status"] == 100
     message = await harness.gateway.store.get_message(1)
@@ -194,7 +194,7 @@ async def test_sender_for_response(harness: Harness) -> None:
 
 
 async def test_tag_class_and_deferred_are_stored(harness: Harness) -> None:
-    status, body = await harness.send(tag="campaign-7", **{"class": "0"},
+    _, body = await harness.send(tag="campaign-7", **{"class": "0"},
                                       deferred="183019072099", contentType="text/json")
     assert json.loads(body)["status"] == 101
     message = await harness.gateway.store.get_message(1)
@@ -213,7 +213,7 @@ async def test_control_characters_in_tag_and_from_are_refused(harness: Harness) 
 async def test_too_many_recipients(make_harness: Any, config: Any) -> None:
     config.send.max_recipients = 2
     h: Harness = await make_harness()
-    status, body = await h.send(to="+33612345678,+33612345679,+33612345670")
+    _, body = await h.send(to="+33612345678,+33612345679,+33612345670")
     assert body == "KO\n202 Invalid to: at most 2 recipients per request"
 
 
@@ -227,7 +227,7 @@ async def test_too_many_recipients(make_harness: Any, config: Any) -> None:
 ])
 async def test_parts_at_the_boundaries(harness: Harness, text: str, parts: int,
                                        coding: int) -> None:
-    status, body = await harness.send(message=text, noStop="1", contentType="text/json")
+    _, body = await harness.send(message=text, noStop="1", contentType="text/json")
     data = json.loads(body)
     assert data["status"] == 100, body
     message = await harness.gateway.store.get_message(int(data["SmsIds"][0]))
@@ -237,25 +237,25 @@ async def test_parts_at_the_boundaries(harness: Harness, text: str, parts: int,
 
 @pytest.mark.parametrize("text", ["a" * 919, "ç" * 403, "€" * 460])
 async def test_more_than_six_parts_is_invalid(harness: Harness, text: str) -> None:
-    status, body = await harness.send(message=text, noStop="1")
+    _, body = await harness.send(message=text, noStop="1")
     assert body.startswith("KO\n202 Invalid message: 7 SMS parts, at most 6")
     assert await harness.balance() == 100_000
 
 
 async def test_stop_clause_counts_toward_length(harness: Harness) -> None:
     # 150 + "\nSTOP 36111" (11) = 161 characters: two parts.
-    status, body = await harness.send(message="a" * 150, contentType="text/json")
+    _, body = await harness.send(message="a" * 150, contentType="text/json")
     message = await harness.gateway.store.get_message(int(json.loads(body)["SmsIds"][0]))
     assert message.parts == 2
 
 
 async def test_forced_gsm_with_unicode_is_invalid(harness: Harness) -> None:
-    status, body = await harness.send(message="ç", smsCoding="1")
+    _, body = await harness.send(message="ç", smsCoding="1")
     assert body.startswith("KO\n202 Invalid message for smsCoding=1")
 
 
 async def test_forced_unicode_counts_ucs2(harness: Harness) -> None:
-    status, body = await harness.send(message="a" * 71, smsCoding="2", noStop="1",
+    _, body = await harness.send(message="a" * 71, smsCoding="2", noStop="1",
                                       contentType="text/json")
     message = await harness.gateway.store.get_message(int(json.loads(body)["SmsIds"][0]))
     assert (message.coding, message.parts) == (2, 2)
@@ -264,7 +264,7 @@ async def test_forced_unicode_counts_ucs2(harness: Harness) -> None:
 async def test_rate_table_by_prefix(make_harness: Any, config: Any) -> None:
     config.rates = {"+44": "2.5", "+1": "3"}
     h: Harness = await make_harness(credits=100)
-    status, body = await h.send(to="+447911123456,+33612345678", message="a" * 200,
+    _, body = await h.send(to="+447911123456,+33612345678", message="a" * 200,
                                 noStop="1", contentType="text/json")
     # two parts each: 2 x 2.5 + 2 x 1
     assert json.loads(body)["creditLeft"] == "93"

@@ -8,11 +8,13 @@ caller a batch is one order and nothing waits for a timer.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
 from gateway.clock import Clock
+from gateway.metrics import Metrics
 from gateway.store import SendOrder, SendOutcome, Store
 
 log = structlog.get_logger("gateway.batcher")
@@ -22,11 +24,12 @@ Committed = Callable[[Sequence[SendOutcome]], Awaitable[None] | None]
 
 class GroupCommitter:
     def __init__(self, store: Store, clock: Clock, *, max_batch: int = 512,
-                 on_committed: Committed | None = None) -> None:
+                 on_committed: Committed | None = None, metrics: Metrics | None = None) -> None:
         self._store = store
         self._clock = clock
         self._max_batch = max_batch
         self._on_committed = on_committed
+        self._metrics = metrics or Metrics()
         self._pending: list[tuple[SendOrder, asyncio.Future[SendOutcome]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -67,6 +70,7 @@ class GroupCommitter:
                 return
 
     async def _commit(self, batch: list[tuple[SendOrder, asyncio.Future[SendOutcome]]]) -> None:
+        started = time.perf_counter()
         try:
             outcomes = await self._store.commit_sends([order for order, _ in batch],
                                                       at=self._clock.now())
@@ -76,6 +80,8 @@ class GroupCommitter:
                 if not future.done():
                     future.set_exception(exc)
             return
+        self._metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._metrics.commit_batch.observe(len(batch))
         self.batches += 1
         self.last_batch_size = len(batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):

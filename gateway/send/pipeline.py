@@ -16,7 +16,8 @@ import structlog
 
 from gateway import iprules
 from gateway.clock import Clock, SystemClock
-from gateway.credits import RateTable, format_credits
+from gateway.credits import CENTS, RateTable, format_credits
+from gateway.metrics import Metrics
 from gateway.passwords import VerificationCache, hash_password
 from gateway.security import LoginGuard, Throttle
 from gateway.send import request as rules
@@ -48,6 +49,9 @@ class Answer:
     log: dict[str, Any] = field(default_factory=dict)
     # Throttled: HTTP 429 with this Retry-After instead of an outcome code.
     retry_after: int = 0
+    # Set once the caller is authenticated: only then may the account label a metric.
+    account: str | None = None
+    cost: int = 0
 
     @property
     def ok(self) -> bool:
@@ -63,7 +67,8 @@ class Throttled(Exception):
 class SendPipeline:
     def __init__(self, store: Store, committer: GroupCommitter, settings: SendSettings,
                  verifier: VerificationCache | None = None, *, guard: LoginGuard | None = None,
-                 throttle: Throttle | None = None, clock: Clock | None = None) -> None:
+                 throttle: Throttle | None = None, clock: Clock | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._store = store
         self._committer = committer
         self.settings = settings
@@ -71,12 +76,25 @@ class SendPipeline:
         self._guard = guard or LoginGuard(10, 300.0)
         self._throttle = throttle or Throttle(0.0, 1)
         self._clock = clock or SystemClock()
+        self._metrics = metrics or Metrics()
         # Unknown logins are checked against this hash so that they take as long to refuse
         # as a wrong password: the timing must not tell which logins exist.
         self._decoy_hash = hash_password("decoy0000")
 
     async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None) -> Answer:
+        answer = await self._send(params, client_ip)
+        m = self._metrics
+        account = m.account(answer.account or "")
+        m.send_requests.labels(str(answer.status), *account).inc()
+        if answer.ok:
+            m.messages_accepted.labels(*account).inc(len(answer.ids))
+            m.credits_spent.labels(*account).inc(answer.cost / CENTS)
+        return answer
+
+    async def _send(self, params: dict[str, str],
+                    client_ip: iprules.IPAddress | None) -> Answer:
         fmt = rules.requested_format(params)
+        account: str | None = None
         log: dict[str, Any] = {"account": params.get("account", "")[:64],
                                "login": params.get("login", "")[:64],
                                "client_ip": str(client_ip) if client_ip else None}
@@ -84,6 +102,7 @@ class SendPipeline:
             request = rules.parse(params, tz=self.settings.tz,
                                   max_recipients=self.settings.max_recipients)
             context = await self._authenticate(request, client_ip)
+            account = context.user.account_name
             wait = self._throttle.take(context.user.id, len(request.recipients),
                                        self._clock.now())
             if wait:
@@ -105,28 +124,32 @@ class SendPipeline:
         except SendRefused as refused:
             log["outcome"] = refused.status
             log["reason"] = refused.message
-            return Answer(refused.status, fmt, message=refused.message, log=log)
+            return Answer(refused.status, fmt, message=refused.message, log=log,
+                          account=account)
         except Throttled as throttled:
             log.update(outcome=429, reason="throttled")
             return Answer(429, fmt, message=f"Too many messages: retry after "
                           f"{throttled.retry_after} s", log=log,
-                          retry_after=throttled.retry_after)
+                          retry_after=throttled.retry_after, account=account)
         status = rules.ACCEPTED_DEFERRED if request.deferred_until else rules.ACCEPTED
         log.update(outcome=status, ids=_id_range(outcome.ids))
         return Answer(status, fmt, credit_left=format_credits(outcome.credit_left),
-                      ids=outcome.ids, log=log)
+                      ids=outcome.ids, log=log, account=account, cost=order.total)
 
     async def _authenticate(self, request: rules.SendRequest,
                             client_ip: iprules.IPAddress | None) -> SendContext:
         guard, now = self._guard, self._clock.now()
         if guard.locked(request.account, request.login, client_ip, now):
+            self._metrics.auth_failures.labels("locked").inc()
             # Locked: refuse without looking at the password, so guessing goes nowhere.
             raise SendRefused(rules.UNAUTHORIZED, "Too many failed logins: try again later")
         context = await self._store.send_context(request.account, request.login)
         stored = context.user.password_hash if context else self._decoy_hash
         if not await self._verifier.verify(request.password, stored) or context is None:
             delay = guard.delay(request.account, request.login, client_ip, now)
+            self._metrics.auth_failures.labels("password").inc()
             if guard.failed(request.account, request.login, client_ip, now):
+                self._metrics.lockouts.inc()
                 log.warning("login_locked", account=request.account[:64],
                             login=request.login[:64], client_ip=str(client_ip),
                             seconds=guard.lockout_seconds)
@@ -136,6 +159,7 @@ class SendPipeline:
             raise SendRefused(rules.UNAUTHORIZED, "Invalid account, login or password")
         guard.succeeded(request.account, request.login, client_ip)
         if not iprules.allowed(client_ip, context.user.ip_restrictions):
+            self._metrics.auth_failures.labels("ip").inc()
             raise SendRefused(rules.UNAUTHORIZED,
                               f"The IP address {client_ip} is not allowed for this user")
         return context

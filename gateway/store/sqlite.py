@@ -8,6 +8,7 @@ commit), which is what makes durable sends cheap.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -53,7 +54,8 @@ _MESSAGE_COLUMNS = """
     m.ptt, m.dlr, m.sent_at, m.delivered_at
 """
 
-_OUTGOING_COLUMNS = "id, sender, receiver, body, coding, class, created_at, deferred_until"
+_OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, deferred_until, "
+                     "sent_at")
 
 # What a user can spend: its quota while active, else its account's balance.
 _SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
@@ -104,8 +106,6 @@ class SQLiteStore:
     # -- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:
-        import asyncio
-
         self._write_lock = asyncio.Lock()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -120,14 +120,18 @@ class SQLiteStore:
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        # WAL lets readers run during a commit; synchronous=FULL makes an answered send
-        # survive power loss, not only a process crash.
-        await conn.execute("PRAGMA busy_timeout = 10000")
-        mode = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
-        if mode and mode[0][0] != "wal" and self.path != ":memory:":
-            raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
-        await conn.execute("PRAGMA synchronous = FULL")
-        await conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            # WAL lets readers run during a commit; synchronous=FULL makes an answered send
+            # survive power loss, not only a process crash.
+            await conn.execute("PRAGMA busy_timeout = 10000")
+            mode = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
+            if mode and mode[0][0] != "wal" and self.path != ":memory:":
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
+            await conn.execute("PRAGMA synchronous = FULL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            await conn.close()  # else its thread outlives the failed open
+            raise
         return conn
 
     async def close(self) -> None:
@@ -168,8 +172,19 @@ class SQLiteStore:
             raise StoreUnavailable("the store is closed")
         async with self._write_lock:
             db = self._writer
+            # The statement runs on the connection's thread whatever happens to us: if we
+            # are cancelled while it waits for the lock, finish and undo it before letting
+            # another transaction near the connection.
+            begin = asyncio.ensure_future(db.execute("BEGIN IMMEDIATE"))
             try:
-                await db.execute("BEGIN IMMEDIATE")
+                await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                with suppress(Exception):
+                    await begin
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        await db.execute("ROLLBACK")
+                raise
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
             try:
@@ -502,7 +517,7 @@ class SQLiteStore:
         marks = _marks(len(ids))
         crossed = await db.execute_fetchall(
             f"SELECT u.id, u.account_id, a.name, u.login, u.alert_threshold, u.alert_support, "
-            f"u.alert_email, u.alert_number, {_SPENDABLE} FROM users u "
+            f"u.alert_email, u.alert_number, {_SPENDABLE}, u.quota_active FROM users u "
             "JOIN accounts a ON a.id = u.account_id "
             f"WHERE u.account_id IN ({marks}) AND u.alert_armed = 1 "
             f"AND u.alert_threshold IS NOT NULL AND {_SPENDABLE} < u.alert_threshold", ids)
@@ -515,9 +530,11 @@ class SQLiteStore:
         await db.executemany("UPDATE users SET alert_armed = 0 WHERE id = ?",
                              [(row[0],) for row in crossed])
         items: list[tuple[Any, ...]] = []
-        for uid, account_id, account, login, threshold, support, email, number, left in crossed:
+        for (uid, account_id, account, login, threshold, support, email, number, left,
+             quota) in crossed:
+            # `quota`: the credits left are the user's quota, not the account's balance.
             payload = json.dumps({"account": account, "login": login, "credits_left": left,
-                                  "threshold": threshold})
+                                  "threshold": threshold, "quota": bool(quota)})
             if support in ("mail", "both") and email:
                 items.append(("alert_mail", account_id, uid, email, payload, at, at))
             if support in ("sms", "both") and number:
@@ -545,6 +562,11 @@ class SQLiteStore:
             f"SELECT {_OUTGOING_COLUMNS} FROM messages WHERE state IN ('queued', 'sent') "
             "AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
         return [_outgoing(r) for r in rows]
+
+    async def last_message_id(self) -> int:
+        """The highest message id so far: where recovery at start ends and live sends begin."""
+        rows = await self._read("SELECT COALESCE(MAX(id), 0) FROM messages")
+        return int(rows[0][0])
 
     async def due_deferred(self, now: float, limit: int) -> list[OutgoingMessage]:
         rows = await self._read(
@@ -651,29 +673,59 @@ class SQLiteStore:
             return int(cur.lastrowid or 0)
 
     async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
-                           limit: int) -> list[OutboxItem]:
+                           limit: int, per_target: int | None = None,
+                           skip_targets: Sequence[str] = ()) -> list[OutboxItem]:
         """Take due items and push their next attempt past a lease.
 
         If the gateway dies mid-attempt, the item becomes due again when the lease ends,
-        so nothing claimed is ever lost.
+        so nothing claimed is ever lost. `per_target` caps the items taken per target and
+        `skip_targets` leaves out targets the caller is already busy with, so one slow
+        endpoint's backlog cannot fill a claim and starve the others.
         """
+        where = (f"state = 'pending' AND kind IN ({_marks(len(kinds))}) "
+                 "AND next_attempt_at <= ?")
+        params: list[Any] = [*kinds, now]
+        if skip_targets:
+            where += f" AND target NOT IN ({_marks(len(skip_targets))})"
+            params.extend(skip_targets)
+        if per_target is None:
+            chosen = f"SELECT id FROM outbox WHERE {where} ORDER BY next_attempt_at, id LIMIT ?"
+        else:
+            chosen = ("SELECT id FROM (SELECT id, next_attempt_at, ROW_NUMBER() OVER "
+                      "(PARTITION BY target ORDER BY next_attempt_at, id) AS rank "
+                      f"FROM outbox WHERE {where}) WHERE rank <= ? "
+                      "ORDER BY next_attempt_at, id LIMIT ?")
+            params.append(per_target)
+        params.append(limit)
         async with self._tx() as db:
             rows = await db.execute_fetchall(
                 "UPDATE outbox SET next_attempt_at = ?, attempts = attempts + 1 "
-                "WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' "
-                f"AND kind IN ({_marks(len(kinds))}) AND next_attempt_at <= ? "
-                "ORDER BY next_attempt_at, id LIMIT ?) "
+                f"WHERE id IN ({chosen}) "
                 "RETURNING id, kind, message_id, account_id, user_id, target, payload, "
-                "created_at, attempts", (now + lease, *kinds, now, limit))
+                "created_at, attempts", (now + lease, *params))
         items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
                  for r in rows]
         items.sort(key=lambda item: item.id)
         return items
 
-    async def next_outbox_at(self, kinds: Sequence[str]) -> float | None:
+    async def outbox_status(self, item_id: int) -> tuple[str, int, str] | None:
+        """(state, attempts, detail of the latest attempt) of one outbox item."""
         rows = await self._read(
-            "SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' "
-            f"AND kind IN ({_marks(len(kinds))})", kinds)
+            "SELECT o.state, o.attempts, COALESCE((SELECT t.detail FROM outbox_attempts t "
+            "WHERE t.outbox_id = o.id ORDER BY t.id DESC LIMIT 1), '') FROM outbox o "
+            "WHERE o.id = ?", (item_id,))
+        if not rows:
+            return None
+        state, attempts, detail = rows[0]
+        return str(state), int(attempts), str(detail)
+
+    async def next_outbox_at(self, kinds: Sequence[str], *,
+                             skip_targets: Sequence[str] = ()) -> float | None:
+        sql = ("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' "
+               f"AND kind IN ({_marks(len(kinds))})")
+        if skip_targets:
+            sql += f" AND target NOT IN ({_marks(len(skip_targets))})"
+        rows = await self._read(sql, (*kinds, *skip_targets))
         return rows[0][0] if rows else None
 
     async def record_outbox_results(self, results: Sequence[OutboxResult]) -> None:

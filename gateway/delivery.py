@@ -1,0 +1,259 @@
+"""The dispatcher: from committed sends to the operator, and from its reports to the store.
+
+Three loops, each working in batches so that the operator side keeps up with the group-
+committed send side:
+
+- hand-over: messages committed for immediate delivery (given by `on_commit`, which only
+  queues in memory so the send path never waits), and at start the messages a previous run
+  left queued or in flight, go to the operator; then one `mark_sent` per batch.
+- deferred: sleeps on the clock until the earliest `deferred_until` (woken early when a
+  nearer one is committed) and hands over what is due. Deferred messages stay in the store
+  only, so they survive restarts and never fill memory.
+- reports: the operator's state updates are buffered and applied with one `apply_updates`
+  transaction per batch (a batch is whatever arrived while the previous one committed);
+  when that queued callbacks, the callback worker is woken.
+
+Delivery is at least once: a crash between the operator taking a message and `mark_sent`
+committing hands it over again at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+
+from gateway.clock import Clock, sleep_until
+from gateway.operators import Operator, OperatorUnavailable
+from gateway.store import OutgoingMessage, SendOutcome, StateUpdate, Store
+
+log = structlog.get_logger("gateway.delivery")
+
+
+class Dispatcher:
+    def __init__(self, store: Store, clock: Clock, operator: Operator, *,
+                 max_batch: int = 1000, retry_seconds: float = 5.0,
+                 on_callbacks: Callable[[], None] | None = None) -> None:
+        self._store = store
+        self._clock = clock
+        self.operator = operator
+        self._max_batch = max(1, max_batch)
+        self._retry_seconds = retry_seconds
+        self._on_callbacks = on_callbacks
+        self._ready: deque[OutgoingMessage] = deque()
+        self._ready_wake = asyncio.Event()
+        self._next_deferred: float | None = None
+        self._deferred_wake = asyncio.Event()
+        self._reports: list[StateUpdate] = []
+        self._reports_wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._operator_stopped = False
+        # Messages with a higher id reach us through on_commit; the others by recovery.
+        self._live_after: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._report_task: asyncio.Task[None] | None = None
+        self.submitted = 0
+        self.applied = 0
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def on_commit(self, outcomes: Sequence[SendOutcome]) -> None:
+        """After-commit hook of the send path: queue in memory, never wait."""
+        if self._live_after is None or self._stopping.is_set():
+            return  # the store has them; the next start recovers them
+        nearest: float | None = None
+        for outcome in outcomes:
+            if not outcome.accepted:
+                continue
+            for message in outcome.messages:
+                if message.id <= self._live_after:
+                    continue
+                if message.deferred_until is None:
+                    self._ready.append(message)
+                elif nearest is None or message.deferred_until < nearest:
+                    nearest = message.deferred_until
+        if self._ready:
+            self._ready_wake.set()
+        if nearest is not None and (self._next_deferred is None
+                                    or nearest < self._next_deferred):
+            self._next_deferred = nearest
+            self._deferred_wake.set()
+
+    def report(self, updates: Sequence[StateUpdate]) -> None:
+        """The operator's report sink."""
+        self._reports.extend(updates)
+        self._reports_wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting for the operator plus reports waiting for the store."""
+        return len(self._ready) + len(self._reports)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Read before anything can be committed (services start before requests are
+        # served), so no message is both recovered and handed over live.
+        self._live_after = await self._store.last_message_id()
+        self._next_deferred = await self._store.next_deferred_at()
+        await self.operator.start(self.report)
+        self._report_task = asyncio.create_task(self._report_loop(), name="delivery-reports")
+        self._tasks = [
+            asyncio.create_task(self._hand_over_loop(self._live_after),
+                                name="delivery-hand-over"),
+            asyncio.create_task(self._deferred_loop(), name="delivery-deferred"),
+        ]
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, stop the operator, then store the reports received."""
+        self._stopping.set()
+        self._ready_wake.set()
+        self._deferred_wake.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.operator.stop()
+        self._operator_stopped = True
+        self._reports_wake.set()
+        if self._report_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._report_task
+            self._report_task = None
+
+    # -- hand-over ---------------------------------------------------------------------
+
+    async def _hand_over_loop(self, recover_upto: int) -> None:
+        cursor = 0
+        recovering = True
+        while not self._stopping.is_set():
+            worked = False
+            try:
+                if self._ready:
+                    batch = [self._ready.popleft()
+                             for _ in range(min(self._max_batch, len(self._ready)))]
+                    await self._hand_over(batch)
+                    worked = True
+                # Alternating with live messages: a large backlog must not stall new sends.
+                if recovering and not self._stopping.is_set():
+                    page = await self._store.undelivered(after_id=cursor,
+                                                         limit=self._max_batch)
+                    mine = [m for m in page if m.id <= recover_upto]
+                    recovering = len(mine) == self._max_batch
+                    if mine:
+                        cursor = mine[-1].id
+                        await self._hand_over(mine)
+                        worked = True
+                    if not recovering:
+                        log.info("delivery_recovered", upto=recover_upto)
+            except Exception as exc:
+                log.error("hand_over_failed", error=str(exc))
+                await self._pause()
+                continue
+            if not worked:
+                await self._ready_wake.wait()
+                self._ready_wake.clear()
+
+    async def _hand_over(self, messages: Sequence[OutgoingMessage]) -> bool:
+        """Give messages to the operator; False if they may still look untaken in the store."""
+        fresh = [m for m in messages if m.sent_at is None]
+        taken = [m for m in messages if m.sent_at is not None]
+        if taken and not await self._retrying(self.operator.resume, taken):
+            return False
+        if not fresh:
+            return True
+        if not await self._retrying(self.operator.submit, fresh):
+            return False
+        self.submitted += len(fresh)
+        try:
+            await self._store.mark_sent([m.id for m in fresh], at=self._clock.now())
+        except Exception as exc:
+            # The operator has them: their reports still move them on. Only a restart
+            # before that would hand them over again.
+            log.error("mark_sent_failed", error=str(exc), messages=len(fresh))
+            return False
+        return True
+
+    async def _retrying(self, call: Callable[[Sequence[OutgoingMessage]], Awaitable[None]],
+                        messages: Sequence[OutgoingMessage]) -> bool:
+        """Run an operator call until it succeeds; False if the gateway stops first."""
+        while True:
+            try:
+                await call(messages)
+                return True
+            except OperatorUnavailable as exc:
+                log.warning("operator_unavailable", error=str(exc), messages=len(messages),
+                            retry_in=self._retry_seconds)
+            if not await self._pause():
+                return False
+
+    async def _pause(self) -> bool:
+        """Wait `retry_seconds` on the clock; False if the gateway stops meanwhile."""
+        if self._stopping.is_set():
+            return False
+        waits = {asyncio.ensure_future(self._clock.sleep(self._retry_seconds)),
+                 asyncio.ensure_future(self._stopping.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        return not self._stopping.is_set()
+
+    # -- deferred ----------------------------------------------------------------------
+
+    async def _deferred_loop(self) -> None:
+        while not self._stopping.is_set():
+            due_at = self._next_deferred
+            if due_at is not None and due_at <= self._clock.now():
+                try:
+                    batch = await self._store.due_deferred(self._clock.now(),
+                                                           self._max_batch)
+                    if batch:
+                        # Until marked sent they stay due: pause rather than resubmit.
+                        if not await self._hand_over(batch) and not await self._pause():
+                            return
+                        continue
+                    # on_commit only ever lowers the hint: keep a nearer time it set
+                    # while the store was being read.
+                    self._next_deferred = None
+                    stored = await self._store.next_deferred_at()
+                    if stored is not None and (self._next_deferred is None
+                                               or stored < self._next_deferred):
+                        self._next_deferred = stored
+                    continue
+                except Exception as exc:
+                    log.error("deferred_scan_failed", error=str(exc))
+                    if not await self._pause():
+                        return
+                    continue
+            await sleep_until(self._clock, due_at, self._deferred_wake)
+
+    # -- reports -----------------------------------------------------------------------
+
+    async def _report_loop(self) -> None:
+        while True:
+            if not self._reports:
+                if self._operator_stopped:
+                    return
+                await self._reports_wake.wait()
+                self._reports_wake.clear()
+                continue
+            batch = self._reports[: self._max_batch]
+            del self._reports[: self._max_batch]
+            try:
+                queued = await self._store.apply_updates(batch)
+            except Exception as exc:
+                log.error("apply_updates_failed", error=str(exc), updates=len(batch))
+                if self._stopping.is_set():
+                    # Not lost: the messages are not final, so the next start resumes them.
+                    return
+                self._reports[:0] = batch
+                await self._pause()
+                continue
+            self.applied += len(batch)
+            if queued and self._on_callbacks is not None:
+                self._on_callbacks()

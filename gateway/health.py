@@ -1,0 +1,92 @@
+"""Liveness, readiness and metrics endpoints for whoever runs the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.store import StoreError
+
+log = structlog.get_logger("gateway.health")
+
+READY_TIMEOUT = 5.0
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and its event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready to take sends: the store is writable, the operator is up, queues keep up."""
+    from gateway.app import GATEWAY
+
+    gateway = request.app[GATEWAY]
+    checks: dict[str, Any] = {}
+    ready = True
+    # Not wait_for: a write stuck on a lock must finish (and roll back) on its own time,
+    # while the probe answers now.
+    probe = asyncio.ensure_future(gateway.store.check_writable())
+    probe.add_done_callback(_ignore_result)
+    done, _ = await asyncio.wait({probe}, timeout=READY_TIMEOUT)
+    if not done:
+        checks["store"] = f"not writable: no write lock within {READY_TIMEOUT:g} s"
+        ready = False
+    elif probe.exception() is not None:
+        checks["store"] = f"not writable: {probe.exception()}"
+        ready = False
+    else:
+        checks["store"] = "writable"
+    dispatcher = getattr(gateway, "dispatcher", None)
+    operator = getattr(dispatcher, "operator", None)
+    connected = getattr(operator, "connected", True)
+    checks["operator"] = "connected" if connected else "disconnected"
+    ready = ready and bool(connected)
+    try:
+        counts = await gateway.store.counts()
+        backlog = counts["queued"] + counts["outbox_pending"]
+        limit = gateway.config.metrics.max_backlog
+        checks["backlog"] = {"messages": counts["queued"], "outbox": counts["outbox_pending"],
+                             "limit": limit}
+        if backlog > limit:
+            ready = False
+    except StoreError as exc:
+        checks["backlog"] = f"unknown: {exc}"
+        ready = False
+    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+                             status=200 if ready else 503)
+
+
+def _ignore_result(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from gateway.app import GATEWAY
+
+    gateway = request.app[GATEWAY]
+    token = gateway.config.admin.token
+    given = request.headers.get("Authorization", "")
+    if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return web.json_response({"message": "missing or wrong admin token"}, status=401,
+                                 headers={"WWW-Authenticate": "Bearer"})
+    try:
+        counts = await gateway.store.counts()
+        for queue in ("queued", "deferred", "sent", "outbox_pending", "outbox_dead"):
+            gateway.metrics.backlog.labels(queue).set(counts[queue])
+    except StoreError as exc:
+        log.warning("metrics_backlog_unavailable", error=str(exc))
+    body = gateway.metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; "
+                                            "charset=utf-8"})
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,108 @@
+"""Delivery-report callbacks: one GET to the user's (or account's) URL per state change.
+
+The request is OVH's: `GET <url>?id=&ptt=&date=&description=&descriptionDlr=&dlr=&tag=`,
+with `description` the DLR id (sic) and `descriptionDlr` its text; a query already in the
+URL is kept. Any 2xx is success; redirects are not followed (a 3xx is a failure, shown in
+the attempts, rather than a silent hop to another host). URLs may carry secrets, so only
+the host ever reaches the logs or the stored attempt details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+from yarl import URL
+
+from gateway import ptt
+from gateway.config import CallbacksConfig
+from gateway.hooks.outbox import AttemptFailed
+from gateway.store import OutboxItem
+
+KIND = "callback"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def callback_params(payload: Mapping[str, Any], tz: ZoneInfo) -> dict[str, str]:
+    """The query parameters of one callback, from its outbox payload."""
+    dlr = int(payload["dlr"])
+    try:
+        dlr_text = ptt.DLR_TEXT[ptt.Dlr(dlr)]
+    except ValueError:
+        dlr_text = ""
+    return {
+        "id": str(payload["id"]),
+        "ptt": str(payload["ptt"]),
+        "date": datetime.fromtimestamp(float(payload["at"]), tz).strftime(DATE_FORMAT),
+        "description": str(dlr),
+        "descriptionDlr": dlr_text,
+        "dlr": str(dlr),
+        "tag": str(payload.get("tag") or ""),
+    }
+
+
+def callback_url(target: str, payload: Mapping[str, Any], tz: ZoneInfo) -> URL:
+    return URL(target).extend_query(callback_params(payload, tz))
+
+
+def host_key(target: str) -> str:
+    """host:port, the unit of per-host concurrency and what logs may show of a URL."""
+    try:
+        url = URL(target)
+        return f"{url.host}:{url.port}"
+    except (ValueError, TypeError):
+        return "invalid-url"
+
+
+class CallbackHandler:
+    kinds = (KIND,)
+
+    def __init__(self, config: CallbacksConfig, tz: ZoneInfo) -> None:
+        self._config = config
+        self._tz = tz
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._config.timeout_seconds),
+            connector=aiohttp.TCPConnector(limit=self._config.max_concurrency,
+                                           limit_per_host=self._config.per_host_concurrency),
+            headers={"User-Agent": "http2sms-gateway"},
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def key(self, item: OutboxItem) -> str:
+        return host_key(item.target)
+
+    async def handle(self, item: OutboxItem) -> str:
+        if self._session is None:
+            raise AttemptFailed("callback client not started")
+        try:
+            url = callback_url(item.target, item.payload, self._tz)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AttemptFailed(f"invalid callback: {type(exc).__name__}",
+                                permanent=True) from None
+        try:
+            async with self._session.get(url, allow_redirects=False) as response:
+                status = response.status
+        except TimeoutError:
+            raise AttemptFailed(
+                f"no answer within {self._config.timeout_seconds:g} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror if exc.os_error.strerror else "connection failed"
+            raise AttemptFailed(f"cannot connect: {reason}") from None
+        except aiohttp.InvalidURL:
+            raise AttemptFailed("invalid callback URL", permanent=True) from None
+        except aiohttp.ClientError as exc:
+            # The class name only: some aiohttp messages quote the URL.
+            raise AttemptFailed(f"request failed: {type(exc).__name__}") from None
+        if 200 <= status < 300:
+            return f"HTTP {status}"
+        raise AttemptFailed(f"HTTP {status}")

@@ -1,0 +1,85 @@
+"""Prometheus metrics of one gateway, in its own registry.
+
+Label sets are bounded by construction: outcome codes, ptt and DLR codes from fixed tables,
+channel and result names; never a phone number, a message id or a caller-chosen string. The
+account label is only ever an authenticated account's name, and can be switched off.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gateway import ptt
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_LIFETIME = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 24 * 3600, 48 * 3600)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self, *, per_account_labels: bool = True) -> None:
+        self.per_account = per_account_labels
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        account = ["account"] if per_account_labels else []
+        self.send_requests = Counter(
+            "http2sms_send_requests", "Send URL requests by outcome code (100, 201, 429...).",
+            ["outcome", *account], registry=r)
+        self.messages_accepted = Counter(
+            "http2sms_messages_accepted", "SMS accepted (one per recipient).", account,
+            registry=r)
+        self.credits_spent = Counter(
+            "http2sms_credits_spent", "Credits taken by accepted sends.", account, registry=r)
+        self.auth_failures = Counter(
+            "http2sms_auth_failures", "Refused logins by reason (password, ip, locked).",
+            ["reason"], registry=r)
+        self.lockouts = Counter(
+            "http2sms_lockouts", "Keys locked after repeated failed logins.", registry=r)
+        self.inflight = Gauge(
+            "http2sms_inflight_requests", "HTTP requests being served.", registry=r)
+        self.overloaded = Counter(
+            "http2sms_overload_rejections", "Requests answered 503 by the in-flight limit.",
+            registry=r)
+        self.commit_seconds = Histogram(
+            "http2sms_store_commit_seconds", "Time to commit one group of sends.",
+            buckets=_LATENCY, registry=r)
+        self.commit_batch = Histogram(
+            "http2sms_store_commit_batch_size", "Send requests per group commit.",
+            buckets=_BATCH, registry=r)
+        self.operator_submit_seconds = Histogram(
+            "http2sms_operator_submit_seconds", "Time to hand a batch to the operator.",
+            buckets=_LATENCY, registry=r)
+        self.messages_final = Counter(
+            "http2sms_messages_final", "Messages reaching a final state, by ptt and DLR.",
+            ["ptt", "dlr"], registry=r)
+        self.time_to_final = Histogram(
+            "http2sms_time_to_final_seconds", "From acceptance to final state.",
+            buckets=_LIFETIME, registry=r)
+        self.callback_attempts = Counter(
+            "http2sms_callback_attempts", "Delivery-report callback attempts by result "
+            "(ok, retry, dead).", ["result"], registry=r)
+        self.alerts_sent = Counter(
+            "http2sms_alerts", "Low-credit alerts by channel (mail, sms) and result.",
+            ["channel", "result"], registry=r)
+        self.backlog = Gauge(
+            "http2sms_backlog", "Work waiting: queued, deferred and sent (not final) "
+            "messages, pending and dead outbox items.", ["queue"], registry=r)
+
+    def account(self, name: str) -> tuple[str, ...]:
+        return (name,) if self.per_account else ()
+
+    def final_state(self, code: int) -> None:
+        known = ptt.lookup(code)
+        if known is not None and known.final:
+            self.messages_final.labels(str(code), str(int(known.dlr))).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
