@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -27,7 +28,7 @@ from gateway.security import LoginGuard, Throttle
 from gateway.send import handler as send_handler
 from gateway.send.batcher import GroupCommitter
 from gateway.send.pipeline import SendPipeline, SendSettings
-from gateway.store import SendOutcome, Store
+from gateway.store import SendOutcome, Store, StoreUnavailable
 from gateway.store.sqlite import SQLiteStore
 
 log = structlog.get_logger("gateway.app")
@@ -58,9 +59,28 @@ class Gateway:
 
     async def start(self) -> None:
         await self.store.open()
-        self.committer.start()
-        for service in self.services:
-            await service.start()
+        started: list[Service] = []
+        try:
+            # Fail at start, not at the first send: a store another process keeps locked,
+            # or one on a full or read-only disk, is refused here.
+            try:
+                await self.store.check_writable()
+            except StoreUnavailable as exc:
+                raise StoreUnavailable(f"cannot start on the store {self.config.store.path}: "
+                                       f"{exc}") from exc
+            self.committer.start()
+            for service in self.services:
+                await service.start()
+                started.append(service)
+        except BaseException:
+            # Undo what started, or its tasks and the store's threads keep the process alive.
+            for service in reversed(started):
+                with suppress(Exception):
+                    await service.stop()
+            with suppress(Exception):
+                await self.committer.stop()
+            await self.store.close()
+            raise
 
     async def stop(self) -> None:
         for service in reversed(self.services):
@@ -77,7 +97,8 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def build(config: Config, *, store: Store | None = None, clock: Clock | None = None) -> Gateway:
-    store = store or SQLiteStore(config.store.path)
+    store = store or SQLiteStore(config.store.path,
+                                 busy_timeout=config.store.busy_timeout_seconds)
     clock = clock or SystemClock()
     hooks: list[Callable[[list[SendOutcome]], Awaitable[None] | None]] = []
 
@@ -115,14 +136,15 @@ def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:
     config, store, clock = gateway.config, gateway.store, gateway.clock
     cb = config.callbacks
     callbacks = OutboxWorker(
-        store, clock, CallbackHandler(cb, tz),
+        store, clock, CallbackHandler(cb, tz, metrics=gateway.metrics),
         RetryPolicy(first_retry=cb.first_retry_seconds, max_retry=cb.max_retry_seconds,
                     give_up_after=cb.give_up_after_hours * 3600.0, jitter=cb.jitter_ratio),
         max_concurrency=cb.max_concurrency, per_key=cb.per_host_concurrency,
         # Longer than any attempt can take, or a slow one would be claimed twice.
-        lease=3 * cb.timeout_seconds + 60.0, name="callbacks")
+        lease=cb.lease_seconds or 3 * cb.timeout_seconds + 60.0, name="callbacks")
     dispatcher = Dispatcher(store, clock, create_operator(config.operator, clock),
-                            max_batch=config.operator.max_batch, on_callbacks=callbacks.wake)
+                            max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
+                            metrics=gateway.metrics)
     # Started in this order and stopped in reverse: the dispatcher's last reports still
     # reach the callback worker.
     gateway.services += [callbacks, dispatcher]
@@ -134,7 +156,8 @@ def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:
 def add_alerts(gateway: Gateway, settings: SendSettings) -> None:
     """The low-credit alert worker: mail over SMTP, SMS through the committer."""
     alerts = AlertService(gateway.config, gateway.store, gateway.clock,
-                          gateway.committer.submit, settings.rates, settings.tz)
+                          gateway.committer.submit, settings.rates, settings.tz,
+                          metrics=gateway.metrics)
     # After the dispatcher: started once it can deliver alert SMS, stopped before it.
     gateway.services.append(alerts)
     gateway.after_commit.append(alerts.on_commit)
@@ -144,10 +167,11 @@ def add_alerts(gateway: Gateway, settings: SendSettings) -> None:
 def create_app(gateway: Gateway) -> web.Application:
     """The public web app: the send URL (and, unless split off, the admin API)."""
     config = gateway.config
+    limiter = InflightLimit(config.server.max_inflight, gateway.metrics)
     app = web.Application(client_max_size=config.server.max_request_bytes,
-                          middlewares=[inflight_limit(config.server.max_inflight,
-                                                      gateway.metrics)])
+                          middlewares=[limiter.middleware])
     app[GATEWAY] = gateway
+    app[INFLIGHT] = limiter
     app[send_handler.PIPELINE] = gateway.pipeline
     app[send_handler.TRUSTED_PROXIES] = iprules.parse_networks(config.server.trusted_proxies)
     send_handler.setup(app)
@@ -163,30 +187,71 @@ def create_app(gateway: Gateway) -> web.Application:
     return app
 
 
-def inflight_limit(limit: int, metrics: Metrics | None = None
-                   ) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Past `limit` requests at once, answer 503 at once instead of queueing without bound."""
-    inflight = 0
-    metrics = metrics or Metrics()
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-    @web.middleware
-    async def middleware(request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
-        nonlocal inflight
-        if inflight >= limit:
-            metrics.overloaded.inc()
+
+class InflightLimit:
+    """Past `limit` requests at once, answer 503 at once instead of queueing without bound.
+
+    It also drains the app at shutdown. aiohttp's own shutdown stops reading every
+    connection at once, so a request whose body is still arriving could never finish;
+    `drain` first waits for the requests in flight, while new requests on open keep-alive
+    connections get 503 and the connection closed.
+    """
+
+    def __init__(self, limit: int, metrics: Metrics | None = None) -> None:
+        self.limit = limit
+        self.inflight = 0
+        self.draining = False
+        self._metrics = metrics or Metrics()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+        @web.middleware
+        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await self._serve(request, handler)
+
+        self.middleware = middleware
+
+    async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.draining:
+            response = web.json_response(
+                {"message": "the gateway is shutting down, retry later"}, status=503,
+                headers={"Retry-After": "1"})
+            response.force_close()
+            return response
+        if self.inflight >= self.limit:
+            self._metrics.overloaded.inc()
             return web.json_response({"message": "the gateway is overloaded, retry later"},
                                      status=503, headers={"Retry-After": "1"})
-        inflight += 1
-        metrics.inflight.inc()
+        self.inflight += 1
+        self._idle.clear()
+        self._metrics.inflight.inc()
         try:
             return await handler(request)
         finally:
-            inflight -= 1
-            metrics.inflight.dec()
+            self.inflight -= 1
+            self._metrics.inflight.dec()
+            if self.inflight == 0:
+                self._idle.set()
 
-    return middleware
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests; wait up to `timeout` for those in flight. True if none left."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout))
+        except TimeoutError:
+            return False
+        return True
+
+
+def inflight_limit(limit: int, metrics: Metrics | None = None
+                   ) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware of an `InflightLimit` (for apps that never drain, e.g. the admin's)."""
+    return InflightLimit(limit, metrics).middleware
+
+
+INFLIGHT = web.AppKey("inflight", InflightLimit)
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -201,15 +266,23 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     """Run until SIGINT/SIGTERM; the access log stays off because URLs carry passwords."""
     import signal
 
+    grace = config.server.shutdown_grace_seconds
+    signals = asyncio.Queue[int]()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     gateway = build(config)
     app = create_app(gateway)
+    # `shut_down` drains the requests itself; aiohttp then only cancels what is left.
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=config.server.shutdown_grace_seconds)
+                           shutdown_timeout=min(1.0, grace / 4),
+                           max_line_size=config.server.max_url_bytes)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port,
-                       ssl_context=ssl_context(config), reuse_address=True)
-    await site.start()
+    admin_runner: web.AppRunner | None = None
     try:
+        site = web.TCPSite(runner, config.server.host, config.server.port,
+                           ssl_context=ssl_context(config), reuse_address=True)
+        await site.start()
         # Its own listener when admin.host is set; None when the admin API shares this one.
         admin_runner = await admin.start_listener(gateway)
     except BaseException:
@@ -220,13 +293,61 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     log.info("listening", url=url, store=config.store.path)
     if ready is not None:
         ready(url)
-    stop = asyncio.Event()
+    await signals.get()
+    log.info("shutting_down", grace_seconds=grace)
+    clean = await shut_down(runner, gateway, grace, admin_runner=admin_runner, hurry=signals)
+    log.info("stopped", clean=clean)
+
+
+# The share of the grace period that requests in flight get to finish.
+DRAIN_SHARE = 0.75
+
+
+async def shut_down(runner: web.AppRunner, gateway: Gateway, grace: float, *,
+                    admin_runner: web.AppRunner | None = None,
+                    hurry: asyncio.Queue[int] | None = None) -> bool:
+    """Stop accepting, let requests in flight finish, stop the gateway: all within `grace`.
+
+    Requests get 3/4 of the grace period, the services' flush the rest. Past the grace
+    period (or at a second signal) what still runs is cut. That is safe: an answered send
+    is already committed, and deliveries and callbacks resume from the store at the next
+    start. Returns False when something had to be cut.
+    """
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting_down")
-    if admin_runner is not None:
-        await admin_runner.cleanup()
-    await runner.cleanup()
-    log.info("stopped")
+    deadline = loop.time() + max(0.0, grace)
+    runners = [r for r in (admin_runner, runner) if r is not None]
+    for each in runners:
+        for site in list(each.sites):
+            await site.stop()
+
+    async def drain() -> None:
+        limiter = runner.app[INFLIGHT]
+        if not await limiter.drain(grace * DRAIN_SHARE):
+            log.warning("shutdown_requests_cut", requests=limiter.inflight)
+        # The public app's cleanup stops the gateway, so it goes last.
+        for each in runners:
+            await each.cleanup()
+
+    work = asyncio.ensure_future(drain())
+    second = asyncio.ensure_future(hurry.get()) if hurry is not None else None
+    try:
+        await asyncio.wait({work} if second is None else {work, second},
+                           timeout=max(0.0, deadline - loop.time()),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if second is not None:
+            second.cancel()
+    if work.done():
+        if not work.cancelled() and work.exception() is not None:
+            log.error("shutdown_failed", error=str(work.exception()))
+            return False
+        return True
+    hurried = second is not None and second.done() and not second.cancelled()
+    log.warning("shutdown_cut", grace_seconds=grace,
+                reason="second signal" if hurried else "grace period over")
+    work.cancel()
+    # Stopping services may take a moment to notice the cancellation; do not wait long.
+    await asyncio.wait({work}, timeout=1.0)
+    with suppress(Exception):
+        await asyncio.wait_for(gateway.store.close(), 1.0)
+    return False

@@ -15,7 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
+
 from gateway import config as config_module
+from gateway import logs
 from gateway.config import Config, ConfigError
 from gateway.credits import format_credits
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
@@ -158,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args)
         if args.group == "serve":
             return _serve(args, config)
+        if not structlog.is_configured():
+            # stdout is the command's answer (JSON with --json): logs must not mix in.
+            logs.configure(config.log.format, "warning", stream=sys.stderr)
         return asyncio.run(_run(args, config))
     except (ValidationError, StoreError, CommandError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -167,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
-    store: Store = SQLiteStore(config.store.path)
+    store: Store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds)
     await store.open()
     try:
         manager = Management(store, config)
@@ -393,7 +399,7 @@ DEMO_SENDER = "DEMO"
 
 
 async def ensure_demo(config: Config) -> None:
-    store = SQLiteStore(config.store.path)
+    store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds)
     await store.open()
     try:
         m = Management(store, config)
@@ -406,7 +412,6 @@ async def ensure_demo(config: Config) -> None:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from gateway import logs
     from gateway.app import serve
 
     if args.host:

@@ -35,8 +35,12 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_request_bytes: int = 64 * 1024
+    # Longest URL (path and query), in bytes; longer gets HTTP 400. The default lets a GET
+    # carry the largest valid send: 500 recipients and a 6-part percent-encoded text.
+    max_url_bytes: int = 16 * 1024
     # Requests being served at once before new ones get 503 + Retry-After.
     max_inflight: int = 2048
+    # On SIGTERM the gateway has exited within this long: in-flight requests, then the flush.
     shutdown_grace_seconds: float = 10.0
 
 
@@ -54,6 +58,9 @@ class StoreConfig:
     path: str = "var/gateway.sqlite3"
     # Most sends committed in one transaction (group commit).
     max_batch: int = 512
+    # How long a write waits for another process's lock (e.g. a long command-line change)
+    # before giving up: a send then answers 503, a start with the store locked fails.
+    busy_timeout_seconds: float = 10.0
 
 
 @dataclass
@@ -93,6 +100,9 @@ class CallbacksConfig:
     jitter_ratio: float = 0.2
     per_host_concurrency: int = 8
     max_concurrency: int = 256
+    # An attempt cut short by a crash is retried once this long has passed since it began.
+    # 0: 3 x timeout_seconds + 60. Shorter than an attempt can take means some run twice.
+    lease_seconds: float = 0.0
 
 
 @dataclass

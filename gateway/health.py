@@ -1,15 +1,25 @@
-"""Liveness, readiness and metrics endpoints for whoever runs the gateway."""
+"""Liveness, readiness and metrics endpoints for whoever runs the gateway.
+
+`/healthz` and `/readyz` are on the public listener, where load balancers look. `/metrics`
+needs the admin token and goes where the admin API goes: the public listener, or only the
+admin listener when `admin.host` gives it one (so that a split-off admin side keeps account
+names and traffic figures off the public address).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
 from gateway.store import StoreError
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
 
 log = structlog.get_logger("gateway.health")
 
@@ -69,24 +79,50 @@ def _ignore_result(task: asyncio.Future[None]) -> None:
 async def metrics(request: web.Request) -> web.Response:
     from gateway.app import GATEWAY
 
-    gateway = request.app[GATEWAY]
+    return await scrape(request, request.app[GATEWAY])
+
+
+async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
     token = gateway.config.admin.token
     given = request.headers.get("Authorization", "")
     if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return web.json_response({"message": "missing or wrong admin token"}, status=401,
                                  headers={"WWW-Authenticate": "Bearer"})
+    backlog = gateway.metrics.backlog
+    # Gauges read at scrape time: counting rows on every change would cost the hot path.
     try:
         counts = await gateway.store.counts()
         for queue in ("queued", "deferred", "sent", "outbox_pending", "outbox_dead"):
-            gateway.metrics.backlog.labels(queue).set(counts[queue])
+            backlog.labels(queue).set(counts[queue])
     except StoreError as exc:
         log.warning("metrics_backlog_unavailable", error=str(exc))
+    dispatcher = gateway.dispatcher
+    if dispatcher is not None:
+        backlog.labels("handover").set(dispatcher.waiting_hand_over)
+        backlog.labels("reports").set(dispatcher.waiting_reports)
     body = gateway.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; "
                                             "charset=utf-8"})
 
 
 def setup(app: web.Application) -> None:
+    """The public listener's routes; `app[GATEWAY]` must be set already."""
+    from gateway.app import GATEWAY
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    gateway = app.get(GATEWAY)
+    if gateway is None or not gateway.config.admin.host:
+        app.router.add_get("/metrics", metrics)
+
+
+def setup_admin(app: web.Application, gateway: Gateway) -> None:
+    """`/metrics` on the separate admin listener."""
+    app.router.add_get("/metrics", _bound(gateway))
+
+
+def _bound(gateway: Gateway) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        return await scrape(request, gateway)
+
+    return handler

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -15,6 +16,8 @@ class InvalidIPRule(ValueError):
     pass
 
 
+# Every request parses its peer and its user's allowlist; the same few strings come back.
+@lru_cache(maxsize=16_384)
 def parse_ip(text: str) -> IPAddress:
     """Parse an address, folding IPv4-mapped IPv6 (`::ffff:1.2.3.4`) to IPv4.
 

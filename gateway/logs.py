@@ -2,19 +2,31 @@
 
 A last processor drops any field whose name says it holds a secret, so that a careless
 `log.info(..., password=...)` anywhere cannot leak one.
+
+Records of the standard `logging` module (aiohttp's "Error handling request", asyncio's
+"Task exception was never retrieved") go through the same renderer, so a JSON log stays
+one JSON object per line. Only warnings and above: libraries log far too much at debug
+(aiosqlite logs every statement and its results, which hold password hashes).
+
+How to follow one SMS: the `send` event (info) carries the request's `request_id` and the
+message ids it created (`ids`, e.g. "12-14"); every later event about a message carries its
+`message_id`: `message_submitted`, `message_state` (debug), callback attempts (debug when
+delivered, info when retried, warning when given up).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
 SECRET_FIELDS = frozenset({"password", "token", "query", "query_string", "authorization",
                            "smtp_password", "secret"})
+# Libraries' records below this level never reach the log, whatever `log.level` says.
+LIBRARY_LEVEL = logging.WARNING
 
 
 def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -28,22 +40,101 @@ def _keep(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[st
     return event
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the given stream, or to whatever `sys.stderr` is when a record comes."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__(stream or sys.stderr)
+        self._fixed = stream
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        # Looked up at each record: a stderr replaced since (test capture, a daemon
+        # redirecting it) must not leave us writing to a closed file.
+        return self._fixed or sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+_handler: _Handler | None = None
+
+
 def configure(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     # Plain tracebacks: rich's pretty ones print local variables, which can hold secrets.
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(
                          colors=False, exception_formatter=structlog.dev.plain_traceback))
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_secrets,
+    ]
+    threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _drop_secrets,
+            *shared,
             structlog.processors.format_exc_info if fmt == "json" else _keep,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(renderer, shared, fmt, stream, max(threshold, LIBRARY_LEVEL))
+
+
+class _ScrubExceptions(logging.Filter):
+    """Keep a library record's own message and its exception's type, nothing more.
+
+    aiohttp's parser errors carry the raw request line in their text and traceback, and a
+    send URL's request line holds a password.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(error).__name__})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _route_stdlib(renderer: Any, shared: list[Any], fmt: str, stream: TextIO | None,
+                  threshold: int) -> None:
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = _Handler(stream)
+    _handler.setLevel(threshold)
+    _handler.addFilter(_ScrubExceptions())
+    _handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info if fmt == "json" else _keep,
+                    renderer]))
+    root.addHandler(_handler)
+    if root.level == logging.NOTSET or root.level > LIBRARY_LEVEL:
+        root.setLevel(LIBRARY_LEVEL)
+
+
+def id_ranges(ids: Iterable[int], *, limit: int = 8) -> str:
+    """Message ids as the `send` event writes them: "12", "12-14", "12-14,20".
+
+    A batch's ids are mostly consecutive, so this stays short; past `limit` runs the rest
+    is counted, not listed, to keep one log line bounded.
+    """
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    shown = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    if len(runs) > limit:
+        shown += f",+{sum(b - a + 1 for a, b in runs[limit:])} more"
+    return shown

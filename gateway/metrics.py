@@ -7,6 +7,9 @@ account label is only ever an authenticated account's name, and can be switched 
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway import ptt
+from gateway.store import FinalState
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -61,7 +64,8 @@ class Metrics:
             "http2sms_messages_final", "Messages reaching a final state, by ptt and DLR.",
             ["ptt", "dlr"], registry=r)
         self.time_to_final = Histogram(
-            "http2sms_time_to_final_seconds", "From acceptance to final state.",
+            "http2sms_time_to_final_seconds", "From acceptance (for a deferred message: "
+            "from its deferred time) to its final state.",
             buckets=_LIFETIME, registry=r)
         self.callback_attempts = Counter(
             "http2sms_callback_attempts", "Delivery-report callback attempts by result "
@@ -71,15 +75,23 @@ class Metrics:
             ["channel", "result"], registry=r)
         self.backlog = Gauge(
             "http2sms_backlog", "Work waiting: queued, deferred and sent (not final) "
-            "messages, pending and dead outbox items.", ["queue"], registry=r)
+            "messages, pending and dead outbox items in the store; handover and reports "
+            "waiting in memory for the operator and for the store.", ["queue"], registry=r)
 
     def account(self, name: str) -> tuple[str, ...]:
         return (name,) if self.per_account else ()
 
-    def final_state(self, code: int) -> None:
-        known = ptt.lookup(code)
-        if known is not None and known.final:
-            self.messages_final.labels(str(code), str(int(known.dlr))).inc()
+    def finals(self, finals: Sequence[FinalState]) -> None:
+        """Count a batch of messages that reached their final state."""
+        if not finals:
+            return
+        # One labelled increment per distinct state, not one per message: a batch holds
+        # up to a thousand messages and only a handful of states.
+        for (code, dlr), count in Tally((f.ptt, f.dlr) for f in finals).items():
+            self.messages_final.labels(str(code), str(dlr)).inc(count)
+        observe = self.time_to_final.observe
+        for f in finals:
+            observe(max(0.0, f.at - f.due_at))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import phonenumbers
 
 
@@ -9,6 +11,9 @@ class InvalidNumber(ValueError):
     pass
 
 
+# Parsing costs tens of microseconds a number; senders send to the same numbers again and
+# again (OTP retries, load tests), so valid results are remembered.
+@lru_cache(maxsize=65_536)
 def normalize(raw: str) -> str:
     """Return the E.164 form (`+33612345678`) of an international number.
 

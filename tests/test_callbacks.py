@@ -6,12 +6,14 @@ import asyncio
 import json
 import random
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import structlog
 from aiohttp import web
 
 from gateway import cli
@@ -379,7 +381,14 @@ async def test_a_callback_is_dead_after_the_retry_window(
 
 async def run_cli(capsys: Any, *argv: str) -> Any:
     capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, list(argv))
+    # The gateway under test keeps logging while the command runs: keep its lines out of
+    # the command's stdout, which must be its JSON answer alone.
+    saved = structlog.get_config()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    try:
+        code = await asyncio.to_thread(cli.main, list(argv))
+    finally:
+        structlog.configure(**saved)
     out = capsys.readouterr().out
     assert code == 0, out
     return json.loads(out)

@@ -50,3 +50,13 @@ def test_secret_fields_are_redacted(log_stream: io.StringIO) -> None:
     (event,) = events(log_stream)
     assert event["password"] == "[redacted]" and event["token"] == "[redacted]"
     assert event["note"] == "kept"
+
+
+async def test_library_errors_do_not_leak_the_request_line(harness: Harness,
+                                                           log_stream: io.StringIO) -> None:
+    # Longer than server.max_url_bytes: aiohttp's parser refuses it and logs an error whose
+    # exception text quotes the request line, password included.
+    resp = await harness.client.get(f"{SEND_PATH}?password={PASSWORD}&pad={'x' * 20_000}")
+    assert resp.status in (400, 414)
+    text = log_stream.getvalue()
+    assert PASSWORD not in text

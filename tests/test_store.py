@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import NotFound, SendOrder, StoreUnavailable
+from gateway.store import NotFound, SendOrder, StoreUnavailable, UserChanges
 from gateway.store.sqlite import SQLiteStore
 
 
@@ -63,3 +63,35 @@ async def test_not_found(store: SQLiteStore) -> None:
     await store.create_account("a", 0, at=1.0)
     with pytest.raises(NotFound, match="unknown user"):
         await store.get_user("a", "u")
+
+
+async def test_cached_send_settings_go_stale_on_change_from_another_process(
+        tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    server, cli = SQLiteStore(path), SQLiteStore(path)
+    await server.open()
+    await cli.open()
+    try:
+        account = await cli.create_account("a", 1000, at=1.0)
+        await cli.create_user("a", "u", "hash1", at=1.0)
+        first = await server.send_context("a", "u")
+        assert first is not None and await server.send_context("a", "u") is first  # cached
+        await cli.commit_sends([], at=2.0)
+        order = SendOrder(account_id=account.id, user_id=first.user.id, login="u", sender="S",
+                          body="b", coding=1, parts=1, klass=1, no_stop=True, tag="",
+                          recipients=("+33612345678",), costs=(100,),
+                          settings_version=first.version)
+        assert (await server.commit_sends([order], at=3.0))[0].accepted
+        # Credits moving do not touch the settings...
+        again = await server.send_context("a", "u")
+        assert again is first
+        # ...a new password does, whichever process writes it.
+        await cli.update_user("a", "u", UserChanges(password_hash="hash2"), at=4.0)
+        outcome = (await server.commit_sends([order], at=5.0))[0]
+        assert (outcome.accepted, outcome.reason) == (False, "stale")
+        fresh = await server.send_context("a", "u")
+        assert fresh is not None and fresh.user.password_hash == "hash2"
+        assert fresh.version > first.version
+    finally:
+        await server.close()
+        await cli.close()

@@ -618,13 +618,15 @@ def setup(app: web.Application, gateway: Gateway) -> None:
 
 
 def create_admin_app(gateway: Gateway) -> web.Application:
-    """The app of the separate admin listener: `/1.0` only, no send URL."""
+    """The app of the separate admin listener: `/1.0` and `/metrics`, no send URL."""
+    from gateway import health
     from gateway.app import inflight_limit
 
     app = web.Application(client_max_size=gateway.config.server.max_request_bytes,
                           middlewares=[inflight_limit(gateway.config.server.max_inflight,
                                                          gateway.metrics)])
     app.add_subapp(PREFIX, build_api(gateway, admin=True))
+    health.setup_admin(app, gateway)  # the public listener then has no /metrics
     return app
 
 

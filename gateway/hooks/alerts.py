@@ -35,7 +35,8 @@ from gateway import encoding
 from gateway.clock import Clock, SystemClock, sleep_until
 from gateway.config import Config, ConfigError, SmtpConfig
 from gateway.credits import RateTable, format_credits
-from gateway.hooks.outbox import AttemptFailed, OutboxWorker, RetryPolicy
+from gateway.hooks.outbox import AttemptFailed, OutboxWorker, Result, RetryPolicy
+from gateway.metrics import Metrics
 from gateway.store import MessageFilter, OutboxItem, SendOrder, SendOutcome, Store, StoreError
 
 log = structlog.get_logger("gateway.alerts")
@@ -43,6 +44,7 @@ log = structlog.get_logger("gateway.alerts")
 KIND_MAIL = "alert_mail"
 KIND_SMS = "alert_sms"
 KINDS = (KIND_MAIL, KIND_SMS)
+CHANNELS = {KIND_MAIL: "mail", KIND_SMS: "sms"}
 SECURITY = ("none", "starttls", "tls")
 
 Submit = Callable[[SendOrder], Awaitable[SendOutcome]]
@@ -224,7 +226,7 @@ class AlertHandler:
     kinds = KINDS
 
     def __init__(self, config: Config, store: Store, clock: Clock, submit: Submit,
-                 rates: RateTable, tz: ZoneInfo) -> None:
+                 rates: RateTable, tz: ZoneInfo, *, metrics: Metrics | None = None) -> None:
         self._config = config
         self._store = store
         self._clock = clock
@@ -232,6 +234,10 @@ class AlertHandler:
         self._rates = rates
         self._tz = tz
         self.mailer = Mailer(config.smtp)
+        alerts = (metrics or Metrics()).alerts_sent
+        self._results = {(kind, result): alerts.labels(channel, result)
+                         for kind, channel in CHANNELS.items()
+                         for result in ("ok", "retry", "dead")}
 
     async def open(self) -> None:
         pass
@@ -242,6 +248,17 @@ class AlertHandler:
     def key(self, item: OutboxItem) -> str:
         # Every mail goes to the one SMTP server: its key bounds the open SMTP sessions.
         return "smtp" if item.kind == KIND_MAIL else "sms"
+
+    def log_fields(self, item: OutboxItem) -> dict[str, Any]:
+        # Never the target: an address or a phone number is personal data.
+        return {"channel": CHANNELS.get(item.kind, item.kind),
+                "account": str(item.payload.get("account", ""))[:64],
+                "login": str(item.payload.get("login", ""))[:64]}
+
+    def observe(self, item: OutboxItem, result: Result) -> None:
+        counter = self._results.get((item.kind, result))
+        if counter is not None:
+            counter.inc()
 
     async def handle(self, item: OutboxItem) -> str:
         try:
@@ -296,8 +313,9 @@ class AlertHandler:
                     f"the account cannot pay for the alert SMS ({format_credits(order.total)}"
                     f" needed, {format_credits(outcome.credit_left)} left)", permanent=True)
             raise AttemptFailed(f"alert SMS refused: {outcome.reason}", permanent=True)
+        # message_id: the alert SMS is followed through delivery like any other.
         log.info("alert_sent", channel="sms", account=notice.account, login=notice.login,
-                 item=item.id, sms=outcome.ids[0], test=notice.test)
+                 item=item.id, message_id=outcome.ids[0], test=notice.test)
         return f"sent as SMS {outcome.ids[0]}"
 
 
@@ -311,12 +329,12 @@ class AlertService:
     """
 
     def __init__(self, config: Config, store: Store, clock: Clock, submit: Submit,
-                 rates: RateTable, tz: ZoneInfo) -> None:
+                 rates: RateTable, tz: ZoneInfo, *, metrics: Metrics | None = None) -> None:
         self._store = store
         self._clock = clock
         self._poll = max(0.01, config.alerts.poll_seconds)
         cb = config.callbacks
-        self.handler = AlertHandler(config, store, clock, submit, rates, tz)
+        self.handler = AlertHandler(config, store, clock, submit, rates, tz, metrics=metrics)
         self.worker = OutboxWorker(
             store, clock, self.handler,
             # Retried like callbacks: an SMTP server down for hours still gets the mail.

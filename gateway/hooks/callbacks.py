@@ -19,7 +19,8 @@ from yarl import URL
 
 from gateway import ptt
 from gateway.config import CallbacksConfig
-from gateway.hooks.outbox import AttemptFailed
+from gateway.hooks.outbox import AttemptFailed, Result
+from gateway.metrics import Metrics
 from gateway.store import OutboxItem
 
 KIND = "callback"
@@ -60,10 +61,14 @@ def host_key(target: str) -> str:
 class CallbackHandler:
     kinds = (KIND,)
 
-    def __init__(self, config: CallbacksConfig, tz: ZoneInfo) -> None:
+    def __init__(self, config: CallbacksConfig, tz: ZoneInfo, *,
+                 metrics: Metrics | None = None) -> None:
         self._config = config
         self._tz = tz
         self._session: aiohttp.ClientSession | None = None
+        attempts = (metrics or Metrics()).callback_attempts
+        # Resolved once: the label lookup would otherwise run for every attempt.
+        self._attempts = {result: attempts.labels(result) for result in ("ok", "retry", "dead")}
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -80,6 +85,13 @@ class CallbackHandler:
 
     def key(self, item: OutboxItem) -> str:
         return host_key(item.target)
+
+    def log_fields(self, item: OutboxItem) -> dict[str, Any]:
+        return {"message_id": item.message_id, "host": host_key(item.target),
+                "ptt": item.payload.get("ptt")}
+
+    def observe(self, item: OutboxItem, result: Result) -> None:
+        self._attempts[result].inc()
 
     async def handle(self, item: OutboxItem) -> str:
         if self._session is None:

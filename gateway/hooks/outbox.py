@@ -6,6 +6,11 @@ mid-attempt makes the item due again when the lease ends), runs a `Handler` on e
 global and a per-key concurrency bound (the key is typically the destination host, so one
 slow host only ever ties up its own slots), and records the results in batches: done, or a
 retry after an exponential backoff with jitter, or dead once the retry window is over.
+
+Each attempt's result (ok, retry, dead) goes to the handler's `observe` (its metrics) and to
+the log with the handler's `log_fields` (e.g. the message id and host of a callback): a
+success at debug level (one per state change of every message: too many for info, and the
+store keeps them all, see `http2sms message show`), a retry at info, a give-up at warning.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 
@@ -24,6 +29,8 @@ from gateway.clock import Clock, sleep_until
 from gateway.store import OutboxItem, OutboxResult, Store
 
 log = structlog.get_logger("gateway.outbox")
+
+Result = Literal["ok", "retry", "dead"]
 
 
 class AttemptFailed(Exception):
@@ -43,6 +50,12 @@ class Handler(Protocol):
 
     def key(self, item: OutboxItem) -> str:
         """Items with the same key share a concurrency bound (e.g. the target host)."""
+
+    def log_fields(self, item: OutboxItem) -> dict[str, Any]:
+        """What identifies the item in logs (a message id, a host), never a secret or URL."""
+
+    def observe(self, item: OutboxItem, result: Result) -> None:
+        """Count one attempt's result in the metrics."""
 
     async def handle(self, item: OutboxItem) -> str | None:
         """Do the work; return an optional short detail, raise `AttemptFailed` on failure."""
@@ -203,8 +216,8 @@ class OutboxWorker:
                 except AttemptFailed as exc:
                     failure = exc
                 except Exception as exc:  # a handler bug must not stop the worker
-                    log.error("outbox_handler_error", worker=self._name, key=key,
-                              error=type(exc).__name__)
+                    log.error("outbox_handler_error", worker=self._name, item=item.id,
+                              kind=item.kind, **self._fields(item), error=type(exc).__name__)
                     failure = AttemptFailed(f"internal error: {type(exc).__name__}")
             if failure is not None:
                 detail = failure.detail
@@ -217,23 +230,42 @@ class OutboxWorker:
                 self._key_slots.pop(key, None)
             self._wake.set()
 
+    def _fields(self, item: OutboxItem) -> dict[str, Any]:
+        try:
+            return self.handler.log_fields(item)
+        except Exception:  # a malformed item must still be logged, and recorded
+            return {}
+
+    def _observe(self, item: OutboxItem, result: Result) -> None:
+        try:
+            self.handler.observe(item, result)
+        except Exception as exc:  # metrics must never cost an attempt its result
+            log.error("outbox_observe_failed", worker=self._name, item=item.id,
+                      error=type(exc).__name__)
+
     def _result(self, item: OutboxItem, key: str, failure: AttemptFailed | None,
                 detail: str) -> OutboxResult:
         now = self._clock.now()
         if failure is None:
             self.stats.succeeded += 1
+            self._observe(item, "ok")
+            log.debug("outbox_attempt_ok", worker=self._name, item=item.id, kind=item.kind,
+                      **self._fields(item), attempt=item.attempts, detail=detail)
             return OutboxResult(item.id, now, True, detail)
         retry_at = None if failure.permanent else next_attempt_at(
             self._policy, attempts=item.attempts, created_at=item.created_at, now=now,
             rng=self._rng)
         if retry_at is None:
             self.stats.dead += 1
+            self._observe(item, "dead")
             log.warning("outbox_item_dead", worker=self._name, item=item.id, kind=item.kind,
-                        key=key, attempts=item.attempts, detail=detail)
+                        **self._fields(item), attempt=item.attempts, detail=detail)
         else:
             self.stats.failed += 1
-            log.info("outbox_attempt_failed", worker=self._name, item=item.id, key=key,
-                     attempts=item.attempts, detail=detail, retry_in=round(retry_at - now, 1))
+            self._observe(item, "retry")
+            log.info("outbox_attempt_failed", worker=self._name, item=item.id,
+                     kind=item.kind, **self._fields(item), attempt=item.attempts,
+                     detail=detail, retry_in=round(retry_at - now, 1))
         return OutboxResult(item.id, now, False, detail, retry_at)
 
     async def _flush(self) -> None:

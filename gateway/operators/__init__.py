@@ -12,6 +12,8 @@ interface:
   only keep waiting for their reports (SMPP: the SMSC redelivers pending DLRs).
 - States come back asynchronously through the `ReportSink` given to `start`. The sink only
   buffers (it never blocks), so an operator may call it from any callback.
+- An optional `connected` attribute says whether the link is up right now (SMPP: bound);
+  `/readyz` reports not ready while it is False. Without it the operator counts as up.
 """
 
 from __future__ import annotations

@@ -151,6 +151,11 @@ class SimulatedOperator:
     def in_flight(self) -> int:
         return len(self._events)
 
+    @property
+    def connected(self) -> bool:
+        """Up from `start` to `stop`; a crashed network loop counts as down."""
+        return self._task is not None and not self._task.done()
+
     def _schedule(self, messages: Sequence[OutgoingMessage], *, resumed: bool) -> None:
         now = self._clock.now()
         for message in messages:

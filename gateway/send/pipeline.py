@@ -28,6 +28,10 @@ from gateway.store import SendContext, SendOutcome, Store
 
 log = structlog.get_logger("gateway.send")
 
+# A settings change between a request's checks and its commit makes it check again; more
+# than a couple in a row would take a storm of changes.
+_STALE_RETRIES = 3
+
 
 @dataclass(frozen=True, slots=True)
 class SendSettings:
@@ -101,21 +105,28 @@ class SendPipeline:
         try:
             request = rules.parse(params, tz=self.settings.tz,
                                   max_recipients=self.settings.max_recipients)
-            context = await self._authenticate(request, client_ip)
-            account = context.user.account_name
-            wait = self._throttle.take(context.user.id, len(request.recipients),
-                                       self._clock.now())
-            if wait:
-                raise Throttled(wait)
-            order = rules.price(
-                request, account_id=context.user.account_id, user_id=context.user.id,
-                sender=self._sender(request, context),
-                stop_clause=context.account_stop_clause if context.account_stop_clause
-                is not None else self.settings.stop_clause,
-                rates=self.settings.rates)
+            throttled = False
+            for _ in range(_STALE_RETRIES):
+                context, sender = await self._authorize(request, client_ip)
+                account = context.user.account_name
+                if not throttled:
+                    wait = self._throttle.take(context.user.id, len(request.recipients),
+                                               self._clock.now())
+                    if wait:
+                        raise Throttled(wait)
+                    throttled = True
+                order = rules.price(
+                    request, account_id=context.user.account_id, user_id=context.user.id,
+                    sender=sender,
+                    stop_clause=context.account_stop_clause if context.account_stop_clause
+                    is not None else self.settings.stop_clause,
+                    rates=self.settings.rates, settings_version=context.version)
+                outcome = await self._committer.submit(order)
+                if outcome.reason != "stale":
+                    break
+                # The settings changed after they were read: check the request again.
             log.update(recipients=len(order.recipients), parts=order.parts,
                        credits=format_credits(order.total))
-            outcome = await self._committer.submit(order)
             if not outcome.accepted:
                 if outcome.reason not in ("quota", "credits"):
                     # The user or account vanished between the check and the commit.
@@ -125,7 +136,7 @@ class SendPipeline:
             log["outcome"] = refused.status
             log["reason"] = refused.message
             return Answer(refused.status, fmt, message=refused.message, log=log,
-                          account=account)
+                          account=account or refused.account)
         except Throttled as throttled:
             log.update(outcome=429, reason="throttled")
             return Answer(429, fmt, message=f"Too many messages: retry after "
@@ -136,41 +147,56 @@ class SendPipeline:
         return Answer(status, fmt, credit_left=format_credits(outcome.credit_left),
                       ids=outcome.ids, log=log, account=account, cost=order.total)
 
-    async def _authenticate(self, request: rules.SendRequest,
-                            client_ip: iprules.IPAddress | None) -> SendContext:
+    async def _authorize(self, request: rules.SendRequest,
+                         client_ip: iprules.IPAddress | None) -> tuple[SendContext, str]:
+        """Check credentials, caller IP and sender; return the context and the sender."""
         guard, now = self._guard, self._clock.now()
         if guard.locked(request.account, request.login, client_ip, now):
             self._metrics.auth_failures.labels("locked").inc()
             # Locked: refuse without looking at the password, so guessing goes nowhere.
             raise SendRefused(rules.UNAUTHORIZED, "Too many failed logins: try again later")
         context = await self._store.send_context(request.account, request.login)
+        refusal = await self._refusal(request, client_ip, context)
+        if refusal is not None and context is not None:
+            # The cached settings may predate a change that lets this request in.
+            context = await self._store.send_context(request.account, request.login,
+                                                     fresh=True)
+            refusal = await self._refusal(request, client_ip, context)
+        if refusal is None and context is not None:
+            guard.succeeded(request.account, request.login, client_ip)
+            return context, (self.settings.reply_sender if request.reply_sender
+                             else request.sender)
+        reason, status, message = refusal or ("password", rules.UNAUTHORIZED, "")
+        if reason != "password":
+            guard.succeeded(request.account, request.login, client_ip)
+            if reason == "ip":
+                self._metrics.auth_failures.labels("ip").inc()
+            raise SendRefused(status, message, account=request.account)
+        self._metrics.auth_failures.labels("password").inc()
+        delay = guard.delay(request.account, request.login, client_ip, now)
+        if guard.failed(request.account, request.login, client_ip, now):
+            self._metrics.lockouts.inc()
+            log.warning("login_locked", account=request.account[:64],
+                        login=request.login[:64], client_ip=str(client_ip),
+                        seconds=guard.lockout_seconds)
+        if delay:
+            # Wall time on purpose: the slowdown is for the caller, not for the clock.
+            await asyncio.sleep(delay)
+        raise SendRefused(status, message)
+
+    async def _refusal(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
+                       context: SendContext | None) -> tuple[str, int, str] | None:
+        """Why these settings refuse the request, or None; unknown logins cost a hash too."""
         stored = context.user.password_hash if context else self._decoy_hash
         if not await self._verifier.verify(request.password, stored) or context is None:
-            delay = guard.delay(request.account, request.login, client_ip, now)
-            self._metrics.auth_failures.labels("password").inc()
-            if guard.failed(request.account, request.login, client_ip, now):
-                self._metrics.lockouts.inc()
-                log.warning("login_locked", account=request.account[:64],
-                            login=request.login[:64], client_ip=str(client_ip),
-                            seconds=guard.lockout_seconds)
-            if delay:
-                # Wall time on purpose: the slowdown is for the caller, not for the clock.
-                await asyncio.sleep(delay)
-            raise SendRefused(rules.UNAUTHORIZED, "Invalid account, login or password")
-        guard.succeeded(request.account, request.login, client_ip)
+            return "password", rules.UNAUTHORIZED, "Invalid account, login or password"
         if not iprules.allowed(client_ip, context.user.ip_restrictions):
-            self._metrics.auth_failures.labels("ip").inc()
-            raise SendRefused(rules.UNAUTHORIZED,
-                              f"The IP address {client_ip} is not allowed for this user")
-        return context
-
-    def _sender(self, request: rules.SendRequest, context: SendContext) -> str:
-        if request.reply_sender:
-            return self.settings.reply_sender
-        if request.sender not in context.senders:
-            raise SendRefused(rules.BAD_SENDER, f"Sender {request.sender!r} is not declared "
-                              "on this account")
-        return request.sender
+            return ("ip", rules.UNAUTHORIZED,
+                    f"The IP address {client_ip} is not allowed for this user")
+        if not request.reply_sender and request.sender not in context.senders:
+            return ("sender", rules.BAD_SENDER,
+                    f"Sender {request.sender!r} is not declared on this account")
+        return None
 
 
 def _no_credit_message(outcome: SendOutcome) -> str:

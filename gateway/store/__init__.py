@@ -65,12 +65,16 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class SendContext:
-    """All a send request is checked against, read in one query."""
+    """All a send request is checked against, read in one query and cached.
+
+    No credits here: they are read and decided inside the commit. `version` is the settings
+    version the context was read at; a send commits only if it is still current.
+    """
 
     user: User
-    account_balance: int
     account_stop_clause: str | None
     senders: frozenset[str]
+    version: int = 0
 
 
 class _Unset:
@@ -120,6 +124,8 @@ class SendOrder:
     costs: tuple[int, ...]       # hundredths per recipient
     deferred_until: float | None = None
     kind: str = "api"
+    # The settings version its checks were made at (see SendContext); None: not checked.
+    settings_version: int | None = None
 
     @property
     def total(self) -> int:
@@ -171,6 +177,30 @@ class StateUpdate:
             raise ValueError(f"unknown ptt code {code}")
         return cls(message_id, code, int(known.dlr), known.final, known.billed, at,
                    note or known.description)
+
+
+@dataclass(frozen=True, slots=True)
+class FinalState:
+    """A message that reached its final state in one `apply_updates` batch."""
+
+    message_id: int
+    ptt: int
+    dlr: int
+    # When it was meant to leave: its deferred time, else its acceptance. Measuring from
+    # there keeps a send scheduled for next week out of the network's delivery times.
+    due_at: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedUpdates:
+    """What one `apply_updates` batch did, for the caller's metrics and logs."""
+
+    callbacks: int = 0
+    finals: tuple[FinalState, ...] = ()
+    # Positions in the batch of the updates left out: their message was already final
+    # (maybe by an earlier update of the same batch) or is unknown.
+    ignored: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +325,9 @@ class Store(Protocol):
     async def delete_user(self, account: str, login: str, *, at: float) -> None: ...
 
     # The send path
-    async def send_context(self, account: str, login: str) -> SendContext | None: ...
+    async def send_context(self, account: str, login: str, *,
+                           fresh: bool = False) -> SendContext | None:
+        """The send settings of a user, possibly cached; `fresh` reads the database."""
     async def commit_sends(self, orders: Sequence[SendOrder], *,
                            at: float) -> list[SendOutcome]: ...
 
@@ -305,7 +337,8 @@ class Store(Protocol):
     async def due_deferred(self, now: float, limit: int) -> list[OutgoingMessage]: ...
     async def next_deferred_at(self) -> float | None: ...
     async def mark_sent(self, ids: Sequence[int], *, at: float) -> None: ...
-    async def apply_updates(self, updates: Sequence[StateUpdate]) -> int: ...
+    async def apply_updates(self, updates: Sequence[StateUpdate]
+                            ) -> AppliedUpdates: ...
 
     # Outbox (callbacks and alerts)
     async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,

@@ -22,7 +22,9 @@ import aiosqlite
 from gateway.store import (
     UNSET,
     Account,
+    AppliedUpdates,
     Conflict,
+    FinalState,
     LedgerEntry,
     Message,
     MessageEvent,
@@ -95,20 +97,29 @@ def _is_full_or_broken(exc: sqlite3.Error) -> bool:
 
 
 class SQLiteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
         self.path = str(path)
+        # Seconds a statement waits for another process's lock before failing (locked).
+        self._busy_ms = max(0, int(busy_timeout * 1000))
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         # One transaction at a time on the writer connection: statements of two
         # transactions must never interleave on it.
         self._write_lock: Any = None
+        # Send settings by (account, login), valid for one settings version: a read per
+        # request would cost a thread round trip on the send path.
+        self._contexts: dict[tuple[str, str], SendContext] = {}
+        self._settings_version: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:
         self._write_lock = asyncio.Lock()
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
         try:
             self._writer = await self._connect()
             await self._migrate()
@@ -123,7 +134,7 @@ class SQLiteStore:
         try:
             # WAL lets readers run during a commit; synchronous=FULL makes an answered send
             # survive power loss, not only a process crash.
-            await conn.execute("PRAGMA busy_timeout = 10000")
+            await conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             mode = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
             if mode and mode[0][0] != "wal" and self.path != ":memory:":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
@@ -394,17 +405,37 @@ class SQLiteStore:
 
     # -- the send path ---------------------------------------------------------------
 
-    async def send_context(self, account: str, login: str) -> SendContext | None:
+    async def send_context(self, account: str, login: str, *,
+                           fresh: bool = False) -> SendContext | None:
+        """The user's send settings, from memory when the settings have not changed.
+
+        A cached context may be stale by the time it is used (the CLI of another process can
+        change a password at any moment); `commit_sends` refuses orders whose settings
+        version is no longer current, and the send path checks them again.
+        """
+        cached = None if fresh else self._contexts.get((account, login))
+        if cached is not None:
+            return cached
         rows = await self._read(
-            f"SELECT {_USER_COLUMNS}, a.balance, a.stop_clause, "
-            "(SELECT group_concat(sender, char(10)) FROM senders WHERE account_id = a.id) "
+            f"SELECT {_USER_COLUMNS}, a.stop_clause, "
+            "(SELECT group_concat(sender, char(10)) FROM senders WHERE account_id = a.id), "
+            "(SELECT value FROM meta WHERE key = 'settings_version') "
             "FROM users u JOIN accounts a ON a.id = u.account_id "
             "WHERE a.name = ? AND u.login = ?", (account, login))
         if not rows:
             return None
         row = rows[0]
-        senders = frozenset(row[16].split("\n")) if row[16] else frozenset()
-        return SendContext(_user(row), row[14], row[15], senders)
+        senders = frozenset(row[15].split("\n")) if row[15] else frozenset()
+        context = SendContext(_user(row), row[14], senders, int(row[16]))
+        self._note_settings_version(context.version)
+        if context.version == self._settings_version and len(self._contexts) < 100_000:
+            self._contexts[(account, login)] = context
+        return context
+
+    def _note_settings_version(self, version: int) -> None:
+        if self._settings_version is None or version > self._settings_version:
+            self._contexts.clear()
+            self._settings_version = version
 
     async def commit_sends(self, orders: Sequence[SendOrder], *,
                            at: float) -> list[SendOutcome]:
@@ -426,8 +457,10 @@ class SQLiteStore:
                         "SELECT id, quota_active, quota_left FROM users "
                         f"WHERE id IN ({_marks(len(user_ids))})", user_ids):
                     quotas[uid] = left if active else None
-            next_id = (await db.execute_fetchall(
-                "SELECT COALESCE(MAX(id), 0) + 1 FROM messages"))[0][0]
+            next_id, version = (await db.execute_fetchall(
+                "SELECT COALESCE(MAX(id), 0) + 1, (SELECT CAST(value AS INTEGER) FROM meta "
+                "WHERE key = 'settings_version') FROM messages"))[0]
+            self._note_settings_version(version)
 
             outcomes: list[SendOutcome] = []
             messages: list[tuple[Any, ...]] = []
@@ -436,6 +469,9 @@ class SQLiteStore:
             touched_accounts: set[int] = set()
             touched_users: set[int] = set()
             for order in orders:
+                if order.settings_version is not None and order.settings_version != version:
+                    outcomes.append(SendOutcome(False, reason="stale"))
+                    continue
                 outcome, next_id = self._decide(order, at, next_id, balances, quotas,
                                                 messages, events, ledger)
                 outcomes.append(outcome)
@@ -588,19 +624,21 @@ class SQLiteStore:
                 "WHERE id = ? AND state IN ('queued', 'deferred')",
                 [(at, at, i) for i in ids])
 
-    async def apply_updates(self, updates: Sequence[StateUpdate]) -> int:
+    async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates:
         """Record state changes; queue their callbacks and refunds in the same transaction.
 
-        Returns how many callbacks were queued. Updates to a message already final are
-        ignored: a late or duplicated report must not change a settled outcome.
+        Returns how many callbacks were queued and which messages became final. Updates to
+        a message already final are ignored: a late or duplicated report must not change a
+        settled outcome.
         """
         if not updates:
-            return 0
+            return AppliedUpdates()
         ids = sorted({u.message_id for u in updates})
         async with self._tx() as db:
             rows = await db.execute_fetchall(
                 "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
-                "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active "
+                "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
+                "COALESCE(m.deferred_until, m.created_at) "
                 "FROM messages m JOIN accounts a ON a.id = m.account_id "
                 "LEFT JOIN users u ON u.id = m.user_id "
                 f"WHERE m.id IN ({_marks(len(ids))})", ids)
@@ -611,12 +649,18 @@ class SQLiteStore:
             refunds: list[tuple[Any, ...]] = []
             account_refunds: dict[int, int] = {}
             quota_refunds: dict[int, int] = {}
-            for update in updates:
+            finals: list[FinalState] = []
+            ignored: list[int] = []
+            for position, update in enumerate(updates):
                 row = current.get(update.message_id)
                 if row is None or row[1] == "final":
+                    ignored.append(position)
                     continue
-                mid, _, account_id, user_id, charged_to, credits, tag, login, url, active = row
+                (mid, _, account_id, user_id, charged_to, credits, tag, login, url, active,
+                 due_at) = row
                 row[1] = "final" if update.final else "sent"
+                if update.final:
+                    finals.append(FinalState(mid, update.ptt, update.dlr, due_at, update.at))
                 changed.append((update.ptt, update.dlr, row[1], update.at,
                                 update.at if update.ptt == 4 else None, update.at, mid))
                 events.append((mid, update.at, update.ptt, update.dlr, update.note))
@@ -658,7 +702,7 @@ class SQLiteStore:
                                      "WHERE id = ?", [(v, k) for k, v in quota_refunds.items()])
                 await self._evaluate_alerts(db, sorted({r[1] for r in refunds}),
                                             refunds[-1][0])
-        return len(callbacks)
+        return AppliedUpdates(len(callbacks), tuple(finals), tuple(ignored))
 
     # -- outbox ----------------------------------------------------------------------
 
