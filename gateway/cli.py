@@ -1,7 +1,8 @@
 """`http2sms`: the command-line tool, thin over the service layer.
 
 Each command opens the store, does one thing and closes it; a running gateway sees the change
-on its next request because the send path reads the user from the store every time.
+on its next request: every change bumps the store's settings version, which the send path
+checks before it commits anything.
 Bad input prints one line on stderr and exits 2, having changed nothing.
 """
 

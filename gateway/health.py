@@ -9,13 +9,14 @@ names and traffic figures off the public address).
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
+from gateway.metrics import CONTENT_TYPE
+from gateway.security import bearer_matches
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
     token = gateway.config.admin.token
     given = request.headers.get("Authorization", "")
-    if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not bearer_matches(given, token):
         return web.json_response({"message": "missing or wrong admin token"}, status=401,
                                  headers={"WWW-Authenticate": "Bearer"})
     backlog = gateway.metrics.backlog
@@ -101,8 +102,7 @@ async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
         backlog.labels("handover").set(dispatcher.waiting_hand_over)
         backlog.labels("reports").set(dispatcher.waiting_reports)
     body = gateway.metrics.exposition()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; "
-                                            "charset=utf-8"})
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 def setup(app: web.Application) -> None:

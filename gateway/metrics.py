@@ -17,11 +17,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.store import FinalState
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# generate_latest writes the classic text format (0.0.4), whatever CONTENT_TYPE_LATEST says.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _LIFETIME = (0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 24 * 3600, 48 * 3600)
@@ -80,6 +80,19 @@ class Metrics:
 
     def account(self, name: str) -> tuple[str, ...]:
         return (name,) if self.per_account else ()
+
+    def sent(self, outcome: int, account: str | None, messages: int, credits: float) -> None:
+        """One answered send request; `account` only once the caller is authenticated."""
+        labels = self.account(account or "")
+        self.send_requests.labels(str(outcome), *labels).inc()
+        if messages:
+            # Without the account label these counters have no labels at all, and
+            # prometheus_client refuses an empty .labels() call.
+            accepted, spent = self.messages_accepted, self.credits_spent
+            if labels:
+                accepted, spent = accepted.labels(*labels), spent.labels(*labels)
+            accepted.inc(messages)
+            spent.inc(credits)
 
     def finals(self, finals: Sequence[FinalState]) -> None:
         """Count a batch of messages that reached their final state."""

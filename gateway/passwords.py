@@ -61,7 +61,7 @@ def _b64(raw: bytes) -> str:
 
 
 class VerificationCache:
-    """Bounded LRU of verdicts keyed by HMAC(process key, stored hash, password)."""
+    """Bounded LRU of successful checks keyed by HMAC(process key, stored hash, password)."""
 
     def __init__(self, size: int = 10_000) -> None:
         self._key = secrets.token_bytes(32)
@@ -94,6 +94,10 @@ class VerificationCache:
             raise
         finally:
             del self._inflight[key]
+        if not verdict:
+            # Never remember a refusal: unknown logins all share one decoy hash, so a cached
+            # refusal would answer them faster than a real login and tell which ones exist.
+            return verdict
         self._verdicts[key] = verdict
         if len(self._verdicts) > self._size:
             self._verdicts.popitem(last=False)

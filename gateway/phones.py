@@ -32,11 +32,3 @@ def normalize(raw: str) -> str:
     if not phonenumbers.is_valid_number(parsed):
         raise InvalidNumber(f"invalid number {raw!r}")
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
-def is_international(raw: str) -> bool:
-    try:
-        normalize(raw)
-    except InvalidNumber:
-        return False
-    return True

@@ -10,6 +10,7 @@ slowdown also counts failures per login.
 
 from __future__ import annotations
 
+import hmac
 import math
 from dataclasses import dataclass
 
@@ -99,9 +100,32 @@ class Throttle:
             return 0.0
         tokens, at = self._buckets.get(user_id, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        # A request larger than the burst waits for a full bucket, then takes all it
+        # needs: the bucket goes into debt, so many recipients per request cannot
+        # outrun the rate.
         need = float(min(messages, self.burst))
         if tokens < need:
             self._buckets[user_id] = (tokens, now)
             return max(1.0, math.ceil((need - tokens) / self.rate))
-        self._buckets[user_id] = (tokens - need, now)
+        self._buckets[user_id] = (tokens - messages, now)
         return 0.0
+
+    def give_back(self, user_id: int, messages: int) -> None:
+        """Return the tokens of a request that was refused after taking them."""
+        if not self.enabled or user_id not in self._buckets:
+            return
+        tokens, at = self._buckets[user_id]
+        self._buckets[user_id] = (min(float(self.burst), tokens + messages), at)
+
+
+def bearer_matches(authorization: str, token: str) -> bool:
+    """`Authorization: Bearer <token>` against the admin token, in constant time.
+
+    compare_digest's time depends only on the length of what it is given, never on where
+    the first difference lies. Undecodable header bytes (surrogates) are compared as they
+    came rather than raising.
+    """
+    scheme, _, presented = authorization.partition(" ")
+    given = presented.strip().encode("utf-8", "surrogatepass")
+    return bool(token) and scheme.lower() == "bearer" and \
+        hmac.compare_digest(given, token.encode("utf-8"))

@@ -150,7 +150,10 @@ def test_giving_up_after_the_retry_window() -> None:
     rng = random.Random(0)
     assert next_attempt_at(policy, attempts=30, created_at=0, now=86400 - 3600,
                            rng=rng) == 86400
-    assert next_attempt_at(policy, attempts=30, created_at=0, now=86400 - 3599,
+    # Retried for the whole window: the last retry lands on its end, not before.
+    assert next_attempt_at(policy, attempts=30, created_at=0, now=86400 - 1,
+                           rng=rng) == 86400
+    assert next_attempt_at(policy, attempts=30, created_at=0, now=86400,
                            rng=rng) is None
 
 
@@ -350,7 +353,8 @@ async def test_a_callback_is_dead_after_the_retry_window(
 
     rec, url = receiver
     rec.statuses["3"] = [503] * 100
-    config.callbacks.give_up_after_hours = 0.01  # 36 s: attempts at 0, ~5, ~15, then dead
+    config.callbacks.give_up_after_hours = 0.01  # 36 s
+    config.callbacks.jitter_ratio = 0.0
     clock = ManualClock(T0)
     h: Harness = await make_harness(clock=clock)
     await h.manage.update_user(ACCOUNT, LOGIN, callback_url=url)
@@ -358,23 +362,24 @@ async def test_a_callback_is_dead_after_the_retry_window(
 
     async def dead() -> bool:
         return (await h.gateway.store.counts())["outbox_dead"] == 1
-    # The delivered (ptt 4) callback succeeds at once; ptt 3 fails at ~0, ~5 and ~15 s.
-    for count in (2, 3, 4):
+    # The delivered (ptt 4) callback succeeds at once; ptt 3 fails at 0, 12.1 and 24.2 s
+    # (the clock jumps past each retry), then at 36.3, the retry due at the window's end.
+    for count in (2, 3, 4, 5):
         await attempted(h, message_id, count)
         clock.advance(12.1)
     await eventually(dead)
     clock.advance(3600)
     await settle()
-    assert len(rec.of(3)) == 3
+    assert len(rec.of(3)) == 4
     attempts = [a for a in await h.gateway.store.message_attempts(message_id)
                 if not a.ok]
-    assert [(a.detail, a.state) for a in attempts] == [("HTTP 503", "dead")] * 3
+    assert [(a.detail, a.state) for a in attempts] == [("HTTP 503", "dead")] * 4
     assert "outbox_item_dead" in capsys.readouterr().out
 
     # The gateway's operator sees it in the message's history.
     shown = await run_cli(capsys, "--db", config.store.path, "--json", "message", "show",
                           str(message_id))
-    assert [c["state"] for c in shown["callbacks"]].count("dead") == 3
+    assert [c["state"] for c in shown["callbacks"]].count("dead") == 4
 
 
 # -- the command line ----------------------------------------------------------------------

@@ -168,3 +168,28 @@ async def test_response_credit_left_is_the_quota_or_the_balance(make_harness: An
     body = json.loads((await h.send(login="bob", password="bobpass99",
                                     contentType="text/json"))[1])
     assert body["creditLeft"] == "89"
+
+
+async def test_a_deleted_users_messages_never_reach_a_new_user(make_harness: Any,
+                                                               config: Any) -> None:
+    from gateway.clock import ManualClock
+
+    config.operator.min_delay = config.operator.max_delay = 60.0  # the clock never gets there
+    h: Harness = await make_harness(credits=100, clock=ManualClock())
+    await h.manage.create_account("sms-other-1", 10)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=10)
+    (_, body) = await h.send(to="+33612399023")  # will fail, not billed: refunded
+    message_id = int(body.split("\n")[2])
+    await h.manage.delete_user(ACCOUNT, LOGIN)
+    # The freed row id goes to a user of another account, with a callback and a quota.
+    eve = await h.manage.create_user("sms-other-1", "eve", "evepass99")
+    await h.manage.update_user("sms-other-1", "eve", quota=5,
+                               callback_url="https://example.com/eve")
+    message = await h.gateway.store.get_message(message_id)
+    assert message.login == LOGIN and eve.login == "eve"
+    from gateway.store import StateUpdate
+    await h.gateway.store.apply_updates([StateUpdate.from_ptt(message_id, 23, 9e9)])
+    assert await h.quota("eve", "sms-other-1") == 500  # not refunded into eve's quota
+    assert await h.balance() == 100 * 100  # refunded to the account it came from
+    assert (await h.gateway.store.counts())["outbox_pending"] == 0  # no callback to eve
+    ledger_identity(await h.gateway.store.ledger_totals())

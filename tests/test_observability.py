@@ -68,9 +68,11 @@ async def test_metrics_follow_a_scripted_workload(harness: Harness) -> None:
 async def test_account_labels_can_be_switched_off(make_harness: Any, config: Any) -> None:
     config.metrics.per_account_labels = False
     h: Harness = await make_harness()
-    await h.send()
+    assert (await h.send())[1].startswith("OK")
     m = await scrape(h)
     assert m[("http2sms_send_requests_total", (("outcome", "100"),))] == 1
+    assert m[("http2sms_messages_accepted_total", ())] == 1
+    assert m[("http2sms_credits_spent_total", ())] == 1
 
 
 async def test_metrics_need_the_admin_token(harness: Harness) -> None:
@@ -171,8 +173,8 @@ async def test_delivery_callback_and_alert_metrics_follow_a_scripted_workload(
     app = web.Application()
     app.router.add_get("/cb", rec.handle)
     server = await aiohttp_server(app)
-    # No jitter and a 12 s retry window: a failure at T0 is retried at T0+5, and a second
-    # failure there (next try due at T0+15) gives up.
+    # No jitter and a 12 s retry window: a failure at T0 is retried at T0+5, a second one
+    # there at the window's end, T0+12 (not T0+15), and a third one there gives up.
     config.callbacks.jitter_ratio = 0.0
     config.callbacks.first_retry_seconds = 5.0
     config.callbacks.give_up_after_hours = 12 / 3600
@@ -201,11 +203,17 @@ async def test_delivery_callback_and_alert_metrics_follow_a_scripted_workload(
     clock.advance(5)
     await reaches(h, {
         key("http2sms_callback_attempts_total", result="ok"): 5,      # + B3
-        key("http2sms_callback_attempts_total", result="retry"): 2,
+        key("http2sms_callback_attempts_total", result="retry"): 3,   # + C23
+        key("http2sms_alerts_total", channel="mail", result="retry"): 2,
+    })
+    clock.advance(7)
+    await reaches(h, {
+        key("http2sms_callback_attempts_total", result="ok"): 5,
+        key("http2sms_callback_attempts_total", result="retry"): 3,
         key("http2sms_callback_attempts_total", result="dead"): 1,    # C23
         key("http2sms_alerts_total", channel="sms", result="ok"): 1,
         key("http2sms_alerts_total", channel="sms", result="dead"): 0,
-        key("http2sms_alerts_total", channel="mail", result="retry"): 1,
+        key("http2sms_alerts_total", channel="mail", result="retry"): 2,
         key("http2sms_alerts_total", channel="mail", result="dead"): 1,
         key("http2sms_backlog", queue="outbox_pending"): 0,
         key("http2sms_backlog", queue="outbox_dead"): 2,

@@ -77,3 +77,15 @@ async def test_verification_cache_is_keyed_by_hash_and_password() -> None:
     assert not await cache.verify("Abcd1234", new)  # password changed: no stale verdict
     assert await cache.verify("Efgh5678", new)
     assert not await cache.verify("Wrong999", old)
+
+
+async def test_verification_cache_never_remembers_a_refusal() -> None:
+    # Unknown logins share one decoy hash: a remembered refusal would answer them faster
+    # than a real login, and tell which logins exist.
+    cache = passwords.VerificationCache()
+    stored = passwords.hash_password("Abcd1234")
+    assert not await cache.verify("Wrong999", stored)
+    assert not await cache.verify("Wrong999", stored)
+    assert len(cache._verdicts) == 0
+    assert await cache.verify("Abcd1234", stored)
+    assert len(cache._verdicts) == 1

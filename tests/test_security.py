@@ -103,3 +103,21 @@ async def test_throttle_over_http(make_harness: Any, config: Any) -> None:
     assert await h.balance() == 99800  # the refused one was not charged
     clock.advance(1)
     assert (await h.send())[1].startswith("OK")
+
+
+def test_many_recipients_cannot_outrun_the_rate() -> None:
+    throttle = Throttle(rate=2.0, burst=4)
+    assert throttle.take(1, 10, 0.0) == 0  # waits for a full bucket, then owes 6
+    assert throttle.take(1, 1, 0.0) == 4  # (1 - -6) / 2, rounded up
+    throttle.give_back(1, 10)  # that request was refused after all
+    assert throttle.take(1, 4, 0.0) == 0
+
+
+def test_bearer_token_check() -> None:
+    from gateway.security import bearer_matches
+
+    assert bearer_matches("Bearer s3cret-token", "s3cret-token")
+    assert bearer_matches("bearer  s3cret-token ", "s3cret-token")
+    for header in ("", "Bearer", "Bearer s3cret", "Basic s3cret-token", "Bearer \udcff\udcfe"):
+        assert not bearer_matches(header, "s3cret-token")
+    assert not bearer_matches("Bearer ", "")  # no token configured: nobody gets in

@@ -275,3 +275,18 @@ async def test_credit_left_with_decimals(make_harness: Any, config: Any) -> None
     config.send.default_rate = "0.05"
     h: Harness = await make_harness(credits="1")
     assert await h.send(noStop="1") == (200, "OK\n0.95\n1")
+
+
+async def test_a_stale_cached_stop_clause_does_not_refuse_for_ever(harness: Harness) -> None:
+    from gateway.store import UNSET
+    from gateway.store.sqlite import SQLiteStore
+
+    text = "a" * 910  # 6 parts alone, 7 with the STOP clause
+    assert (await harness.send(message=text))[1].startswith("KO\n202 Invalid message: 7")
+    other = SQLiteStore(harness.gateway.config.store.path)  # e.g. the CLI's process
+    await other.open()
+    try:
+        await other.update_account(ACCOUNT, stop_clause="", callback_url=UNSET)
+    finally:
+        await other.close()
+    assert (await harness.send(message=text))[1].startswith("OK")

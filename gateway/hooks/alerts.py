@@ -292,7 +292,7 @@ class AlertHandler:
         tag = sms_tag(item.id)
         try:
             done = await self._store.list_messages(
-                MessageFilter(account_id=item.account_id, tag=tag), limit=1)
+                MessageFilter(account_id=item.account_id, tag=tag, kind="alert"), limit=1)
             if done:
                 return f"sent as SMS {done[0].id}"
             order = sms_order(notice, account_id=item.account_id, number=item.target,

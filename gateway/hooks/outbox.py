@@ -80,9 +80,11 @@ def next_attempt_at(policy: RetryPolicy, *, attempts: int, created_at: float, no
     doublings = min(max(attempts - 1, 0), 60)
     base = min(policy.first_retry * 2.0 ** doublings, policy.max_retry)
     at = now + base * (1.0 + policy.jitter * rng.random())
-    if at > created_at + policy.give_up_after:
+    deadline = created_at + policy.give_up_after
+    if now >= deadline:
         return None
-    return at
+    # The last retry lands on the deadline itself: retried for the whole window, no less.
+    return min(at, deadline)
 
 
 @dataclass

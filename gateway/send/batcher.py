@@ -19,6 +19,10 @@ from gateway.store import SendOrder, SendOutcome, Store
 
 log = structlog.get_logger("gateway.batcher")
 
+
+class ShuttingDown(RuntimeError):
+    """The committer is stopping or stopped: nothing can be committed any more."""
+
 Committed = Callable[[Sequence[SendOutcome]], Awaitable[None] | None]
 
 
@@ -35,7 +39,6 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.batches = 0
-        self.last_batch_size = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
@@ -50,8 +53,8 @@ class GroupCommitter:
         self._task = None
 
     async def submit(self, order: SendOrder) -> SendOutcome:
-        if self._closing or self._task is None:
-            raise RuntimeError("the gateway is shutting down")
+        if self._closing or self._task is None or self._task.done():
+            raise ShuttingDown("the gateway is not taking sends")
         future: asyncio.Future[SendOutcome] = asyncio.get_running_loop().create_future()
         self._pending.append((order, future))
         self._wake.set()
@@ -83,7 +86,6 @@ class GroupCommitter:
         self._metrics.commit_seconds.observe(time.perf_counter() - started)
         self._metrics.commit_batch.observe(len(batch))
         self.batches += 1
-        self.last_batch_size = len(batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)

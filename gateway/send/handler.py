@@ -13,7 +13,6 @@ from gateway import iprules
 from gateway.send import params as url_params
 from gateway.send import responses
 from gateway.send.pipeline import Answer, SendPipeline
-from gateway.store import StoreUnavailable
 
 PATH = "/cgi-bin/sms/http2sms.cgi"
 
@@ -52,29 +51,26 @@ async def http2sms(request: web.Request) -> web.StreamResponse:
     pipeline = request.app[PIPELINE]
     params = await read_params(request)
     client = caller_ip(request)
-    try:
-        answer = await pipeline.send(params, client)
-    except StoreUnavailable as exc:
-        log.error("send", request_id=request_id, outcome=503, error=str(exc),
-                  client_ip=str(client))
-        return web.json_response({"message": "the gateway cannot store messages right now"},
-                                 status=503, headers={"Retry-After": "5"})
-    log.info("send", request_id=request_id, method=request.method,
-             duration_ms=round((time.perf_counter() - started) * 1000, 2), **answer.log)
+    answer = await pipeline.send(params, client)
+    event = log.error if answer.http_status == 503 else log.info
+    event("send", request_id=request_id, method=request.method,
+          duration_ms=round((time.perf_counter() - started) * 1000, 2), **answer.log)
     return render(answer, request_id)
 
 
 def render(answer: Answer, request_id: str) -> web.Response:
+    headers = {"X-Request-Id": request_id}
+    if answer.retry_after:
+        headers["Retry-After"] = str(answer.retry_after)
+    if answer.http_status == 503:
+        return web.json_response({"message": answer.message}, status=503, headers=headers)
     if answer.ok:
         body = responses.success(answer.fmt, answer.status, answer.credit_left, answer.ids)
     else:
         body = responses.failure(answer.fmt, answer.status, answer.message)
-    headers = {"X-Request-Id": request_id}
-    if answer.retry_after:
-        headers["Retry-After"] = str(answer.retry_after)
     # Clients read the outcome in the body; OVH answers 200 to every request it answers.
-    response = web.Response(body=body.encode("utf-8"), status=429 if answer.retry_after
-                            else 200, headers=headers)
+    response = web.Response(body=body.encode("utf-8"), status=answer.http_status,
+                            headers=headers)
     response.content_type = answer.fmt.value
     response.charset = "utf-8"
     return response

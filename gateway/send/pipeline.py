@@ -17,14 +17,22 @@ import structlog
 from gateway import iprules
 from gateway.clock import Clock, SystemClock
 from gateway.credits import CENTS, RateTable, format_credits
+from gateway.logs import id_ranges
 from gateway.metrics import Metrics
 from gateway.passwords import VerificationCache, hash_password
 from gateway.security import LoginGuard, Throttle
 from gateway.send import request as rules
-from gateway.send.batcher import GroupCommitter
+from gateway.send.batcher import GroupCommitter, ShuttingDown
 from gateway.send.request import SendRefused
 from gateway.send.responses import ContentType
-from gateway.store import SendContext, SendOutcome, Store
+from gateway.store import (
+    SendContext,
+    SendOrder,
+    SendOutcome,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 
 log = structlog.get_logger("gateway.send")
 
@@ -51,8 +59,9 @@ class Answer:
     ids: tuple[int, ...] = ()
     # What the request log records; never a password.
     log: dict[str, Any] = field(default_factory=dict)
-    # Throttled: HTTP 429 with this Retry-After instead of an outcome code.
+    # Throttled (429) or unavailable (503): that HTTP status with this Retry-After.
     retry_after: int = 0
+    http_status: int = 200
     # Set once the caller is authenticated: only then may the account label a metric.
     account: str | None = None
     cost: int = 0
@@ -63,9 +72,10 @@ class Answer:
 
 
 class Throttled(Exception):
-    def __init__(self, retry_after: float) -> None:
+    def __init__(self, retry_after: float, account: str | None = None) -> None:
         super().__init__(f"retry after {retry_after:g} s")
         self.retry_after = int(retry_after)
+        self.account = account
 
 
 class SendPipeline:
@@ -86,13 +96,19 @@ class SendPipeline:
         self._decoy_hash = hash_password("decoy0000")
 
     async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None) -> Answer:
-        answer = await self._send(params, client_ip)
-        m = self._metrics
-        account = m.account(answer.account or "")
-        m.send_requests.labels(str(answer.status), *account).inc()
-        if answer.ok:
-            m.messages_accepted.labels(*account).inc(len(answer.ids))
-            m.credits_spent.labels(*account).inc(answer.cost / CENTS)
+        try:
+            answer = await self._send(params, client_ip)
+        except (StoreError, ShuttingDown) as exc:
+            # Nothing was committed: the client may safely send again later.
+            answer = Answer(503, rules.requested_format(params),
+                            message="The gateway cannot store messages right now, retry later",
+                            retry_after=5, http_status=503,
+                            log={"outcome": 503, "error": type(exc).__name__,
+                                 "account": params.get("account", "")[:64],
+                                 "login": params.get("login", "")[:64],
+                                 "client_ip": str(client_ip) if client_ip else None})
+        self._metrics.sent(answer.status, answer.account,
+                           len(answer.ids) if answer.ok else 0, answer.cost / CENTS)
         return answer
 
     async def _send(self, params: dict[str, str],
@@ -105,59 +121,93 @@ class SendPipeline:
         try:
             request = rules.parse(params, tz=self.settings.tz,
                                   max_recipients=self.settings.max_recipients)
-            throttled = False
+            order, outcome, account = await self._charge(request, client_ip)
+        except SendRefused as refused:
+            log["outcome"] = refused.status
+            # The rule that failed, without the values (numbers, text) the message quotes.
+            log["reason"] = refused.message.split(":", 1)[0]
+            return Answer(refused.status, fmt, message=refused.message, log=log,
+                          account=refused.account)
+        except Throttled as throttled:
+            log.update(outcome=429, reason="throttled", account=throttled.account)
+            return Answer(429, fmt, message=f"Too many messages: retry after "
+                          f"{throttled.retry_after} s", log=log,
+                          retry_after=throttled.retry_after, account=throttled.account,
+                          http_status=429)
+        log.update(recipients=len(order.recipients), parts=order.parts,
+                   credits=format_credits(order.total))
+        # 101 whenever `deferred` was given, as OVH answers: scripts test for it. A time
+        # already past is simply due, and goes at once.
+        status = rules.ACCEPTED_DEFERRED if request.deferred_until else rules.ACCEPTED
+        log.update(outcome=status, ids=id_ranges(outcome.ids))
+        return Answer(status, fmt, credit_left=format_credits(outcome.credit_left),
+                      ids=outcome.ids, log=log, account=account, cost=order.total)
+
+    async def _charge(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None
+                      ) -> tuple[SendOrder, SendOutcome, str]:
+        """Authorize, price and commit; check again whenever cached settings prove stale.
+
+        The checks run on cached settings. A refusal is checked again on fresh ones (the
+        cache may predate a change that allows the request), and a commit refused as stale
+        (the settings changed since they were read) is checked again from the start.
+        """
+        fresh = False
+        throttled_user: int | None = None
+        account: str | None = None
+        messages = len(request.recipients)
+        try:
             for _ in range(_STALE_RETRIES):
-                context, sender = await self._authorize(request, client_ip)
+                context, sender = await self._authorize(request, client_ip, fresh=fresh)
                 account = context.user.account_name
-                if not throttled:
-                    wait = self._throttle.take(context.user.id, len(request.recipients),
-                                               self._clock.now())
+                if throttled_user is None:
+                    wait = self._throttle.take(context.user.id, messages, self._clock.now())
                     if wait:
-                        raise Throttled(wait)
-                    throttled = True
-                order = rules.price(
-                    request, account_id=context.user.account_id, user_id=context.user.id,
-                    sender=sender,
-                    stop_clause=context.account_stop_clause if context.account_stop_clause
-                    is not None else self.settings.stop_clause,
-                    rates=self.settings.rates, settings_version=context.version)
+                        raise Throttled(wait, account)
+                    throttled_user = context.user.id
+                stop_clause = context.account_stop_clause
+                try:
+                    order = rules.price(
+                        request, account_id=context.user.account_id,
+                        user_id=context.user.id, sender=sender,
+                        stop_clause=self.settings.stop_clause if stop_clause is None
+                        else stop_clause,
+                        rates=self.settings.rates, settings_version=context.version)
+                except SendRefused:
+                    if fresh:
+                        raise
+                    fresh = True  # the cached STOP clause may be out of date
+                    continue
                 outcome = await self._committer.submit(order)
                 if outcome.reason != "stale":
                     break
-                # The settings changed after they were read: check the request again.
-            log.update(recipients=len(order.recipients), parts=order.parts,
-                       credits=format_credits(order.total))
+                fresh = True
+            else:
+                raise StoreUnavailable("the settings kept changing during the request")
             if not outcome.accepted:
                 if outcome.reason not in ("quota", "credits"):
                     # The user or account vanished between the check and the commit.
                     raise SendRefused(rules.UNAUTHORIZED, "Invalid account, login or password")
                 raise SendRefused(rules.NO_CREDITS, _no_credit_message(outcome))
-        except SendRefused as refused:
-            log["outcome"] = refused.status
-            log["reason"] = refused.message
-            return Answer(refused.status, fmt, message=refused.message, log=log,
-                          account=account or refused.account)
-        except Throttled as throttled:
-            log.update(outcome=429, reason="throttled")
-            return Answer(429, fmt, message=f"Too many messages: retry after "
-                          f"{throttled.retry_after} s", log=log,
-                          retry_after=throttled.retry_after, account=account)
-        status = rules.ACCEPTED_DEFERRED if request.deferred_until else rules.ACCEPTED
-        log.update(outcome=status, ids=_id_range(outcome.ids))
-        return Answer(status, fmt, credit_left=format_credits(outcome.credit_left),
-                      ids=outcome.ids, log=log, account=account, cost=order.total)
+            return order, outcome, account
+        except BaseException as refused:
+            if throttled_user is not None:
+                # A refused request changes nothing, its throttle tokens included.
+                self._throttle.give_back(throttled_user, messages)
+            if isinstance(refused, SendRefused):
+                refused.account = refused.account or account
+            raise
 
-    async def _authorize(self, request: rules.SendRequest,
-                         client_ip: iprules.IPAddress | None) -> tuple[SendContext, str]:
+    async def _authorize(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
+                         *, fresh: bool = False) -> tuple[SendContext, str]:
         """Check credentials, caller IP and sender; return the context and the sender."""
         guard, now = self._guard, self._clock.now()
         if guard.locked(request.account, request.login, client_ip, now):
             self._metrics.auth_failures.labels("locked").inc()
             # Locked: refuse without looking at the password, so guessing goes nowhere.
             raise SendRefused(rules.UNAUTHORIZED, "Too many failed logins: try again later")
-        context = await self._store.send_context(request.account, request.login)
+        context = await self._store.send_context(request.account, request.login, fresh=fresh)
         refusal = await self._refusal(request, client_ip, context)
-        if refusal is not None and context is not None:
+        if refusal is not None and context is not None and not fresh:
             # The cached settings may predate a change that lets this request in.
             context = await self._store.send_context(request.account, request.login,
                                                      fresh=True)
@@ -204,9 +254,3 @@ def _no_credit_message(outcome: SendOutcome) -> str:
         return (f"Not enough quota: {format_credits(outcome.credit_left)} credits left "
                 "on this user's quota")
     return f"Not enough credits: {format_credits(outcome.credit_left)} credits left"
-
-
-def _id_range(ids: tuple[int, ...]) -> str:
-    if not ids:
-        return ""
-    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"

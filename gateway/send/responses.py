@@ -54,10 +54,6 @@ def failure(fmt: ContentType, status: int, message: str) -> str:
             f"<message>{xml_escape(message)}</message></response>")
 
 
-def mime_type(fmt: ContentType) -> str:
-    return f"{fmt.value}; charset=utf-8"
-
-
 _XML_DECL = '<?xml version="1.0" encoding="UTF-8" ?>'
 
 _HTML_HEAD = (

@@ -295,6 +295,7 @@ class MessageFilter:
     sender: str | None = None
     created_from: float | None = None
     created_to: float | None = None
+    kind: str | None = None
 
 
 class Store(Protocol):

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.credits import format_credits
 from gateway.store import (
     UNSET,
     Account,
@@ -90,10 +91,13 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def _is_full_or_broken(exc: sqlite3.Error) -> bool:
-    text = str(exc).lower()
-    return any(word in text for word in ("disk", "full", "locked", "readonly", "read-only",
-                                         "not a database", "malformed", "i/o"))
+def _unavailable(exc: BaseException) -> bool:
+    """The database, not the request, is at fault: full, locked, read-only, broken.
+
+    Integrity errors are the caller's (a duplicate), programming errors are ours.
+    """
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.ProgrammingError)
 
 
 class SQLiteStore:
@@ -207,14 +211,19 @@ class SQLiteStore:
                         await db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.IntegrityError):
                     raise Conflict(str(exc)) from exc
-                if isinstance(exc, sqlite3.Error) and _is_full_or_broken(exc):
+                if _unavailable(exc):
                     raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
                 raise
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         if self._reader is None:
             raise StoreUnavailable("the store is closed")
-        return list(await self._reader.execute_fetchall(sql, params))
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            if _unavailable(exc):
+                raise StoreUnavailable(f"cannot read the store: {exc}") from exc
+            raise
 
     async def check_writable(self) -> None:
         """Readiness: prove a write transaction can start and commit."""
@@ -379,8 +388,8 @@ class SQLiteStore:
         delta = quota - held
         if delta > balance:
             raise NotEnoughCredits(
-                f"quota: the account holds {balance / 100:g} credits, "
-                f"{delta / 100:g} more are needed")
+                f"quota: the account holds {format_credits(balance)} credits, "
+                f"{format_credits(delta)} more are needed")
         await self._move_quota(db, user, delta, at)
         await db.execute("UPDATE users SET quota_active = 1, quota_left = ? WHERE id = ?",
                          (quota, user.id))
@@ -401,6 +410,10 @@ class SQLiteStore:
             if user.quota_active and user.quota_left:
                 await self._move_quota(db, user, -user.quota_left, at)
             await db.execute("DELETE FROM users WHERE id = ?", (user.id,))
+            # Row ids can be reused by the next user created, in any account: nothing may
+            # keep pointing at this one (its messages keep their login).
+            await db.execute("UPDATE messages SET user_id = NULL WHERE user_id = ?", (user.id,))
+            await db.execute("UPDATE outbox SET user_id = NULL WHERE user_id = ?", (user.id,))
             await self._evaluate_alerts(db, [user.account_id], at)
 
     # -- the send path ---------------------------------------------------------------
@@ -640,7 +653,7 @@ class SQLiteStore:
                 "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
                 "COALESCE(m.deferred_until, m.created_at) "
                 "FROM messages m JOIN accounts a ON a.id = m.account_id "
-                "LEFT JOIN users u ON u.id = m.user_id "
+                "LEFT JOIN users u ON u.id = m.user_id AND u.account_id = m.account_id "
                 f"WHERE m.id IN ({_marks(len(ids))})", ids)
             current = {r[0]: list(r) for r in rows}
             changed: list[tuple[Any, ...]] = []
@@ -814,20 +827,14 @@ class SQLiteStore:
             "ORDER BY t.id", (message_id,))
         return [OutboxAttempt(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows]
 
-    async def pending_outbox(self, message_id: int) -> list[tuple[int, str, str, int]]:
-        """Callbacks of a message not yet delivered: (id, state, target, attempts)."""
-        rows = await self._read(
-            "SELECT id, state, target, attempts FROM outbox WHERE message_id = ? ORDER BY id",
-            (message_id,))
-        return [tuple(r) for r in rows]  # type: ignore[misc]
-
     async def list_messages(self, where: MessageFilter, *, limit: int,
                             before_id: int | None = None) -> list[Message]:
         clauses = ["m.account_id = ?"]
         params: list[Any] = [where.account_id]
         for column, value in (("m.user_id", where.user_id), ("m.login", where.login),
                               ("m.tag", where.tag), ("m.ptt", where.ptt),
-                              ("m.receiver", where.receiver), ("m.sender", where.sender)):
+                              ("m.receiver", where.receiver), ("m.sender", where.sender),
+                              ("m.kind", where.kind)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
