@@ -157,6 +157,7 @@ class Dispatcher:
                     in_hand = [self._ready.popleft()
                                for _ in range(min(self._max_batch, len(self._ready)))]
                     await self._hand_over(in_hand)
+                    in_hand = ()  # taken: a later failure must not hand these over again
                     worked = True
                 # Alternating with live messages: a large backlog must not stall new sends.
                 if recovering and not self._stopping.is_set():
@@ -168,14 +169,16 @@ class Dispatcher:
                         cursor = mine[-1].id
                         in_hand = mine
                         await self._hand_over(mine)
+                        in_hand = ()
                         worked = True
                     if not recovering:
                         log.info("delivery_recovered", upto=recover_upto)
             except Exception as exc:
-                # The batch is lost from memory but not from the store: recovery at the
-                # next start hands it over.
+                # Not taken by the operator: back to the front of the queue, to be tried
+                # again after the pause rather than left waiting for a restart.
                 log.error("hand_over_failed", error=str(exc), messages=len(in_hand),
                           ids=id_ranges(m.id for m in in_hand))
+                self._ready.extendleft(reversed(in_hand))
                 await self._pause()
                 continue
             if not worked:
@@ -196,15 +199,18 @@ class Dispatcher:
             return False
         self.submitted += len(fresh)
         _log_each("message_submitted", fresh)
-        try:
-            await self._store.mark_sent([m.id for m in fresh], at=self._clock.now())
-        except Exception as exc:
-            # The operator has them: their reports still move them on. Only a restart
-            # before that would hand them over again.
-            log.error("mark_sent_failed", error=str(exc), messages=len(fresh),
-                      ids=id_ranges(m.id for m in fresh))
-            return False
-        return True
+        # The operator has them now: keep trying to record it rather than hand them over
+        # again (deferred ones stay due until marked). Only a stop before it succeeds
+        # leaves them to be handed over once more at the next start.
+        while True:
+            try:
+                await self._store.mark_sent([m.id for m in fresh], at=self._clock.now())
+                return True
+            except Exception as exc:
+                log.error("mark_sent_failed", error=str(exc), messages=len(fresh),
+                          ids=id_ranges(m.id for m in fresh))
+                if not await self._pause():
+                    return False
 
     async def _retrying(self, call: Callable[[Sequence[OutgoingMessage]], Awaitable[None]],
                         messages: Sequence[OutgoingMessage], *, timed: bool = False) -> bool:

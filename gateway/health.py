@@ -25,6 +25,23 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.health")
 
 READY_TIMEOUT = 5.0
+# A write probe is shared by the readiness checks that arrive while it runs and reused for
+# this long: probes are unauthenticated, and each one is a committed write.
+PROBE_REUSE_SECONDS = 1.0
+
+_PROBES: dict[int, tuple[asyncio.Future[None], float]] = {}
+
+
+def _write_probe(gateway: Gateway) -> asyncio.Future[None]:
+    now = asyncio.get_running_loop().time()
+    current = _PROBES.get(id(gateway.store))
+    if current is not None and (not current[0].done()
+                                or now - current[1] < PROBE_REUSE_SECONDS):
+        return current[0]
+    probe = asyncio.ensure_future(gateway.store.check_writable())
+    probe.add_done_callback(_ignore_result)
+    _PROBES[id(gateway.store)] = (probe, now)
+    return probe
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -41,8 +58,7 @@ async def readyz(request: web.Request) -> web.Response:
     ready = True
     # Not wait_for: a write stuck on a lock must finish (and roll back) on its own time,
     # while the probe answers now.
-    probe = asyncio.ensure_future(gateway.store.check_writable())
-    probe.add_done_callback(_ignore_result)
+    probe = _write_probe(gateway)
     done, _ = await asyncio.wait({probe}, timeout=READY_TIMEOUT)
     if not done:
         checks["store"] = f"not writable: no write lock within {READY_TIMEOUT:g} s"

@@ -343,3 +343,4 @@ def test_the_default_operator_is_the_simulator(config: Config, kind: str) -> Non
     gateway = gateway_app.build(config)
     assert gateway.dispatcher is not None
     assert type(gateway.dispatcher.operator).__name__ == "SimulatedOperator"
+

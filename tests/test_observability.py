@@ -91,6 +91,7 @@ async def test_health_and_readiness(harness: Harness, config: Any,
     assert body["checks"]["store"] == "writable"
 
     monkeypatch.setattr(health, "READY_TIMEOUT", 0.3)
+    monkeypatch.setattr(health, "PROBE_REUSE_SECONDS", 0.0)
     blocker = sqlite3.connect(config.store.path, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
