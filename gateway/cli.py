@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = user.add_parser("create", help="create an API user")
     p.add_argument("account")
     p.add_argument("login")
-    p.add_argument("--password", required=True, help="at least 8 letters and digits")
+    p.add_argument("--password", required=True,
+                   help="at least 8 letters and digits; '-' reads it from standard input "
+                   "(keeps it out of the process list and the shell history)")
     for verb, text in (("show", "show an API user"), ("delete", "delete an API user "
                                                                 "(its quota returns)")):
         p = user.add_parser(verb, help=text)
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alert-support", choices=("mail", "sms", "both"))
     p.add_argument("--alert-email")
     p.add_argument("--alert-number", help="international format, e.g. +33612345678")
-    p.add_argument("--password", help="new password")
+    p.add_argument("--password", help="new password ('-': read from standard input)")
 
     message = _group(sub, "message", "read messages and their delivery history")
     p = message.add_parser("show", help="a message, its history and its callbacks")
@@ -294,7 +296,8 @@ async def _sender_list(args: argparse.Namespace, m: Management) -> Any:
 
 @command("user create")
 async def _user_create(args: argparse.Namespace, m: Management) -> Any:
-    return user_view(await m.create_user(args.account, args.login, args.password))
+    return user_view(await m.create_user(args.account, args.login,
+                                         _password_arg(args.password)))
 
 
 @command("user show")
@@ -326,12 +329,19 @@ async def _user_set(args: argparse.Namespace, m: Management) -> Any:
         fields["callback_url"] = args.callback
     if args.alert_threshold is not None:
         fields["alert_threshold"] = args.alert_threshold or None
-    for name in ("alert_support", "alert_email", "alert_number", "password"):
+    if args.password is not None:
+        fields["password"] = _password_arg(args.password)
+    for name in ("alert_support", "alert_email", "alert_number"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if not fields:
         raise CommandError("nothing to change: see http2sms user set --help")
     return user_view(await m.update_user(args.account, args.login, **fields))
+
+
+def _password_arg(value: str) -> str:
+    """`-` reads the password from standard input, first line, without its newline."""
+    return sys.stdin.readline().rstrip("\r\n") if value == "-" else value
 
 
 # -- messages --------------------------------------------------------------------------------

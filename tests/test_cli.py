@@ -161,3 +161,16 @@ async def test_server_process_sees_cli_changes_and_logs_no_secret(tmp_path: Path
     log = (await proc.stderr.read()).decode()
     assert '"event": "send"' in log
     assert "demo1234" not in log and "password" not in log
+
+
+def test_password_from_standard_input(tmp_path: Path) -> None:
+    db = tmp_path / "stdin.sqlite3"
+    ok_json(db, "account", "create", "sms-in-1")
+    result = subprocess.run([*PYTHON, "--db", str(db), "user", "create", "sms-in-1", "u1",
+                             "--password", "-"], input="FromStdin1\n", capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    from gateway import passwords
+    with sqlite3.connect(db) as conn:
+        (stored,) = conn.execute("SELECT password_hash FROM users").fetchone()
+    assert passwords.verify("FromStdin1", stored)
