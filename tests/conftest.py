@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,4 +114,18 @@ def ledger_identity(totals: dict[str, int]) -> None:
     assert totals["ledger_quotas"] == totals["quotas"], totals
 
 
-__all__ = ["ACCOUNT", "LOGIN", "PASSWORD", "SENDER", "SEND_PATH", "Harness", "web"]
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
+    """Wait (in real time, briefly) for background work to reach a state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the gateway")
+        await asyncio.sleep(0.01)
+
+
+__all__ = ["ACCOUNT", "LOGIN", "PASSWORD", "SENDER", "SEND_PATH", "Harness", "eventually", "web"]

@@ -8,7 +8,6 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -20,24 +19,11 @@ from gateway import cli
 from gateway.config import Config
 from gateway.hooks.callbacks import callback_params, callback_url, host_key
 from gateway.hooks.outbox import RetryPolicy, next_attempt_at
-from tests.conftest import ACCOUNT, LOGIN, Harness
+from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC, 23:13:20 in Paris
 PARIS = ZoneInfo("Europe/Paris")
 
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
-    """Wait (in real time, briefly) for background work to reach a state."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the gateway")
-        await asyncio.sleep(0.01)
 
 
 async def settle() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -20,19 +20,11 @@ from gateway.operators import OperatorUnavailable, ReportSink
 from gateway.service import Management
 from gateway.store import OutgoingMessage, SendOrder, StateUpdate
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, ledger_identity
+from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, eventually, ledger_identity
 
 T0 = 1_700_000_000.0
 PARIS = ZoneInfo("Europe/Paris")
 
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Wait (in real time, briefly) for background work to reach a state."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the gateway")
-        await asyncio.sleep(0.01)
 
 
 def ids_of(body: str) -> list[int]:

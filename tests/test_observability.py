@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
 import sqlite3
-import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.store import StateUpdate
-from tests.conftest import ACCOUNT, LOGIN, Harness
+from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
 
 TOKEN = {"Authorization": "Bearer test-admin-token-0123456789"}
 
@@ -134,13 +131,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the gateway")
-        await asyncio.sleep(0.01)
 
 
 async def reaches(h: Harness, expected: dict[Key, float]) -> None:

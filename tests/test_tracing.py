@@ -3,12 +3,10 @@ ever logging a secret; and what the logs cost at the production level."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +16,7 @@ from aiohttp import web
 
 from gateway import logs
 from gateway.config import Config
-from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SEND_PATH, SENDER, Harness
+from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SEND_PATH, SENDER, Harness, eventually
 
 CALLBACK_SECRET = "cbS3cretToken"
 NUMBER = "+33612345678"
@@ -69,13 +67,6 @@ class Receiver:
             return web.Response(status=500)
         return web.Response(text="ok")
 
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the gateway")
-        await asyncio.sleep(0.01)
 
 
 def covers(ids: str, message_id: int) -> bool:
