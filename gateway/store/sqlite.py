@@ -100,6 +100,10 @@ def _unavailable(exc: BaseException) -> bool:
         exc, sqlite3.IntegrityError | sqlite3.ProgrammingError)
 
 
+# How many due outbox items a claim looks at, per item it may take (see claim_outbox).
+CLAIM_WINDOW = 4
+
+
 class SQLiteStore:
     def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
         self.path = str(path)
@@ -738,6 +742,12 @@ class SQLiteStore:
         so nothing claimed is ever lost. `per_target` caps the items taken per target and
         `skip_targets` leaves out targets the caller is already busy with, so one slow
         endpoint's backlog cannot fill a claim and starve the others.
+
+        Only the first `CLAIM_WINDOW` times `limit` due items (oldest first) are looked at:
+        ranking every pending item by target made a claim cost grow with the backlog
+        (25 ms per claim at 7,700 pending callbacks, 2.6 ms at 130), and a slow claim holds
+        the write lock that every send waits for. The window keeps a claim's cost flat; an
+        endpoint that fills it is at its bound after this claim, so the next claim skips it.
         """
         where = (f"state = 'pending' AND kind IN ({_marks(len(kinds))}) "
                  "AND next_attempt_at <= ?")
@@ -745,21 +755,29 @@ class SQLiteStore:
         if skip_targets:
             where += f" AND target NOT IN ({_marks(len(skip_targets))})"
             params.extend(skip_targets)
-        if per_target is None:
-            chosen = f"SELECT id FROM outbox WHERE {where} ORDER BY next_attempt_at, id LIMIT ?"
-        else:
-            chosen = ("SELECT id FROM (SELECT id, next_attempt_at, ROW_NUMBER() OVER "
-                      "(PARTITION BY target ORDER BY next_attempt_at, id) AS rank "
-                      f"FROM outbox WHERE {where}) WHERE rank <= ? "
-                      "ORDER BY next_attempt_at, id LIMIT ?")
-            params.append(per_target)
-        params.append(limit)
+        window = limit if per_target is None else limit * CLAIM_WINDOW
+        params.append(window)
         async with self._tx() as db:
+            due = await db.execute_fetchall(
+                f"SELECT id, target FROM outbox WHERE {where} "
+                "ORDER BY next_attempt_at, id LIMIT ?", params)
+            chosen: list[int] = []
+            taken: dict[str, int] = {}
+            for item_id, target in due:
+                if per_target is not None:
+                    if taken.get(target, 0) >= per_target:
+                        continue
+                    taken[target] = taken.get(target, 0) + 1
+                chosen.append(item_id)
+                if len(chosen) == limit:
+                    break
+            if not chosen:
+                return []
             rows = await db.execute_fetchall(
                 "UPDATE outbox SET next_attempt_at = ?, attempts = attempts + 1 "
-                f"WHERE id IN ({chosen}) "
+                f"WHERE id IN ({_marks(len(chosen))}) "
                 "RETURNING id, kind, message_id, account_id, user_id, target, payload, "
-                "created_at, attempts", (now + lease, *params))
+                "created_at, attempts", (now + lease, *chosen))
         items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
                  for r in rows]
         items.sort(key=lambda item: item.id)
