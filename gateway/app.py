@@ -30,6 +30,7 @@ from gateway.send.batcher import GroupCommitter
 from gateway.send.pipeline import SendPipeline, SendSettings
 from gateway.store import SendOutcome, Store, StoreUnavailable
 from gateway.store.sqlite import SQLiteStore
+from gateway.worker import DeliveryWorker
 
 log = structlog.get_logger("gateway.app")
 
@@ -56,6 +57,7 @@ class Gateway:
     dispatcher: Dispatcher | None = None
     callbacks: OutboxWorker | None = None
     alerts: AlertService | None = None
+    worker: DeliveryWorker | None = None
 
     async def start(self) -> None:
         await self.store.open()
@@ -96,7 +98,9 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-def build(config: Config, *, store: Store | None = None, clock: Clock | None = None) -> Gateway:
+def build(config: Config, *, store: Store | None = None, clock: Clock | None = None,
+          delivery_worker: bool = False) -> Gateway:
+    """The gateway; `delivery_worker` runs delivery in a child process (see `serve`)."""
     store = store or SQLiteStore(config.store.path,
                                  busy_timeout=config.store.busy_timeout_seconds)
     clock = clock or SystemClock()
@@ -126,17 +130,24 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
         metrics=metrics)
     gateway = Gateway(config, store, clock, committer, pipeline, after_commit=hooks,
                       metrics=metrics)
-    add_delivery(gateway, settings.tz)
+    if delivery_worker:
+        add_delivery_worker(gateway)
+    else:
+        add_delivery(gateway, settings.tz)
     add_alerts(gateway, settings)
     return gateway
 
 
-def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:
-    """The operator, the dispatcher feeding it and the delivery-report callback worker."""
-    config, store, clock = gateway.config, gateway.store, gateway.clock
+def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metrics,
+                      tz: ZoneInfo, *, follow_store: bool = False
+                      ) -> tuple[OutboxWorker, Dispatcher]:
+    """The delivery-report callback worker and the dispatcher feeding the operator.
+
+    `follow_store`: the sends are committed by another process (see `gateway.worker`).
+    """
     cb = config.callbacks
     callbacks = OutboxWorker(
-        store, clock, CallbackHandler(cb, tz, metrics=gateway.metrics),
+        store, clock, CallbackHandler(cb, tz, metrics=metrics),
         RetryPolicy(first_retry=cb.first_retry_seconds, max_retry=cb.max_retry_seconds,
                     give_up_after=cb.give_up_after_hours * 3600.0, jitter=cb.jitter_ratio),
         max_concurrency=cb.max_concurrency, per_key=cb.per_host_concurrency,
@@ -144,13 +155,28 @@ def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:
         lease=cb.lease_seconds or 3 * cb.timeout_seconds + 60.0, name="callbacks")
     dispatcher = Dispatcher(store, clock, create_operator(config.operator, clock),
                             max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
-                            metrics=gateway.metrics)
+                            metrics=metrics, follow_store=follow_store)
+    return callbacks, dispatcher
+
+
+def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:
+    """The operator, the dispatcher feeding it and the callback worker, in this process."""
+    callbacks, dispatcher = delivery_services(gateway.config, gateway.store, gateway.clock,
+                                              gateway.metrics, tz)
     # Started in this order and stopped in reverse: the dispatcher's last reports still
     # reach the callback worker.
     gateway.services += [callbacks, dispatcher]
     gateway.after_commit.append(dispatcher.on_commit)
     gateway.dispatcher = dispatcher
     gateway.callbacks = callbacks
+
+
+def add_delivery_worker(gateway: Gateway) -> None:
+    """The same services in a child process (`server.delivery_worker`), poked per commit."""
+    worker = DeliveryWorker(gateway.config)
+    gateway.services.append(worker)
+    gateway.after_commit.append(worker.poke)
+    gateway.worker = worker
 
 
 def add_alerts(gateway: Gateway, settings: SendSettings) -> None:
@@ -271,7 +297,7 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
-    gateway = build(config)
+    gateway = build(config, delivery_worker=config.server.delivery_worker)
     app = create_app(gateway)
     # `shut_down` drains the requests itself; aiohttp then only cancels what is left.
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -346,6 +372,8 @@ async def shut_down(runner: web.AppRunner, gateway: Gateway, grace: float, *,
     log.warning("shutdown_cut", grace_seconds=grace,
                 reason="second signal" if hurried else "grace period over")
     work.cancel()
+    if gateway.worker is not None:
+        gateway.worker.kill()
     # Stopping services may take a moment to notice the cancellation; do not wait long.
     await asyncio.wait({work}, timeout=1.0)
     with suppress(Exception):

@@ -445,7 +445,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
                   "&contentType=application/json'\n", flush=True)
 
     try:
-        _install_uvloop()
+        install_uvloop()
         asyncio.run(serve(config, ready=ready))
     except OSError as exc:
         # The error names the address: the public or the admin listener.
@@ -457,7 +457,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _install_uvloop() -> None:
+def install_uvloop() -> None:
     """uvloop when installed (the `fast` extra): a faster event loop, same behaviour."""
     try:
         import uvloop

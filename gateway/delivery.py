@@ -13,6 +13,10 @@ committed send side:
   transaction per batch (a batch is whatever arrived while the previous one committed);
   when that queued callbacks, the callback worker is woken.
 
+In a delivery worker process (`follow_store`), commits happen in another process, so there
+is no `on_commit`: the hand-over loop keeps reading the store past the newest message it has
+seen, whenever `poke` says something was committed and at least every `poll_seconds`.
+
 Delivery is at least once: a crash between the operator taking a message and `mark_sent`
 committing hands it over again at the next start.
 
@@ -45,7 +49,8 @@ class Dispatcher:
     def __init__(self, store: Store, clock: Clock, operator: Operator, *,
                  max_batch: int = 1000, retry_seconds: float = 5.0,
                  on_callbacks: Callable[[], None] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, follow_store: bool = False,
+                 poll_seconds: float = 1.0) -> None:
         self._store = store
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -63,6 +68,8 @@ class Dispatcher:
         self._operator_stopped = False
         # Messages with a higher id reach us through on_commit; the others by recovery.
         self._live_after: int | None = None
+        self._follow = follow_store
+        self._poll = poll_seconds
         self._tasks: list[asyncio.Task[None]] = []
         self._report_task: asyncio.Task[None] | None = None
         self.submitted = 0
@@ -92,6 +99,11 @@ class Dispatcher:
             self._next_deferred = nearest
             self._deferred_wake.set()
 
+    def poke(self) -> None:
+        """Another process committed sends: look in the store (`follow_store` mode)."""
+        self._ready_wake.set()
+        self._deferred_wake.set()
+
     def report(self, updates: Sequence[StateUpdate]) -> None:
         """The operator's report sink."""
         self._reports.extend(updates)
@@ -117,7 +129,8 @@ class Dispatcher:
     async def start(self) -> None:
         # Read before anything can be committed (services start before requests are
         # served), so no message is both recovered and handed over live.
-        self._live_after = await self._store.last_message_id()
+        # Following the store, every message is read from it: none is "recovered".
+        self._live_after = None if self._follow else await self._store.last_message_id()
         self._next_deferred = await self._store.next_deferred_at()
         await self.operator.start(self.report)
         self._report_task = asyncio.create_task(self._report_loop(), name="delivery-reports")
@@ -146,7 +159,8 @@ class Dispatcher:
 
     # -- hand-over ---------------------------------------------------------------------
 
-    async def _hand_over_loop(self, recover_upto: int) -> None:
+    async def _hand_over_loop(self, recover_upto: int | None) -> None:
+        """`recover_upto` None: follow the store for good (delivery worker process)."""
         cursor = 0
         recovering = True
         while not self._stopping.is_set():
@@ -163,8 +177,9 @@ class Dispatcher:
                 if recovering and not self._stopping.is_set():
                     page = await self._store.undelivered(after_id=cursor,
                                                          limit=self._max_batch)
-                    mine = [m for m in page if m.id <= recover_upto]
-                    recovering = len(mine) == self._max_batch
+                    mine = page if recover_upto is None else \
+                        [m for m in page if m.id <= recover_upto]
+                    recovering = recover_upto is None or len(mine) == self._max_batch
                     if mine:
                         cursor = mine[-1].id
                         in_hand = mine
@@ -173,6 +188,8 @@ class Dispatcher:
                         worked = True
                     if not recovering:
                         log.info("delivery_recovered", upto=recover_upto)
+                    elif recover_upto is None and len(mine) < self._max_batch:
+                        worked = bool(self._ready)  # caught up: wait for a poke
             except Exception as exc:
                 # Not taken by the operator: back to the front of the queue, to be tried
                 # again after the pause rather than left waiting for a restart.
@@ -182,7 +199,13 @@ class Dispatcher:
                 await self._pause()
                 continue
             if not worked:
-                await self._ready_wake.wait()
+                if recovering and recover_upto is None:
+                    # Look again now and then even unpoked: a commit by a process that
+                    # does not poke us (the command-line tool) must still go out.
+                    await sleep_until(self._clock, self._clock.now() + self._poll,
+                                      self._ready_wake)
+                else:
+                    await self._ready_wake.wait()
                 self._ready_wake.clear()
 
     async def _hand_over(self, messages: Sequence[OutgoingMessage]) -> bool:
@@ -250,6 +273,16 @@ class Dispatcher:
 
     async def _deferred_loop(self) -> None:
         while not self._stopping.is_set():
+            if self._follow:
+                # No on_commit to lower the hint: read the nearest time at each poke.
+                try:
+                    stored = await self._store.next_deferred_at()
+                except Exception as exc:
+                    log.error("deferred_scan_failed", error=str(exc))
+                    stored = None
+                if stored is not None and (self._next_deferred is None
+                                           or stored < self._next_deferred):
+                    self._next_deferred = stored
             due_at = self._next_deferred
             if due_at is not None and due_at <= self._clock.now():
                 try:
@@ -273,6 +306,9 @@ class Dispatcher:
                     if not await self._pause():
                         return
                     continue
+            if self._follow:
+                polled = self._clock.now() + self._poll
+                due_at = polled if due_at is None else min(due_at, polled)
             await sleep_until(self._clock, due_at, self._deferred_wake)
 
     # -- reports -----------------------------------------------------------------------

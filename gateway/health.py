@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from gateway.metrics import CONTENT_TYPE
+from gateway.metrics import CONTENT_TYPE, merge_expositions
 from gateway.security import bearer_matches
 from gateway.store import StoreError
 
@@ -68,10 +68,15 @@ async def readyz(request: web.Request) -> web.Response:
         ready = False
     else:
         checks["store"] = "writable"
-    dispatcher = getattr(gateway, "dispatcher", None)
-    operator = getattr(dispatcher, "operator", None)
-    connected = getattr(operator, "connected", True)
-    checks["operator"] = "connected" if connected else "disconnected"
+    if gateway.worker is not None:
+        status = await gateway.worker.status()
+        connected = status is not None and status.operator_connected
+        checks["operator"] = "connected" if connected else (
+            "disconnected" if status is not None else "delivery worker not answering")
+    else:
+        operator = getattr(gateway.dispatcher, "operator", None)
+        connected = getattr(operator, "connected", True)
+        checks["operator"] = "connected" if connected else "disconnected"
     ready = ready and bool(connected)
     try:
         counts = await gateway.store.counts()
@@ -118,6 +123,15 @@ async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
         backlog.labels("handover").set(dispatcher.waiting_hand_over)
         backlog.labels("reports").set(dispatcher.waiting_reports)
     body = gateway.metrics.exposition()
+    if gateway.worker is not None:
+        # Delivery and callback figures live in the worker process: one scrape shows both.
+        status = await gateway.worker.status()
+        if status is None:
+            log.warning("metrics_worker_unavailable")
+        else:
+            backlog.labels("handover").set(status.waiting_hand_over)
+            backlog.labels("reports").set(status.waiting_reports)
+            body = merge_expositions(gateway.metrics.exposition(), status.metrics.encode())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

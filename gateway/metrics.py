@@ -17,6 +17,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 from gateway.store import FinalState
 
@@ -108,3 +110,44 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_expositions(*texts: bytes) -> bytes:
+    """One exposition from those of several processes of one gateway (same metric names).
+
+    Samples with the same name and labels are added up: counters and histograms count
+    events of both processes, and each gauge is set in one process only. A `_created`
+    time keeps the earliest.
+    """
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]],
+                                                float]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            _, _, samples = families.setdefault(
+                family.name, (family.documentation, family.type, {}))
+            earliest = family.name.endswith("_created")
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in samples:
+                    samples[key] = sample.value
+                elif earliest:
+                    samples[key] = min(samples[key], sample.value)
+                else:
+                    samples[key] += sample.value
+    lines: list[str] = []
+    for name, (doc, kind, samples) in families.items():
+        lines.append(f"# HELP {name} {_escape_help(doc)}")
+        lines.append(f"# TYPE {name} {kind}")
+        for (sample, labels), value in samples.items():
+            shown = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+            lines.append(f"{sample}{{{shown}}} {floatToGoString(value)}" if shown
+                         else f"{sample} {floatToGoString(value)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')

@@ -52,6 +52,8 @@ TARGET_FULL_STORE_LOSS = 0.15
 TARGET_CALLBACKS = 2000.0
 TARGET_RSS_MB = 250.0
 
+WORKER = "delivery worker"
+
 
 class BenchError(Exception):
     """Something failed in a way that makes the run invalid (exit 1)."""
@@ -168,6 +170,21 @@ def machine_busy_seconds() -> float:
         return 0.0
     ticks = [int(f) for f in fields[:8]]
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (the gateway's delivery worker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -433,6 +450,7 @@ class Phase:
         other processes compete for the cores."""
         rate = self.load.accepted_per_second
         server = next(iter(self.cpu.values()), 0.0)  # the server is measured first
+        server += self.cpu.get(WORKER, 0.0)
         return server * 10 / rate if rate else 0.0
 
 
@@ -446,6 +464,9 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
     print(f"  {label}: measuring {args.duration:g} s ...", flush=True)
     before_cb = http_json(f"http://{HOST}:{receiver_port}/count") if receiver else None
     pids = {server.name: server.pid}
+    # The gateway's delivery worker (server.delivery_worker): its CPU and memory count too.
+    for child in child_pids(server.pid)[:1]:
+        pids[WORKER] = child
     if receiver:
         pids["receiver"] = receiver.pid
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -462,7 +483,9 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
         0.0, (machine_busy_seconds() - busy0) / window * 100 - sum(cpu.values()))
     if not server.alive():
         raise BenchError(f"{server.name} died during the run:\n{server.tail()}")
-    phase = Phase(label, load, warm, peak_rss_mb(server.pid), cpu)
+    # Summed peaks: an upper bound of the gateway's memory (they need not peak together).
+    rss = peak_rss_mb(server.pid) + (peak_rss_mb(pids[WORKER]) if WORKER in pids else 0.0)
+    phase = Phase(label, load, warm, rss, cpu)
     if receiver and before_cb is not None and after_cb is not None:
         phase.callbacks_per_second = (after_cb["count"] - before_cb["count"]) / window
         phase.malformed_callbacks = after_cb["malformed"]

@@ -1,0 +1,288 @@
+"""The delivery worker: the operator, its reports and the callbacks in a process of their own.
+
+One Python process runs on one CPU core. Under a burst the send path and the delivery side
+(handing messages to the operator, storing its reports, calling the users' callback URLs)
+competed for that core: callbacks alone took a quarter of it. With `server.delivery_worker`
+on, `http2sms serve` starts this worker as a child process, so the two sides use two cores
+and meet only in the store, which both processes already share safely (SQLite's write lock,
+lease-based outbox claims).
+
+The link is the child's standard input and output, so it needs no port, no file and no
+secret on a command line:
+
+- stdin, parent to child: first one line of JSON, the settings; then single bytes: `p`
+  (pokes: sends were committed, look in the store now) and `s` (a status request).
+  End of file means the parent is gone or stopping: the worker finishes what it holds and
+  exits. So a parent killed with SIGKILL does not leave a worker behind.
+- stdout, child to parent: one JSON line per status request: the operator's connection, the
+  reports and messages waiting in memory, and the worker's metrics (Prometheus text).
+
+The parent side, `DeliveryWorker`, is one of the gateway's services: it starts the child,
+pokes it after each commit, asks its status for `/readyz` and `/metrics`, starts it again
+if it dies, and stops it by closing its stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import signal
+import sys
+from collections import deque
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from gateway import logs
+from gateway.clock import SystemClock
+from gateway.config import Config, from_dict
+from gateway.metrics import Metrics
+
+log = structlog.get_logger("gateway.worker")
+
+POKE = b"p"
+STATUS = b"s"
+# A status answer larger than this is not a status answer.
+MAX_STATUS_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    operator_connected: bool
+    waiting_hand_over: int
+    waiting_reports: int
+    metrics: str
+
+
+# -- the parent's side --------------------------------------------------------------------
+
+class DeliveryWorker:
+    """Runs the worker process for the gateway; a `Service` of `gateway.app.Gateway`."""
+
+    def __init__(self, config: Config, *, restart_seconds: float = 1.0,
+                 stop_seconds: float | None = None) -> None:
+        self._config = config
+        self._restart_seconds = restart_seconds
+        self._stop_seconds = stop_seconds if stop_seconds is not None \
+            else config.server.shutdown_grace_seconds
+        self._process: asyncio.subprocess.Process | None = None
+        self._answers: deque[asyncio.Future[WorkerStatus]] = deque()
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="delivery-worker")
+
+    async def stop(self) -> None:
+        """Close the worker's stdin, give it `stop_seconds` to finish, then kill it."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        process = self._process
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), self._stop_seconds)
+        except TimeoutError:
+            log.warning("delivery_worker_killed", pid=process.pid,
+                        after_seconds=self._stop_seconds)
+        finally:
+            # Also when our own stop is cut short (the grace period is over): what the
+            # worker had not finished is resumed from the store at the next start.
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await asyncio.shield(process.wait())
+        await self._forget(process)
+
+    def kill(self) -> None:
+        """At once (the shutdown's grace period is over): the store keeps what it missed."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        if self.running and self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+
+    def poke(self, *_: object) -> None:
+        """After each commit: tell the worker that new messages are in the store."""
+        process = self._process
+        if process is None or process.stdin is None or process.stdin.is_closing():
+            return
+        # One unread poke is enough to wake it; never let pokes pile up behind a busy worker.
+        if process.stdin.transport.get_write_buffer_size() == 0:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                process.stdin.write(POKE)
+
+    async def status(self, timeout: float = 2.0) -> WorkerStatus | None:
+        """The worker's status, or None if it is not running or does not answer in time."""
+        process = self._process
+        if not self.running or process is None or process.stdin is None:
+            return None
+        answer: asyncio.Future[WorkerStatus] = asyncio.get_running_loop().create_future()
+        self._answers.append(answer)
+        try:
+            process.stdin.write(STATUS)
+            return await asyncio.wait_for(asyncio.shield(answer), timeout)
+        except (TimeoutError, ConnectionError, RuntimeError, WorkerGone):
+            return None
+
+    async def _spawn(self) -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=MAX_STATUS_BYTES)
+        assert process.stdin is not None
+        # Settings through the pipe, not the command line or the environment: they hold
+        # the admin token and the SMTP password.
+        process.stdin.write(json.dumps(dataclasses.asdict(self._config)).encode() + b"\n")
+        self._process = process
+        self.starts += 1
+        self._reader = asyncio.create_task(self._read_answers(process),
+                                           name="delivery-worker-answers")
+        log.info("delivery_worker_started", pid=process.pid)
+
+    async def _read_answers(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        with contextlib.suppress(ValueError, ConnectionError):  # ValueError: line too long
+            while line := await process.stdout.readline():
+                if not self._answers:
+                    continue
+                answer = self._answers.popleft()
+                try:
+                    data = json.loads(line)
+                    status = WorkerStatus(bool(data["operator_connected"]),
+                                          int(data["waiting_hand_over"]),
+                                          int(data["waiting_reports"]), str(data["metrics"]))
+                except (ValueError, KeyError, TypeError) as exc:
+                    if not answer.done():
+                        answer.set_exception(WorkerGone(f"bad status: {exc}"))
+                    continue
+                if not answer.done():
+                    answer.set_result(status)
+
+    async def _supervise(self) -> None:
+        """Start the worker again whenever it dies: delivery resumes from the store."""
+        while True:
+            process = self._process
+            assert process is not None
+            code = await process.wait()
+            await self._forget(process)
+            log.error("delivery_worker_exited", pid=process.pid, code=code,
+                      restart_in=self._restart_seconds)
+            await asyncio.sleep(self._restart_seconds)
+            try:
+                await self._spawn()
+            except OSError as exc:
+                log.error("delivery_worker_start_failed", error=str(exc))
+                self._process = process  # its wait() returns at once: try again later
+
+    async def _forget(self, process: asyncio.subprocess.Process) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._reader, 1.0)
+            self._reader = None
+        while self._answers:
+            answer = self._answers.popleft()
+            if not answer.done():
+                answer.set_exception(WorkerGone(f"worker {process.pid} exited"))
+
+
+class WorkerGone(Exception):
+    pass
+
+
+# -- the worker process ---------------------------------------------------------------------
+
+async def run(config: Config, commands: asyncio.StreamReader,
+              answers: asyncio.WriteTransport) -> None:
+    """Deliver until `commands` ends (or SIGTERM), then stop cleanly."""
+    from gateway.app import delivery_services
+    from gateway.store.sqlite import SQLiteStore
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides when we
+    # stop (it closes our stdin), so that its last commits are still delivered.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds)
+    metrics = Metrics(per_account_labels=config.metrics.per_account_labels)
+    await store.open()
+    callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
+                                              ZoneInfo(config.send.timezone),
+                                              follow_store=True)
+    try:
+        await callbacks.start()
+        await dispatcher.start()
+        log.info("delivery_worker_ready")
+
+        async def listen() -> None:
+            while chunk := await commands.read(4096):
+                if POKE in chunk:
+                    dispatcher.poke()
+                for _ in range(chunk.count(STATUS)):
+                    answers.write(json.dumps({
+                        "operator_connected": dispatcher.operator.connected,
+                        "waiting_hand_over": dispatcher.waiting_hand_over,
+                        "waiting_reports": dispatcher.waiting_reports,
+                        "metrics": metrics.exposition().decode(),
+                    }).encode() + b"\n")
+
+        listening = asyncio.create_task(listen())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (listening, stopping):
+            task.cancel()
+    finally:
+        await dispatcher.stop()
+        await callbacks.stop()
+        await store.close()
+        log.info("delivery_worker_stopped")
+
+
+async def _main() -> int:
+    loop = asyncio.get_running_loop()
+    commands = asyncio.StreamReader(limit=MAX_STATUS_BYTES)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
+    answers, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
+    line = await commands.readline()
+    if not line:
+        return 0  # the parent went away before sending the settings
+    config = from_dict(json.loads(line))
+    logs.configure(config.log.format, config.log.level)
+    await run(config, commands, answers)
+    return 0
+
+
+def main() -> int:
+    from gateway.cli import install_uvloop
+
+    install_uvloop()
+    try:
+        return asyncio.run(_main())
+    except KeyboardInterrupt:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
