@@ -68,6 +68,11 @@ class Dispatcher:
         self._operator_stopped = False
         # Messages with a higher id reach us through on_commit; the others by recovery.
         self._live_after: int | None = None
+        self._started_at_id = 0
+        # Set once the messages stored before the start are read back. The deferred loop
+        # waits for it: a deferred message it marked sent meanwhile would look like one
+        # to resume, and go to the operator twice.
+        self._recovered = asyncio.Event()
         self._follow = follow_store
         self._poll = poll_seconds
         self._tasks: list[asyncio.Task[None]] = []
@@ -129,8 +134,9 @@ class Dispatcher:
     async def start(self) -> None:
         # Read before anything can be committed (services start before requests are
         # served), so no message is both recovered and handed over live.
+        self._started_at_id = await self._store.last_message_id()
         # Following the store, every message is read from it: none is "recovered".
-        self._live_after = None if self._follow else await self._store.last_message_id()
+        self._live_after = None if self._follow else self._started_at_id
         self._next_deferred = await self._store.next_deferred_at()
         await self.operator.start(self.report)
         self._report_task = asyncio.create_task(self._report_loop(), name="delivery-reports")
@@ -143,6 +149,7 @@ class Dispatcher:
     async def stop(self) -> None:
         """Finish the batch in hand, stop the operator, then store the reports received."""
         self._stopping.set()
+        self._recovered.set()
         self._ready_wake.set()
         self._deferred_wake.set()
         for task in self._tasks:
@@ -175,20 +182,34 @@ class Dispatcher:
                     worked = True
                 # Alternating with live messages: a large backlog must not stall new sends.
                 if recovering and not self._stopping.is_set():
+                    newest = await self._store.last_message_id() \
+                        if recover_upto is None else 0
                     page = await self._store.undelivered(after_id=cursor,
                                                          limit=self._max_batch)
-                    mine = page if recover_upto is None else \
-                        [m for m in page if m.id <= recover_upto]
+                    if recover_upto is None:
+                        # Sent after our start: by our own deferred loop, not to resume.
+                        mine = [m for m in page
+                                if m.sent_at is None or m.id <= self._started_at_id]
+                    else:
+                        mine = [m for m in page if m.id <= recover_upto]
                     recovering = recover_upto is None or len(mine) == self._max_batch
+                    if page and recover_upto is None:
+                        cursor = page[-1].id
                     if mine:
-                        cursor = mine[-1].id
+                        cursor = max(cursor, mine[-1].id)
                         in_hand = mine
                         await self._hand_over(mine)
                         in_hand = ()
                         worked = True
+                    if not self._recovered.is_set() and (
+                            len(page) < self._max_batch or cursor >= self._started_at_id):
+                        self._recovered.set()
                     if not recovering:
                         log.info("delivery_recovered", upto=recover_upto)
-                    elif recover_upto is None and len(mine) < self._max_batch:
+                    elif recover_upto is None and len(page) < self._max_batch:
+                        # A short page holds every undelivered message up to `newest`
+                        # (read before it): never scan the settled ones below it again.
+                        cursor = max(cursor, newest)
                         worked = bool(self._ready)  # caught up: wait for a poke
             except Exception as exc:
                 # Not taken by the operator: back to the front of the queue, to be tried
@@ -272,6 +293,7 @@ class Dispatcher:
     # -- deferred ----------------------------------------------------------------------
 
     async def _deferred_loop(self) -> None:
+        await self._recovered.wait()
         while not self._stopping.is_set():
             if self._follow:
                 # No on_commit to lower the hint: read the nearest time at each poke.

@@ -136,6 +136,8 @@ def merge_expositions(*texts: bytes) -> bytes:
                     samples[key] += sample.value
     lines: list[str] = []
     for name, (doc, kind, samples) in families.items():
+        if kind == "counter":
+            name += "_total"  # the parser drops it; the text format's lines carry it
         lines.append(f"# HELP {name} {_escape_help(doc)}")
         lines.append(f"# TYPE {name} {kind}")
         for (sample, labels), value in samples.items():

@@ -32,6 +32,9 @@ log = structlog.get_logger("gateway.outbox")
 
 Result = Literal["ok", "retry", "dead"]
 
+# How often, at most, a claim reads past busy targets' items (see `_step`).
+DEEP_CLAIM_SECONDS = 1.0
+
 
 class AttemptFailed(Exception):
     """An attempt failed; `detail` is short, safe to store and log (no secrets, no URL)."""
@@ -125,6 +128,7 @@ class OutboxWorker:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._next_deep = 0.0
         self.stats = WorkerStats()
 
     def wake(self) -> None:
@@ -173,26 +177,37 @@ class OutboxWorker:
 
     async def _step(self) -> float | None:
         """Record results, claim what can start; return when to look again (None: on wake)."""
-        await self._flush()
+        now = self._clock.now()
         free = self._max - len(self._running)
-        if free > 0:
-            limit = free
+        busy = self._busy_targets()
+        # Reading past a busy target's backlog costs a scan of it: at most once a second,
+        # so that other targets' items behind it still get their turn.
+        deep = bool(busy) and now >= self._next_deep
+        if deep:
+            self._next_deep = now + DEEP_CLAIM_SECONDS
+        results, self._results = self._results, []
+        try:
             items = await self._store.claim_outbox(
-                self._kinds, now=self._clock.now(), lease=self._lease, limit=limit,
-                per_target=self._per_key, skip_targets=self._busy_targets())
-            for item in items:
-                if item.id not in self._running:
-                    self._launch(item)
-            if len(items) == limit and len(self._running) < self._max:
-                return self._clock.now()  # more may be due
-        if len(self._running) >= self._max:
-            return None  # a finishing attempt wakes us
-        next_at = await self._store.next_outbox_at(self._kinds,
-                                                   skip_targets=self._busy_targets())
+                self._kinds, now=now, lease=self._lease, limit=max(free, 0),
+                per_target=self._per_key, skip_targets=busy, deep=deep, results=results)
+        except BaseException:
+            # Kept for the next pass; if the gateway stops first, the leases expire and
+            # the items are tried again.
+            self._results[:0] = results
+            raise
+        for item in items:
+            if item.id not in self._running:
+                self._launch(item)
+        if free > 0 and len(items) == free and len(self._running) < self._max:
+            return self._clock.now()  # more may be due
+        if self._running:
+            # A finishing attempt wakes us, and new items do (`wake`). Look again within a
+            # second anyway for retries coming due behind busy targets: cheaper than
+            # asking the store for the next due time after every attempt.
+            return self._clock.now() + DEEP_CLAIM_SECONDS
+        next_at = await self._store.next_outbox_at(self._kinds)
         if next_at is not None and next_at <= self._clock.now():
-            # Due but not claimable now (its target is at its bound): a finishing attempt
-            # wakes us; with none running, look again right away.
-            return None if self._running else self._clock.now()
+            return self._clock.now()  # due but not in this claim's window: look again
         return next_at
 
     def _busy_targets(self) -> list[str]:
