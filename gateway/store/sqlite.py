@@ -108,8 +108,11 @@ LOCK_RETRY_MAX = 0.002
 
 
 class SQLiteStore:
-    def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout: float = 10.0,
+                 sync_each_commit: bool = True) -> None:
+        """`sync_each_commit` False: for a process whose writes can be redone (see worker)."""
         self.path = str(path)
+        self._synchronous = "FULL" if sync_each_commit else "NORMAL"
         # Seconds a statement waits for another process's lock before failing (locked).
         self._busy_ms = max(0, int(busy_timeout * 1000))
         self._writer: aiosqlite.Connection | None = None
@@ -151,7 +154,7 @@ class SQLiteStore:
             mode = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
             if mode and mode[0][0] != "wal" and self.path != ":memory:":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
-            await conn.execute("PRAGMA synchronous = FULL")
+            await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             await conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:
             await conn.close()  # else its thread outlives the failed open
