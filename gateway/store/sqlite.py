@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -44,6 +44,8 @@ from gateway.store import (
     User,
     UserChanges,
 )
+from gateway.store.writer import Conn, Writer
+from gateway.store.writer import begin as start
 
 _USER_COLUMNS = """
     u.id, u.account_id, a.name, u.login, u.password_hash, u.quota_active, u.quota_left,
@@ -100,11 +102,10 @@ def _unavailable(exc: BaseException) -> bool:
         exc, sqlite3.IntegrityError | sqlite3.ProgrammingError)
 
 
+T = TypeVar("T")
+
 # How many due outbox items a claim looks at, per item it may take (see claim_outbox).
 CLAIM_WINDOW = 4
-# Pauses between two tries to take the write lock from another process (see _begin).
-LOCK_RETRY_FIRST = 0.0005
-LOCK_RETRY_MAX = 0.002
 
 
 class SQLiteStore:
@@ -115,7 +116,7 @@ class SQLiteStore:
         self._synchronous = "FULL" if sync_each_commit else "NORMAL"
         # Seconds a statement waits for another process's lock before failing (locked).
         self._busy_ms = max(0, int(busy_timeout * 1000))
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
         # One transaction at a time on the writer connection: statements of two
         # transactions must never interleave on it.
@@ -135,9 +136,11 @@ class SQLiteStore:
         except OSError as exc:
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
         try:
-            self._writer = await self._connect()
+            self._writer = Writer(self.path, busy_timeout=self._busy_ms / 1000,
+                                  synchronous=self._synchronous)
+            await self._writer.open()
             await self._migrate()
-            # From here on the writer waits for the lock in `_begin`, not in SQLite.
+            # From here on the writer waits for the lock in `begin`, not in SQLite.
             await self._writer.execute("PRAGMA busy_timeout = 0")
             self._reader = await self._connect()
             await self._reader.execute("PRAGMA query_only = ON")
@@ -162,10 +165,12 @@ class SQLiteStore:
         return conn
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                with suppress(sqlite3.Error, ValueError):
-                    await conn.close()
+        if self._reader is not None:
+            with suppress(sqlite3.Error, ValueError):
+                await self._reader.close()
+        if self._writer is not None:
+            with suppress(sqlite3.Error):
+                await self._writer.close()
         self._reader = self._writer = None
 
     async def _migrate(self) -> None:
@@ -194,7 +199,7 @@ class SQLiteStore:
                 raise
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _tx(self) -> AsyncIterator[Writer]:
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
         async with self._write_lock:
@@ -202,7 +207,8 @@ class SQLiteStore:
             # The statement runs on the connection's thread whatever happens to us: if we
             # are cancelled while it waits for the lock, finish and undo it before letting
             # another transaction near the connection.
-            begin = asyncio.ensure_future(self._begin(db))
+            wait = self._busy_ms / 1000
+            begin = asyncio.ensure_future(db.run(lambda conn: start(conn, wait)))
             try:
                 await asyncio.shield(begin)
             except asyncio.CancelledError:
@@ -227,27 +233,22 @@ class SQLiteStore:
                     raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
                 raise
 
-    async def _begin(self, db: aiosqlite.Connection) -> None:
-        """BEGIN IMMEDIATE, waiting up to the busy timeout for another process's lock.
+    async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+        """A transaction of the busy paths: run whole in the writer's thread (see writer.py).
 
-        SQLite's own busy handler sleeps 1, 2, 5, 10... up to 100 ms between tries, so a
-        send could wait 100 ms for a lock the delivery worker held for 2 ms (p99 600 ms in
-        scripts/bench). Trying again every millisecond or two keeps that wait near the
-        other transaction's length.
+        The rare ones (admin changes) use `_tx`, a statement per trip from the event loop.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._busy_ms / 1000
-        pause = LOCK_RETRY_FIRST
-        while True:
+        if self._writer is None:
+            raise StoreUnavailable("the store is closed")
+        async with self._write_lock:
             try:
-                await db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # or an extended code
-                if not busy or loop.time() >= deadline:
-                    raise
-            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
-            pause = min(pause * 2, LOCK_RETRY_MAX)
+                return await self._writer.transaction(body)
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(str(exc)) from exc
+            except sqlite3.Error as exc:
+                if _unavailable(exc):
+                    raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
+                raise
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         if self._reader is None:
@@ -261,12 +262,14 @@ class SQLiteStore:
 
     async def check_writable(self) -> None:
         """Readiness: prove a write transaction can start and commit."""
-        async with self._tx() as db:
+        async def body(db: Conn) -> Any:
             await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ready', '1')")
+
+        return await self._transaction(body)
 
     # -- accounts and senders --------------------------------------------------------
 
-    async def _account_id(self, db: aiosqlite.Connection, name: str) -> int:
+    async def _account_id(self, db: Conn, name: str) -> int:
         rows = await db.execute_fetchall("SELECT id FROM accounts WHERE name = ?", (name,))
         if not rows:
             raise NotFound(f"unknown account {name!r}")
@@ -357,7 +360,7 @@ class SQLiteStore:
                 raise Conflict(f"user {login!r} already exists in {account!r}") from exc
         return await self.get_user(account, login)
 
-    async def _fetch_user(self, db: aiosqlite.Connection, account: str, login: str) -> User:
+    async def _fetch_user(self, db: Conn, account: str, login: str) -> User:
         rows = await db.execute_fetchall(
             f"SELECT {_USER_COLUMNS} FROM users u JOIN accounts a ON a.id = u.account_id "
             "WHERE a.name = ? AND u.login = ?", (account, login))
@@ -407,7 +410,7 @@ class SQLiteStore:
             await self._evaluate_alerts(db, [user.account_id], at)
             return await self._fetch_user(db, account, login)
 
-    async def _set_quota(self, db: aiosqlite.Connection, user: User, quota: int | None,
+    async def _set_quota(self, db: Conn, user: User, quota: int | None,
                          at: float) -> None:
         """Move credits between the account and the user's quota, as OVH does."""
         balance = (await db.execute_fetchall("SELECT balance FROM accounts WHERE id = ?",
@@ -428,7 +431,7 @@ class SQLiteStore:
         await db.execute("UPDATE users SET quota_active = 1, quota_left = ? WHERE id = ?",
                          (quota, user.id))
 
-    async def _move_quota(self, db: aiosqlite.Connection, user: User, delta: int,
+    async def _move_quota(self, db: Conn, user: User, delta: int,
                           at: float) -> None:
         if delta == 0:
             return
@@ -492,7 +495,7 @@ class SQLiteStore:
         out as a few executemany calls: each statement costs a thread hop, so the number of
         statements does not grow with the batch.
         """
-        async with self._tx() as db:
+        async def body(db: Conn) -> Any:
             account_ids = sorted({o.account_id for o in orders})
             user_ids = sorted({o.user_id for o in orders if o.user_id is not None})
             balances = dict(await db.execute_fetchall(
@@ -544,7 +547,9 @@ class SQLiteStore:
                     await db.executemany("UPDATE users SET quota_left = ? WHERE id = ?",
                                          [(quotas[u], u) for u in touched_users])
                 await self._evaluate_alerts(db, sorted(touched_accounts), at)
-        return outcomes
+            return outcomes
+
+        return await self._transaction(body)
 
     @staticmethod
     def _decide(order: SendOrder, at: float, next_id: int, balances: dict[int, int],
@@ -587,7 +592,7 @@ class SQLiteStore:
                        total, reference))
         return SendOutcome(True, credit_left, ids, tuple(out)), next_id + len(ids)
 
-    async def _evaluate_alerts(self, db: aiosqlite.Connection, account_ids: Iterable[int],
+    async def _evaluate_alerts(self, db: Conn, account_ids: Iterable[int],
                                at: float) -> None:
         """Fire the low-credit alerts crossed by this transaction, and re-arm the others.
 
@@ -626,7 +631,7 @@ class SQLiteStore:
             "INSERT INTO outbox (kind, account_id, user_id, target, payload, created_at, "
             "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)", items)
 
-    async def _ledger(self, db: aiosqlite.Connection, at: float, account_id: int,
+    async def _ledger(self, db: Conn, at: float, account_id: int,
                       user_id: int | None, login: str | None, kind: str, source: str,
                       target: str, amount: int, reference: str) -> None:
         await db.execute(
@@ -665,11 +670,13 @@ class SQLiteStore:
     async def mark_sent(self, ids: Sequence[int], *, at: float) -> None:
         if not ids:
             return
-        async with self._tx() as db:
+        async def body(db: Conn) -> Any:
             await db.executemany(
                 "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ? "
                 "WHERE id = ? AND state IN ('queued', 'deferred')",
                 [(at, at, i) for i in ids])
+
+        return await self._transaction(body)
 
     async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates:
         """Record state changes; queue their callbacks and refunds in the same transaction.
@@ -681,7 +688,7 @@ class SQLiteStore:
         if not updates:
             return AppliedUpdates()
         ids = sorted({u.message_id for u in updates})
-        async with self._tx() as db:
+        async def body(db: Conn) -> Any:
             rows = await db.execute_fetchall(
                 "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
                 "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
@@ -749,7 +756,9 @@ class SQLiteStore:
                                      "WHERE id = ?", [(v, k) for k, v in quota_refunds.items()])
                 await self._evaluate_alerts(db, sorted({r[1] for r in refunds}),
                                             refunds[-1][0])
-        return AppliedUpdates(len(callbacks), tuple(finals), tuple(ignored))
+            return AppliedUpdates(len(callbacks), tuple(finals), tuple(ignored))
+
+        return await self._transaction(body)
 
     # -- outbox ----------------------------------------------------------------------
 
@@ -793,7 +802,7 @@ class SQLiteStore:
             params.extend(skip_targets)
         params.append(limit * CLAIM_WINDOW)
         skipped = set(skip_targets)
-        async with self._tx() as db:
+        async def body(db: Conn) -> Any:
             if results:
                 await self._record_results(db, results)
             if limit <= 0:
@@ -820,6 +829,9 @@ class SQLiteStore:
                 f"WHERE id IN ({_marks(len(chosen))}) "
                 "RETURNING id, kind, message_id, account_id, user_id, target, payload, "
                 "created_at, attempts", (now + lease, *chosen))
+            return rows
+
+        rows = await self._transaction(body)
         items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
                  for r in rows]
         items.sort(key=lambda item: item.id)
@@ -848,11 +860,13 @@ class SQLiteStore:
     async def record_outbox_results(self, results: Sequence[OutboxResult]) -> None:
         if not results:
             return
-        async with self._tx() as db:
+        async def body(db: Conn) -> Any:
             await self._record_results(db, results)
 
+        return await self._transaction(body)
+
     @staticmethod
-    async def _record_results(db: aiosqlite.Connection,
+    async def _record_results(db: Conn,
                               results: Sequence[OutboxResult]) -> None:
         await db.executemany(
             "INSERT INTO outbox_attempts (outbox_id, at, ok, detail) VALUES (?, ?, ?, ?)",

@@ -1,0 +1,220 @@
+"""The store's write connection: one thread owns it, and a hot transaction runs there whole.
+
+aiosqlite runs each statement in its connection's thread, then comes back to the event loop
+before the next one. A transaction of ten statements thus held SQLite's write lock across
+ten trips through the event loop, and a busy loop (the delivery worker calling callback
+URLs) made each trip long. In `scripts/bench` the two processes waited for the lock two
+thirds of the time, transactions held it up to 85 ms, and the sends' p99 followed.
+
+Here the transactions of the busy paths (`transaction`) run start to finish in the
+writer's thread: one trip from the event loop, and the lock is held for the SQL alone. They
+are still written as coroutines over a connection, like every other transaction of the
+store: in the thread they get a connection (`InThread`) whose methods never suspend, so the
+coroutine runs to its end in a single step (`_run_to_end`). The other transactions (admin
+changes, rare) use the writer from the event loop, one trip per statement (`execute`...).
+
+The write lock is also waited for in the thread, with short sleeps (`begin`): SQLite's own
+busy handler sleeps up to 100 ms between tries, and a wait driven from the event loop wakes
+late when the loop is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from queue import SimpleQueue
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+# Pauses between two tries to take the write lock from another process.
+LOCK_RETRY_FIRST = 0.0001
+LOCK_RETRY_MAX = 0.001
+
+
+class Conn(Protocol):
+    """What transactions use of a connection: aiosqlite's shape, in either thread."""
+
+    @property
+    def in_transaction(self) -> bool: ...
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor: ...
+    async def executemany(self, sql: str,
+                          params: Iterable[Sequence[Any]]) -> sqlite3.Cursor: ...
+    async def execute_fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
+
+
+def begin(conn: sqlite3.Connection, wait: float) -> None:
+    """BEGIN IMMEDIATE, waiting up to `wait` seconds for another process's write lock."""
+    deadline = time.monotonic() + wait
+    pause = LOCK_RETRY_FIRST
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # or an extended code
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, LOCK_RETRY_MAX)
+
+
+class InThread:
+    """The connection as a transaction running in the writer's thread sees it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._conn.execute(sql, params)
+
+    async def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self._conn.executemany(sql, params)
+
+    async def execute_fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._conn.execute(sql, params).fetchall()
+
+
+def _run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (it only awaits `InThread`) in one step."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise RuntimeError("a store transaction awaited something other than its connection")
+
+
+class Writer:
+    def __init__(self, path: str, *, busy_timeout: float, synchronous: str) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._synchronous = synchronous
+        self._jobs: SimpleQueue[tuple[asyncio.Future[Any], Callable[[], Any]] | None] = \
+            SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="store-writer", daemon=True)
+        self._thread.start()
+        try:
+            await self._call(self._connect)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            # SQLite waits for the lock only while migrating; afterwards `begin` does.
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            if mode and mode[0][0] != "wal" and self.path != ":memory:":
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        conn = self._conn
+
+        def close() -> None:
+            if conn is not None:
+                conn.close()
+
+        try:
+            await self._call(close)
+        finally:
+            self._jobs.put(None)
+            self._conn = None
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, call = job
+            try:
+                result = call()
+            except BaseException as exc:
+                _settle(future, None, exc)
+            else:
+                _settle(future, result, None)
+
+    async def _call(self, call: Callable[[], T]) -> T:
+        if self._thread is None:
+            raise sqlite3.ProgrammingError("the store's writer is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((future, call))
+        return await future
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise sqlite3.ProgrammingError("the store's writer is closed")
+        return self._conn
+
+    async def run(self, call: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._call(lambda: call(self._connection()))
+
+    async def transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+        """BEGIN IMMEDIATE, `body`, COMMIT (ROLLBACK on error): all in the thread, at once.
+
+        Once started it finishes even if the caller is cancelled: the caller only loses
+        the answer, never half a transaction.
+        """
+        def whole() -> T:
+            conn = self._connection()
+            begin(conn, self.busy_timeout)
+            try:
+                result = _run_to_end(body(InThread(conn)))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._call(whole)
+
+    # -- from the event loop, a statement at a time (see the module docstring) --------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn is not None and self._conn.in_transaction
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return await self.run(lambda conn: conn.execute(sql, params))
+
+    async def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return await self.run(lambda conn: conn.executemany(sql, params))
+
+    async def execute_fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return await self.run(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def executescript(self, script: str) -> None:
+        await self.run(lambda conn: conn.executescript(script))
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    def settle() -> None:
+        if future.done():
+            return  # the caller was cancelled; the work is done all the same
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting
+        future.get_loop().call_soon_threadsafe(settle)
