@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -25,6 +27,8 @@ from gateway.store import OutboxItem
 
 KIND = "callback"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+# What yarl leaves unescaped in a query value (checked by a test against yarl itself).
+YARL_SAFE = "!$'()*,/:?@~"
 
 
 def callback_params(payload: Mapping[str, Any], tz: ZoneInfo) -> dict[str, str]:
@@ -46,7 +50,27 @@ def callback_params(payload: Mapping[str, Any], tz: ZoneInfo) -> dict[str, str]:
 
 
 def callback_url(target: str, payload: Mapping[str, Any], tz: ZoneInfo) -> URL:
-    return URL(target).extend_query(callback_params(payload, tz))
+    base, separator = _parsed(target)
+    if base is None:
+        return URL(target).extend_query(callback_params(payload, tz))
+    # The target parsed once, the query encoded as yarl would (spaces as +, YARL_SAFE
+    # kept): parsing and re-encoding the whole URL for every callback was 5% of the
+    # delivery worker's CPU in scripts/bench.
+    return URL(base + separator + urlencode(callback_params(payload, tz), safe=YARL_SAFE),
+               encoded=True)
+
+
+@lru_cache(maxsize=4096)
+def _parsed(target: str) -> tuple[str | None, str]:
+    """The target as yarl encodes it and the separator before our parameters.
+
+    (None, ""): a URL with a fragment, which yarl's own extend_query handles.
+    """
+    url = URL(target)
+    if url.raw_fragment or not url.is_absolute():
+        return None, ""
+    text = str(url)
+    return text, "&" if url.raw_query_string else ("" if text.endswith("?") else "?")
 
 
 def host_key(target: str) -> str:
@@ -76,6 +100,9 @@ class CallbackHandler:
             connector=aiohttp.TCPConnector(limit=self._config.max_concurrency,
                                            limit_per_host=self._config.per_host_concurrency),
             headers={"User-Agent": "http2sms-gateway"},
+            # No cookies: callbacks of different users to one host must not share state.
+            # The body is never read, so never decompressed.
+            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
         )
 
     async def close(self) -> None:
