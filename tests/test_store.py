@@ -95,3 +95,34 @@ async def test_cached_send_settings_go_stale_on_change_from_another_process(
     finally:
         await server.close()
         await cli.close()
+
+
+async def test_the_queries_of_the_busy_paths_never_read_every_message(tmp_path: Path) -> None:
+    """What the delivery worker and the probes ask all the time must use an index: a query
+    that reads every row made a store of a million messages cost the worker a core."""
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "plans.sqlite3")
+    await store.open()
+    statements: list[str] = []
+    try:
+        assert store._reader is not None
+        await store._reader.set_trace_callback(statements.append)
+        await store.counts()
+        await store.next_deferred_at()
+        await store.due_deferred(1e12, 10)
+        await store.next_outbox_at(("callback",))
+        await store.undelivered(after_id=10, limit=10)
+        await store.last_message_id()
+        await store._reader.set_trace_callback(None)
+    finally:
+        await store.close()
+    queries = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(queries) >= 6, statements
+    with sqlite3.connect(tmp_path / "plans.sqlite3") as db:
+        for query in queries:
+            plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + query))
+            # A SCAN of a table without an index is a read of every row.
+            assert not any(step.startswith("SCAN ") and "INDEX" not in step
+                           and step != "SCAN CONSTANT ROW"
+                           for step in plan.split(" | ")), (query, plan)
