@@ -126,3 +126,34 @@ async def test_the_queries_of_the_busy_paths_never_read_every_message(tmp_path: 
             assert not any(step.startswith("SCAN ") and "INDEX" not in step
                            and step != "SCAN CONSTANT ROW"
                            for step in plan.split(" | ")), (query, plan)
+
+
+async def test_several_reports_of_one_message_in_a_batch_apply_in_order(
+        store: SQLiteStore) -> None:
+    """One batch may hold a message's acceptance, a retry and its delivery: the message
+    ends as the last says, with the first time it was sent and the time it was delivered;
+    every report is in its history, and its callbacks are queued in order."""
+    from gateway.store import StateUpdate
+
+    account = await store.create_account("a", 1000, at=1.0)
+    await store.update_account("a", callback_url="http://127.0.0.1:9/dlr")
+    user = await store.create_user("a", "u", "x", at=1.0)
+    order = SendOrder(account_id=account.id, user_id=user.id, login="u", sender="S",
+                      body="b", coding=1, parts=1, klass=1, no_stop=True, tag="",
+                      recipients=("+33612345670", "+33612345671"), costs=(100, 100))
+    (outcome,) = await store.commit_sends([order], at=2.0)
+    first, second = outcome.ids
+    applied = await store.apply_updates([
+        StateUpdate.from_ptt(first, 3, 10.0), StateUpdate.from_ptt(second, 3, 11.0),
+        StateUpdate.from_ptt(first, 25, 12.0), StateUpdate.from_ptt(first, 4, 13.0)])
+    assert applied.callbacks == 4 and not applied.ignored
+    message = await store.get_message(first)
+    assert (message.state, message.ptt, message.sent_at, message.delivered_at) == \
+        ("final", 4, 10.0, 13.0)
+    other = await store.get_message(second)
+    assert (other.state, other.ptt, other.sent_at, other.delivered_at) == \
+        ("sent", 3, 11.0, None)
+    assert [e.ptt for e in await store.message_events(first)] == [None, 3, 25, 4]
+    items = await store.claim_outbox(("callback",), now=100.0, lease=60.0, limit=10)
+    assert [(i.message_id, i.payload["ptt"]) for i in items] == \
+        [(first, 3), (second, 3), (first, 25), (first, 4)]
