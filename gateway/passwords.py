@@ -18,6 +18,8 @@ from collections import OrderedDict
 # n=2**14, r=8 is the interactive-login setting recommended for scrypt (~16 MiB, tens of ms).
 _N, _R, _P = 2**14, 8, 1
 _DKLEN = 32
+# scrypt checks running at once (each in a thread, each with its 16 MiB).
+MAX_CONCURRENT_HASHES = 2
 
 
 class InvalidPassword(ValueError):
@@ -68,6 +70,9 @@ class VerificationCache:
         self._size = size
         self._verdicts: OrderedDict[bytes, bool] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[bool]] = {}
+        # Each scrypt run takes 16 MiB: a burst of new or wrong credentials must not take
+        # 16 MiB per thread of the pool (a peak of ~150 MB in scripts/bench's first second).
+        self._hashing = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
 
     def _cache_key(self, password: str, stored: str) -> bytes:
         return hmac.new(self._key, stored.encode() + b"\0" + password.encode(),
@@ -86,7 +91,8 @@ class VerificationCache:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            verdict = await asyncio.to_thread(verify, password, stored)
+            async with self._hashing:
+                verdict = await asyncio.to_thread(verify, password, stored)
             future.set_result(verdict)
         except BaseException as exc:
             future.set_exception(exc)

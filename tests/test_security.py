@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import pytest
 
 from gateway.clock import ManualClock
 from gateway.iprules import parse_ip
@@ -121,3 +124,31 @@ def test_bearer_token_check() -> None:
     for header in ("", "Bearer", "Bearer s3cret", "Basic s3cret-token", "Bearer \udcff\udcfe"):
         assert not bearer_matches(header, "s3cret-token")
     assert not bearer_matches("Bearer ", "")  # no token configured: nobody gets in
+
+
+async def test_at_most_two_scrypt_checks_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each check takes 16 MiB: a burst of distinct credentials must not run one per thread."""
+    import threading
+    import time as clock
+
+    from gateway import passwords
+
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def slow_verify(password: str, stored: str) -> bool:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        clock.sleep(0.02)
+        with lock:
+            running -= 1
+        return True
+
+    monkeypatch.setattr(passwords, "verify", slow_verify)
+    cache = passwords.VerificationCache()
+    verdicts = await asyncio.gather(*(cache.verify(f"password{i}", "stored") for i in range(8)))
+    assert all(verdicts)
+    assert most == passwords.MAX_CONCURRENT_HASHES == 2
