@@ -181,6 +181,16 @@ class Following:
     async def history(self, message_id: int) -> list[tuple[int | None, int]]:
         return [(e.ptt, e.dlr) for e in await self.sending.message_events(message_id)]
 
+    async def once_more(self, receiver: str) -> None:
+        """One more pass of the hand-over loop: a new message, poked, until it is final.
+
+        Reports are stored in order, so any duplicate report of an earlier message is in
+        the store by then.
+        """
+        later = await self.commit(receiver)
+        self.dispatcher.poke()
+        await self.final(later)
+
 
 @contextlib.asynccontextmanager
 async def following(config: Config, *, poll_seconds: float, clock: Clock | None = None,
@@ -277,9 +287,7 @@ async def test_a_deferred_message_is_handed_to_the_operator_once(config: Config)
         await f.reaches(stuck, STUCK)
         # The hand-over loop reads the store again: it must not take the deferred message,
         # now sent, for one to resume.
-        other = await f.commit("+33612345001")
-        f.dispatcher.poke()
-        await f.final(other)
+        await f.once_more("+33612345001")
         assert await f.history(stuck) == [(None, 0), (3, 4), (STUCK, 8)]
         assert f.dispatcher.submitted == 2
 
@@ -299,10 +307,7 @@ async def test_a_deferred_message_due_during_a_backlog_is_handed_over_once(
             await eventually(lambda: f.dispatcher.submitted == 2)
         await f.final(queued)
         await f.reaches(stuck, STUCK)
-        # One more pass of the hand-over loop over the store.
-        later = await f.commit("+33612345004")
-        f.dispatcher.poke()
-        await f.final(later)
+        await f.once_more("+33612345004")
         assert await f.history(stuck) == [(None, 0), (3, 4), (STUCK, 8)]
         assert f.dispatcher.submitted == 5
 
@@ -329,9 +334,7 @@ async def test_a_deferred_message_due_during_recovery_is_handed_over_once(
         # The recovery is over, and a message committed after it goes out behind whatever
         # the recovery handed over: its final state comes after any duplicate report.
         await eventually(f.dispatcher._recovered.is_set)
-        later = await f.commit("+33612345004")
-        f.dispatcher.poke()
-        await f.final(later)
+        await f.once_more("+33612345004")
         assert await f.history(stuck) == [(None, 0), (3, 4), (STUCK, 8)]
         assert f.dispatcher.submitted == 5
 
