@@ -122,16 +122,18 @@ async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
     if dispatcher is not None:
         backlog.labels("handover").set(dispatcher.waiting_hand_over)
         backlog.labels("reports").set(dispatcher.waiting_reports)
-    body = gateway.metrics.exposition()
-    if gateway.worker is not None:
-        # Delivery and callback figures live in the worker process: one scrape shows both.
-        status = await gateway.worker.status()
-        if status is None:
-            log.warning("metrics_worker_unavailable")
-        else:
-            backlog.labels("handover").set(status.waiting_hand_over)
-            backlog.labels("reports").set(status.waiting_reports)
-            body = merge_expositions(gateway.metrics.exposition(), status.metrics.encode())
+    if gateway.worker is None:
+        return web.Response(body=gateway.metrics.exposition(),
+                            headers={"Content-Type": CONTENT_TYPE})
+    # Delivery and callback figures live in the worker process: one scrape shows both.
+    status = await gateway.worker.status()
+    if status is None:
+        log.warning("metrics_worker_unavailable")
+        body = gateway.metrics.exposition()
+    else:
+        backlog.labels("handover").set(status.waiting_hand_over)
+        backlog.labels("reports").set(status.waiting_reports)
+        body = merge_expositions(gateway.metrics.exposition(), status.metrics.encode())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -203,23 +203,17 @@ class SQLiteStore:
             await self._migrate()
             # From here on the writer waits for the lock in `begin`, not in SQLite.
             await self._writer.execute("PRAGMA busy_timeout = 0")
-            self._reader = await self._connect()
-            await self._reader.execute("PRAGMA query_only = ON")
+            self._reader = await self._connect_reader()
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect_reader(self) -> aiosqlite.Connection:
+        """The read-only connection; the writer set up the file (WAL, migrations)."""
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         try:
-            # WAL lets readers run during a commit; synchronous=FULL makes an answered send
-            # survive power loss, not only a process crash.
             await conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            mode = await conn.execute_fetchall("PRAGMA journal_mode = WAL")
-            if mode and mode[0][0] != "wal" and self.path != ":memory:":
-                raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
-            await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            await conn.execute("PRAGMA foreign_keys = ON")
+            await conn.execute("PRAGMA query_only = ON")
         except BaseException:
             await conn.close()  # else its thread outlives the failed open
             raise
