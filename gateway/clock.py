@@ -65,10 +65,16 @@ async def sleep_until(clock: Clock, deadline: float | None, wake: asyncio.Event)
         return
     pending: set[asyncio.Future[Any]] = {asyncio.ensure_future(wake.wait())}
     if deadline is not None:
-        pending.add(asyncio.ensure_future(clock.sleep(deadline - clock.now())))
+        pending.add(asyncio.ensure_future(_sleep_to(clock, deadline)))
     try:
         await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for future in pending:
             future.cancel()
     wake.clear()
+
+
+async def _sleep_to(clock: Clock, deadline: float) -> None:
+    # The delay is taken when the task first runs, not when it is made: a test clock moved
+    # in between would otherwise count the delay from its new time, and oversleep.
+    await clock.sleep(deadline - clock.now())
