@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import signal
 import sys
 from collections import deque
 from dataclasses import dataclass
+from typing import IO
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -230,6 +232,7 @@ async def run(config: Config, commands: asyncio.StreamReader,
     # power cut before that loses only records that are redone: a report not stored
     # leaves its message to be resumed, a callback result not stored means the callback
     # goes again (delivery and callbacks are at least once anyway).
+    lock = await _only_worker(config.store.path)
     store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds,
                         sync_each_commit=False)
     metrics = Metrics(per_account_labels=config.metrics.per_account_labels)
@@ -263,7 +266,32 @@ async def run(config: Config, commands: asyncio.StreamReader,
         await dispatcher.stop()
         await callbacks.stop()
         await store.close()
+        if lock is not None:
+            lock.close()
         log.info("delivery_worker_stopped")
+
+
+async def _only_worker(store_path: str) -> IO[bytes] | None:
+    """Wait until no other delivery worker runs on this store, then keep it that way.
+
+    A worker whose parent was killed finishes its batch after a new gateway has started.
+    Had both run at once, the old one could mark sent a message the new one had already
+    passed over, and that message would wait for the next restart. The lock (a file next
+    to the store, held until this process ends) makes the new worker wait instead.
+    """
+    if store_path == ":memory:":
+        return None
+    handle = open(f"{store_path}-delivery.lock", "ab")  # noqa: SIM115 (held until exit)
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if not waiting:
+                log.info("delivery_worker_waiting", reason="another worker is stopping")
+                waiting = True
+            await asyncio.sleep(0.1)
 
 
 async def _main() -> int:
