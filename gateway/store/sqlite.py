@@ -139,9 +139,9 @@ async def _insert(db: Conn, head: str, row: str, rows: Sequence[Sequence[Any]]) 
     """`head VALUES row, row, ...`: many rows in one statement rather than executemany.
 
     executemany runs the statement once per row, and the sqlite3 module lets go of the GIL
-    and takes it back around each run. In the writer's thread, while holding SQLite's write
-    lock, every take-back waits for the busy event loop's thread: under scripts/bench a
-    1,000-row executemany held the lock for about 100 ms. One statement runs once.
+    and takes it back around each run: from a thread, under scripts/bench, a 1,000-row
+    executemany held SQLite's write lock for about 100 ms. One statement, run once, is
+    also the cheaper one on the event loop's thread (see writer.py).
     """
     if not rows:
         return
@@ -289,7 +289,7 @@ class SQLiteStore:
                 raise
 
     async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
-        """A transaction of the busy paths: run whole in the writer's thread (see writer.py).
+        """A transaction of the busy paths: run whole, at once, on the loop (see writer.py).
 
         The rare ones (admin changes) use `_tx`, a statement per trip from the event loop.
         """

@@ -1,21 +1,24 @@
-"""The store's write connection: one thread owns it, and a hot transaction runs there whole.
+"""The store's write connection, and how a transaction takes SQLite's write lock.
 
-aiosqlite runs each statement in its connection's thread, then comes back to the event loop
-before the next one. A transaction of ten statements thus held SQLite's write lock across
-ten trips through the event loop, and a busy loop (the delivery worker calling callback
-URLs) made each trip long. In `scripts/bench` the two processes waited for the lock two
-thirds of the time, transactions held it up to 85 ms, and the sends' p99 followed.
+A transaction of the busy paths (`transaction`: group commits, delivery updates, outbox
+claims) runs on the event loop's own thread, start to finish, once the lock is taken. Its
+statements are bounded batches (a few ms of SQL at most), so the loop is paused for no
+longer than the commit itself. Why not in a thread: a thread has to win the GIL back from
+the busy event loop after every statement, and CPython gives it back only every 5 ms
+(`sys.getswitchinterval`). In `scripts/bench` a group commit, run in the writer's thread,
+took 14 ms on average and held SQLite's lock all that time, so the two processes waited for
+each other; run here, 4.5 ms, and 2,000 sends/s became 2,800 (p99 90 ms to 45 ms).
 
-Here the transactions of the busy paths (`transaction`) run start to finish in the
-writer's thread: one trip from the event loop, and the lock is held for the SQL alone. They
-are still written as coroutines over a connection, like every other transaction of the
-store: in the thread they get a connection (`InThread`) whose methods never suspend, so the
-coroutine runs to its end in a single step (`_run_to_end`). The other transactions (admin
-changes, rare) use the writer from the event loop, one trip per statement (`execute`...).
+Transactions are still written as coroutines over a connection, like every other
+transaction of the store: they get a connection (`Direct`) whose methods never suspend, so
+the coroutine runs to its end in a single step (`_run_to_end`).
 
-The write lock is also waited for in the thread, with short sleeps (`begin`): SQLite's own
-busy handler sleeps up to 100 ms between tries, and a wait driven from the event loop wakes
-late when the loop is busy.
+The write lock is waited for with short sleeps of the event loop (`transaction`): SQLite's
+own busy handler sleeps up to 100 ms between tries, and would block the loop besides.
+
+The other transactions (admin changes, migrations: rare, possibly long) keep to the
+writer's thread, one trip per statement (`execute`...), so that a long one never stalls the
+event loop.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ T = TypeVar("T")
 # Pauses between two tries to take the write lock from another process.
 LOCK_RETRY_FIRST = 0.0001
 LOCK_RETRY_MAX = 0.001
+# The same from the event loop: its timers are at best to the millisecond (uvloop).
+LOOP_RETRY_MAX = 0.002
 
 
 class Conn(Protocol):
@@ -56,15 +61,18 @@ def begin(conn: sqlite3.Connection, wait: float) -> None:
             conn.execute("BEGIN IMMEDIATE")
             return
         except sqlite3.OperationalError as exc:
-            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # or an extended code
-            if not busy or time.monotonic() >= deadline:
+            if not _busy(exc) or time.monotonic() >= deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, LOCK_RETRY_MAX)
 
 
-class InThread:
-    """The connection as a transaction running in the writer's thread sees it."""
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # or an extended code
+
+
+class Direct:
+    """The connection as a transaction running at once (`Writer.transaction`) sees it."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -84,7 +92,7 @@ class InThread:
 
 
 def _run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends (it only awaits `InThread`) in one step."""
+    """Run a coroutine that never suspends (it only awaits `Direct`) in one step."""
     try:
         coroutine.send(None)
     except StopIteration as done:
@@ -169,24 +177,31 @@ class Writer:
         return await self._call(lambda: call(self._connection()))
 
     async def transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
-        """BEGIN IMMEDIATE, `body`, COMMIT (ROLLBACK on error): all in the thread, at once.
+        """BEGIN IMMEDIATE, `body`, COMMIT (ROLLBACK on error), on the event loop's thread.
 
-        Once started it finishes even if the caller is cancelled: the caller only loses
-        the answer, never half a transaction.
+        Only the wait for the lock suspends; from BEGIN to COMMIT nothing does, so a
+        cancelled caller never leaves half a transaction behind.
         """
-        def whole() -> T:
-            conn = self._connection()
-            begin(conn, self.busy_timeout)
+        conn = self._connection()
+        deadline = time.monotonic() + self.busy_timeout
+        pause = LOCK_RETRY_FIRST
+        while True:
             try:
-                result = _run_to_end(body(InThread(conn)))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return result
-
-        return await self._call(whole)
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LOOP_RETRY_MAX)
+        try:
+            result = _run_to_end(body(Direct(conn)))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
 
     # -- from the event loop, a statement at a time (see the module docstring) --------------
 
