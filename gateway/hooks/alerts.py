@@ -323,9 +323,9 @@ class AlertService:
     """The alert outbox worker, and what tells it that new alerts are waiting.
 
     Alerts are queued by the store inside other transactions; the worker hears of them
-    through the send path's after-commit hook (a cheap read decides whether to wake it, so
-    a busy send path costs no extra write transaction) and, for alerts queued by another
-    process or an admin change, a poll every `alerts.poll_seconds`.
+    through the send path's after-commit hook, when a commit says it queued one, and, for
+    alerts queued by another process or an admin change, a poll every
+    `alerts.poll_seconds` (a cheap read decides whether to wake it).
     """
 
     def __init__(self, config: Config, store: Store, clock: Clock, submit: Submit,
@@ -348,8 +348,13 @@ class AlertService:
         self._task: asyncio.Task[None] | None = None
 
     def on_commit(self, outcomes: Sequence[SendOutcome]) -> None:
-        """After-commit hook of the send path: never waits."""
-        self._check.set()
+        """After-commit hook of the send path: never waits.
+
+        Only commits that queued an alert: checking after every commit was a read per
+        group commit, 2% of the send process's CPU under scripts/bench.
+        """
+        if any(outcome.alert_queued for outcome in outcomes):
+            self._check.set()
 
     async def start(self) -> None:
         await self.worker.start()

@@ -156,6 +156,8 @@ class SendOutcome:
     ids: tuple[int, ...] = ()
     messages: tuple[OutgoingMessage, ...] = ()
     reason: str = ""
+    # The commit that took this send also queued a low-credit alert (anyone's).
+    alert_queued: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -600,7 +601,9 @@ class SQLiteStore:
                 if touched_users:
                     await db.executemany("UPDATE users SET quota_left = ? WHERE id = ?",
                                          [(quotas[u], u) for u in touched_users])
-                await self._evaluate_alerts(db, sorted(touched_accounts), at)
+                if await self._evaluate_alerts(db, sorted(touched_accounts), at):
+                    outcomes = [replace(o, alert_queued=True) if o.accepted else o
+                                for o in outcomes]
             return outcomes
 
         return await self._transaction(body)
@@ -647,15 +650,16 @@ class SQLiteStore:
         return SendOutcome(True, credit_left, ids, tuple(out)), next_id + len(ids)
 
     async def _evaluate_alerts(self, db: Conn, account_ids: Iterable[int],
-                               at: float) -> None:
+                               at: float) -> int:
         """Fire the low-credit alerts crossed by this transaction, and re-arm the others.
 
         Runs inside every transaction that moves credits, so concurrent sends that cross a
-        threshold together see one armed flag and fire exactly one alert.
+        threshold together see one armed flag and fire exactly one alert. Returns how many
+        alerts it queued.
         """
         ids = list(account_ids)
         if not ids:
-            return
+            return 0
         marks = _marks(len(ids))
         crossed = await db.execute_fetchall(
             f"SELECT u.id, u.account_id, a.name, u.login, u.alert_threshold, u.alert_support, "
@@ -668,7 +672,7 @@ class SQLiteStore:
             f"AND account_id IN ({marks}) AND alert_threshold IS NOT NULL "
             f"AND ({_SPENDABLE_HERE}) >= alert_threshold", ids)
         if not crossed:
-            return
+            return 0
         await db.executemany("UPDATE users SET alert_armed = 0 WHERE id = ?",
                              [(row[0],) for row in crossed])
         items: list[tuple[Any, ...]] = []
@@ -684,6 +688,7 @@ class SQLiteStore:
         await db.executemany(
             "INSERT INTO outbox (kind, account_id, user_id, target, payload, created_at, "
             "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)", items)
+        return len(items)
 
     async def _ledger(self, db: Conn, at: float, account_id: int,
                       user_id: int | None, login: str | None, kind: str, source: str,
