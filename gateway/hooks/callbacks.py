@@ -16,11 +16,11 @@ from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
-import aiohttp
 from yarl import URL
 
 from gateway import ptt
 from gateway.config import CallbacksConfig
+from gateway.hooks.http_client import ConnectFailed, HttpClient, HttpError, InvalidUrl
 from gateway.hooks.outbox import AttemptFailed, Result
 from gateway.metrics import Metrics
 from gateway.store import OutboxItem
@@ -89,26 +89,20 @@ class CallbackHandler:
                  metrics: Metrics | None = None) -> None:
         self._config = config
         self._tz = tz
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HttpClient | None = None
         attempts = (metrics or Metrics()).callback_attempts
         # Resolved once: the label lookup would otherwise run for every attempt.
         self._attempts = {result: attempts.labels(result) for result in ("ok", "retry", "dead")}
 
     async def open(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self._config.timeout_seconds),
-            connector=aiohttp.TCPConnector(limit=self._config.max_concurrency,
-                                           limit_per_host=self._config.per_host_concurrency),
-            headers={"User-Agent": "http2sms-gateway"},
-            # No cookies: callbacks of different users to one host must not share state.
-            # The body is never read, so never decompressed.
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
-        )
+        self._client = HttpClient(timeout=self._config.timeout_seconds,
+                                  max_idle_per_origin=self._config.per_host_concurrency,
+                                  user_agent="http2sms-gateway")
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     def key(self, item: OutboxItem) -> str:
         return host_key(item.target)
@@ -121,7 +115,7 @@ class CallbackHandler:
         self._attempts[result].inc()
 
     async def handle(self, item: OutboxItem) -> str:
-        if self._session is None:
+        if self._client is None:
             raise AttemptFailed("callback client not started")
         try:
             url = callback_url(item.target, item.payload, self._tz)
@@ -129,19 +123,16 @@ class CallbackHandler:
             raise AttemptFailed(f"invalid callback: {type(exc).__name__}",
                                 permanent=True) from None
         try:
-            async with self._session.get(url, allow_redirects=False) as response:
-                status = response.status
+            status = await self._client.get(url)
         except TimeoutError:
             raise AttemptFailed(
                 f"no answer within {self._config.timeout_seconds:g} s") from None
-        except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror if exc.os_error.strerror else "connection failed"
-            raise AttemptFailed(f"cannot connect: {reason}") from None
-        except aiohttp.InvalidURL:
+        except ConnectFailed as exc:
+            raise AttemptFailed(f"cannot connect: {exc}") from None
+        except InvalidUrl:
             raise AttemptFailed("invalid callback URL", permanent=True) from None
-        except aiohttp.ClientError as exc:
-            # The class name only: some aiohttp messages quote the URL.
-            raise AttemptFailed(f"request failed: {type(exc).__name__}") from None
+        except HttpError as exc:
+            raise AttemptFailed(f"request failed: {exc}") from None
         if 200 <= status < 300:
             return f"HTTP {status}"
         raise AttemptFailed(f"HTTP {status}")

@@ -1,0 +1,269 @@
+"""The HTTP client of the callbacks: GET a URL, learn its status, keep the connection.
+
+A burst makes about two callbacks per SMS, so this client runs twice as often as the send
+path. aiohttp's client cost 98-102 µs of CPU per request, this one 46-47
+(`scripts/bench-callback-client`: keep-alive GETs to a local aiohttp server, 64 at once,
+uvloop), because it does what a callback needs and no more. The response is parsed by
+httptools (llhttp, Node.js's parser): only the connection pool and the request are ours.
+
+What it does:
+- `GET` over HTTP/1.1, `http` or `https` (certificates checked against the system's CAs);
+  Basic authentication from the URL's user and password, as aiohttp did;
+- the status of the first final response (1xx skipped), never following a redirect;
+- the body is never read: when it does not come with the head (a callback receiver answers
+  "OK"), the connection is closed rather than drained;
+- idle connections are kept per origin (up to `max_idle_per_origin`, for `idle_seconds`);
+  a kept connection the server closed meanwhile is replaced once, before any byte came back;
+- one deadline (`timeout`) for connecting, sending and the response's head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+from yarl import URL
+
+# A response head larger than this is refused: headers are held in memory while parsed.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class HttpError(Exception):
+    """A request that got no usable response. The message never quotes the URL."""
+
+
+class InvalidUrl(HttpError):
+    pass
+
+
+class ConnectFailed(HttpError):
+    pass
+
+
+class Disconnected(HttpError):
+    def __init__(self, message: str, *, answered_nothing: bool) -> None:
+        super().__init__(message)
+        self.answered_nothing = answered_nothing
+
+
+class BadResponse(HttpError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+
+class _Connection(asyncio.Protocol):
+    """One connection, one request at a time; httptools calls the `on_*` methods."""
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[int] | None = None
+        self._status = 0          # of the final response's head, once complete
+        self._head_bytes = 0
+        self._received = False
+        self._complete = False
+        self._keep_alive = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    # -- asyncio -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None or self._waiter.done():
+            self.close()  # nothing asked, or the body of an answered request: not kept
+            return
+        self._received = True
+        if not self._status:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(BadResponse("response head too large"))
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(BadResponse("protocol upgrade"))
+            return
+        except httptools.HttpParserError:
+            self._fail(BadResponse("malformed response"))
+            return
+        if self._status:
+            if not self._complete:
+                self.close()  # a body still to come: closing costs less than reading it
+            self._waiter.set_result(self._status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(Disconnected(
+                "server disconnected", answered_nothing=not self._received))
+
+    # -- httptools -----------------------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status >= 200 or status == 101:
+            self._status = status
+
+    def on_message_complete(self) -> None:
+        if self._status:
+            self._complete = True
+            # Asked now: once the parser moves on to the next message, it no longer knows.
+            self._keep_alive = self._parser.should_keep_alive()
+
+    # -- the client's side -------------------------------------------------------------
+
+    async def request(self, data: bytes) -> int:
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._status = self._head_bytes = 0
+        self._received = self._complete = self._keep_alive = False
+        self.transport.write(data)
+        return await self._waiter
+
+    @property
+    def reusable(self) -> bool:
+        return not self.closed and self._complete and self._keep_alive \
+            and self._status != 101
+
+    def _fail(self, error: HttpError) -> None:
+        self.close()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(error)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class HttpClient:
+    def __init__(self, *, timeout: float, max_idle_per_origin: int, user_agent: str,
+                 idle_seconds: float = 15.0, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._timeout = timeout
+        self._max_idle = max(0, max_idle_per_origin)
+        self._idle_seconds = idle_seconds
+        self._user_agent = user_agent
+        self._ssl = ssl_context
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._swept = time.monotonic()
+        self._closed = False
+
+    async def get(self, url: URL) -> int:
+        """The status of `GET url`; HttpError (or TimeoutError past the deadline) if none."""
+        origin, request = self._request(url)
+        async with asyncio.timeout(self._timeout):
+            conn = self._kept(origin)
+            if conn is not None:
+                try:
+                    return await self._exchange(origin, conn, request)
+                except Disconnected as exc:
+                    if not exc.answered_nothing:
+                        raise
+                    # The server closed it while idle (its keep-alive ran out): a new one.
+            conn = await self._connect(origin)
+            return await self._exchange(origin, conn, request)
+
+    async def close(self) -> None:
+        self._closed = True
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    def _request(self, url: URL) -> tuple[Origin, bytes]:
+        if url.scheme not in ("http", "https") or not url.raw_host:
+            raise InvalidUrl("not an http(s) URL with a host")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        origin = Origin(url.scheme, url.raw_host, port)
+        head = (f"GET {url.raw_path_qs or '/'} HTTP/1.1\r\n"
+                f"Host: {url.host_port_subcomponent}\r\n"
+                f"User-Agent: {self._user_agent}\r\nAccept: */*\r\n")
+        if url.user is not None:
+            secret = f"{url.user}:{url.password or ''}".encode("latin-1", "replace")
+            head += f"Authorization: Basic {base64.b64encode(secret).decode('ascii')}\r\n"
+        try:
+            return origin, (head + "\r\n").encode("ascii")
+        except UnicodeEncodeError:
+            raise InvalidUrl("characters a request line cannot hold") from None
+
+    def _kept(self, origin: Origin) -> _Connection | None:
+        now = time.monotonic()
+        if now - self._swept > self._idle_seconds:
+            self._sweep(now)
+        conns = self._idle.get(origin)
+        while conns:
+            conn = conns.pop()
+            if not conn.closed and now - conn.idle_since < self._idle_seconds:
+                return conn
+            conn.close()
+        return None
+
+    def _sweep(self, now: float) -> None:
+        """Close what expired, forget origins with nothing kept: callback hosts come and go."""
+        self._swept = now
+        for origin, conns in list(self._idle.items()):
+            fresh = [c for c in conns if not c.closed and now - c.idle_since < self._idle_seconds]
+            for conn in conns:
+                if conn not in fresh:
+                    conn.close()
+            if fresh:
+                self._idle[origin] = fresh
+            else:
+                del self._idle[origin]
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls: ssl.SSLContext | None = None
+        if origin.scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            tls = self._ssl
+        try:
+            _, conn = await loop.create_connection(
+                _Connection, origin.host, origin.port, ssl=tls,
+                server_hostname=origin.host if tls else None)
+        except ssl.SSLError as exc:
+            raise ConnectFailed(f"TLS: {exc.reason or type(exc).__name__}") from None
+        except OSError as exc:
+            raise ConnectFailed(_reason(exc)) from None
+        return conn
+
+    async def _exchange(self, origin: Origin, conn: _Connection, request: bytes) -> int:
+        try:
+            status = await conn.request(request)
+        except BaseException:
+            conn.close()  # a cancelled or timed-out request leaves an unknown state behind
+            raise
+        if conn.reusable and not self._closed:
+            conns = self._idle.setdefault(origin, [])
+            if len(conns) < self._max_idle:
+                conn.idle_since = time.monotonic()
+                conns.append(conn)
+                return status
+        conn.close()
+        return status
+
+
+def _reason(exc: OSError) -> str:
+    """Why a connection failed, in the system's words (asyncio's own text adds addresses)."""
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or "name resolution failed"
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return "connection failed"
