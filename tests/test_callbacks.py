@@ -15,7 +15,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from gateway import cli
+from gateway import cli, ptt
 from gateway.config import Config
 from gateway.hooks.callbacks import callback_params, callback_url, host_key
 from gateway.hooks.outbox import RetryPolicy, next_attempt_at
@@ -428,9 +428,11 @@ def test_callback_urls_are_the_ones_yarl_would_build(target: str) -> None:
     from yarl import URL
 
     every_ascii = "".join(chr(c) for c in range(32, 127))
-    payload = {"id": 5, "ptt": 4, "dlr": 1, "at": 1.7e9, "tag": every_ascii + "é€\n\t"}
     tz = ZoneInfo("Europe/Paris")
-    built = callback_url(target, payload, tz)
-    expected = URL(target).extend_query(callback_params(payload, tz))
-    assert str(built) == str(expected)
-    assert built.query == expected.query
+    for dlr in (*ptt.DLR_TEXT, 99):  # every DLR text, and one without a text
+        for tag in (every_ascii + "é€\n\t", "", None):
+            payload = {"id": 5, "ptt": 4, "dlr": int(dlr), "at": 1.7e9 + 0.5, "tag": tag}
+            built = callback_url(target, payload, tz)
+            expected = URL(target).extend_query(callback_params(payload, tz))
+            assert str(built) == str(expected)
+            assert built.query == expected.query

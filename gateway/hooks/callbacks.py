@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo
 
 from yarl import URL
@@ -56,8 +56,21 @@ def callback_url(target: str, payload: Mapping[str, Any], tz: ZoneInfo) -> URL:
     # The target parsed once, the query encoded as yarl would (spaces as +, YARL_SAFE
     # kept): parsing and re-encoding the whole URL for every callback was 5% of the
     # delivery worker's CPU in scripts/bench.
-    return URL(base + separator + urlencode(callback_params(payload, tz), safe=YARL_SAFE),
-               encoded=True)
+    return URL(base + separator + _query(payload, tz), encoded=True)
+
+
+def _query(payload: Mapping[str, Any], tz: ZoneInfo) -> str:
+    """urlencode(callback_params(...), safe=YARL_SAFE), written out: only the tag can hold
+    characters to escape. 5.4 µs per callback URL instead of 15 (python -m timeit)."""
+    dlr = int(payload["dlr"])
+    date = datetime.fromtimestamp(float(payload["at"]), tz).strftime(DATE_FORMAT)
+    tag = payload.get("tag")
+    return (f"id={int(payload['id'])}&ptt={int(payload['ptt'])}&date={date.replace(' ', '+')}"
+            f"&description={dlr}&descriptionDlr={_DLR_QUERY.get(dlr, '')}&dlr={dlr}"
+            f"&tag={quote_plus(str(tag), safe=YARL_SAFE) if tag else ''}")
+
+
+_DLR_QUERY = {int(dlr): quote_plus(text, safe=YARL_SAFE) for dlr, text in ptt.DLR_TEXT.items()}
 
 
 @lru_cache(maxsize=4096)
