@@ -8,10 +8,12 @@ httptools (llhttp, Node.js's parser): only the connection pool and the request a
 
 What it does:
 - `GET` over HTTP/1.1, `http` or `https` (certificates checked against the system's CAs);
-  Basic authentication from the URL's user and password, as aiohttp did;
+  Basic authentication (UTF-8) from the URL's user and password;
 - the status of the first final response (1xx skipped), never following a redirect;
 - the body is never read: when it does not come with the head (a callback receiver answers
   "OK"), the connection is closed rather than drained;
+- bytes after the response (a second response, a body longer than announced) change
+  nothing of its status, and the connection is not kept;
 - idle connections are kept per origin (up to `max_idle_per_origin`, for `idle_seconds`);
   a kept connection the server closed meanwhile is replaced once, before any byte came back;
 - one deadline (`timeout`) for connecting, sending and the response's head.
@@ -30,9 +32,6 @@ from typing import cast
 
 import httptools
 from yarl import URL
-
-# A response head larger than this is refused: headers are held in memory while parsed.
-MAX_HEAD_BYTES = 64 * 1024
 
 
 class HttpError(Exception):
@@ -72,10 +71,10 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[int] | None = None
         self._status = 0          # of the final response's head, once complete
-        self._head_bytes = 0
         self._received = False
         self._complete = False
         self._keep_alive = False
+        self._extra = False       # bytes after the response: the connection is not kept
         self.closed = False
         self.idle_since = 0.0
 
@@ -89,19 +88,18 @@ class _Connection(asyncio.Protocol):
             self.close()  # nothing asked, or the body of an answered request: not kept
             return
         self._received = True
-        if not self._status:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._fail(BadResponse("response head too large"))
-                return
+        # No limit on the head's size: without `on_header` httptools keeps no header in
+        # memory, and the request's timeout bounds how long a head may take.
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(BadResponse("protocol upgrade"))
             return
         except httptools.HttpParserError:
-            self._fail(BadResponse("malformed response"))
-            return
+            if not self._status:
+                self._fail(BadResponse("malformed response"))
+                return
+            self._extra = True  # a final head was read: its status stands, not the rest
         if self._status:
             if not self._complete:
                 self.close()  # a body still to come: closing costs less than reading it
@@ -115,9 +113,13 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools -----------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._extra = True  # a second response to one request
+
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if status >= 200 or status == 101:
+        if (status >= 200 or status == 101) and not self._status:
             self._status = status
 
     def on_message_complete(self) -> None:
@@ -131,15 +133,15 @@ class _Connection(asyncio.Protocol):
     async def request(self, data: bytes) -> int:
         assert self.transport is not None
         self._waiter = asyncio.get_running_loop().create_future()
-        self._status = self._head_bytes = 0
-        self._received = self._complete = self._keep_alive = False
+        self._status = 0
+        self._received = self._complete = self._keep_alive = self._extra = False
         self.transport.write(data)
         return await self._waiter
 
     @property
     def reusable(self) -> bool:
         return not self.closed and self._complete and self._keep_alive \
-            and self._status != 101
+            and not self._extra and self._status != 101
 
     def _fail(self, error: HttpError) -> None:
         self.close()
@@ -195,7 +197,7 @@ class HttpClient:
                 f"Host: {url.host_port_subcomponent}\r\n"
                 f"User-Agent: {self._user_agent}\r\nAccept: */*\r\n")
         if url.user is not None:
-            secret = f"{url.user}:{url.password or ''}".encode("latin-1", "replace")
+            secret = f"{url.user}:{url.password or ''}".encode()  # UTF-8, as RFC 7617 says
             head += f"Authorization: Basic {base64.b64encode(secret).decode('ascii')}\r\n"
         try:
             return origin, (head + "\r\n").encode("ascii")
@@ -240,6 +242,8 @@ class HttpClient:
                 server_hostname=origin.host if tls else None)
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS: {exc.reason or type(exc).__name__}") from None
+        except UnicodeError:  # a host name IDNA cannot encode (a label over 63 characters)
+            raise InvalidUrl("host name cannot be encoded") from None
         except OSError as exc:
             raise ConnectFailed(_reason(exc)) from None
         return conn
