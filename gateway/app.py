@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -288,6 +289,19 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def spare_the_start_up_heap() -> None:
+    """Leave what start-up allocated (modules, tables, the app) out of the collector's passes.
+
+    It lives as long as the process, yet each full collection walked all of it again: under
+    scripts/bench the send process paused up to 31-54 ms in each of them, about every 2 s,
+    which put every request in flight at that moment into the p99. Frozen, the full passes
+    took 39 ms in all instead of 164-200 over a run, and p99 went from 50-67 ms to 36-43 ms
+    (three runs each, alternating).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM; the access log stays off because URLs carry passwords."""
     import signal
@@ -317,6 +331,7 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     scheme = "https" if config.server.tls_cert else "http"
     url = f"{scheme}://{config.server.host}:{config.server.port}"
     log.info("listening", url=url, store=config.store.path)
+    spare_the_start_up_heap()
     if ready is not None:
         ready(url)
     await signals.get()

@@ -218,7 +218,7 @@ class WorkerGone(Exception):
 async def run(config: Config, commands: asyncio.StreamReader,
               answers: asyncio.WriteTransport) -> None:
     """Deliver until `commands` ends (or SIGTERM), then stop cleanly."""
-    from gateway.app import delivery_services
+    from gateway.app import delivery_services, spare_the_start_up_heap
     from gateway.store.sqlite import SQLiteStore
 
     loop = asyncio.get_running_loop()
@@ -244,6 +244,7 @@ async def run(config: Config, commands: asyncio.StreamReader,
         await callbacks.start()
         await dispatcher.start()
         log.info("delivery_worker_ready")
+        spare_the_start_up_heap()  # full collections paused this process up to 30 ms too
 
         async def listen() -> None:
             while chunk := await commands.read(4096):
