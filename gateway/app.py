@@ -103,7 +103,8 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
           delivery_worker: bool = False) -> Gateway:
     """The gateway; `delivery_worker` runs delivery in a child process (see `serve`)."""
     store = store or SQLiteStore(config.store.path,
-                                 busy_timeout=config.store.busy_timeout_seconds)
+                                 busy_timeout=config.store.busy_timeout_seconds,
+                                 write_turn="first" if delivery_worker else None)
     clock = clock or SystemClock()
     hooks: list[Callable[[list[SendOutcome]], Awaitable[None] | None]] = []
 

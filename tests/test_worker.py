@@ -35,6 +35,7 @@ from gateway.operators import create as create_operator
 from gateway.service import Management
 from gateway.store import SendOrder, SendOutcome, StoreUnavailable, User
 from gateway.store.sqlite import SQLiteStore
+from gateway.store.writer import WriteTurn
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, eventually
 from tests.serverproc import ServerProcess, demo_params, prepare_store, servers, wait_for
 from tests.test_reliability import Receiver
@@ -565,4 +566,76 @@ async def test_a_write_gives_up_at_the_busy_timeout(tmp_path: Path) -> None:
         assert 0.1 <= elapsed < 1, elapsed
         await store.check_writable()  # the lock is free: writes go again
     finally:
+        await store.close()
+
+
+# -- 5. sends go first for the write lock --------------------------------------------------
+
+def test_the_write_turn_flag_is_seen_by_others_and_lowered_by_its_holder(
+        tmp_path: Path) -> None:
+    sender, worker = (WriteTurn(str(tmp_path / "turn.lock")) for _ in range(2))
+    try:
+        assert not worker.is_up()
+        assert sender.raise_flag()
+        assert worker.is_up() and not worker.raise_flag()
+        sender.lower_flag()
+        assert not worker.is_up()
+    finally:
+        sender.close()
+        worker.close()
+
+
+async def test_a_waiting_send_raises_the_flag_and_lowers_it_once_written(
+        tmp_path: Path) -> None:
+    path = tmp_path / "turn.sqlite3"
+    store = SQLiteStore(path, busy_timeout=5, write_turn="first")
+    await store.open()
+    observer = WriteTurn(f"{path}-write-turn.lock")
+    try:
+        assert not observer.is_up()
+        with write_locked(path):
+            write = asyncio.ensure_future(store.check_writable())
+
+            async def flag_up() -> bool:
+                return observer.is_up()
+
+            await wait_for(flag_up, timeout=5, interval=0.005,
+                           what="the flag while the send waits")
+        await asyncio.wait_for(write, 5)
+        assert not observer.is_up()
+    finally:
+        observer.close()
+        await store.close()
+
+
+async def test_the_worker_writes_only_once_the_flag_is_down(tmp_path: Path) -> None:
+    path = tmp_path / "turn.sqlite3"
+    store = SQLiteStore(path, busy_timeout=5, write_turn="yield")
+    await store.open()
+    sender = WriteTurn(f"{path}-write-turn.lock")
+    try:
+        assert sender.raise_flag()
+        write = asyncio.ensure_future(store.check_writable())
+        done, _ = await asyncio.wait({write}, timeout=0.2)
+        assert not done, "wrote while a send waited for the lock"
+        sender.lower_flag()
+        await asyncio.wait_for(write, 1)
+    finally:
+        sender.close()
+        await store.close()
+
+
+async def test_a_flag_left_up_holds_the_worker_back_no_longer_than_its_busy_timeout(
+        tmp_path: Path) -> None:
+    path = tmp_path / "turn.sqlite3"
+    store = SQLiteStore(path, busy_timeout=0.2, write_turn="yield")
+    await store.open()
+    stuck = WriteTurn(f"{path}-write-turn.lock")
+    try:
+        assert stuck.raise_flag()
+        began = time.monotonic()
+        await asyncio.wait_for(store.check_writable(), 5)  # the lock itself is free
+        assert 0.2 <= time.monotonic() - began < 2
+    finally:
+        stuck.close()
         await store.close()

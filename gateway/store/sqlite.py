@@ -172,8 +172,13 @@ CLAIM_WINDOW = 4
 
 class SQLiteStore:
     def __init__(self, path: str | Path, *, busy_timeout: float = 10.0,
-                 sync_each_commit: bool = True) -> None:
-        """`sync_each_commit` False: for a process whose writes can be redone (see worker)."""
+                 sync_each_commit: bool = True, write_turn: str | None = None) -> None:
+        """`sync_each_commit` False: for a process whose writes can be redone (see worker).
+
+        `write_turn`: "first" for the send process, "yield" for the delivery worker (see
+        `writer.WriteTurn`); None for everyone else.
+        """
+        self._write_turn = write_turn
         self.path = str(path)
         self._synchronous = "FULL" if sync_each_commit else "NORMAL"
         # Seconds a statement waits for another process's lock before failing (locked).
@@ -199,7 +204,7 @@ class SQLiteStore:
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
         try:
             self._writer = Writer(self.path, busy_timeout=self._busy_ms / 1000,
-                                  synchronous=self._synchronous)
+                                  synchronous=self._synchronous, turn=self._write_turn)
             await self._writer.open()
             await self._migrate()
             # From here on the writer waits for the lock in `begin`, not in SQLite.
