@@ -585,15 +585,26 @@ def test_the_write_turn_flag_is_seen_by_others_and_lowered_by_its_holder(
         worker.close()
 
 
+@contextlib.asynccontextmanager
+async def turn_store(tmp_path: Path, role: str,
+                     busy_timeout: float = 5) -> AsyncIterator[tuple[SQLiteStore, WriteTurn]]:
+    """A store taking `role` in the write turn, and the other side's view of the flag."""
+    path = tmp_path / "turn.sqlite3"
+    store = SQLiteStore(path, busy_timeout=busy_timeout, write_turn=role)
+    await store.open()
+    other = WriteTurn(f"{path}-write-turn.lock")
+    try:
+        yield store, other
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_a_waiting_send_raises_the_flag_and_lowers_it_once_written(
         tmp_path: Path) -> None:
-    path = tmp_path / "turn.sqlite3"
-    store = SQLiteStore(path, busy_timeout=5, write_turn="first")
-    await store.open()
-    observer = WriteTurn(f"{path}-write-turn.lock")
-    try:
+    async with turn_store(tmp_path, "first") as (store, observer):
         assert not observer.is_up()
-        with write_locked(path):
+        with write_locked(store.path):
             write = asyncio.ensure_future(store.check_writable())
 
             async def flag_up() -> bool:
@@ -603,39 +614,22 @@ async def test_a_waiting_send_raises_the_flag_and_lowers_it_once_written(
                            what="the flag while the send waits")
         await asyncio.wait_for(write, 5)
         assert not observer.is_up()
-    finally:
-        observer.close()
-        await store.close()
 
 
 async def test_the_worker_writes_only_once_the_flag_is_down(tmp_path: Path) -> None:
-    path = tmp_path / "turn.sqlite3"
-    store = SQLiteStore(path, busy_timeout=5, write_turn="yield")
-    await store.open()
-    sender = WriteTurn(f"{path}-write-turn.lock")
-    try:
+    async with turn_store(tmp_path, "yield") as (store, sender):
         assert sender.raise_flag()
         write = asyncio.ensure_future(store.check_writable())
         done, _ = await asyncio.wait({write}, timeout=0.2)
         assert not done, "wrote while a send waited for the lock"
         sender.lower_flag()
         await asyncio.wait_for(write, 1)
-    finally:
-        sender.close()
-        await store.close()
 
 
 async def test_a_flag_left_up_holds_the_worker_back_no_longer_than_its_busy_timeout(
         tmp_path: Path) -> None:
-    path = tmp_path / "turn.sqlite3"
-    store = SQLiteStore(path, busy_timeout=0.2, write_turn="yield")
-    await store.open()
-    stuck = WriteTurn(f"{path}-write-turn.lock")
-    try:
+    async with turn_store(tmp_path, "yield", busy_timeout=0.2) as (store, stuck):
         assert stuck.raise_flag()
         began = time.monotonic()
         await asyncio.wait_for(store.check_writable(), 5)  # the lock itself is free
         assert 0.2 <= time.monotonic() - began < 2
-    finally:
-        stuck.close()
-        await store.close()
