@@ -45,7 +45,7 @@ from gateway.store import (
     User,
     UserChanges,
 )
-from gateway.store.writer import Conn, Writer
+from gateway.store.writer import Conn, Turn, Writer
 from gateway.store.writer import begin as begin_write
 
 _USER_COLUMNS = """
@@ -172,7 +172,7 @@ CLAIM_WINDOW = 4
 
 class SQLiteStore:
     def __init__(self, path: str | Path, *, busy_timeout: float = 10.0,
-                 sync_each_commit: bool = True, write_turn: str | None = None) -> None:
+                 sync_each_commit: bool = True, write_turn: Turn | None = None) -> None:
         """`sync_each_commit` False: for a process whose writes can be redone (see worker).
 
         `write_turn`: "first" for the send process, "yield" for the delivery worker (see

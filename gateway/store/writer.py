@@ -36,9 +36,11 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from queue import SimpleQueue
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 T = TypeVar("T")
+# Who goes first for the write lock: see WriteTurn.
+Turn = Literal["first", "yield"]
 
 # Pauses between two tries to take the write lock from another process.
 LOCK_RETRY_FIRST = 0.0001
@@ -149,7 +151,7 @@ def _run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
 
 class Writer:
     def __init__(self, path: str, *, busy_timeout: float, synchronous: str,
-                 turn: str | None = None) -> None:
+                 turn: Turn | None = None) -> None:
         """`turn`: "first" raises the `WriteTurn` flag while waiting for the lock (the send
         process), "yield" waits while it is up (the delivery worker); None ignores it."""
         self.path = path
