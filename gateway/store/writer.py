@@ -247,10 +247,10 @@ class Writer:
         flag_up = False
         try:
             while True:
-                if turn is not None and self._turn_role == "yield" and turn.is_up() \
-                        and time.monotonic() < deadline:
-                    pass  # a send waits for the lock: let it have it
-                else:
+                # A send waiting for the lock (flag up): let it have it, up to our deadline.
+                yielding = turn is not None and self._turn_role == "yield" \
+                    and time.monotonic() < deadline and turn.is_up()
+                if not yielding:
                     try:
                         conn.execute("BEGIN IMMEDIATE")
                         break
