@@ -72,11 +72,16 @@ def answering(response: bytes) -> Script:
     return script
 
 
-def client(**options: object) -> HttpClient:
+@contextlib.asynccontextmanager
+async def client(**options: object) -> AsyncIterator[HttpClient]:
     settings: dict[str, object] = {"timeout": 2.0, "max_idle_per_origin": 4,
                                    "user_agent": "http2sms-gateway"}
     settings.update(options)
-    return HttpClient(**settings)  # type: ignore[arg-type]
+    http = HttpClient(**settings)  # type: ignore[arg-type]
+    try:
+        yield http
+    finally:
+        await http.close()
 
 
 def url(server: Server, path: str = "/dlr?id=1&ptt=13", scheme: str = "http") -> URL:
@@ -84,12 +89,8 @@ def url(server: Server, path: str = "/dlr?id=1&ptt=13", scheme: str = "http") ->
 
 
 async def test_requests_share_one_kept_connection_and_say_who_they_are() -> None:
-    async with Server(answering(OK)).running() as server:
-        http = client()
-        try:
-            assert [await http.get(url(server, f"/dlr?id={i}")) for i in range(5)] == [200] * 5
-        finally:
-            await http.close()
+    async with Server(answering(OK)).running() as server, client() as http:
+        assert [await http.get(url(server, f"/dlr?id={i}")) for i in range(5)] == [200] * 5
     assert server.connections == 1
     head = server.heads[0].decode()
     assert head.startswith("GET /dlr?id=0 HTTP/1.1\r\n")
@@ -99,13 +100,9 @@ async def test_requests_share_one_kept_connection_and_say_who_they_are() -> None
 
 
 async def test_basic_authentication_comes_from_the_url() -> None:
-    async with Server(answering(OK)).running() as server:
-        http = client()
-        try:
-            target = URL(f"http://us%40er:p%3Ass%E2%82%AC@127.0.0.1:{server.port}/dlr")
-            assert await http.get(target) == 200
-        finally:
-            await http.close()
+    async with Server(answering(OK)).running() as server, client() as http:
+        target = URL(f"http://us%40er:p%3Ass%E2%82%AC@127.0.0.1:{server.port}/dlr")
+        assert await http.get(target) == 200
     secret = base64.b64encode("us@er:p:ss€".encode()).decode()  # UTF-8 (RFC 7617)
     assert f"\r\nAuthorization: Basic {secret}\r\n" in server.heads[0].decode()
     assert b"us%40er" not in server.heads[0]
@@ -113,35 +110,23 @@ async def test_basic_authentication_comes_from_the_url() -> None:
 
 async def test_a_redirect_is_a_status_not_a_hop() -> None:
     moved = b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n"
-    async with Server(answering(moved)).running() as server:
-        http = client()
-        try:
-            assert await http.get(url(server)) == 302
-        finally:
-            await http.close()
+    async with Server(answering(moved)).running() as server, client() as http:
+        assert await http.get(url(server)) == 302
     assert len(server.heads) == 1
 
 
 async def test_a_chunked_body_that_came_with_the_head_keeps_the_connection() -> None:
     chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"2\r\nok\r\n0\r\n\r\n")
-    async with Server(answering(chunked)).running() as server:
-        http = client()
-        try:
-            assert [await http.get(url(server)) for _ in range(3)] == [200] * 3
-        finally:
-            await http.close()
+    async with Server(answering(chunked)).running() as server, client() as http:
+        assert [await http.get(url(server)) for _ in range(3)] == [200] * 3
     assert server.connections == 1
 
 
 async def test_interim_responses_are_skipped() -> None:
     interim = b"HTTP/1.1 100 Continue\r\n\r\n" + b"HTTP/1.1 204 No Content\r\n\r\n"
-    async with Server(answering(interim)).running() as server:
-        http = client()
-        try:
-            assert [await http.get(url(server)) for _ in range(2)] == [204, 204]
-        finally:
-            await http.close()
+    async with Server(answering(interim)).running() as server, client() as http:
+        assert [await http.get(url(server)) for _ in range(2)] == [204, 204]
     assert server.connections == 1
 
 
@@ -156,14 +141,10 @@ async def test_a_body_still_coming_is_not_waited_for_and_its_connection_not_kept
             await writer.drain()
             await asyncio.sleep(30)  # the rest never comes
 
-        async with Server(script).running() as server:
-            http = client()
-            try:
-                expected = 200 if b"HTTP/1.0" in response else 202
-                assert await asyncio.wait_for(http.get(url(server)), 1) == expected
-                assert await asyncio.wait_for(http.get(url(server)), 1) == expected
-            finally:
-                await http.close()
+        async with Server(script).running() as server, client() as http:
+            expected = 200 if b"HTTP/1.0" in response else 202
+            assert await asyncio.wait_for(http.get(url(server)), 1) == expected
+            assert await asyncio.wait_for(http.get(url(server)), 1) == expected
         assert server.connections == 2
 
 
@@ -174,15 +155,11 @@ async def test_a_kept_connection_the_server_closed_is_replaced_without_a_failure
         writer.write(OK)  # keep-alive promised, then the server's idle timeout strikes
         await writer.drain()
 
-    async with Server(one_then_close).running() as server:
-        http = client()
-        try:
-            assert await http.get(url(server)) == 200
-            await asyncio.sleep(0)  # the close may or may not have reached the client yet
-            assert await http.get(url(server)) == 200
-            assert await http.get(url(server)) == 200
-        finally:
-            await http.close()
+    async with Server(one_then_close).running() as server, client() as http:
+        assert await http.get(url(server)) == 200
+        await asyncio.sleep(0)  # the close may or may not have reached the client yet
+        assert await http.get(url(server)) == 200
+        assert await http.get(url(server)) == 200
     assert server.connections == 3
 
 
@@ -197,13 +174,9 @@ async def test_a_kept_connection_dropped_mid_request_is_retried_once_on_a_new_on
         await server.read_head(reader)  # read, then dropped unanswered
         served.append(1)
 
-    async with Server(drop_the_second).running() as server:
-        http = client()
-        try:
-            assert await http.get(url(server)) == 200
-            assert await http.get(url(server)) == 200  # retried on a second connection
-        finally:
-            await http.close()
+    async with Server(drop_the_second).running() as server, client() as http:
+        assert await http.get(url(server)) == 200
+        assert await http.get(url(server)) == 200  # retried on a second connection
     assert server.connections == 2 and len(server.heads) == 3
 
 
@@ -214,35 +187,23 @@ async def test_a_connection_dropped_after_part_of_the_answer_is_a_failure() -> N
         writer.write(b"HTTP/1.1 200 OK\r\nContent-")
         await writer.drain()
 
-    async with Server(half).running() as server:
-        http = client()
-        try:
-            with pytest.raises(Disconnected, match="server disconnected"):
-                await http.get(url(server))
-        finally:
-            await http.close()
+    async with Server(half).running() as server, client() as http:
+        with pytest.raises(Disconnected, match="server disconnected"):
+            await http.get(url(server))
     assert server.connections == 1  # not retried: the server may have acted on it
 
 
 async def test_what_is_not_an_http_response_is_refused() -> None:
-    async with Server(answering(b"SMTP ready\r\n\r\n")).running() as server:
-        http = client()
-        try:
-            with pytest.raises(BadResponse, match="malformed response"):
-                await http.get(url(server))
-        finally:
-            await http.close()
+    async with Server(answering(b"SMTP ready\r\n\r\n")).running() as server, client() as http:
+        with pytest.raises(BadResponse, match="malformed response"):
+            await http.get(url(server))
 
 
 async def test_a_large_body_in_the_same_read_as_the_head_is_no_problem() -> None:
     page = b"<html>" + b"x" * 200_000
     response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(page) + page
-    async with Server(answering(response)).running() as server:
-        http = client()
-        try:
-            assert [await http.get(url(server)) for _ in range(2)] == [200, 200]
-        finally:
-            await http.close()
+    async with Server(answering(response)).running() as server, client() as http:
+        assert [await http.get(url(server)) for _ in range(2)] == [200, 200]
 
 
 @pytest.mark.parametrize("response, status", [
@@ -261,14 +222,10 @@ async def test_bytes_after_the_answer_keep_its_status_and_drop_the_connection(
             await writer.drain()
         await answer_each(reader, writer, server, OK)
 
-    async with Server(once_then_honest).running() as server:
-        http = client()
-        try:
-            assert await http.get(url(server)) == status
-            # A new connection, not what was left on the first.
-            assert await http.get(url(server)) == 200
-        finally:
-            await http.close()
+    async with Server(once_then_honest).running() as server, client() as http:
+        assert await http.get(url(server)) == status
+        # A new connection, not what was left on the first.
+        assert await http.get(url(server)) == 200
     assert server.connections == 2
 
 
@@ -281,35 +238,25 @@ async def test_no_answer_within_the_timeout_raises_and_the_connection_is_dropped
         writer.write(OK)
         await writer.drain()
 
-    async with Server(late_for_the_first).running() as server:
-        http = client(timeout=0.2)
-        try:
-            with pytest.raises(TimeoutError):
-                await http.get(url(server))
-            assert await http.get(url(server)) == 200  # a fresh connection, not the stuck one
-        finally:
-            await http.close()
+    async with Server(late_for_the_first).running() as server, client(timeout=0.2) as http:
+        with pytest.raises(TimeoutError):
+            await http.get(url(server))
+        assert await http.get(url(server)) == 200  # a fresh connection, not the stuck one
     assert server.connections == 2
 
 
 async def test_a_closed_port_cannot_connect_and_says_why() -> None:
-    http = client()
-    try:
+    async with client() as http:
         with pytest.raises(ConnectFailed, match=r"^Connection refused$"):
             await http.get(URL(f"http://127.0.0.1:{free_port()}/dlr"))
-    finally:
-        await http.close()
 
 
 @pytest.mark.parametrize("target", ["ftp://127.0.0.1/x", "/relative/only",
                                     f"http://{'a' * 64}.example/x"])  # a label over 63
 async def test_what_is_not_an_http_url_is_invalid(target: str) -> None:
-    http = client()
-    try:
+    async with client() as http:
         with pytest.raises(InvalidUrl):
             await http.get(URL(target))
-    finally:
-        await http.close()
 
 
 async def test_idle_connections_are_capped_per_origin_and_expire() -> None:
@@ -323,34 +270,28 @@ async def test_idle_connections_are_capped_per_origin_and_expire() -> None:
             writer.write(OK)
             await writer.drain()
 
-    async with Server(slow).running() as server:
-        http = client(max_idle_per_origin=2, idle_seconds=0.2)
-        try:
-            calls = [asyncio.ensure_future(http.get(url(server))) for _ in range(4)]
-            while server.connections < 4:
-                await asyncio.sleep(0.01)
-            release.set()
-            assert await asyncio.gather(*calls) == [200] * 4  # 4 at once: 4 connections
-            await http.get(url(server))
-            assert server.connections == 4  # two were kept, one reused
-            await asyncio.sleep(0.3)
-            await http.get(url(server))
-            assert server.connections == 5  # idle past idle_seconds: not reused
-        finally:
-            await http.close()
+    async with Server(slow).running() as server, \
+            client(max_idle_per_origin=2, idle_seconds=0.2) as http:
+        calls = [asyncio.ensure_future(http.get(url(server))) for _ in range(4)]
+        while server.connections < 4:
+            await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.gather(*calls) == [200] * 4  # 4 at once: 4 connections
+        await http.get(url(server))
+        assert server.connections == 4  # two were kept, one reused
+        await asyncio.sleep(0.3)
+        await http.get(url(server))
+        assert server.connections == 5  # idle past idle_seconds: not reused
 
 
 async def test_https_checks_the_certificate(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
-    async with Server(answering(OK)).running(tls) as server:
-        trusting = client(ssl_context=ssl.create_default_context(cafile=str(cert)))
-        stranger = client()  # the system's CAs do not know this certificate
-        try:
-            assert await trusting.get(url(server, scheme="https")) == 200
-            with pytest.raises(ConnectFailed, match="TLS: CERTIFICATE_VERIFY_FAILED"):
-                await stranger.get(url(server, scheme="https"))
-        finally:
-            await trusting.close()
-            await stranger.close()
+    trust = ssl.create_default_context(cafile=str(cert))
+    # The system's CAs do not know this certificate: `stranger` must refuse it.
+    async with Server(answering(OK)).running(tls) as server, \
+            client(ssl_context=trust) as trusting, client() as stranger:
+        assert await trusting.get(url(server, scheme="https")) == 200
+        with pytest.raises(ConnectFailed, match="TLS: CERTIFICATE_VERIFY_FAILED"):
+            await stranger.get(url(server, scheme="https"))
