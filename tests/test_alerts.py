@@ -220,12 +220,17 @@ async def test_crossing_twice_without_rearming_sends_one_alert_rearm_sends_anoth
     assert not (await h.gateway.store.get_user(ACCOUNT, LOGIN)).alert_armed
     assert len(outbox(config)) == 1
 
-    await h.manage.credit_account(ACCOUNT, "1.5")     # 100: back at the threshold, re-armed
+    await h.manage.credit_account(ACCOUNT, "1.5")     # 100: at the threshold, not above it
+    assert not (await h.gateway.store.get_user(ACCOUNT, LOGIN)).alert_armed
+    await sent_ok(h)                                  # 99: no new alert
+    assert len(outbox(config)) == 1
+
+    await h.manage.credit_account(ACCOUNT, "1.5")     # 100.5: risen above it, re-armed
     assert (await h.gateway.store.get_user(ACCOUNT, LOGIN)).alert_armed
     assert len(outbox(config)) == 1
-    await sent_ok(h)                                  # 99: fires again
+    await sent_ok(h)                                  # 99.5: fires again
     items = outbox(config)
-    assert [i["payload"]["credits_left"] for i in items] == [9900, 9900]
+    assert [i["payload"]["credits_left"] for i in items] == [9900, 9950]
 
     await until(lambda: len(sink.mails) == 2)
     await until(lambda: all(i["state"] == "done" for i in outbox(config)))
@@ -234,7 +239,7 @@ async def test_crossing_twice_without_rearming_sends_one_alert_rearm_sends_anoth
 
 async def test_refund_rearms(make_harness: Any, config: Config, sink: Sink) -> None:
     h = await make_harness(credits=101, cfg=smtp_to(config, sink.port))
-    await set_alert(h, 100)
+    await set_alert(h, "99.5")
     await sent_ok(h)
     # The simulator answers ptt 23 (invalid number, not billed) for this one: refunded.
     await sent_ok(h, to="+33612399023")               # 99: fires; the refund brings 100
@@ -484,6 +489,8 @@ async def test_store_quota_moves_cross_and_rearm(store: SQLiteStore) -> None:
     assert (item.payload["credits_left"], item.payload["quota"]) == (5000, True)
     assert (await store.get_account("a")).balance == 15000
     await store.update_user("a", "u", UserChanges(quota=10000), at=5.0)
+    assert not (await store.get_user("a", "u")).alert_armed    # at the threshold: not above
+    await store.update_user("a", "u", UserChanges(quota=10050), at=5.0)
     assert (await store.get_user("a", "u")).alert_armed
     assert account.id == item.account_id
 
@@ -504,9 +511,9 @@ async def test_store_refund_rearms_and_the_state_survives_a_restart(tmp_path: Pa
     await store.open()
     try:
         assert not (await store.get_user("a", "u")).alert_armed
-        await store.commit_sends([order(account.id, user.id)], at=3.0)
+        await store.commit_sends([order(account.id, user.id, 50)], at=3.0)
         assert await alert_items(store) == []     # fired state kept across the restart
-        # Not billed (ptt 23): refunded, 99 -> 101, back above the threshold.
+        # Not billed (ptt 23): refunded, 98.5 -> 100.5, back above the threshold.
         await store.apply_updates([StateUpdate.from_ptt(outcome.ids[0], 23, 4.0)])
         assert (await store.get_user("a", "u")).alert_armed
         await store.commit_sends([order(account.id, user.id, 200)], at=5.0)

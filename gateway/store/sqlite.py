@@ -463,8 +463,8 @@ class SQLiteStore:
                 await db.execute("UPDATE users SET ip_restrictions = ? WHERE id = ?",
                                  (json.dumps(list(given["ip_restrictions"])), user.id))
             if "alert_threshold" in given:
-                # A new threshold is armed only if the credits are above it now: setting it
-                # is not a crossing, so it must not fire an alert by itself.
+                # A new threshold is armed only if the credits are not below it now:
+                # setting it is not a crossing, so it must not fire an alert by itself.
                 await db.execute(
                     f"UPDATE users SET alert_armed = COALESCE(({_SPENDABLE_HERE}) >= "
                     "alert_threshold, 1) WHERE id = ?", (user.id,))
@@ -658,6 +658,9 @@ class SQLiteStore:
                                at: float) -> int:
         """Fire the low-credit alerts crossed by this transaction, and re-arm the others.
 
+        A fired alert re-arms only once the credits are strictly above the threshold
+        (SPEC: "risen back above"): back at it exactly, a new drop sends nothing.
+
         Runs inside every transaction that moves credits, so concurrent sends that cross a
         threshold together see one armed flag and fire exactly one alert. Returns how many
         alerts it queued.
@@ -675,7 +678,7 @@ class SQLiteStore:
         await db.execute(
             "UPDATE users SET alert_armed = 1 WHERE alert_armed = 0 "
             f"AND account_id IN ({marks}) AND alert_threshold IS NOT NULL "
-            f"AND ({_SPENDABLE_HERE}) >= alert_threshold", ids)
+            f"AND ({_SPENDABLE_HERE}) > alert_threshold", ids)
         if not crossed:
             return 0
         await db.executemany("UPDATE users SET alert_armed = 0 WHERE id = ?",
