@@ -429,7 +429,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         config.server.host = args.host
     if args.port:
         config.server.port = args.port
-    logs.configure(config.log.format, config.log.level)
+    logs.configure(config.log.format, config.log.level, final=True)
     if args.demo:
         asyncio.run(ensure_demo(config))
 

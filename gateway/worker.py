@@ -304,7 +304,7 @@ async def _main() -> int:
     if not line:
         return 0  # the parent went away before sending the settings
     config = from_dict(json.loads(line))
-    logs.configure(config.log.format, config.log.level)
+    logs.configure(config.log.format, config.log.level, final=True)
     await run(config, commands, answers)
     return 0
 
