@@ -41,7 +41,6 @@ class Metrics:
         self.messages_accepted = Counter(
             "http2sms_messages_accepted", "SMS accepted (one per recipient).", account,
             registry=r)
-        self._sent_children: dict[tuple[int, str], tuple[Counter, Counter, Counter]] = {}
         self.credits_spent = Counter(
             "http2sms_credits_spent", "Credits taken by accepted sends.", account, registry=r)
         self.auth_failures = Counter(
@@ -80,6 +79,7 @@ class Metrics:
             "http2sms_backlog", "Work waiting: queued, deferred and sent (not final) "
             "messages, pending and dead outbox items in the store; handover and reports "
             "waiting in memory for the operator and for the store.", ["queue"], registry=r)
+        self._sent_children: dict[tuple[int, str], tuple[Counter, Counter, Counter]] = {}
 
     def account(self, name: str) -> tuple[str, ...]:
         return (name,) if self.per_account else ()
