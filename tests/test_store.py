@@ -157,3 +157,70 @@ async def test_several_reports_of_one_message_in_a_batch_apply_in_order(
     items = await store.claim_outbox(("callback",), now=100.0, lease=60.0, limit=10)
     assert [(i.message_id, i.payload["ptt"]) for i in items] == \
         [(first, 3), (second, 3), (first, 25), (first, 4)]
+
+
+def test_chunks_are_powers_of_two_longest_first_and_keep_every_row() -> None:
+    from gateway.store.sqlite import _chunks
+
+    for n in range(300):
+        for most in (1, 3, 100, 128, 10_000):
+            rows = list(range(n))
+            chunks = [list(c) for c in _chunks(rows, most)]
+            assert [r for c in chunks for r in c] == rows
+            sizes = [len(c) for c in chunks]
+            assert all(s & (s - 1) == 0 and s <= min(most, 128) for s in sizes), (n, sizes)
+            assert sizes == sorted(sizes, reverse=True)
+    assert [len(c) for c in _chunks(list(range(39)), 128)] == [32, 4, 2, 1]
+
+
+def test_in_lists_are_padded_to_a_power_of_two_with_the_same_values() -> None:
+    from gateway.store.sqlite import _in
+
+    assert _in([]) == ("", [])
+    for n in range(1, 70):
+        marks, params = _in(list(range(n)))
+        assert marks.count("?") == len(params) >= n
+        assert len(params) & (len(params) - 1) == 0 and len(params) < 2 * n
+        assert set(params) == set(range(n))
+
+
+async def test_batches_of_every_size_use_a_few_statement_texts(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite3 keeps 256 prepared statements by their text. Written out for each batch
+    size, a multi-row statement was prepared again on nearly every run, which cost as much
+    as running it; cut in power-of-two chunks, each statement has a few texts."""
+    from gateway.store import StateUpdate
+    from gateway.store.writer import Direct
+
+    texts: set[str] = set()
+    real_execute, real_fetchall = Direct.execute, Direct.execute_fetchall
+
+    async def execute(self: Direct, sql: str, params: object = ()) -> object:
+        texts.add(sql)
+        return await real_execute(self, sql, params)  # type: ignore[arg-type]
+
+    async def fetchall(self: Direct, sql: str, params: object = ()) -> object:
+        texts.add(sql)
+        return await real_fetchall(self, sql, params)  # type: ignore[arg-type]
+
+    account = await store.create_account("a", 10**9, at=1.0)
+    await store.update_account("a", callback_url="http://127.0.0.1:9/dlr")
+    user = await store.create_user("a", "u", "x", at=1.0)
+    monkeypatch.setattr(Direct, "execute", execute)
+    monkeypatch.setattr(Direct, "execute_fetchall", fetchall)
+    for n in range(1, 140):
+        order = SendOrder(account_id=account.id, user_id=user.id, login="u", sender="S",
+                          body="b", coding=1, parts=1, klass=1, no_stop=True, tag="",
+                          recipients=tuple(f"+336123{i:05d}" for i in range(n)),
+                          costs=(1,) * n)
+        (outcome,) = await store.commit_sends([order], at=2.0)
+        assert outcome.accepted and len(outcome.ids) == n
+        await store.mark_sent(outcome.ids, at=3.0)
+        applied = await store.apply_updates(
+            [StateUpdate.from_ptt(i, 4, 4.0) for i in outcome.ids])
+        assert applied.callbacks == n and len(applied.finals) == n
+        items = await store.claim_outbox(("callback",), now=100.0, lease=60.0, limit=n)
+        assert sorted(i.message_id for i in items) == sorted(outcome.ids)
+    monkeypatch.undo()
+    # Without chunks: a text per size for each multi-row statement, 1,119 in all (now 74).
+    assert len(texts) < 100, sorted(texts)

@@ -176,7 +176,10 @@ class Writer:
             raise
 
     def _connect(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # 256 prepared statements kept, not 128: the store's multi-row statements take a few
+        # texts each (see sqlite.py, `_chunks`), and they must all stay in.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               cached_statements=256)
         try:
             # SQLite waits for the lock only while migrating; afterwards `begin` does.
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
