@@ -182,6 +182,9 @@ def test_in_lists_are_padded_to_a_power_of_two_with_the_same_values() -> None:
         assert marks.count("?") == len(params) >= n
         assert len(params) & (len(params) - 1) == 0 and len(params) < 2 * n
         assert set(params) == set(range(n))
+    # Past _IN_MAX, padding could cross SQLite's limit of 32,766 parameters: none.
+    marks, params = _in(list(range(20_000)))
+    assert len(params) == marks.count("?") == 20_000
 
 
 async def test_batches_of_every_size_use_a_few_statement_texts(

@@ -146,11 +146,14 @@ def _chunks(rows: Sequence[T], most: int) -> Iterator[Sequence[T]]:
 
 
 def _in(values: Sequence[Any]) -> tuple[str, list[Any]]:
-    """Marks and parameters of `IN (...)` for `values` (at most `_IN_MAX`), padded to a
-    power of two with the last value: a repeated value changes nothing in an IN list."""
+    """Marks and parameters of `IN (...)` for `values`, padded to a power of two with the
+    last value: a repeated value changes nothing in an IN list. Lists longer than `_IN_MAX`
+    (batch sizes set far above the defaults) are left as they are, within SQLite's limit."""
     if not values:
         return "", []
     size = 1 << (len(values) - 1).bit_length()
+    if size > _IN_MAX:
+        size = len(values)
     return _marks(size), [*values, *[values[-1]] * (size - len(values))]
 
 
