@@ -60,17 +60,25 @@ class Conn(Protocol):
     async def execute_fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
 
 
+def _try_begin(conn: sqlite3.Connection, deadline: float) -> bool:
+    """BEGIN IMMEDIATE once: True if the write lock is ours, False if another process holds
+    it and `deadline` (monotonic) has not passed; any other failure, or a late one, raises."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as exc:
+        if not _busy(exc) or time.monotonic() >= deadline:
+            raise
+    return False
+
+
 def begin(conn: sqlite3.Connection, wait: float) -> None:
-    """BEGIN IMMEDIATE, waiting up to `wait` seconds for another process's write lock."""
+    """BEGIN IMMEDIATE, waiting up to `wait` seconds for another process's write lock.
+
+    The thread sleeps between tries; `Writer.transaction` sleeps the event loop instead."""
     deadline = time.monotonic() + wait
     pause = LOCK_RETRY_FIRST
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if not _busy(exc) or time.monotonic() >= deadline:
-                raise
+    while not _try_begin(conn, deadline):
         time.sleep(pause)
         pause = min(pause * 2, LOCK_RETRY_MAX)
 
@@ -254,12 +262,8 @@ class Writer:
                 yielding = turn is not None and self._turn_role == "yield" \
                     and time.monotonic() < deadline and turn.is_up()
                 if not yielding:
-                    try:
-                        conn.execute("BEGIN IMMEDIATE")
+                    if _try_begin(conn, deadline):
                         break
-                    except sqlite3.OperationalError as exc:
-                        if not _busy(exc) or time.monotonic() >= deadline:
-                            raise
                     if turn is not None and self._turn_role == "first" and not flag_up:
                         flag_up = turn.raise_flag()
                 await asyncio.sleep(pause)
