@@ -159,12 +159,15 @@ def _run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
 
 class Writer:
     def __init__(self, path: str, *, busy_timeout: float, synchronous: str,
-                 turn: Turn | None = None) -> None:
+                 turn: Turn | None = None, autocheckpoint: int = 1000) -> None:
         """`turn`: "first" raises the `WriteTurn` flag while waiting for the lock (the send
-        process), "yield" waits while it is up (the delivery worker); None ignores it."""
+        process), "yield" waits while it is up (the delivery worker); None ignores it.
+
+        `autocheckpoint`: log pages past which a COMMIT checkpoints (see checkpoints.py)."""
         self.path = path
         self.busy_timeout = busy_timeout
         self._synchronous = synchronous
+        self._autocheckpoint = autocheckpoint
         self._turn_role = turn if path != ":memory:" else None
         self._turn: WriteTurn | None = None
         self._jobs: SimpleQueue[tuple[asyncio.Future[Any], Callable[[], Any]] | None] = \
@@ -196,6 +199,7 @@ class Writer:
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {self._autocheckpoint}")
         except BaseException:
             conn.close()
             raise
