@@ -80,6 +80,7 @@ async def test_content_type_headers(harness: Harness) -> None:
         assert resp.status == 200
         assert resp.content_type == fmt
         assert resp.charset == "utf-8"
+        assert resp.headers["Content-Type"] == f"{fmt}; charset=utf-8"
 
 
 # -- every outcome code in every format -----------------------------------------------------
