@@ -104,8 +104,7 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
     """The gateway; `delivery_worker` runs delivery in a child process (see `serve`)."""
     store = store or SQLiteStore(config.store.path,
                                  busy_timeout=config.store.busy_timeout_seconds,
-                                 write_turn="first" if delivery_worker else None,
-                                 checkpoint_interval=config.store.checkpoint_interval_seconds)
+                                 write_turn="first" if delivery_worker else None)
     clock = clock or SystemClock()
     hooks: list[Callable[[list[SendOutcome]], Awaitable[None] | None]] = []
 

@@ -65,9 +65,6 @@ class StoreConfig:
     # How long a write waits for another process's lock (e.g. a long command-line change)
     # before giving up: a send then answers 503, a start with the store locked fails.
     busy_timeout_seconds: float = 10.0
-    # How often a background thread copies the write-ahead log into the store file; 0: the
-    # commit that takes the log past 1,000 pages does it, holding the write lock.
-    checkpoint_interval_seconds: float = 0.1
 
 
 @dataclass

@@ -234,8 +234,7 @@ async def run(config: Config, commands: asyncio.StreamReader,
     # goes again (delivery and callbacks are at least once anyway).
     lock = await _only_worker(config.store.path)
     store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds,
-                        sync_each_commit=False, write_turn="yield",
-                        checkpoints_elsewhere=config.store.checkpoint_interval_seconds > 0)
+                        sync_each_commit=False, write_turn="yield")
     metrics = Metrics(per_account_labels=config.metrics.per_account_labels)
     await store.open()
     callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,

@@ -45,7 +45,6 @@ from gateway.store import (
     User,
     UserChanges,
 )
-from gateway.store.checkpoints import FALLBACK_PAGES, Checkpointer
 from gateway.store.writer import Conn, Turn, Writer
 from gateway.store.writer import begin as begin_write
 
@@ -205,23 +204,13 @@ CLAIM_WINDOW = 4
 
 class SQLiteStore:
     def __init__(self, path: str | Path, *, busy_timeout: float = 10.0,
-                 sync_each_commit: bool = True, write_turn: Turn | None = None,
-                 checkpoint_interval: float = 0.0,
-                 checkpoints_elsewhere: bool = False) -> None:
+                 sync_each_commit: bool = True, write_turn: Turn | None = None) -> None:
         """`sync_each_commit` False: for a process whose writes can be redone (see worker).
 
         `write_turn`: "first" for the send process, "yield" for the delivery worker (see
         `writer.WriteTurn`); None for everyone else.
-
-        `checkpoint_interval` > 0: this process checkpoints the log in a thread of its own,
-        so its commits do not (see checkpoints.py). `checkpoints_elsewhere`: another process
-        does, so this one's commits do not either.
         """
         self._write_turn = write_turn
-        self._checkpoint_interval = checkpoint_interval
-        self._autocheckpoint = FALLBACK_PAGES if checkpoint_interval > 0 \
-            or checkpoints_elsewhere else 1000
-        self._checkpointer: Checkpointer | None = None
         self.path = str(path)
         self._synchronous = "FULL" if sync_each_commit else "NORMAL"
         # Seconds a statement waits for another process's lock before failing (locked).
@@ -247,16 +236,12 @@ class SQLiteStore:
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
         try:
             self._writer = Writer(self.path, busy_timeout=self._busy_ms / 1000,
-                                  synchronous=self._synchronous, turn=self._write_turn,
-                                  autocheckpoint=self._autocheckpoint)
+                                  synchronous=self._synchronous, turn=self._write_turn)
             await self._writer.open()
             await self._migrate()
             # From here on the writer waits for the lock in `begin`, not in SQLite.
             await self._writer.execute("PRAGMA busy_timeout = 0")
             self._reader = await self._connect_reader()
-            if self._checkpoint_interval > 0 and self.path != ":memory:":
-                self._checkpointer = Checkpointer(self.path, self._checkpoint_interval)
-                self._checkpointer.start()
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
@@ -273,11 +258,6 @@ class SQLiteStore:
         return conn
 
     async def close(self) -> None:
-        if self._checkpointer is not None:
-            # Its thread ends within one checkpoint; the last connection to close checkpoints
-            # whatever is left.
-            await asyncio.to_thread(self._checkpointer.stop)
-            self._checkpointer = None
         if self._reader is not None:
             with suppress(sqlite3.Error, ValueError):
                 await self._reader.close()

@@ -159,15 +159,12 @@ def _run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
 
 class Writer:
     def __init__(self, path: str, *, busy_timeout: float, synchronous: str,
-                 turn: Turn | None = None, autocheckpoint: int = 1000) -> None:
+                 turn: Turn | None = None) -> None:
         """`turn`: "first" raises the `WriteTurn` flag while waiting for the lock (the send
-        process), "yield" waits while it is up (the delivery worker); None ignores it.
-
-        `autocheckpoint`: log pages past which a COMMIT checkpoints (see checkpoints.py)."""
+        process), "yield" waits while it is up (the delivery worker); None ignores it."""
         self.path = path
         self.busy_timeout = busy_timeout
         self._synchronous = synchronous
-        self._autocheckpoint = autocheckpoint
         self._turn_role = turn if path != ":memory:" else None
         self._turn: WriteTurn | None = None
         self._jobs: SimpleQueue[tuple[asyncio.Future[Any], Callable[[], Any]] | None] = \
@@ -199,7 +196,6 @@ class Writer:
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute(f"PRAGMA wal_autocheckpoint = {self._autocheckpoint}")
         except BaseException:
             conn.close()
             raise
