@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.store import MessageFilter
+from gateway.store import MessageFilter, SendOrder
+from gateway.store.sqlite import SQLiteStore
 from tests.conftest import ACCOUNT, LOGIN, SEND_PATH, Harness
 
 FORMATS = ["text/plain", "text/xml", "application/xml", "text/json", "application/json",
@@ -291,3 +292,30 @@ async def test_a_stale_cached_stop_clause_does_not_refuse_for_ever(harness: Harn
     finally:
         await other.close()
     assert (await harness.send(message=text))[1].startswith("OK")
+
+
+async def test_a_send_cancelled_while_queued_is_committed_all_the_same(
+        store: SQLiteStore) -> None:
+    import asyncio
+
+    from gateway.clock import SystemClock
+    from gateway.send.batcher import GroupCommitter
+
+    account = await store.create_account("a", 1000, at=1.0)
+    order = SendOrder(account_id=account.id, user_id=None, login="u", sender="S", body="b",
+                      coding=1, parts=1, klass=1, no_stop=True, tag="",
+                      recipients=("+33612345678",), costs=(100,))
+    committer = GroupCommitter(store, SystemClock())
+    committer.start()
+    try:
+        # The client hangs up while its order waits for the next batch.
+        hung_up = asyncio.create_task(committer.submit(order))
+        await asyncio.sleep(0)
+        hung_up.cancel()
+        # Bounded: a committer broken by the cancelled future would never answer.
+        outcome = await asyncio.wait_for(committer.submit(order), 10)
+        assert hung_up.cancelled()
+        # Charged once for each: the cancelled order was not dropped, nor left half-done.
+        assert outcome.ids == (2,) and outcome.credit_left == 800
+    finally:
+        await committer.stop()
