@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import structlog
 from aiohttp import web
 
-from gateway import admin, health, iprules
+from gateway import admin, health, http_parser, iprules
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import RateTable
@@ -195,6 +195,7 @@ def add_alerts(gateway: Gateway, settings: SendSettings) -> None:
 def create_app(gateway: Gateway) -> web.Application:
     """The public web app: the send URL (and, unless split off, the admin API)."""
     config = gateway.config
+    http_parser.install()  # raw non-ASCII bytes in the send URL, as OVH takes them
     limiter = InflightLimit(config.server.max_inflight, gateway.metrics)
     app = web.Application(client_max_size=config.server.max_request_bytes,
                           middlewares=[limiter.middleware])

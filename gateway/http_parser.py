@@ -1,0 +1,76 @@
+"""aiohttp's HTTP request parser, taking raw non-ASCII bytes in a URL as OVH's CGI does.
+
+`curl "https://host/cgi-bin/sms/http2sms.cgi?...&message=Café"` sends the é as raw bytes,
+and so do PHP's `file_get_contents` and many hand-built URLs. OVH's server takes them. aiohttp's
+C parser (llhttp) refuses them with a 400 ("Invalid char in url query"), and has no setting to
+allow them; its pure-Python parser, the one aiohttp uses where the C one is not built, takes
+them. So a connection whose first request line has such bytes is parsed again, from its first
+byte, by the Python parser, which then parses the rest of that connection. Every other
+connection keeps the C parser: after its first request the wrapper steps out of the way.
+
+Only the first request of a connection can be saved this way: after it, where the C parser
+stands in the byte stream is its own. Clients that send raw bytes (curl, PHP, nginx's
+proxying, all one request per connection by default) are covered; a later raw request on a
+reused connection still gets the C parser's 400, which names the character to encode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import http_parser, web_protocol
+from aiohttp.http_exceptions import InvalidURLError
+
+# The C parser when it is built (the Python one otherwise: then there is nothing to do).
+_FAST = web_protocol.HttpRequestParser
+_LENIENT = http_parser.HttpRequestParserPy
+
+# Beyond the request line, what a first request's headers may take before the fallback
+# stops keeping them for a replay (the C parser's own limits still apply).
+_HEADERS_ROOM = 64 * 1024
+
+
+class FirstRequestFallback:
+    """Stands in for the C parser until a connection's first request is parsed."""
+
+    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        self._protocol = protocol
+        self._args = (protocol, *args)
+        self._kwargs = kwargs
+        self._parser = _FAST(protocol, *args, **kwargs)
+        self._seen: bytearray | None = bytearray()
+        self._max_seen = kwargs.get("max_line_size", 8190) + _HEADERS_ROOM
+
+    def feed_data(self, data: bytes) -> Any:
+        seen = self._seen
+        if seen is not None:
+            seen += data
+            if len(seen) > self._max_seen:
+                self._seen = seen = None
+        try:
+            result = self._parser.feed_data(data)
+        except InvalidURLError:
+            if seen is None or seen.partition(b"\n")[0].isascii():
+                raise  # not raw bytes, or too late to parse again: the C parser's 400
+            lenient = self._step_aside(_LENIENT(*self._args, **self._kwargs))
+            return lenient.feed_data(bytes(seen))
+        if result[0]:
+            self._step_aside(self._parser)
+        return result
+
+    def _step_aside(self, parser: Any) -> Any:
+        """Hand the connection to `parser`: nothing goes through this wrapper any more."""
+        self._protocol._parser = parser
+        self._seen = None
+        self._parser = parser
+        return parser
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else the protocol asks before the first request (pause, end of stream).
+        return getattr(self._parser, name)
+
+
+def install() -> None:
+    """Parse every aiohttp server connection in this process through the fallback above."""
+    if _FAST is not _LENIENT:
+        web_protocol.HttpRequestParser = FirstRequestFallback  # type: ignore[misc,assignment]
