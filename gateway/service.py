@@ -87,7 +87,7 @@ class Management:
     async def update_user(self, account: str, login: str, **fields: Any) -> User:
         """Apply any of: password, quota (None = no quota), ip_restrictions, callback_url,
         alert_threshold, alert_support, alert_email, alert_number."""
-        current = await self.store.get_user(account, login)
+        await self.store.get_user(account, login)  # an unknown user is a 404 before any 400
         changes = UserChanges()
         unknown = set(fields) - set(UserChanges.__dataclass_fields__) - {"password"}
         if unknown:
@@ -138,8 +138,11 @@ class Management:
                     raise ValidationError("alertNumber", "an international number such as "
                                           "+33612345678") from None
             changes.alert_number = number
-        _check_alert(current, changes)
-        return await self.store.update_user(account, login, changes, at=self.clock.now())
+        # The alert's fields are checked together on the user as the update's transaction
+        # reads it: checked on an earlier read, two concurrent updates could each pass and
+        # together leave a mail alert without its address.
+        return await self.store.update_user(account, login, changes, at=self.clock.now(),
+                                            check=lambda user: _check_alert(user, changes))
 
     async def delete_user(self, account: str, login: str) -> None:
         await self.store.delete_user(account, login, at=self.clock.now())

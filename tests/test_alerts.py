@@ -34,6 +34,7 @@ from gateway.hooks.alerts import (
     send_test_alert,
 )
 from gateway.hooks.outbox import AttemptFailed
+from gateway.service import ValidationError
 from gateway.store import (
     MessageFilter,
     NotFound,
@@ -588,3 +589,18 @@ async def test_test_alert_input_errors_and_an_sms_nobody_sends(
     assert "queued as outbox item" in report.detail
     assert outbox(config)[0]["payload"]["test"] is True
 
+
+async def test_concurrent_updates_cannot_combine_into_an_alert_without_its_address(
+        make_harness: Any) -> None:
+    # Each update is valid on the user it read: mail (the address is there), and no address
+    # (the alert goes by SMS). Together they would make a mail alert with no address.
+    h = await make_harness()
+    await h.manage.update_user(ACCOUNT, LOGIN, alert_threshold=100, alert_support="sms",
+                               alert_number=NUMBER, alert_email=EMAIL)
+    results = await asyncio.gather(
+        h.manage.update_user(ACCOUNT, LOGIN, alert_support="mail"),
+        h.manage.update_user(ACCOUNT, LOGIN, alert_email=None), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, ValidationError)]
+    assert len(refused) == 1, results  # the second to commit sees the first's change
+    user = await h.gateway.store.get_user(ACCOUNT, LOGIN)
+    assert user.alert_email or user.alert_support == "sms", user

@@ -6,7 +6,7 @@ implements `Store` (SQLite today, PostgreSQL for multi-node deployments later).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -324,7 +324,10 @@ class Store(Protocol):
     async def get_user(self, account: str, login: str) -> User: ...
     async def list_users(self, account: str) -> list[str]: ...
     async def update_user(self, account: str, login: str, changes: UserChanges, *,
-                          at: float) -> User: ...
+                          at: float, check: Callable[[User], None] | None = None) -> User:
+        """`check` sees the user as the update's own transaction reads it, and may raise
+        to refuse: a rule across fields holds even against a concurrent update."""
+        ...
     async def delete_user(self, account: str, login: str, *, at: float) -> None: ...
 
     # The send path

@@ -476,10 +476,12 @@ class SQLiteStore:
         return [r[0] for r in rows]
 
     async def update_user(self, account: str, login: str, changes: UserChanges, *,
-                          at: float) -> User:
+                          at: float, check: Callable[[User], None] | None = None) -> User:
         given = changes.given()
         async with self._tx() as db:
             user = await self._fetch_user(db, account, login)
+            if check is not None:
+                check(user)
             if "quota" in given:
                 await self._set_quota(db, user, given.pop("quota"), at)
             columns = {
