@@ -9,9 +9,9 @@ byte, by the Python parser, which then parses the rest of that connection. Every
 connection keeps the C parser: after its first request the wrapper steps out of the way.
 
 Only the first request of a connection can be saved this way: after it, where the C parser
-stands in the byte stream is its own. Clients that send raw bytes (curl, PHP, nginx's
-proxying, all one request per connection by default) are covered; a later raw request on a
-reused connection still gets the C parser's 400, which names the character to encode.
+stands in the byte stream is its own. Clients that send raw bytes (curl, `file_get_contents`,
+nginx's proxying: one request per connection by default) are covered; a later raw request on
+a reused connection still gets the C parser's 400, which names the character to encode.
 """
 
 from __future__ import annotations
