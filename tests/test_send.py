@@ -210,6 +210,24 @@ async def test_raw_bytes_then_more_sends_on_the_same_connection(harness: Harness
     assert bodies == ["été", "déjà", "plain"]
 
 
+async def test_raw_bytes_in_a_post_whose_body_comes_later(harness: Harness) -> None:
+    server = harness.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    body = b"message=cr\xe8me+br\xfbl\xe9e"
+    writer.write(b"POST " + raw_send_target(b"ignored\xe9") + b" HTTP/1.1\r\nHost: gw\r\n"
+                 b"Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n"
+                 b"Expect: 100-continue\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    # The body goes once the head is parsed (the server says so), on the parser taken over.
+    continue_ = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert continue_.startswith(b"HTTP/1.1 100"), continue_
+    writer.write(body)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b"\r\n\r\nOK\n" in answer, answer
+    assert (await harness.gateway.store.get_message(1)).body == "crème brûlée"
+
+
 async def test_control_characters_in_a_raw_url_are_still_refused(harness: Harness) -> None:
     before = await harness.balance()
     [(status, _)] = await raw_exchange(harness, raw_send_target(b"a\x01b\xe9"))
