@@ -180,6 +180,32 @@ async def test_a_kept_connection_dropped_mid_request_is_retried_once_on_a_new_on
     assert server.connections == 2 and len(server.heads) == 3
 
 
+async def test_a_408_on_a_kept_connection_is_its_idle_close_and_goes_again_on_a_new_one(
+        ) -> None:
+    # A server whose idle timeout strikes answers 408 and closes (HAProxy, Node.js); if the
+    # request crossed it on the wire, the 408 says the connection, not the callback, is done.
+    async def time_out_the_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                  server: Server) -> None:
+        await server.read_head(reader)
+        writer.write(OK)
+        await server.read_head(reader)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with Server(time_out_the_second).running() as server, client() as http:
+        assert await http.get(url(server)) == 200
+        assert await http.get(url(server)) == 200  # the 408, then again on a new connection
+        assert server.connections == 2 and len(server.heads) == 3
+
+
+async def test_a_408_on_a_new_connection_is_the_answer() -> None:
+    timeout = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    async with Server(answering(timeout)).running() as server, client() as http:
+        assert await http.get(url(server)) == 408
+    assert server.connections == 1
+
+
 async def test_a_connection_dropped_after_part_of_the_answer_is_a_failure() -> None:
     async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    server: Server) -> None:

@@ -15,7 +15,8 @@ What it does:
 - bytes after the response (a second response, a body longer than announced) change
   nothing of its status, and the connection is not kept;
 - idle connections are kept per origin (up to `max_idle_per_origin`, for `idle_seconds`);
-  a kept connection the server closed meanwhile is replaced once, before any byte came back;
+  a kept connection the server closed meanwhile is replaced once (closed before any byte
+  came back, or answered 408 as a server's idle timeout does);
 - one deadline (`timeout`) for connecting, sending and the response's head.
 """
 
@@ -173,11 +174,17 @@ class HttpClient:
             conn = self._kept(origin)
             if conn is not None:
                 try:
-                    return await self._exchange(origin, conn, request)
+                    status = await self._exchange(origin, conn, request)
                 except Disconnected as exc:
                     if not exc.answered_nothing:
                         raise
                     # The server closed it while idle (its keep-alive ran out): a new one.
+                else:
+                    if status != 408:
+                        return status
+                    # Some servers answer 408 as their idle timeout closes a connection
+                    # (HAProxy, Node.js): the request crossed it and was not acted on
+                    # (RFC 9110, 15.5.9). Again on a new connection, as for a silent close.
             conn = await self._connect(origin)
             return await self._exchange(origin, conn, request)
 
