@@ -59,6 +59,11 @@ class RateTable:
 
     default: int = CENTS
     by_prefix: Mapping[str, int] = field(default_factory=dict)
+    # `+` and the digits of the longest prefix: no shorter look-up may miss one.
+    _longest: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_longest", max(map(len, self.by_prefix), default=1))
 
     @classmethod
     def from_config(cls, default: str | int | float, prefixes: Mapping[str, object]) -> RateTable:
@@ -75,7 +80,7 @@ class RateTable:
         return cls(default=to_cents(default), by_prefix=table)
 
     def rate(self, e164: str) -> int:
-        for end in range(min(len(e164), 8), 1, -1):
+        for end in range(min(len(e164), self._longest), 1, -1):
             found = self.by_prefix.get(e164[:end])
             if found is not None:
                 return found

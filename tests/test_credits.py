@@ -44,6 +44,17 @@ def test_rate_table_longest_prefix() -> None:
     assert table.cost(["+33612345678", "+15551234567"], 3) == [600, 300]
 
 
+def test_rate_table_prefixes_of_any_length() -> None:
+    # A number block priced apart (premium, a partner's range): as long as it needs to be.
+    table = RateTable.from_config("1", {"+33": "0.5", "+3361234": "2", "+336123456": "3",
+                                        "+336123456789012": "4"})
+    assert table.rate("+33612345678") == 300
+    assert table.rate("+33612349999") == 200
+    assert table.rate("+33699999999") == 50
+    assert table.rate("+336123456789012") == 400
+    assert RateTable().rate("+33612345678") == 100  # no table: the default
+
+
 # -- quota moves -----------------------------------------------------------------------------
 
 
