@@ -11,6 +11,19 @@ class InvalidNumber(ValueError):
     pass
 
 
+def restore_plus(raw: str) -> str:
+    """A value with the `+` a URL's query turned into a space given back, stripped.
+
+    `to=+33612345678` typed unencoded arrives as ` 33612345678` (a `+` in a query is a
+    space). A space before digits that a `+` can begin (country codes never start with 0)
+    can only have been that `+`: OVH's scripts write numbers both ways.
+    """
+    text = raw.strip()
+    if raw[:1].isspace() and text[:1].isdigit() and text[0] != "0":
+        return "+" + text
+    return text
+
+
 # Parsing costs tens of microseconds a number; senders send to the same numbers again and
 # again (OTP retries, load tests), so valid results are remembered.
 @lru_cache(maxsize=65_536)

@@ -34,6 +34,19 @@ def test_invalid_numbers(raw: str) -> None:
         phones.normalize(raw)
 
 
+@pytest.mark.parametrize(("raw", "restored"), [
+    (" 33612345678", "+33612345678"),     # to=+33612345678 typed unencoded
+    (" 33612345678 ", "+33612345678"),
+    ("+33612345678", "+33612345678"),
+    (" 0033612345678", "0033612345678"),  # `to=a,+0033...`: a space, not a lost `+`
+    ("33612345678", "33612345678"),        # no space: nothing was lost, still refused
+    (" ACME", "ACME"),
+    ("", ""),
+])
+def test_a_plus_the_query_made_a_space_is_given_back(raw: str, restored: str) -> None:
+    assert phones.restore_plus(raw) == restored
+
+
 def test_bodies_escape_text() -> None:
     xml = responses.failure(responses.ContentType.XML, 202, "Invalid <to> & 'x'")
     assert "<message>Invalid &lt;to&gt; &amp; 'x'</message>" in xml

@@ -228,6 +228,18 @@ async def test_raw_bytes_in_a_post_whose_body_comes_later(harness: Harness) -> N
     assert (await harness.gateway.store.get_message(1)).body == "crème brûlée"
 
 
+async def test_numbers_with_an_unencoded_plus(harness: Harness) -> None:
+    # `+` in a query means a space, so `to=+33...` typed as is arrives as ` 33...`.
+    await harness.manage.add_sender(ACCOUNT, "+33700000001")
+    [(status, body)] = await raw_exchange(harness, (
+        f"{SEND_PATH}?account={ACCOUNT}&login={LOGIN}&password=secret123&from=+33700000001"
+        "&to=+33612345678,+447911123456,0033612345679&message=hi&noStop=1").encode())
+    assert (status, body.split(b"\n")[0]) == (200, b"OK"), body
+    receivers = [(await harness.gateway.store.get_message(i)).receiver for i in (1, 2, 3)]
+    assert receivers == ["+33612345678", "+447911123456", "+33612345679"]
+    assert (await harness.gateway.store.get_message(1)).sender == "+33700000001"
+
+
 async def test_control_characters_in_a_raw_url_are_still_refused(harness: Harness) -> None:
     before = await harness.balance()
     [(status, _)] = await raw_exchange(harness, raw_send_target(b"a\x01b\xe9"))

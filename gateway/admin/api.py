@@ -514,10 +514,8 @@ async def list_outgoing(request: web.Request) -> web.Response:
 def _receiver(raw: str | None) -> str | None:
     if raw is None:
         return None
-    # An unencoded `+` in a query string arrives as a space.
-    text = "+" + raw[1:] if raw.startswith(" ") else raw
     try:
-        return phones.normalize(text)
+        return phones.normalize(phones.restore_plus(raw))
     except phones.InvalidNumber:
         raise ValidationError("receiver", "an international number such as "
                                           "+33612345678") from None

@@ -70,7 +70,8 @@ def parse(params: dict[str, str], *, tz: ZoneInfo, max_recipients: int) -> SendR
             raise SendRefused(MISSING, f"Missing {name}")
     if not reply_sender and not params.get("from", "").strip():
         raise SendRefused(MISSING, "Missing from")
-    raw_to = [item.strip() for item in params.get("to", "").split(",") if item.strip()]
+    raw_to = [phones.restore_plus(item) for item in params.get("to", "").split(",")
+              if item.strip()]
     if not raw_to:
         raise SendRefused(MISSING, "Missing to")
     message = normalize_newlines(params.get("message", ""))
@@ -111,7 +112,7 @@ def parse(params: dict[str, str], *, tz: ZoneInfo, max_recipients: int) -> SendR
         account=params["account"].strip(),
         login=params["login"].strip(),
         password=params["password"],
-        sender="" if reply_sender else params["from"].strip(),
+        sender="" if reply_sender else phones.restore_plus(params["from"]),
         reply_sender=reply_sender,
         recipients=tuple(recipients),
         message=message,
