@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from gateway import iprules, passwords, phones
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import InvalidAmount, as_number, to_cents
+from gateway.hooks.callbacks import target_problem
 from gateway.store import UNSET, Account, Store, User, UserChanges
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -185,9 +185,10 @@ def _url(field: str, value: Any) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > 2048:
         raise ValidationError(field, "an http or https URL")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationError(field, f"an http or https URL, got {value!r}")
+    problem = target_problem(value)
+    if problem is not None:
+        # Not quoting the URL: it may carry a password.
+        raise ValidationError(field, f"an http or https URL a callback can reach ({problem})")
     return value
 
 

@@ -247,6 +247,25 @@ async def test_account_update_half_invalid_changes_nothing(harness: Harness, bod
     assert await harness.gateway.store.get_account(ACCOUNT) == before
 
 
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:99999/dlr",   # no such port: every callback would die at once
+    "http://[::1/dlr",              # was a 500
+    "http://exa mple.org/dlr",
+    "http://" + "a" * 64 + ".example.org/",
+    "http://host.example:0/dlr",
+])
+async def test_a_callback_url_no_callback_could_reach_is_refused(harness: Harness,
+                                                                url: str) -> None:
+    for path in (BASE, USER):
+        answer = await call(harness, "PUT", path, {"callBack": url})
+        assert_error(answer, 400, "callBack")
+        assert url not in json.dumps(answer.body)  # a URL may carry a password
+    assert (await harness.gateway.store.get_account(ACCOUNT)).callback_url is None
+    assert (await harness.gateway.store.get_user(ACCOUNT, LOGIN)).callback_url is None
+    reachable = "http://user:pw@[::1]:8080/dlr?key=1"
+    assert (await call(harness, "PUT", USER, {"callBack": reachable})).status == 200
+
+
 async def test_credit_top_up_writes_the_ledger(harness: Harness) -> None:
     answer = await call(harness, "POST", f"{BASE}/credits", {"amount": 25.5})
     assert answer.status == 200

@@ -9,6 +9,8 @@ the host ever reaches the logs or the stored attempt details.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -20,7 +22,13 @@ from yarl import URL
 
 from gateway import ptt
 from gateway.config import CallbacksConfig
-from gateway.hooks.http_client import ConnectFailed, HttpClient, HttpError, InvalidUrl
+from gateway.hooks.http_client import (
+    ConnectFailed,
+    HttpClient,
+    HttpError,
+    InvalidUrl,
+    origin_of,
+)
 from gateway.hooks.outbox import AttemptFailed, Result
 from gateway.metrics import Metrics
 from gateway.store import OutboxItem
@@ -84,6 +92,31 @@ def _parsed(target: str) -> tuple[str | None, str]:
         return None, ""
     text = str(url)
     return text, "&" if url.raw_query_string else ("" if text.endswith("?") else "?")
+
+
+# What a host name may hold once IDNA-encoded: labels of letters, digits, `-` (and the `_`
+# some real hosts have), 1 to 63 of them each, as the resolver will insist.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
+_SAMPLE = {"id": 1, "ptt": 4, "dlr": 1, "at": 0.0, "tag": "t"}
+
+
+def target_problem(target: str) -> str | None:
+    """Why no callback could ever be sent to `target`, or None.
+
+    Checked when a callback URL is set: at send time such a URL fails at once and for
+    good, so every delivery report to it would be lost.
+    """
+    try:
+        url = callback_url(target, _SAMPLE, ZoneInfo("UTC"))
+        origin_of(url)
+    except (ValueError, TypeError, InvalidUrl) as exc:
+        return str(exc) or type(exc).__name__
+    try:
+        ipaddress.ip_address(url.raw_host or "")
+    except ValueError:
+        if not _HOST_NAME.fullmatch(url.raw_host or ""):
+            return f"not a host name: {url.host!r}"
+    return None
 
 
 def host_key(target: str) -> str:

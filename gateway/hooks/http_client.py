@@ -196,10 +196,7 @@ class HttpClient:
         self._idle.clear()
 
     def _request(self, url: URL) -> tuple[Origin, bytes]:
-        if url.scheme not in ("http", "https") or not url.raw_host:
-            raise InvalidUrl("not an http(s) URL with a host")
-        port = url.port or (443 if url.scheme == "https" else 80)
-        origin = Origin(url.scheme, url.raw_host, port)
+        origin = origin_of(url)
         head = (f"GET {url.raw_path_qs or '/'} HTTP/1.1\r\n"
                 f"Host: {url.host_port_subcomponent}\r\n"
                 f"User-Agent: {self._user_agent}\r\nAccept: */*\r\n")
@@ -269,6 +266,16 @@ class HttpClient:
                 return status
         conn.close()
         return status
+
+
+def origin_of(url: URL) -> Origin:
+    """Where `url` is served; InvalidUrl if this client could never send to it."""
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise InvalidUrl("not an http(s) URL with a host")
+    if url.explicit_port == 0:
+        raise InvalidUrl("port 0")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return Origin(url.scheme, url.raw_host, port)
 
 
 def _reason(exc: OSError) -> str:
