@@ -194,6 +194,7 @@ async def test_mail_reaches_the_smtp_server_with_recipient_and_content(
                  "Threshold:     100",
                  f"Top up with: http2sms account credit {ACCOUNT} <amount>"):
         assert line in text, text
+    assert "--quota" not in text  # the account's own balance: its top-up is the fix
     await until(lambda: outbox(config)[0]["state"] == "done")
     assert len(sink.mails) == 1
 
@@ -207,6 +208,9 @@ async def test_quota_alert_says_the_quota_and_two_decimals(
     text = text_of(sink.mails[0][2])
     assert f"Credits left:  49 (the quota of user {LOGIN})" in text
     assert "Threshold:     49.5" in text
+    # Topping up the account alone would not end a quota's alert: the mail says what does.
+    assert f"http2sms user set {ACCOUNT} {LOGIN} --quota <amount>" in text
+    assert "only after they have risen back above the threshold" in text
 
 
 async def test_crossing_twice_without_rearming_sends_one_alert_rearm_sends_another(

@@ -102,9 +102,14 @@ def mail_body(notice: Notice, *, top_up_hint: str, at: float, tz: ZoneInfo) -> s
         f"Date:          {when}",
         "",
         hint,
+        *([f"Credits added to account {notice.account} do not reach the quota of "
+           f"{notice.login}: raise the",
+           f"quota itself (http2sms user set {notice.account} {notice.login} --quota <amount>,",
+           "or quotaLeft in the admin API); it is taken from the account."]
+          if notice.quota else []),
         "",
         "This alert is sent once each time the credits fall below the threshold; it is sent",
-        "again only after they have been brought back to the threshold or above.",
+        "again only after they have risen back above the threshold.",
         "",
         "-- ",
         "http2sms-gateway",
