@@ -37,7 +37,9 @@ def parse_networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
 def validate_restrictions(items: Sequence[str], *, allow_private: bool) -> tuple[str, ...]:
     """Check an allowlist as the API user's `ipRestrictions`; return it normalised."""
     cleaned = [item.strip() for item in items if item.strip()]
-    if len(cleaned) > MAX_RESTRICTIONS:
+    # The limit is on distinct addresses (the same one written twice, or as `::ffff:a.b.c.d`
+    # and `a.b.c.d`, is stored once); a list far too long is refused before parsing it.
+    if len(cleaned) > 10 * MAX_RESTRICTIONS:
         raise InvalidIPRule(
             f"ipRestrictions: at most {MAX_RESTRICTIONS} addresses, got {len(cleaned)}"
         )
@@ -54,6 +56,10 @@ def validate_restrictions(items: Sequence[str], *, allow_private: bool) -> tuple
             )
         if str(ip) not in result:
             result.append(str(ip))
+    if len(result) > MAX_RESTRICTIONS:
+        raise InvalidIPRule(
+            f"ipRestrictions: at most {MAX_RESTRICTIONS} addresses, got {len(result)}"
+        )
     return tuple(result)
 
 

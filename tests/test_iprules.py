@@ -43,6 +43,11 @@ def test_validate_restrictions() -> None:
         ("8.8.8.8", "2001:4860:4860::8888")
     with pytest.raises(iprules.InvalidIPRule, match="at most 5"):
         iprules.validate_restrictions([f"8.8.8.{i}" for i in range(6)], allow_private=False)
+    # Distinct addresses count: the same one written six ways is one.
+    assert iprules.validate_restrictions(["8.8.8.8"] * 5 + ["::ffff:8.8.8.8"],
+                                         allow_private=False) == ("8.8.8.8",)
+    with pytest.raises(iprules.InvalidIPRule, match="at most 5 addresses, got 51"):
+        iprules.validate_restrictions(["8.8.8.8"] * 51, allow_private=False)
     for private in ("10.0.0.1", "192.168.1.1", "127.0.0.1", "::1", "fd00::1"):
         with pytest.raises(iprules.InvalidIPRule, match="not a public address"):
             iprules.validate_restrictions([private], allow_private=False)
