@@ -608,3 +608,19 @@ async def test_concurrent_updates_cannot_combine_into_an_alert_without_its_addre
     assert len(refused) == 1, results  # the second to commit sees the first's change
     user = await h.gateway.store.get_user(ACCOUNT, LOGIN)
     assert user.alert_email or user.alert_support == "sms", user
+
+
+async def test_the_same_threshold_sent_back_does_not_rearm_the_alert(
+        make_harness: Any) -> None:
+    h = await make_harness(credits=100)
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=10, alert_threshold=5,
+                               alert_support="mail", alert_email=EMAIL)
+    for _ in range(6):
+        await sent_ok(h)
+    assert (await h.gateway.store.get_user(ACCOUNT, LOGIN)).alert_armed is False  # fired
+    await h.manage.update_user(ACCOUNT, LOGIN, quota=5)  # back to the threshold, not above
+    # What a client that reads the user and PUTs it back with one change sends:
+    await h.manage.update_user(ACCOUNT, LOGIN, alert_threshold=5, callback_url=None)
+    assert (await h.gateway.store.get_user(ACCOUNT, LOGIN)).alert_armed is False
+    await h.manage.update_user(ACCOUNT, LOGIN, alert_threshold=4)  # a new one: armed
+    assert (await h.gateway.store.get_user(ACCOUNT, LOGIN)).alert_armed is True

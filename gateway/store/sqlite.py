@@ -496,9 +496,10 @@ class SQLiteStore:
             if "ip_restrictions" in given:
                 await db.execute("UPDATE users SET ip_restrictions = ? WHERE id = ?",
                                  (json.dumps(list(given["ip_restrictions"])), user.id))
-            if "alert_threshold" in given:
+            if given.get("alert_threshold", user.alert_threshold) != user.alert_threshold:
                 # A new threshold is armed only if the credits are not below it now:
                 # setting it is not a crossing, so it must not fire an alert by itself.
+                # The same threshold sent back (a GET body PUT back) changes nothing.
                 await db.execute(
                     f"UPDATE users SET alert_armed = COALESCE(({_SPENDABLE_HERE}) >= "
                     "alert_threshold, 1) WHERE id = ?", (user.id,))
