@@ -101,8 +101,7 @@ async def test_half_invalid_change_changes_nothing(make_harness: Any) -> None:
     before = await h.gateway.store.get_user(ACCOUNT, LOGIN)
     with pytest.raises(ValidationError):
         await h.manage.update_user(ACCOUNT, LOGIN, quota=50,
-                                   ip_restrictions=["1.1.1.1"] * 3 + ["2.2.2.2", "3.3.3.3",
-                                                                      "4.4.4.4", "5.5.5.5"])
+                                   ip_restrictions=[f"{i}.{i}.{i}.{i}" for i in range(1, 7)])
     with pytest.raises(ValidationError):
         await h.manage.update_user(ACCOUNT, LOGIN, quota=50, password="short")
     assert await h.gateway.store.get_user(ACCOUNT, LOGIN) == before
