@@ -9,6 +9,7 @@ import pytest
 
 from gateway import passwords, phones
 from gateway.send import params, responses
+from gateway.send import request as rules
 from gateway.send.request import SendRefused, parse
 
 
@@ -45,6 +46,33 @@ def test_invalid_numbers(raw: str) -> None:
 ])
 def test_a_plus_the_query_made_a_space_is_given_back(raw: str, restored: str) -> None:
     assert phones.restore_plus(raw) == restored
+
+
+@pytest.mark.parametrize(("typed", "declared", "used"), [
+    ("+33700000001", {"33700000001"}, "33700000001"),   # declared without its +
+    ("33700000001", {"+33700000001"}, "+33700000001"),  # declared with it
+    ("+33700000001", {"+33700000001"}, "+33700000001"),
+    ("ACME", {"ACME"}, "ACME"),
+    ("+ACME", {"ACME"}, None),                          # the + is a number's only
+    ("ACME", {"+ACME"}, None),
+    ("33700000002", {"33700000001", "+33700000001"}, None),
+])
+def test_a_numeric_sender_matches_with_or_without_its_plus(typed: str, declared: set[str],
+                                                           used: str | None) -> None:
+    assert rules.declared_sender(typed, frozenset(declared)) == used
+
+
+@pytest.mark.parametrize(("raw", "sender"), [
+    (" 33700000001", "+33700000001"),  # from=+33700000001 typed unencoded
+    (" 1AND1", "1AND1"),               # a space before letters is no lost +
+    ("1AND1", "1AND1"),
+])
+def test_the_from_parameter_gets_its_plus_back_only_for_a_number(raw: str,
+                                                                 sender: str) -> None:
+    base = {"account": "a", "login": "l", "password": "p", "to": "+33612345678",
+            "message": "hi"}
+    parsed = parse({**base, "from": raw}, tz=ZoneInfo("UTC"), max_recipients=10)
+    assert parsed.sender == sender
 
 
 def test_bodies_escape_text() -> None:

@@ -240,6 +240,23 @@ async def test_numbers_with_an_unencoded_plus(harness: Harness) -> None:
     assert (await harness.gateway.store.get_message(1)).sender == "+33700000001"
 
 
+async def test_a_sender_declared_without_its_plus_still_sends(harness: Harness) -> None:
+    # Declared as `33700000001`; typed unencoded, `from=+33700000001` arrives as a space
+    # and the number: the declared sender all the same, stored as declared.
+    await harness.manage.add_sender(ACCOUNT, "33700000001")
+    await harness.manage.add_sender(ACCOUNT, "1AND1")
+    [(status, body)] = await raw_exchange(harness, (
+        f"{SEND_PATH}?account={ACCOUNT}&login={LOGIN}&password=secret123&from=+33700000001"
+        "&to=+33612345678&message=hi&noStop=1").encode())
+    assert (status, body.split(b"\n")[0]) == (200, b"OK"), body
+    assert (await harness.gateway.store.get_message(1)).sender == "33700000001"
+    [(status, body)] = await raw_exchange(harness, (
+        f"{SEND_PATH}?account={ACCOUNT}&login={LOGIN}&password=secret123&from=%201AND1"
+        "&to=+33612345678&message=hi&noStop=1").encode())
+    assert (status, body.split(b"\n")[0]) == (200, b"OK"), body
+    assert (await harness.gateway.store.get_message(2)).sender == "1AND1"
+
+
 async def test_control_characters_in_a_raw_url_are_still_refused(harness: Harness) -> None:
     before = await harness.balance()
     [(status, _)] = await raw_exchange(harness, raw_send_target(b"a\x01b\xe9"))

@@ -214,8 +214,9 @@ class SendPipeline:
             refusal = await self._refusal(request, client_ip, context)
         if refusal is None and context is not None:
             guard.succeeded(request.account, request.login, client_ip)
-            return context, (self.settings.reply_sender if request.reply_sender
-                             else request.sender)
+            if request.reply_sender:
+                return context, self.settings.reply_sender
+            return context, rules.declared_sender(request.sender, context.senders) or ""
         reason, status, message = refusal or ("password", rules.UNAUTHORIZED, "")
         if reason != "password":
             guard.succeeded(request.account, request.login, client_ip)
@@ -243,7 +244,8 @@ class SendPipeline:
         if not iprules.allowed(client_ip, context.user.ip_restrictions):
             return ("ip", rules.UNAUTHORIZED,
                     f"The IP address {client_ip} is not allowed for this user")
-        if not request.reply_sender and request.sender not in context.senders:
+        if not request.reply_sender \
+                and rules.declared_sender(request.sender, context.senders) is None:
             return ("sender", rules.BAD_SENDER,
                     f"Sender {request.sender!r} is not declared on this account")
         return None

@@ -112,7 +112,7 @@ def parse(params: dict[str, str], *, tz: ZoneInfo, max_recipients: int) -> SendR
         account=params["account"].strip(),
         login=params["login"].strip(),
         password=params["password"],
-        sender="" if reply_sender else phones.restore_plus(params["from"]),
+        sender="" if reply_sender else _sender(params["from"]),
         reply_sender=reply_sender,
         recipients=tuple(recipients),
         message=message,
@@ -145,6 +145,26 @@ def price(request: SendRequest, *, account_id: int, user_id: int, sender: str,
         costs=tuple(rates.cost(list(request.recipients), seg.parts)),
         deferred_until=request.deferred_until, settings_version=settings_version,
     )
+
+
+def _sender(raw: str) -> str:
+    """`from` as typed: the `+` a query turned into a space is given back to a number only
+    (` 1AND1` is the sender `1AND1`, not `+1AND1`)."""
+    restored = phones.restore_plus(raw)
+    return restored if restored[1:].isdigit() else raw.strip()
+
+
+def declared_sender(sender: str, senders: frozenset[str]) -> str | None:
+    """The declared form of `sender`, or None: a number is the same sender with or
+    without its `+` (accounts declare `33700000001` or `+33700000001`, scripts write
+    either)."""
+    if sender in senders:
+        return sender
+    number = sender[1:] if sender.startswith("+") else sender
+    if not number.isdigit():
+        return None
+    other = number if sender.startswith("+") else "+" + number
+    return other if other in senders else None
 
 
 def _flag(params: dict[str, str], name: str) -> bool:
