@@ -199,6 +199,32 @@ async def test_a_408_on_a_kept_connection_is_its_idle_close_and_goes_again_on_a_
         assert server.connections == 2 and len(server.heads) == 3
 
 
+async def test_a_connection_that_answered_408_is_not_kept() -> None:
+    # Without `Connection: close` the 408 still ends the connection: never reused.
+    reused: list[int] = []
+
+    async def time_out_the_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                  server: Server) -> None:
+        await server.read_head(reader)
+        writer.write(OK)
+        if server.connections > 1:
+            while await server.read_head(reader):
+                writer.write(OK)
+            return
+        await server.read_head(reader)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        if await server.read_head(reader):
+            reused.append(1)
+            writer.write(OK)
+
+    async with Server(time_out_the_second).running() as server, client() as http:
+        assert await http.get(url(server)) == 200
+        assert await http.get(url(server)) == 200  # the 408, then again on a new connection
+        # Two at once take every kept connection there is.
+        assert await asyncio.gather(http.get(url(server)), http.get(url(server))) == [200, 200]
+    assert reused == [] and server.connections == 3
+
+
 async def test_a_408_on_a_new_connection_is_the_answer() -> None:
     timeout = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     async with Server(answering(timeout)).running() as server, client() as http:

@@ -258,7 +258,8 @@ class HttpClient:
         except BaseException:
             conn.close()  # a cancelled or timed-out request leaves an unknown state behind
             raise
-        if conn.reusable and not self._closed:
+        # A 408 says the server is closing the connection, whatever its headers say.
+        if conn.reusable and status != 408 and not self._closed:
             conns = self._idle.setdefault(origin, [])
             if len(conns) < self._max_idle:
                 conn.idle_since = time.monotonic()
