@@ -10,8 +10,10 @@ connection keeps the C parser: after its first request the wrapper steps out of 
 
 Only the first request of a connection can be saved this way: after it, where the C parser
 stands in the byte stream is its own. Clients that send raw bytes (curl, `file_get_contents`,
-nginx's proxying: one request per connection by default) are covered; a later raw request on
-a reused connection still gets the C parser's 400, which names the character to encode.
+nginx's proxying without `keepalive`: one request per connection) are covered; a later raw
+request on a reused connection (HAProxy, Traefik, Caddy and nginx with `keepalive` keep their
+connections to the gateway) still gets the C parser's 400, which names the character to
+encode.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class FirstRequestFallback:
         try:
             result = self._parser.feed_data(data)
         except InvalidURLError:
-            if seen is None or seen.partition(b"\n")[0].isascii():
+            # Blank lines before the request line are allowed (RFC 9112, 2.2).
+            if seen is None or seen.lstrip(b"\r\n").partition(b"\n")[0].isascii():
                 raise  # not raw bytes, or too late to parse again: the C parser's 400
             lenient = self._step_aside(_LENIENT(*self._args, **self._kwargs))
             return lenient.feed_data(bytes(seen))

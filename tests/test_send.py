@@ -201,6 +201,18 @@ async def test_raw_non_ascii_bytes_in_the_url_as_curl_sends_them(harness: Harnes
     assert bodies == ["café", "café"]
 
 
+async def test_raw_bytes_after_blank_lines_before_the_request_line(harness: Harness) -> None:
+    # RFC 9112 (2.2) lets a server skip empty lines before a request line; llhttp does.
+    server = harness.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"\r\n\r\nGET " + raw_send_target(b"caf\xe9")
+                 + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b"\r\n\r\nOK\n" in answer, answer
+    assert (await harness.gateway.store.get_message(1)).body == "café"
+
+
 async def test_raw_bytes_then_more_sends_on_the_same_connection(harness: Harness) -> None:
     answers = await raw_exchange(harness, raw_send_target(b"\xe9t\xe9"),
                                  raw_send_target(b"d\xc3\xa9j\xc3\xa0"),
