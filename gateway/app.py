@@ -195,7 +195,8 @@ def add_alerts(gateway: Gateway, settings: SendSettings) -> None:
 def create_app(gateway: Gateway) -> web.Application:
     """The public web app: the send URL (and, unless split off, the admin API)."""
     config = gateway.config
-    http_parser.install()  # raw non-ASCII bytes in the send URL, as OVH takes them
+    # Raw non-ASCII bytes in the send URL, as OVH takes them.
+    http_parser.install(always=config.server.raw_url_bytes_always)
     limiter = InflightLimit(config.server.max_inflight, gateway.metrics)
     app = web.Application(client_max_size=config.server.max_request_bytes,
                           middlewares=[limiter.middleware])

@@ -46,6 +46,9 @@ class ServerConfig:
     # they use another CPU core than the send URL (about 2x the sends per second under a
     # burst). false: one process does everything.
     delivery_worker: bool = True
+    # Raw non-ASCII bytes in the send URL taken on every request of a connection, not only
+    # its first: behind a proxy that reuses its connections to the gateway. Costs CPU.
+    raw_url_bytes_always: bool = False
 
 
 @dataclass

@@ -13,7 +13,7 @@ stands in the byte stream is its own. Clients that send raw bytes (curl, `file_g
 nginx's proxying without `keepalive`: one request per connection) are covered; a later raw
 request on a reused connection (HAProxy, Traefik, Caddy and nginx with `keepalive` keep their
 connections to the gateway) still gets the C parser's 400, which names the character to
-encode.
+encode, unless `server.raw_url_bytes_always` puts every connection on the Python parser.
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ class FirstRequestFallback:
         return getattr(self._parser, name)
 
 
-def install() -> None:
-    """Parse every aiohttp server connection in this process through the fallback above."""
+def install(*, always: bool = False) -> None:
+    """Parse every aiohttp server connection in this process through the fallback above;
+    `always`: through the Python parser from the start (`server.raw_url_bytes_always`), for
+    proxies whose kept connections carry raw bytes in later requests too."""
     if _FAST is not _LENIENT:
-        web_protocol.HttpRequestParser = FirstRequestFallback  # type: ignore[misc,assignment]
+        web_protocol.HttpRequestParser = (  # type: ignore[misc]
+            _LENIENT if always else FirstRequestFallback)

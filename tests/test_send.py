@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from gateway import http_parser
+from gateway.config import Config
 from gateway.store import MessageFilter, SendOrder
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import ACCOUNT, LOGIN, SEND_PATH, Harness
+from tests.conftest import ACCOUNT, LOGIN, SEND_PATH, Harness, HarnessFactory
 
 FORMATS = ["text/plain", "text/xml", "application/xml", "text/json", "application/json",
            "text/html"]
@@ -286,6 +287,17 @@ async def test_a_connection_begun_in_ascii_keeps_the_fast_parser(harness: Harnes
     [(status, body)] = (await raw_exchange(harness, raw_send_target(b"plain"),
                                            raw_send_target(b"caf\xe9")))[1:]
     assert status == 400 and b"Invalid char in url query" in body
+
+
+async def test_raw_bytes_in_every_request_behind_a_keep_alive_proxy(
+        make_harness: HarnessFactory, config: Config) -> None:
+    config.server.raw_url_bytes_always = True
+    harness: Harness = await make_harness()
+    answers = await raw_exchange(harness, raw_send_target(b"plain"), raw_send_target(b"caf\xe9"),
+                                 raw_send_target(b"d\xc3\xa9j\xc3\xa0"))
+    assert [(status, body[:3]) for status, body in answers] == [(200, b"OK\n")] * 3
+    bodies = [(await harness.gateway.store.get_message(i)).body for i in (1, 2, 3)]
+    assert bodies == ["plain", "café", "déjà"]
 
 
 async def test_multi_recipient_ids_in_order_and_cost(harness: Harness) -> None:
