@@ -511,7 +511,7 @@ def gateway_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "HTTP2SMS_SERVER_ALLOW_PRIVATE_IPS": "1",
-        "HTTP2SMS_LOG_LEVEL": "warning",
+        "HTTP2SMS_LOG_LEVEL": args.log_level,
         "HTTP2SMS_OPERATOR_MIN_DELAY": str(args.min_delay),
         "HTTP2SMS_OPERATOR_MAX_DELAY": str(args.max_delay),
     })
@@ -745,7 +745,8 @@ def describe_machine(args: argparse.Namespace, folder: Path) -> None:
     p50, p90 = fsync_ms(folder)
     print(f"fsync of the store's disk: p50 {p50:.1f} ms, p90 {p90:.1f} ms "
           f"(every accepted send waits for one, shared by its group commit)")
-    print(f"Simulated operator delays {args.min_delay:g}-{args.max_delay:g} s"
+    print(f"Simulated operator delays {args.min_delay:g}-{args.max_delay:g} s; "
+          f"gateway log level {args.log_level}"
           + (f"; environment overrides: {', '.join(overrides)}" if overrides else ""))
 
 
@@ -769,6 +770,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="most seconds to wait for callbacks to finish after a run (60)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 s runs, 1 s warm-up, 20,000 pre-filled messages")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"],
+                        help="the gateway's log level (warning; info, the default in "
+                        "production, also writes a line per send)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     quick = {"duration": 3.0, "warmup": 1.0, "prefill": 20_000, "drain": 20.0}
