@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import logs
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SEND_PATH, Harness
@@ -60,3 +62,47 @@ async def test_library_errors_do_not_leak_the_request_line(harness: Harness,
     assert resp.status in (400, 414)
     text = log_stream.getvalue()
     assert PASSWORD not in text
+
+
+_values = st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.none(),
+                    st.booleans(), st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=500, deadline=None)
+@given(fields=st.dictionaries(st.text(min_size=1), _values, max_size=8),
+       named=st.fixed_dictionaries({}, optional={"event": _values, "level": st.text(),
+                                                 "timestamp": _values}))
+def test_the_console_line_is_structlogs_own(fields: dict[str, Any],
+                                            named: dict[str, Any]) -> None:
+    import structlog
+
+    # The lean renderer must write what structlog's would, character for character.
+    record = {**fields, **named}
+    theirs = structlog.dev.ConsoleRenderer(
+        colors=False, exception_formatter=structlog.dev.plain_traceback)
+    assert logs._ConsoleRenderer()(None, "info", dict(record)) == theirs(None, "info",
+                                                                          dict(record))
+
+
+def test_console_events_with_an_exception_keep_their_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+        line = logs._ConsoleRenderer()(None, "error", {"event": "failed", "level": "error",
+                                                       "exc_info": sys.exc_info()})
+    assert line.startswith("[error    ] failed") and "ValueError: boom" in line
+
+
+def test_the_timestamp_is_structlogs_iso_utc_format() -> None:
+    import re
+    from datetime import datetime
+
+    import structlog
+
+    theirs = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})
+    ours = logs._Timestamp()(None, "info", {})["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", ours), ours
+    assert theirs["timestamp"].endswith("Z")
+    gap = datetime.fromisoformat(ours) - datetime.fromisoformat(theirs["timestamp"])
+    assert 0 <= gap.total_seconds() < 1
