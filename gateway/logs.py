@@ -46,18 +46,19 @@ class _Timestamp:
     date and time are formatted once a second, the microseconds each time."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
+        # One tuple, replaced whole: a thread logging at the same time never pairs one
+        # second with another's text.
+        self._cached = (-1, "")
 
     def __call__(self, _: Any, __: str,
                  event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        now = time.time_ns() // 1000
-        second, micros = divmod(now, 1_000_000)
-        if second != self._second:
-            self._second = second
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+        cached_second, text = self._cached
+        if second != cached_second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._cached = (second, text)
         # datetime.isoformat leaves out a zero fraction; so does this, to stay identical.
-        event["timestamp"] = f"{self._text}.{micros:06d}Z" if micros else f"{self._text}Z"
+        event["timestamp"] = f"{text}.{micros:06d}Z" if micros else f"{text}Z"
         return event
 
 

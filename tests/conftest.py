@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import app as gateway_app
+from gateway import http_parser
 from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.service import Management
@@ -24,6 +25,16 @@ ACCOUNT = "sms-test-1"
 LOGIN = "alice"
 PASSWORD = "secret123"
 SENDER = "ACME"
+
+
+@pytest.fixture(autouse=True)
+def _parser_as_started() -> Any:
+    """Each test starts with the process's default request parser: `create_app` sets it for
+    the whole process (server.raw_url_bytes_always), and servers of later tests that build
+    no gateway app would otherwise inherit it."""
+    http_parser.install()
+    yield
+    http_parser.install()
 
 
 @pytest.fixture
