@@ -230,12 +230,13 @@ class WrkResult:
         return good / self.seconds if self.seconds else 0.0
 
 
-def write_lua(folder: Path, users: list[dict[str, str]]) -> Path:
+def write_lua(folder: Path, users: list[dict[str, str]], recipients: int) -> Path:
     entries = ",\n".join(
         f"  {{account = {json.dumps(u['account'])}, login = {json.dumps(u['login'])}, "
         f"password = {json.dumps(u['password'])}}}" for u in users)
     script = folder / "load.lua"
-    script.write_text(f"USERS = {{\n{entries}\n}}\nSENDER = {json.dumps(SENDER)}\n\n"
+    script.write_text(f"USERS = {{\n{entries}\n}}\nSENDER = {json.dumps(SENDER)}\n"
+                      f"RECIPIENTS = {recipients}\n\n"
                       + (HERE / "load.lua").read_text())
     return script
 
@@ -558,7 +559,7 @@ def run(args: argparse.Namespace, folder: Path, procs: Processes) -> tuple[list[
     print("Preparing the store (accounts, API users) ...", flush=True)
     db = folder / "gateway.sqlite3"
     users = asyncio.run(create_users(db, args.users, receiver_port))
-    script = write_lua(folder, users)
+    script = write_lua(folder, users, args.recipients)
 
     # 1. The framework ceiling.
     port = free_port()
@@ -623,7 +624,8 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
               f"{'errors':>8}")
     print()
     print(f"Results: {args.connections} connections, {args.duration:g} s after a "
-          f"{args.warmup:g} s warm-up, {args.users} API users, wrk -t{args.threads}, "
+          f"{args.warmup:g} s warm-up, {args.users} API users, {args.recipients:,} recipients, "
+          f"wrk -t{args.threads}, "
           f"{os.cpu_count()} CPU cores shared by every process")
     print(header)
     print("-" * len(header))
@@ -760,6 +762,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="wrk threads (1: wrk shares the cores with everything else)")
     parser.add_argument("--users", type=int, default=8, help="API users sending (8)")
+    parser.add_argument("--recipients", type=int, default=100_000,
+                        help="distinct recipient numbers the sends rotate over (100000: more "
+                        "than the gateway's cache of checked numbers holds, so every send "
+                        "checks its number anew, as in an OTP storm; 99 repeats numbers, as "
+                        "a load test might)")
     parser.add_argument("--prefill", type=int,
                         help="messages stored before the last run (1000000; 0 skips it)")
     parser.add_argument("--min-delay", type=float, default=0.05,
@@ -787,6 +794,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need 1 <= --threads <= --connections <= 10000")
     if not 1 <= args.users <= 1000 or not 0 <= args.prefill <= 100_000_000:
         parser.error("--users must be in [1, 1000] and --prefill in [0, 100000000]")
+    if not 1 <= args.recipients <= 1_000_000:
+        parser.error("--recipients must be in [1, 1000000]")
     return args
 
 
