@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from zoneinfo import ZoneInfo
 
+import phonenumbers
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import passwords, phones
 from gateway.send import params, responses
@@ -33,6 +36,75 @@ def test_numbers(raw: str, e164: str) -> None:
 def test_invalid_numbers(raw: str) -> None:
     with pytest.raises(phones.InvalidNumber):
         phones.normalize(raw)
+
+
+def _parsed_the_long_way(raw: str) -> str | None:
+    """`phones.normalize` as it was before its shortcut: every number through `parse`."""
+    try:
+        parsed = phonenumbers.parse(raw, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _normalized(raw: str) -> str | None:
+    try:
+        return phones.normalize.__wrapped__(raw)
+    except phones.InvalidNumber:
+        return None
+
+
+def _example_numbers() -> list[str]:
+    found = set()
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        for kind in phonenumbers.PhoneNumberType.values():
+            number = phonenumbers.example_number_for_type(region, kind)
+            if number is not None:
+                found.add(phonenumbers.format_number(number, 0))
+    for code in phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS:
+        number = phonenumbers.example_number_for_non_geo_entity(code)
+        if number is not None:
+            found.add(phonenumbers.format_number(number, 0))
+    return sorted(found)
+
+
+def test_every_countrys_example_numbers_normalize_as_parse_has_them() -> None:
+    examples = _example_numbers()
+    assert len(examples) > 1000
+    shortcut = 0
+    for e164 in examples:
+        assert phones.normalize(e164) == e164 == _parsed_the_long_way(e164), e164
+        direct = phones._split(e164[1:])
+        if direct is not None:
+            assert direct == phonenumbers.parse(e164, None), e164
+            shortcut += 1
+    # Most numbers take the shortcut; Italy's leading zeros and the like go the long way.
+    assert shortcut > 0.9 * len(examples)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)).map(str)
+       | st.sampled_from(["0", "00", "01", "0033"]),
+       national=st.text(alphabet="0123456789", min_size=0, max_size=16))
+def test_the_shortcut_agrees_with_parse_on_any_digits(code: str, national: str) -> None:
+    raw = f"+{code}{national}"
+    assert _normalized(raw) == _parsed_the_long_way(raw)
+    direct = phones._split(raw[1:])
+    if direct is not None:
+        assert direct == phonenumbers.parse(raw, None)
+
+
+def test_a_national_prefix_or_leading_zero_goes_the_long_way() -> None:
+    assert phones._split("390612345678") is None   # Rome: the 0 is part of the number
+    assert phones._split("3306123456789") is None  # +33 then France's trunk prefix 0
+    assert phones._split("0033612345678") is None
+    assert phones._split("012025550123") is None    # not +1: no country code starts with 0
+    with pytest.raises(phones.InvalidNumber):
+        phones.normalize("+012025550123")
+    assert phones._split("33612345678") == phonenumbers.parse("+33612345678", None)
+    assert phones.normalize("+390612345678") == "+390612345678"
 
 
 @pytest.mark.parametrize(("raw", "restored"), [
