@@ -445,6 +445,7 @@ class Phase:
     drain_seconds: float | None = None
     malformed_callbacks: int = 0
     log_problems: list[str] = field(default_factory=list)
+    reference: bool = False  # a ceiling, not the gateway: the targets do not read it
 
     def server_cpu_ms(self) -> float:
         """CPU time of the server process per answered request: steadier than req/s when
@@ -567,7 +568,20 @@ def run(args: argparse.Namespace, folder: Path, procs: Processes) -> tuple[list[
     wait_listening(ceiling, port)
     print("Ceiling: bare aiohttp, constant body", flush=True)
     phases.append(measure("ceiling", ceiling, port, script, args, folder))
+    phases[-1].reference = True
     stop_server(procs, ceiling)
+
+    # 1b. The same app storing a row per request durably (--durable-ceiling).
+    if args.durable_ceiling:
+        port = free_port()
+        durable = procs.start("durable-ceiling", [PYTHON, str(HERE / "durable_ceiling.py"),
+                                                  str(port), str(folder / "durable.sqlite3")])
+        wait_listening(durable, port)
+        print("Durable ceiling: bare aiohttp, a group-committed SQLite row per request",
+              flush=True)
+        phases.append(measure("ceiling, durable", durable, port, script, args, folder))
+        phases[-1].reference = True
+        stop_server(procs, durable)
 
     # 2. The gateway on an empty store.
     print(f"Gateway, empty store ({args.users} API users)", flush=True)
@@ -665,7 +679,7 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
             for line in p.log_problems[:5]:
                 print(f"        {line[:200]}")
 
-    gateways = phases[1:]
+    gateways = [p for p in phases if not p.reference]
     if gateways:
         print()
         print("Targets (issue 7; informative: a FAIL does not change the exit status):")
@@ -781,6 +795,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=["debug", "info", "warning", "error"],
                         help="the gateway's log level (warning; info, the default in "
                         "production, also writes a line per send)")
+    parser.add_argument("--durable-ceiling", action="store_true",
+                        help="also measure the ceiling app storing each request's row in "
+                        "SQLite before answering (group commit, synchronous=FULL): what "
+                        "durability alone costs on this machine and disk")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     quick = {"duration": 3.0, "warmup": 1.0, "prefill": 20_000, "drain": 20.0}
