@@ -230,21 +230,28 @@ class WrkResult:
         return good / self.seconds if self.seconds else 0.0
 
 
-def write_lua(folder: Path, users: list[dict[str, str]], recipients: int) -> Path:
+def write_lua(folder: Path, users: list[dict[str, str]], args: argparse.Namespace) -> Path:
     entries = ",\n".join(
         f"  {{account = {json.dumps(u['account'])}, login = {json.dumps(u['login'])}, "
         f"password = {json.dumps(u['password'])}}}" for u in users)
     script = folder / "load.lua"
     script.write_text(f"USERS = {{\n{entries}\n}}\nSENDER = {json.dumps(SENDER)}\n"
-                      f"RECIPIENTS = {recipients}\n\n"
+                      f"RECIPIENTS = {args.recipients}\nTHREADS = {args.threads}\n\n"
                       + (HERE / "load.lua").read_text())
     return script
 
 
+# Requests sent by the runs of wrk so far (and at most one in flight per connection): the next
+# run starts its rotation of recipients there.
+_sent = 0
+
+
 def run_wrk(script: Path, port: int, seconds: float, args: argparse.Namespace,
             folder: Path) -> WrkResult:
+    global _sent
     argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds:g}s",
-            "--timeout", "5s", "--latency", "-s", str(script), f"http://{HOST}:{port}/"]
+            "--timeout", "5s", "--latency", "-s", str(script), f"http://{HOST}:{port}/",
+            str(_sent)]
     out_path = folder / "wrk.out"
     with open(out_path, "wb") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
@@ -273,6 +280,7 @@ def run_wrk(script: Path, port: int, seconds: float, args: argparse.Namespace,
     if popen.returncode != 0 or match is None:
         raise BenchError(f"wrk failed (status {popen.returncode}):\n{text[-2000:]}")
     data = json.loads(match.group(1))
+    _sent += int(data["requests"]) + args.connections
     sample = re.search(r"^BENCH_SAMPLE (.*)$", text, re.M)
     errors = {k: int(data[k]) for k in ("connect", "read", "write", "status", "timeout",
                                         "bad_status", "bad_body")}
@@ -560,7 +568,7 @@ def run(args: argparse.Namespace, folder: Path, procs: Processes) -> tuple[list[
     print("Preparing the store (accounts, API users) ...", flush=True)
     db = folder / "gateway.sqlite3"
     users = asyncio.run(create_users(db, args.users, receiver_port))
-    script = write_lua(folder, users, args.recipients)
+    script = write_lua(folder, users, args)
 
     # 1. The framework ceiling.
     port = free_port()

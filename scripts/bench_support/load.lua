@@ -1,6 +1,7 @@
 -- wrk script of scripts/bench: 1-recipient, 1-part sends rotating over the API users.
--- The driver prepends `USERS = {...}`, `SENDER = "..."` (the users it created) and
--- `RECIPIENTS = N` (how many distinct numbers the sends go to).
+-- The driver prepends `USERS = {...}`, `SENDER = "..."` (the users it created),
+-- `RECIPIENTS = N` (how many distinct numbers the sends go to) and `THREADS = N` (wrk's), and
+-- passes where in the rotation to start (`wrk ... URL START`): the requests sent before.
 -- Requests are built once per thread (init) and replayed in turn: building them per request
 -- would cost wrk more CPU than the server under test on a small machine.
 -- Every response is checked: a status other than 200, or a body not starting with "OK",
@@ -52,15 +53,17 @@ function init(args)
    end
    local head, tail = string.match(wrk.format("GET", "/PATH"), "^(.-)/PATH(.*)$")
    local message = "&message=" .. escape("Your code is ")
-   -- One request per recipient (at least 1,024): a thread sends to every number once before
-   -- it sends to one again.
+   -- One request per recipient (at least 1,024), replayed in turn from where the previous
+   -- run of wrk stopped, each thread from its own share: no number is sent to twice until
+   -- all have been (a warm-up would otherwise fill the gateway's number cache for the run).
    for i = 0, math.max(1024, RECIPIENTS) - 1 do
-      local to = numbers[((i + thread_no * 7919) % RECIPIENTS) + 1]
-      local code = string.format("%06d", (i * 7919 + thread_no * 104729) % 1000000)
+      local to = numbers[(i % RECIPIENTS) + 1]
+      local code = string.format("%06d", (i * 7919) % 1000000)
       requests[i + 1] = head .. prefixes[(i % #USERS) + 1] .. "%2B" .. string.sub(to, 2)
          .. message .. code .. "&noStop=1" .. tail
    end
-   index = thread_no * 97
+   local start = tonumber(args[1]) or 0
+   index = (start + thread_no * math.floor(#requests / THREADS)) % #requests
 end
 
 function request()
