@@ -1,7 +1,7 @@
 -- wrk script of scripts/bench: 1-recipient, 1-part sends rotating over the API users.
 -- The driver prepends `USERS = {...}`, `SENDER = "..."` (the users it created),
 -- `RECIPIENTS = N` (how many distinct numbers the sends go to) and `THREADS = N` (wrk's), and
--- passes where in the rotation to start (`wrk ... URL START`): the requests sent before.
+-- passes where in the rotation to start (`wrk ... URL START`): the previous run's `next`.
 -- Requests are built once per thread (init) and replayed in turn: building them per request
 -- would cost wrk more CPU than the server under test on a small machine.
 -- Every response is checked: a status other than 200, or a body not starting with "OK",
@@ -9,7 +9,9 @@
 
 local threads = {}
 local requests = {}
-local index = 0
+-- This thread's place in the rotation, counted from the first run of wrk (a global, so that
+-- `done` can read every thread's).
+position = 0
 
 bad_status = 0
 bad_body = 0
@@ -53,22 +55,22 @@ function init(args)
    end
    local head, tail = string.match(wrk.format("GET", "/PATH"), "^(.-)/PATH(.*)$")
    local message = "&message=" .. escape("Your code is ")
-   -- One request per recipient (at least 1,024), replayed in turn from where the previous
-   -- run of wrk stopped, each thread from its own share: no number is sent to twice until
-   -- all have been (a warm-up would otherwise fill the gateway's number cache for the run).
-   for i = 0, math.max(1024, RECIPIENTS) - 1 do
+   -- One request per recipient, repeated up to at least 1,024 requests. The threads take
+   -- turns along the rotation (thread k the places start + k, start + k + THREADS, ...) from
+   -- where the previous run of wrk stopped, so no number is sent to twice until all have
+   -- been (a warm-up would otherwise fill the gateway's number cache for the run).
+   for i = 0, RECIPIENTS * math.ceil(1024 / RECIPIENTS) - 1 do
       local to = numbers[(i % RECIPIENTS) + 1]
       local code = string.format("%06d", (i * 7919) % 1000000)
       requests[i + 1] = head .. prefixes[(i % #USERS) + 1] .. "%2B" .. string.sub(to, 2)
          .. message .. code .. "&noStop=1" .. tail
    end
-   local start = tonumber(args[1]) or 0
-   index = (start + thread_no * math.floor(#requests / THREADS)) % #requests
+   position = (tonumber(args[1]) or 0) + thread_no - THREADS
 end
 
 function request()
-   index = (index % #requests) + 1
-   return requests[index]
+   position = position + THREADS
+   return requests[(position % #requests) + 1]
 end
 
 function response(status, headers, body)
@@ -82,20 +84,24 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests_done)
-   local status, body, sample = 0, 0, nil
+   local status, body, sample, next = 0, 0, nil, 0
    for _, thread in ipairs(threads) do
       status = status + (thread:get("bad_status") or 0)
       body = body + (thread:get("bad_body") or 0)
       sample = sample or thread:get("first_bad")
+      -- Past every place a thread took, sent or not (wrk also builds one request it never
+      -- sends, to check the script).
+      next = math.max(next, (thread:get("position") or 0) + 1)
    end
    local e = summary.errors
    io.write(string.format(
       'BENCH_RESULT {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, '
       .. '"write": %d, "status": %d, "timeout": %d, "bad_status": %d, "bad_body": %d, '
-      .. '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, "mean_us": %.1f}\n',
+      .. '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, "mean_us": %.1f, '
+      .. '"next": %d}\n',
       summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
       status, body, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-      latency.max, latency.mean))
+      latency.max, latency.mean, next))
    if sample ~= nil then
       io.write("BENCH_SAMPLE ", string.format("%q", string.sub(sample, 1, 300)), "\n")
    end
