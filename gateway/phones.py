@@ -73,7 +73,7 @@ def _split(digits: str) -> phonenumbers.PhoneNumber | None:
     else:
         return None
     national = digits[size:]
-    if national[:1] == "0" or not 2 <= len(national) <= 17:
+    if national[:1] == "0" or len(national) < 2:  # at most 16 digits: 17 less the code
         return None
     metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(
         code, phonenumbers.region_code_for_country_code(code))
