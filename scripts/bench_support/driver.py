@@ -187,6 +187,14 @@ def child_pids(pid: int) -> list[int]:
     return sorted(found)
 
 
+def run_when_idle(pid: int) -> None:
+    """SCHED_IDLE for every thread of a process: it runs only on CPU nothing else wants.
+    Threads it starts later inherit the policy."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the process's peak resident set size."""
     try:
@@ -467,6 +475,12 @@ class Phase:
 def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Namespace,
             folder: Path, receiver: Proc | None = None, receiver_port: int = 0,
             db: Path | None = None) -> Phase:
+    if args.idle_worker and receiver:
+        workers = child_pids(server.pid)[:1]
+        if not workers:
+            raise BenchError("--idle-worker: the gateway runs no delivery worker "
+                             "(server.delivery_worker is off)")
+        run_when_idle(workers[0])
     print(f"  {label}: warm-up {args.warmup:g} s ...", flush=True)
     warm = run_wrk(script, port, args.warmup, args, folder) if args.warmup > 0 else None
     if not server.alive():
@@ -772,6 +786,10 @@ def describe_machine(args: argparse.Namespace, folder: Path) -> None:
     print(f"Simulated operator delays {args.min_delay:g}-{args.max_delay:g} s; "
           f"gateway log level {args.log_level}"
           + (f"; environment overrides: {', '.join(overrides)}" if overrides else ""))
+    if args.idle_worker:
+        print("Delivery worker under SCHED_IDLE (--idle-worker): it runs only on CPU that "
+              "nothing else wants. A diagnostic of the send process's own bound, not a "
+              "deployment setting")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -807,6 +825,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also measure the ceiling app reading the query and storing "
                         "each request's row in SQLite before answering (group commit, "
                         "synchronous=FULL), without the gateway's checks")
+    parser.add_argument("--idle-worker", action="store_true",
+                        help="run the gateway's delivery worker under SCHED_IDLE (Linux), so "
+                        "that it gets only CPU nothing else wants: what the send process "
+                        "makes when delivery and callbacks cost it nothing (a diagnostic)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     quick = {"duration": 3.0, "warmup": 1.0, "prefill": 20_000, "drain": 20.0}
