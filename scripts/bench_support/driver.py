@@ -191,7 +191,7 @@ def run_when_idle(pid: int) -> None:
     """SCHED_IDLE for every thread of a process: it runs only on CPU nothing else wants.
     Threads it starts later inherit the policy."""
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that has just ended
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
             os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
 
 
