@@ -423,7 +423,8 @@ async def ensure_demo(config: Config) -> None:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
-    from gateway.app import serve
+    # Here, not at the top: the server's imports would add 0.17 s to every other command.
+    from gateway.server import install_uvloop, serve
 
     if args.host:
         config.server.host = args.host
@@ -455,15 +456,6 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def install_uvloop() -> None:
-    """uvloop when installed (the `fast` extra): a faster event loop, same behaviour."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 if __name__ == "__main__":

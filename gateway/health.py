@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.health")
 
+# The gateway whose health the public app's routes report, given by `setup`.
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
+
 READY_TIMEOUT = 5.0
 # A write probe is shared by the readiness checks that arrive while it runs and reused for
 # this long: probes are unauthenticated, and each one is a committed write.
@@ -51,8 +54,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready to take sends: the store is writable, the operator is up, queues keep up."""
-    from gateway.app import GATEWAY
-
     gateway = request.app[GATEWAY]
     checks: dict[str, Any] = {}
     ready = True
@@ -99,8 +100,6 @@ def _ignore_result(task: asyncio.Future[None]) -> None:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    from gateway.app import GATEWAY
-
     return await scrape(request, request.app[GATEWAY])
 
 
@@ -137,14 +136,12 @@ async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def setup(app: web.Application) -> None:
-    """The public listener's routes; `app[GATEWAY]` must be set already."""
-    from gateway.app import GATEWAY
-
+def setup(app: web.Application, gateway: Gateway) -> None:
+    """The public listener's routes, reading `gateway`."""
+    app[GATEWAY] = gateway
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    gateway = app.get(GATEWAY)
-    if gateway is None or not gateway.config.admin.host:
+    if not gateway.config.admin.host:
         app.router.add_get("/metrics", metrics)
 
 

@@ -3,7 +3,8 @@
 One Python process runs on one CPU core. Under a burst the send path and the delivery side
 (handing messages to the operator, storing its reports, calling the users' callback URLs)
 competed for that core: callbacks alone took a quarter of it. With `server.delivery_worker`
-on, `http2sms serve` starts this worker as a child process, so the two sides use two cores
+on, `http2sms serve` starts this worker as a child process (`gateway.worker_process`, its
+process main: this module is the parent's side), so the two sides use two cores
 and meet only in the store, which both processes already share safely (SQLite's write lock,
 lease-based outbox claims).
 
@@ -27,21 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import json
-import signal
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import IO
-from zoneinfo import ZoneInfo
 
 import structlog
 
-from gateway import logs
-from gateway.clock import SystemClock
-from gateway.config import Config, from_dict
-from gateway.metrics import Metrics
+from gateway.config import Config
 
 log = structlog.get_logger("gateway.worker")
 
@@ -58,8 +52,6 @@ class WorkerStatus:
     waiting_reports: int
     metrics: str
 
-
-# -- the parent's side --------------------------------------------------------------------
 
 class DeliveryWorker:
     """Runs the worker process for the gateway; a `Service` of `gateway.app.Gateway`."""
@@ -150,7 +142,7 @@ class DeliveryWorker:
 
     async def _spawn(self) -> None:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.worker",
+            sys.executable, "-m", "gateway.worker_process",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             limit=MAX_STATUS_BYTES)
         assert process.stdin is not None
@@ -211,113 +203,3 @@ class DeliveryWorker:
 
 class WorkerGone(Exception):
     pass
-
-
-# -- the worker process ---------------------------------------------------------------------
-
-async def run(config: Config, commands: asyncio.StreamReader,
-              answers: asyncio.WriteTransport) -> None:
-    """Deliver until `commands` ends (or SIGTERM), then stop cleanly."""
-    from gateway.app import delivery_services, spare_the_start_up_heap
-    from gateway.store.sqlite import SQLiteStore
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    # Ctrl-C in a terminal reaches the whole process group: the parent decides when we
-    # stop (it closes our stdin), so that its last commits are still delivered.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # No fsync of our own per commit: it would hold the write lock that sends wait for
-    # (about 1 ms each). The parent's next commit syncs the shared log with ours in it; a
-    # power cut before that loses only records that are redone: a report not stored
-    # leaves its message to be resumed, a callback result not stored means the callback
-    # goes again (delivery and callbacks are at least once anyway).
-    lock = await _only_worker(config.store.path)
-    store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds,
-                        sync_each_commit=False, write_turn="yield")
-    metrics = Metrics(per_account_labels=config.metrics.per_account_labels)
-    await store.open()
-    callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
-                                              ZoneInfo(config.send.timezone),
-                                              follow_store=True)
-    try:
-        await callbacks.start()
-        await dispatcher.start()
-        log.info("delivery_worker_ready")
-        spare_the_start_up_heap()  # full collections paused this process up to 30 ms too
-
-        async def listen() -> None:
-            while chunk := await commands.read(4096):
-                if POKE in chunk:
-                    dispatcher.poke()
-                for _ in range(chunk.count(STATUS)):
-                    answers.write(json.dumps({
-                        "operator_connected": dispatcher.operator.connected,
-                        "waiting_hand_over": dispatcher.waiting_hand_over,
-                        "waiting_reports": dispatcher.waiting_reports,
-                        "metrics": metrics.exposition().decode(),
-                    }).encode() + b"\n")
-
-        listening = asyncio.create_task(listen())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (listening, stopping):
-            task.cancel()
-    finally:
-        await dispatcher.stop()
-        await callbacks.stop()
-        await store.close()
-        if lock is not None:
-            lock.close()
-        log.info("delivery_worker_stopped")
-
-
-async def _only_worker(store_path: str) -> IO[bytes] | None:
-    """Wait until no other delivery worker runs on this store, then keep it that way.
-
-    A worker whose parent was killed finishes its batch after a new gateway has started.
-    Had both run at once, the old one could mark sent a message the new one had already
-    passed over, and that message would wait for the next restart. The lock (a file next
-    to the store, held until this process ends) makes the new worker wait instead.
-    """
-    if store_path == ":memory:":
-        return None
-    handle = open(f"{store_path}-delivery.lock", "ab")  # noqa: SIM115 (held until exit)
-    waiting = False
-    while True:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            if not waiting:
-                log.info("delivery_worker_waiting", reason="another worker is stopping")
-                waiting = True
-            await asyncio.sleep(0.1)
-
-
-async def _main() -> int:
-    loop = asyncio.get_running_loop()
-    commands = asyncio.StreamReader(limit=MAX_STATUS_BYTES)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
-    answers, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout)
-    line = await commands.readline()
-    if not line:
-        return 0  # the parent went away before sending the settings
-    config = from_dict(json.loads(line))
-    logs.configure(config.log.format, config.log.level, final=True)
-    await run(config, commands, answers)
-    return 0
-
-
-def main() -> int:
-    from gateway.cli import install_uvloop
-
-    install_uvloop()
-    try:
-        return asyncio.run(_main())
-    except KeyboardInterrupt:
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway import app as gateway_app
-from gateway import http_parser
+from gateway import http_parser, webapp
 from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.service import Management
@@ -29,9 +29,9 @@ SENDER = "ACME"
 
 @pytest.fixture(autouse=True)
 def _parser_as_started() -> Any:
-    """Each test starts with the process's default request parser: `create_app` sets it for
-    the whole process (server.raw_url_bytes_always), and servers of later tests that build
-    no gateway app would otherwise inherit it."""
+    """Each test starts with the process's default request parser: the harness sets it for
+    the whole process, as `gateway.server.serve` does (server.raw_url_bytes_always), and
+    servers of later tests that build no gateway app would otherwise inherit it."""
     http_parser.install()
     yield
     http_parser.install()
@@ -92,8 +92,10 @@ async def make_harness(aiohttp_client: Any, config: Config
                    seed: bool = True, cfg: Config | None = None,
                    server_kwargs: dict[str, Any] | None = None) -> Harness:
         cfg = cfg or config
+        # The request parser as the process runner installs it; building an app does not.
+        http_parser.install(always=cfg.server.raw_url_bytes_always)
         gateway = gateway_app.build(cfg, clock=clock)
-        app = gateway_app.create_app(gateway)
+        app = webapp.create_app(gateway)
         client = await aiohttp_client(app, server_kwargs=server_kwargs)
         manage = Management(gateway.store, cfg, gateway.clock)
         if seed:

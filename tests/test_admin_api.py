@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from gateway import app as gateway_app
-from gateway import logs, ptt
+from gateway import logs, ptt, server, webapp
 from gateway.admin import api as admin_api
 from gateway.clock import ManualClock
 from gateway.config import Config
@@ -774,7 +774,7 @@ async def test_start_listener_serves_on_its_own_port(make_harness: Any,
     config.admin.host = "127.0.0.1"
     config.admin.port = 0
     h: Harness = await make_harness()
-    runner = await admin_api.start_listener(h.gateway)
+    runner = await server.start_admin_listener(h.gateway)
     assert runner is not None
     try:
         host, port = runner.addresses[0][:2]
@@ -792,13 +792,13 @@ async def test_start_listener_serves_on_its_own_port(make_harness: Any,
 async def test_no_separate_listener_unless_configured(make_harness: Any,
                                                       config: Config) -> None:
     h: Harness = await make_harness()
-    assert await admin_api.start_listener(h.gateway) is None
+    assert await server.start_admin_listener(h.gateway) is None
     config.admin.host, config.admin.token = "127.0.0.1", ""
-    assert await admin_api.start_listener(h.gateway) is None
+    assert await server.start_admin_listener(h.gateway) is None
 
 
 def test_routes_table_matches_the_app(config: Config) -> None:
-    app = gateway_app.create_app(gateway_app.build(config))
+    app = webapp.create_app(gateway_app.build(config))
     registered = {(r.method, r.resource.canonical) for r in app.router.routes()
                   if r.resource is not None and r.resource.canonical.startswith("/1.0")}
     assert registered == {(m, "/1.0" + p) for m, p, _ in admin_api.ROUTES}

@@ -32,6 +32,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway import app as gateway_app
+from gateway import webapp
 from gateway.admin.openapi import document
 from gateway.config import Config
 from gateway.service import Management
@@ -64,13 +65,13 @@ def app_operations(app: web.Application) -> set[tuple[str, str]]:
 
 
 def test_every_route_is_documented_and_every_documented_route_exists(config: Config) -> None:
-    app = gateway_app.create_app(gateway_app.build(config))
+    app = webapp.create_app(gateway_app.build(config))
     assert app_operations(app) == spec_operations(document())
 
 
 def test_split_public_listener_routes_are_documented_without_security(config: Config) -> None:
     config.admin.host = "127.0.0.1"
-    public = app_operations(gateway_app.create_app(gateway_app.build(config)))
+    public = app_operations(webapp.create_app(gateway_app.build(config)))
     assert public == {("GET", "/1.0/sms/ptts")}
     spec = document()
     for method, path in public:
@@ -132,7 +133,7 @@ class LiveGateway:
 
     async def _start(self) -> str:
         gateway = gateway_app.build(self.config)
-        self.runner = web.AppRunner(gateway_app.create_app(gateway), access_log=None)
+        self.runner = web.AppRunner(webapp.create_app(gateway), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

@@ -1,6 +1,6 @@
 import gc
 
-from gateway.app import spare_the_start_up_heap
+from gateway.server import spare_the_start_up_heap
 from tests.conftest import Harness
 
 

@@ -1,7 +1,7 @@
 """The delivery worker: the operator, its reports and the callbacks in a child process.
 
 In-process: the metrics merge and the dispatcher following a store another connection
-writes. Real processes (`python -m gateway serve` and its `python -m gateway.worker` child,
+writes. Real processes (`python -m gateway serve` and its `python -m gateway.worker_process` child,
 real HTTP, a real callback receiver): delivery, readiness and metrics through the parent, the
 child killed and started again, the parent killed, the worker switched off. Last, the
 store's own retry of the write lock held by another connection.
@@ -354,7 +354,7 @@ def stat(pid: int) -> tuple[str, int] | None:
 
 
 def is_worker(pid: int) -> bool:
-    """A live (not zombie) `python -m gateway.worker` process."""
+    """A live (not zombie) `python -m gateway.worker_process` process."""
     found = stat(pid)
     if found is None or found[0] in ("Z", "X"):
         return False
@@ -362,7 +362,7 @@ def is_worker(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return b"gateway.worker" in cmdline
+    return b"gateway.worker_process" in cmdline
 
 
 def children(parent: int) -> list[int]:

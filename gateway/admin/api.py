@@ -20,9 +20,10 @@ from urllib.parse import quote, urlencode
 import structlog
 from aiohttp import web
 
-from gateway import phones, ptt
+from gateway import health, phones, ptt
 from gateway.admin.openapi import document
 from gateway.credits import as_number
+from gateway.inflight import inflight_limit
 from gateway.security import bearer_matches
 from gateway.service import Management, ValidationError, account_view, user_view
 from gateway.store import (
@@ -614,42 +615,9 @@ def setup(app: web.Application, gateway: Gateway) -> None:
 
 def create_admin_app(gateway: Gateway) -> web.Application:
     """The app of the separate admin listener: `/1.0` and `/metrics`, no send URL."""
-    from gateway import health
-    from gateway.app import inflight_limit
-
     app = web.Application(client_max_size=gateway.config.server.max_request_bytes,
                           middlewares=[inflight_limit(gateway.config.server.max_inflight,
                                                          gateway.metrics)])
     app.add_subapp(PREFIX, build_api(gateway, admin=True))
     health.setup_admin(app, gateway)  # the public listener then has no /metrics
     return app
-
-
-async def start_listener(gateway: Gateway) -> web.AppRunner | None:
-    """Start the admin listener when `admin.host` is set; the caller cleans the runner up.
-
-    The gateway itself is started and stopped by the public app, so this app has no
-    lifecycle of its own and must be cleaned up before the public one.
-    """
-    config = gateway.config
-    if not config.admin.host:
-        return None
-    if not config.admin.token:
-        log.warning("admin_disabled", reason="admin.host is set but admin.token is empty")
-        return None
-    from gateway.app import ssl_context
-
-    runner = web.AppRunner(create_admin_app(gateway), access_log=None, handle_signals=False,
-                           shutdown_timeout=config.server.shutdown_grace_seconds)
-    await runner.setup()
-    site = web.TCPSite(runner, config.admin.host, config.admin.port,
-                       ssl_context=ssl_context(config), reuse_address=True)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    scheme = "https" if config.server.tls_cert else "http"
-    log.info("admin_listening", url=f"{scheme}://{config.admin.host}:{config.admin.port}"
-                                     f"{PREFIX}")
-    return runner
