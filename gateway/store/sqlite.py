@@ -9,7 +9,9 @@ commit), which is what makes durable sends cheap.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -21,18 +23,15 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from gateway.credits import format_credits
-from gateway.store import (
+from gateway.records import (
     UNSET,
     Account,
     AppliedUpdates,
-    Conflict,
     FinalState,
     LedgerEntry,
     Message,
     MessageEvent,
     MessageFilter,
-    NotEnoughCredits,
-    NotFound,
     OutboxAttempt,
     OutboxItem,
     OutboxResult,
@@ -41,10 +40,10 @@ from gateway.store import (
     SendOrder,
     SendOutcome,
     StateUpdate,
-    StoreUnavailable,
     User,
     UserChanges,
 )
+from gateway.store import Conflict, NotEnoughCredits, NotFound, Role, StoreUnavailable, Taken
 from gateway.store.writer import Conn, Turn, Writer
 from gateway.store.writer import begin as begin_write
 
@@ -202,14 +201,27 @@ async def _update(db: Conn, sql: str, row: str, rows: Sequence[Sequence[Any]]) -
 CLAIM_WINDOW = 4
 
 
-class SQLiteStore:
-    def __init__(self, path: str | Path, *, busy_timeout: float = 10.0,
-                 sync_each_commit: bool = True, write_turn: Turn | None = None) -> None:
-        """`sync_each_commit` False: for a process whose writes can be redone (see worker).
+# How each role tunes the backend (see `gateway.store.open_store`): (write turn, sync
+# each commit). The send process goes first for the write lock and the delivery worker
+# yields to it (`writer.WriteTurn`). The worker does not fsync its own commits: each one
+# would hold the write lock that sends wait for (about 1 ms). The send process's next
+# commit syncs the shared log with the worker's in it; a power cut before that loses
+# only records that are redone: a report not stored leaves its message to be resumed, a
+# callback result not stored means the callback goes again (both are at least once).
+_ROLES: dict[Role, tuple[Turn | None, bool]] = {
+    "send": ("first", True),
+    "delivery": ("yield", False),
+    "cli": (None, True),
+}
 
-        `write_turn`: "first" for the send process, "yield" for the delivery worker (see
-        `writer.WriteTurn`); None for everyone else.
-        """
+
+class SQLiteStore:
+    def __init__(self, path: str | Path, *, role: Role = "cli",
+                 busy_timeout: float | None = None) -> None:
+        """Built by `gateway.store.open_store`; `busy_timeout` None: 10 seconds."""
+        write_turn, sync_each_commit = _ROLES[role]
+        if busy_timeout is None:
+            busy_timeout = 10.0
         self._write_turn = write_turn
         self.path = str(path)
         self._synchronous = "FULL" if sync_each_commit else "NORMAL"
@@ -265,6 +277,34 @@ class SQLiteStore:
             with suppress(sqlite3.Error):
                 await self._writer.close()
         self._reader = self._writer = None
+
+    @asynccontextmanager
+    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[None]:
+        """A lock on a file next to the store, `<path>-<name>.lock` (flock): the kernel
+        lets go of it when its holder dies. In memory there is no one to share with."""
+        if not name.replace("-", "").isalnum():
+            raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
+        if self.path == ":memory:":
+            yield
+            return
+        try:
+            fd = os.open(f"{self.path}-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot lock {name!r} on {self.path}: {exc}") from exc
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        raise Taken(f"{name!r} is held by another process on the store "
+                                    f"{self.path}") from None
+                await asyncio.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
 
     async def _migrate(self) -> None:
         assert self._writer is not None
