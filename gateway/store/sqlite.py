@@ -686,9 +686,7 @@ class SQLiteStore:
             f"WHERE u.account_id IN ({marks}) AND u.alert_threshold IS NOT NULL", ids)
         if not watched:
             return 0
-        plan = rules.evaluate_alerts(
-            rules.Watch(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9],
-                        bool(r[10])) for r in watched)
+        plan = rules.evaluate_alerts(rules.Watch._make(r) for r in watched)
         flags = [(0, uid) for uid in plan.disarm] + [(1, uid) for uid in plan.rearm]
         if flags:
             await db.executemany("UPDATE users SET alert_armed = ? WHERE id = ?", flags)
@@ -767,17 +765,13 @@ class SQLiteStore:
                 "FROM messages m JOIN accounts a ON a.id = m.account_id "
                 "LEFT JOIN users u ON u.id = m.user_id AND u.account_id = m.account_id "
                 f"WHERE m.id IN ({marks})", params)
-            plan = rules.plan_updates(updates, {r[0]: rules.Pending(
-                r[0], r[1] == "final", r[2], r[3], r[4], r[5], r[6], r[7], r[8],
-                None if r[9] is None else bool(r[9]), r[10]) for r in rows})
+            plan = rules.plan_updates(updates, {r[0]: rules.Pending._make(r) for r in rows})
             await _update(
                 db, "UPDATE messages SET ptt = v.column2, dlr = v.column3, state = v.column4, "
                 "sent_at = COALESCE(sent_at, v.column5), "
                 "delivered_at = COALESCE(delivered_at, v.column6), updated_at = v.column7 "
                 "FROM (VALUES {}) AS v WHERE messages.id = v.column1",
-                "(?,?,?,?,?,?,?)",
-                [(c.message_id, c.ptt, c.dlr, c.state, c.sent_at, c.delivered_at, c.updated_at)
-                 for c in plan.changes])
+                "(?,?,?,?,?,?,?)", plan.changes)
             await _insert(db, "INSERT INTO message_events (message_id, at, ptt, dlr, note)",
                           "(?,?,?,?,?)",
                           [(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied])

@@ -115,8 +115,8 @@ def test_a_quota_move_takes_no_more_than_the_account_holds() -> None:
 def pending(message_id: int, *, final: bool = False, charged_to: str = "account",
             credits: int = 100, callback: str | None = "https://cb.test/",
             quota_active: bool | None = False) -> Pending:
-    return Pending(message_id, final, 1, 10, charged_to, credits, "tag", "alice", callback,
-                   quota_active, 1.0)
+    return Pending(message_id, "final" if final else "sent", 1, 10, charged_to, credits, "tag",
+                   "alice", callback, quota_active, 1.0)
 
 
 def test_reports_of_one_message_merge_into_its_last_state_with_its_first_times() -> None:
