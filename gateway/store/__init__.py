@@ -18,27 +18,29 @@ import importlib
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from gateway.records import (
-    UNSET,
-    Account,
-    AppliedUpdates,
-    LedgerEntry,
-    Message,
-    MessageEvent,
-    MessageFilter,
-    OutboxAttempt,
-    OutboxItem,
-    OutboxResult,
-    OutgoingMessage,
-    SendContext,
-    SendOrder,
-    SendOutcome,
-    StateUpdate,
-    User,
-    UserChanges,
-)
+from gateway.records import UNSET
+
+if TYPE_CHECKING:  # for annotations only: callers import the records from gateway.records
+    from gateway.records import (
+        Account,
+        AppliedUpdates,
+        LedgerEntry,
+        Message,
+        MessageEvent,
+        MessageFilter,
+        OutboxAttempt,
+        OutboxItem,
+        OutboxResult,
+        OutgoingMessage,
+        SendContext,
+        SendOrder,
+        SendOutcome,
+        StateUpdate,
+        User,
+        UserChanges,
+    )
 
 
 class StoreError(Exception):
