@@ -313,6 +313,25 @@ async def test_a_final_report_refunds_once_and_settles_the_message(stores: Opene
     ledger_identity(await b.ledger_totals())
 
 
+async def test_refunds_racing_sends_keep_every_credit(stores: Opener) -> None:
+    """The delivery worker refunds failures while the send process charges new sends:
+    each refund is spendable by a send at once, and none is lost."""
+    sender, worker = await stores("send"), await stores("delivery")
+    user = await account_with_user(sender, 1000)
+    first = await asyncio.gather(*(commit_one(sender, order(user, 100)) for _ in range(10)))
+    failures = [StateUpdate.from_ptt(o.ids[0], 23, T0 + 2) for o in first]
+    results = await asyncio.gather(
+        *(worker.apply_updates([update]) for update in failures),
+        *(commit_one(sender, order(user, 100)) for _ in range(15)))
+    refunded = sum(len(r.finals) for r in results[:10])  # type: ignore[union-attr]
+    accepted = sum(o.accepted for o in results[10:])  # type: ignore[union-attr]
+    assert refunded == 10 and 0 <= accepted <= 10
+    assert (await worker.get_account("acme")).balance == 1000 - 100 * accepted
+    totals = await sender.ledger_totals()
+    ledger_identity(totals)
+    assert totals["spent"] == 100 * accepted
+
+
 # -- exclusive names -----------------------------------------------------------------------
 
 
