@@ -24,11 +24,11 @@ from gateway.hooks.outbox import OutboxWorker, RetryPolicy
 from gateway.metrics import Metrics
 from gateway.operators import create as create_operator
 from gateway.passwords import VerificationCache
+from gateway.records import SendOutcome
 from gateway.security import LoginGuard, Throttle
 from gateway.send.batcher import GroupCommitter
 from gateway.send.pipeline import SendPipeline, SendSettings
-from gateway.store import SendOutcome, Store, StoreUnavailable
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import Store, StoreUnavailable, open_store
 from gateway.worker import DeliveryWorker
 
 log = structlog.get_logger("gateway.app")
@@ -97,9 +97,7 @@ class Gateway:
 def build(config: Config, *, store: Store | None = None, clock: Clock | None = None,
           delivery_worker: bool = False) -> Gateway:
     """The gateway; `delivery_worker` runs delivery in a child process (see `gateway.worker`)."""
-    store = store or SQLiteStore(config.store.path,
-                                 busy_timeout=config.store.busy_timeout_seconds,
-                                 write_turn="first" if delivery_worker else None)
+    store = store or open_store(config.store, "send")
     clock = clock or SystemClock()
     hooks: list[Callable[[list[SendOutcome]], Awaitable[None] | None]] = []
 

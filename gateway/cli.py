@@ -23,8 +23,7 @@ from gateway import logs
 from gateway.config import Config, ConfigError
 from gateway.credits import format_credits
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
-from gateway.store import Store, StoreError
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import Store, StoreError, open_store
 
 EXIT_USAGE = 2
 
@@ -176,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
-    store: Store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds)
+    store: Store = open_store(config.store, "cli")
     await store.open()
     try:
         manager = Management(store, config)
@@ -370,7 +369,7 @@ async def _message_show(args: argparse.Namespace, m: Management) -> Any:
 
 @command("message list")
 async def _message_list(args: argparse.Namespace, m: Management) -> Any:
-    from gateway.store import MessageFilter
+    from gateway.records import MessageFilter
 
     account = await m.store.get_account(args.account)
     rows = await m.store.list_messages(
@@ -410,7 +409,7 @@ DEMO_SENDER = "DEMO"
 
 
 async def ensure_demo(config: Config) -> None:
-    store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds)
+    store = open_store(config.store, "cli")
     await store.open()
     try:
         m = Management(store, config)

@@ -40,13 +40,14 @@ from gateway.clock import Clock, sleep_until
 from gateway.logs import id_ranges
 from gateway.metrics import Metrics
 from gateway.operators import Operator, OperatorUnavailable
-from gateway.store import AppliedUpdates, OutgoingMessage, SendOutcome, StateUpdate, Store
+from gateway.records import AppliedUpdates, OutgoingMessage, SendOutcome, StateUpdate
+from gateway.store import DeliveryStore
 
 log = structlog.get_logger("gateway.delivery")
 
 
 class Dispatcher:
-    def __init__(self, store: Store, clock: Clock, operator: Operator, *,
+    def __init__(self, store: DeliveryStore, clock: Clock, operator: Operator, *,
                  max_batch: int = 1000, retry_seconds: float = 5.0,
                  on_callbacks: Callable[[], None] | None = None,
                  metrics: Metrics | None = None, follow_store: bool = False,

@@ -20,7 +20,7 @@ from prometheus_client import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-from gateway.store import FinalState
+from gateway.records import FinalState
 
 # generate_latest writes the classic text format (0.0.4), whatever CONTENT_TYPE_LATEST says.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -15,7 +15,8 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import InvalidAmount, as_number, to_cents
 from gateway.hooks.callbacks import target_problem
-from gateway.store import UNSET, Account, Store, User, UserChanges
+from gateway.records import UNSET, Account, User, UserChanges
+from gateway.store import Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")

@@ -7,11 +7,10 @@ commits to, and answers the parent over the link described in `gateway.worker`.
 from __future__ import annotations
 
 import asyncio
-import fcntl
+import contextlib
 import json
 import signal
 import sys
-from typing import IO
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -22,7 +21,7 @@ from gateway.clock import SystemClock
 from gateway.config import Config, from_dict
 from gateway.metrics import Metrics
 from gateway.server import install_uvloop, spare_the_start_up_heap
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import StoreLifecycle, Taken, open_store
 from gateway.worker import MAX_STATUS_BYTES, POKE, STATUS
 
 log = structlog.get_logger("gateway.worker")
@@ -37,16 +36,17 @@ async def run(config: Config, commands: asyncio.StreamReader,
     # stop (it closes our stdin), so that its last commits are still delivered.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # No fsync of our own per commit: it would hold the write lock that sends wait for
-    # (about 1 ms each). The parent's next commit syncs the shared log with ours in it; a
-    # power cut before that loses only records that are redone: a report not stored
-    # leaves its message to be resumed, a callback result not stored means the callback
-    # goes again (delivery and callbacks are at least once anyway).
-    lock = await _only_worker(config.store.path)
-    store = SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds,
-                        sync_each_commit=False, write_turn="yield")
+    # The delivery role: its writes give way to the sends' and are not synced on their own
+    # (see `gateway.store.open_store`).
+    store = open_store(config.store, "delivery")
     metrics = Metrics(per_account_labels=config.metrics.per_account_labels)
     await store.open()
+    only = contextlib.AsyncExitStack()
+    try:
+        await _only_worker(store, only)
+    except BaseException:
+        await store.close()
+        raise
     callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
                                               ZoneInfo(config.send.timezone),
                                               follow_store=True)
@@ -77,32 +77,25 @@ async def run(config: Config, commands: asyncio.StreamReader,
         await dispatcher.stop()
         await callbacks.stop()
         await store.close()
-        if lock is not None:
-            lock.close()
+        await only.aclose()
         log.info("delivery_worker_stopped")
 
 
-async def _only_worker(store_path: str) -> IO[bytes] | None:
-    """Wait until no other delivery worker runs on this store, then keep it that way.
+async def _only_worker(store: StoreLifecycle, holder: contextlib.AsyncExitStack) -> None:
+    """Wait until no other delivery worker runs on this store, then keep it that way
+    until `holder` closes.
 
     A worker whose parent was killed finishes its batch after a new gateway has started.
     Had both run at once, the old one could mark sent a message the new one had already
-    passed over, and that message would wait for the next restart. The lock (a file next
-    to the store, held until this process ends) makes the new worker wait instead.
+    passed over, and that message would wait for the next restart. The store's
+    `exclusive("delivery")` lock, held until this worker stops (or dies), makes the new
+    worker wait instead.
     """
-    if store_path == ":memory:":
-        return None
-    handle = open(f"{store_path}-delivery.lock", "ab")  # noqa: SIM115 (held until exit)
-    waiting = False
-    while True:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            if not waiting:
-                log.info("delivery_worker_waiting", reason="another worker is stopping")
-                waiting = True
-            await asyncio.sleep(0.1)
+    try:
+        await holder.enter_async_context(store.exclusive("delivery"))
+    except Taken:
+        log.info("delivery_worker_waiting", reason="another worker is stopping")
+        await holder.enter_async_context(store.exclusive("delivery", wait=True))
 
 
 async def _main() -> int:

@@ -18,7 +18,7 @@ from gateway import http_parser, webapp
 from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.service import Management
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import Store, open_store
 
 SEND_PATH = "/cgi-bin/sms/http2sms.cgi"
 ACCOUNT = "sms-test-1"
@@ -113,8 +113,8 @@ async def harness(make_harness: Callable[..., Any]) -> Harness:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "store.sqlite3")
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = open_store(tmp_path / "store.sqlite3", "cli")
     await s.open()
     yield s
     await s.close()

@@ -26,7 +26,7 @@ import aiohttp
 from gateway.cli import DEMO_ACCOUNT, DEMO_LOGIN, DEMO_PASSWORD, DEMO_SENDER, ensure_demo
 from gateway.config import Config
 from gateway.service import Management
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import open_store
 
 SEND_PATH = "/cgi-bin/sms/http2sms.cgi"
 T = TypeVar("T")
@@ -61,7 +61,7 @@ async def prepare_store(db: Path, *, credits: int = 0, callback: str | None = No
     config.store.path = str(db)
     config.server.allow_private_ips = True
     await ensure_demo(config)
-    store = SQLiteStore(db)
+    store = open_store(db, "cli")
     await store.open()
     try:
         manage = Management(store, config)
@@ -202,7 +202,7 @@ def read_db(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any,
 
 async def store_totals(db: Path) -> tuple[dict[str, int], dict[str, int]]:
     """(ledger_totals, counts) of a store file."""
-    store = SQLiteStore(db)
+    store = open_store(db, "cli")
     await store.open()
     try:
         return await store.ledger_totals(), await store.counts()

@@ -17,7 +17,8 @@ from gateway import logs, ptt, server, webapp
 from gateway.admin import api as admin_api
 from gateway.clock import ManualClock
 from gateway.config import Config
-from gateway.store import StateUpdate, StoreUnavailable
+from gateway.records import StateUpdate
+from gateway.store import StoreUnavailable
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, ledger_identity
 
 TOKEN = "test-admin-token-0123456789"

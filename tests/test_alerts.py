@@ -34,16 +34,9 @@ from gateway.hooks.alerts import (
     send_test_alert,
 )
 from gateway.hooks.outbox import AttemptFailed
+from gateway.records import MessageFilter, OutboxItem, SendOrder, StateUpdate, UserChanges
 from gateway.service import ValidationError
-from gateway.store import (
-    MessageFilter,
-    NotFound,
-    OutboxItem,
-    SendOrder,
-    StateUpdate,
-    UserChanges,
-)
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import NotFound, Store, open_store
 from tests.conftest import ACCOUNT, LOGIN, Harness, ledger_identity
 
 EMAIL = "ops@example.com"
@@ -434,12 +427,12 @@ def order(account_id: int, user_id: int | None, cost: int = 100) -> SendOrder:
                      recipients=("+33612345678",), costs=(cost,))
 
 
-async def alert_items(store: SQLiteStore) -> list[OutboxItem]:
+async def alert_items(store: Store) -> list[OutboxItem]:
     return await store.claim_outbox(("alert_mail", "alert_sms"), now=1e12, lease=1.0,
                                     limit=1000)
 
 
-async def test_store_hundred_transactions_crossing_fire_once(store: SQLiteStore) -> None:
+async def test_store_hundred_transactions_crossing_fire_once(store: Store) -> None:
     account = await store.create_account("a", 15000, at=1.0)
     user = await store.create_user("a", "u", "x", at=1.0)
     await store.update_user("a", "u", UserChanges(alert_threshold=10000, alert_email=EMAIL),
@@ -454,7 +447,7 @@ async def test_store_hundred_transactions_crossing_fire_once(store: SQLiteStore)
     assert item.payload["credits_left"] == 9900
 
 
-async def test_store_setting_a_threshold_is_not_a_crossing(store: SQLiteStore) -> None:
+async def test_store_setting_a_threshold_is_not_a_crossing(store: Store) -> None:
     account = await store.create_account("a", 5000, at=1.0)
     user = await store.create_user("a", "u", "x", at=1.0)
     changed = await store.update_user(
@@ -476,7 +469,7 @@ async def test_store_setting_a_threshold_is_not_a_crossing(store: SQLiteStore) -
     assert (await store.get_user("a", "u")).alert_armed
 
 
-async def test_store_quota_moves_cross_and_rearm(store: SQLiteStore) -> None:
+async def test_store_quota_moves_cross_and_rearm(store: Store) -> None:
     account = await store.create_account("a", 20000, at=1.0)
     await store.create_user("a", "u", "x", at=1.0)
     await store.create_user("a", "other", "x", at=1.0)
@@ -502,7 +495,7 @@ async def test_store_quota_moves_cross_and_rearm(store: SQLiteStore) -> None:
 
 async def test_store_refund_rearms_and_the_state_survives_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "r.sqlite3"
-    store = SQLiteStore(path)
+    store = open_store(path, "cli")
     await store.open()
     account = await store.create_account("a", 10100, at=1.0)
     user = await store.create_user("a", "u", "x", at=1.0)
@@ -512,7 +505,7 @@ async def test_store_refund_rearms_and_the_state_survives_a_restart(tmp_path: Pa
     assert len(await alert_items(store)) == 1
     await store.close()
 
-    store = SQLiteStore(path)
+    store = open_store(path, "cli")
     await store.open()
     try:
         assert not (await store.get_user("a", "u")).alert_armed

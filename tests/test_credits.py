@@ -197,7 +197,7 @@ async def test_a_deleted_users_messages_never_reach_a_new_user(make_harness: Any
                                callback_url="https://example.com/eve")
     message = await h.gateway.store.get_message(message_id)
     assert message.login == LOGIN and eve.login == "eve"
-    from gateway.store import StateUpdate
+    from gateway.records import StateUpdate
     await h.gateway.store.apply_updates([StateUpdate.from_ptt(message_id, 23, 9e9)])
     assert await h.quota("eve", "sms-other-1") == 500  # not refunded into eve's quota
     assert await h.balance() == 100 * 100  # refunded to the account it came from

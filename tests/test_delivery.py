@@ -8,7 +8,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -17,9 +17,9 @@ from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.delivery import Dispatcher
 from gateway.operators import OperatorUnavailable, ReportSink
+from gateway.records import AppliedUpdates, OutgoingMessage, SendOrder, StateUpdate
 from gateway.service import Management
-from gateway.store import OutgoingMessage, SendOrder, StateUpdate
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import Store, open_store
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, eventually, ledger_identity
 
 T0 = 1_700_000_000.0
@@ -181,25 +181,28 @@ async def test_a_deferred_message_waits_across_a_restart(make_harness: Any) -> N
 
 # -- recovery and throughput ---------------------------------------------------------------
 
-class CountingStore(SQLiteStore):
+class CountingStore:
     """The real store, counting the delivery transactions."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(path)
+        self._store = open_store(path, "send")
         self.calls: dict[str, int] = {"mark_sent": 0, "apply_updates": 0}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
     async def mark_sent(self, ids: Sequence[int], *, at: float) -> None:
         self.calls["mark_sent"] += 1
-        await super().mark_sent(ids, at=at)
+        await self._store.mark_sent(ids, at=at)
 
-    async def apply_updates(self, updates: Sequence[StateUpdate]) -> int:
+    async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates:
         self.calls["apply_updates"] += 1
-        return await super().apply_updates(updates)
+        return await self._store.apply_updates(updates)
 
 
 async def seed_queued(config: Config, count: int, *, per_order: int = 1000) -> list[int]:
     """Commit `count` messages straight into the store, as a stopped gateway leaves them."""
-    store = SQLiteStore(config.store.path)
+    store = open_store(config.store.path, "cli")
     await store.open()
     try:
         manage = Management(store, config)
@@ -235,7 +238,7 @@ async def test_a_10000_message_backlog_drains_in_batches(make_harness: Any,
     started = time.monotonic()
     from gateway import app as gateway_app
 
-    gateway = gateway_app.build(config, store=store)
+    gateway = gateway_app.build(config, store=cast(Store, store))
     await gateway.start()
     try:
         # Live sends while the backlog drains go out once each, like the backlog.
@@ -261,7 +264,7 @@ async def test_a_10000_message_backlog_drains_in_batches(make_harness: Any,
 async def test_messages_in_flight_at_a_stop_are_resumed_not_resent(
         make_harness: Any, config: Config) -> None:
     ids = await seed_queued(config, 4, per_order=2)
-    store = SQLiteStore(config.store.path)
+    store = open_store(config.store.path, "cli")
     await store.open()
     await store.mark_sent(ids[:2], at=time.time())  # the operator had these two
     await store.close()
@@ -301,7 +304,7 @@ class FlakyOperator:
 
 async def test_messages_wait_while_the_operator_is_unavailable(config: Config) -> None:
     ids = await seed_queued(config, 3, per_order=3)
-    store = SQLiteStore(config.store.path)
+    store = open_store(config.store.path, "cli")
     await store.open()
     clock = ManualClock(T0)
     operator = FlakyOperator(failures=2)

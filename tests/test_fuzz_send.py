@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.credits import format_credits
-from gateway.store import MessageFilter
+from gateway.records import MessageFilter
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SEND_PATH, Harness
 from tests.test_send import FORMATS, parse_body
 

@@ -21,7 +21,7 @@ from gateway.admin import api as admin_api
 from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.metrics import Metrics
-from gateway.store import StateUpdate
+from gateway.records import StateUpdate
 from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
 
 TOKEN = {"Authorization": "Bearer test-admin-token-0123456789"}

@@ -23,7 +23,7 @@ from gateway.operators.simulated import (
     plan,
     timeline,
 )
-from gateway.store import OutgoingMessage, StateUpdate
+from gateway.records import OutgoingMessage, StateUpdate
 
 T0 = 1_700_000_000.0
 

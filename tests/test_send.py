@@ -11,8 +11,8 @@ import pytest
 
 from gateway import http_parser
 from gateway.config import Config
-from gateway.store import MessageFilter, SendOrder
-from gateway.store.sqlite import SQLiteStore
+from gateway.records import MessageFilter, SendOrder
+from gateway.store import Store, open_store
 from tests.conftest import ACCOUNT, LOGIN, SEND_PATH, Harness, HarnessFactory
 
 FORMATS = ["text/plain", "text/xml", "application/xml", "text/json", "application/json",
@@ -412,12 +412,11 @@ async def test_credit_left_with_decimals(make_harness: Any, config: Any) -> None
 
 
 async def test_a_stale_cached_stop_clause_does_not_refuse_for_ever(harness: Harness) -> None:
-    from gateway.store import UNSET
-    from gateway.store.sqlite import SQLiteStore
+    from gateway.records import UNSET
 
     text = "a" * 910  # 6 parts alone, 7 with the STOP clause
     assert (await harness.send(message=text))[1].startswith("KO\n202 Invalid message: 7")
-    other = SQLiteStore(harness.gateway.config.store.path)  # e.g. the CLI's process
+    other = open_store(harness.gateway.config.store.path, "cli")  # e.g. the CLI's process
     await other.open()
     try:
         await other.update_account(ACCOUNT, stop_clause="", callback_url=UNSET)
@@ -427,7 +426,7 @@ async def test_a_stale_cached_stop_clause_does_not_refuse_for_ever(harness: Harn
 
 
 async def test_a_send_cancelled_while_queued_is_committed_all_the_same(
-        store: SQLiteStore) -> None:
+        store: Store) -> None:
     import asyncio
 
     from gateway.clock import SystemClock

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import NotFound, SendOrder, StoreUnavailable, UserChanges
-from gateway.store.sqlite import SQLiteStore
+from gateway.records import SendOrder, UserChanges
+from gateway.store import NotFound, Store, StoreUnavailable, open_store
 
 
 async def test_migrations_are_applied_once(tmp_path: Path) -> None:
     path = tmp_path / "m.sqlite3"
     for _ in range(2):
-        store = SQLiteStore(path)
+        store = open_store(path, "cli")
         await store.open()
         assert store._writer is not None
         rows = await store._writer.execute_fetchall("SELECT version FROM schema_migrations")
@@ -27,7 +27,7 @@ async def test_migrations_are_applied_once(tmp_path: Path) -> None:
 async def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
-    store = SQLiteStore(path)
+    store = open_store(path, "cli")
     with pytest.raises(StoreUnavailable, match="cannot open the store"):
         await store.open()
 
@@ -35,12 +35,12 @@ async def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
 async def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    store = SQLiteStore(blocker / "sub" / "db.sqlite3")
+    store = open_store(blocker / "sub" / "db.sqlite3", "cli")
     with pytest.raises((StoreUnavailable, OSError)):
         await store.open()
 
 
-async def test_commit_sends_decides_in_order(store: SQLiteStore) -> None:
+async def test_commit_sends_decides_in_order(store: Store) -> None:
     account = await store.create_account("a", 300, at=1.0)
     user = await store.create_user("a", "u", "x", at=1.0)
 
@@ -57,7 +57,7 @@ async def test_commit_sends_decides_in_order(store: SQLiteStore) -> None:
     assert (await store.get_account("a")).balance == 0
 
 
-async def test_not_found(store: SQLiteStore) -> None:
+async def test_not_found(store: Store) -> None:
     with pytest.raises(NotFound, match="unknown account"):
         await store.get_user("nope", "u")
     await store.create_account("a", 0, at=1.0)
@@ -68,7 +68,7 @@ async def test_not_found(store: SQLiteStore) -> None:
 async def test_cached_send_settings_go_stale_on_change_from_another_process(
         tmp_path: Path) -> None:
     path = tmp_path / "shared.sqlite3"
-    server, cli = SQLiteStore(path), SQLiteStore(path)
+    server, cli = open_store(path, "cli"), open_store(path, "cli")
     await server.open()
     await cli.open()
     try:
@@ -102,7 +102,7 @@ async def test_the_queries_of_the_busy_paths_never_read_every_message(tmp_path: 
     that reads every row made a store of a million messages cost the worker a core."""
     import sqlite3
 
-    store = SQLiteStore(tmp_path / "plans.sqlite3")
+    store = open_store(tmp_path / "plans.sqlite3", "cli")
     await store.open()
     statements: list[str] = []
     try:
@@ -129,11 +129,11 @@ async def test_the_queries_of_the_busy_paths_never_read_every_message(tmp_path: 
 
 
 async def test_several_reports_of_one_message_in_a_batch_apply_in_order(
-        store: SQLiteStore) -> None:
+        store: Store) -> None:
     """One batch may hold a message's acceptance, a retry and its delivery: the message
     ends as the last says, with the first time it was sent and the time it was delivered;
     every report is in its history, and its callbacks are queued in order."""
-    from gateway.store import StateUpdate
+    from gateway.records import StateUpdate
 
     account = await store.create_account("a", 1000, at=1.0)
     await store.update_account("a", callback_url="http://127.0.0.1:9/dlr")
@@ -188,11 +188,11 @@ def test_in_lists_are_padded_to_a_power_of_two_with_the_same_values() -> None:
 
 
 async def test_batches_of_every_size_use_a_few_statement_texts(
-        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """sqlite3 keeps 256 prepared statements by their text. Written out for each batch
     size, a multi-row statement was prepared again on nearly every run, which cost as much
     as running it; cut in power-of-two chunks, each statement has a few texts."""
-    from gateway.store import StateUpdate
+    from gateway.records import StateUpdate
     from gateway.store.writer import Direct
 
     texts: set[str] = set()

@@ -28,13 +28,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.clock import Clock, ManualClock, SystemClock
-from gateway.config import Config
+from gateway.config import Config, StoreConfig
 from gateway.delivery import Dispatcher
 from gateway.metrics import Metrics, merge_expositions
 from gateway.operators import create as create_operator
+from gateway.records import SendOrder, SendOutcome, User
 from gateway.service import Management
-from gateway.store import SendOrder, SendOutcome, StoreUnavailable, User
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import Role, Store, StoreUnavailable, open_store
 from gateway.store.writer import WriteTurn
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, eventually
 from tests.serverproc import ServerProcess, demo_params, prepare_store, servers, wait_for
@@ -151,7 +151,7 @@ class Following:
     """A dispatcher on its own store, and another store committing sends on the same file."""
 
     dispatcher: Dispatcher
-    sending: SQLiteStore
+    sending: Store
     user: User
     clock: Clock
 
@@ -199,9 +199,9 @@ async def following(config: Config, *, poll_seconds: float, clock: Clock | None 
                     start: bool = True) -> AsyncIterator[Following]:
     """`start` False: the test starts the dispatcher itself (after committing)."""
     clock = clock or SystemClock()
-    sending = SQLiteStore(config.store.path)
+    sending = open_store(config.store.path, "send")
     await sending.open()
-    store = SQLiteStore(config.store.path)
+    store = open_store(config.store.path, "delivery")
     dispatcher: Dispatcher | None = None
     try:
         manage = Management(sending, config, clock)
@@ -533,7 +533,7 @@ async def test_without_the_worker_one_process_delivers_and_calls_back(tmp_path: 
 async def test_a_write_waits_for_another_connection_s_lock_and_goes_soon_after(
         tmp_path: Path) -> None:
     path = tmp_path / "locked.sqlite3"
-    store = SQLiteStore(path, busy_timeout=5)
+    store = open_store(StoreConfig(str(path), busy_timeout_seconds=5), "send")
     await store.open()
     try:
         released: list[float] = []
@@ -551,7 +551,7 @@ async def test_a_write_waits_for_another_connection_s_lock_and_goes_soon_after(
 
 async def test_a_write_gives_up_at_the_busy_timeout(tmp_path: Path) -> None:
     path = tmp_path / "locked.sqlite3"
-    store = SQLiteStore(path, busy_timeout=0.1)
+    store = open_store(StoreConfig(str(path), busy_timeout_seconds=0.1), "send")
     await store.open()
     try:
         with write_locked(path):
@@ -586,11 +586,12 @@ def test_the_write_turn_flag_is_seen_by_others_and_lowered_by_its_holder(
 
 
 @contextlib.asynccontextmanager
-async def turn_store(tmp_path: Path, role: str,
-                     busy_timeout: float = 5) -> AsyncIterator[tuple[SQLiteStore, WriteTurn]]:
-    """A store taking `role` in the write turn, and the other side's view of the flag."""
+async def turn_store(tmp_path: Path, role: Role,
+                     busy_timeout: float = 5) -> AsyncIterator[tuple[Store, WriteTurn]]:
+    """A store opened for `role` (the send process goes first, the delivery worker yields),
+    and the other side's view of the flag."""
     path = tmp_path / "turn.sqlite3"
-    store = SQLiteStore(path, busy_timeout=busy_timeout, write_turn=role)
+    store = open_store(StoreConfig(str(path), busy_timeout_seconds=busy_timeout), role)
     await store.open()
     other = WriteTurn(f"{path}-write-turn.lock")
     try:
@@ -602,9 +603,9 @@ async def turn_store(tmp_path: Path, role: str,
 
 async def test_a_waiting_send_raises_the_flag_and_lowers_it_once_written(
         tmp_path: Path) -> None:
-    async with turn_store(tmp_path, "first") as (store, observer):
+    async with turn_store(tmp_path, "send") as (store, observer):
         assert not observer.is_up()
-        with write_locked(store.path):
+        with write_locked(tmp_path / "turn.sqlite3"):
             write = asyncio.ensure_future(store.check_writable())
 
             async def flag_up() -> bool:
@@ -617,7 +618,7 @@ async def test_a_waiting_send_raises_the_flag_and_lowers_it_once_written(
 
 
 async def test_the_worker_writes_only_once_the_flag_is_down(tmp_path: Path) -> None:
-    async with turn_store(tmp_path, "yield") as (store, sender):
+    async with turn_store(tmp_path, "delivery") as (store, sender):
         assert sender.raise_flag()
         write = asyncio.ensure_future(store.check_writable())
         done, _ = await asyncio.wait({write}, timeout=0.2)
@@ -628,7 +629,7 @@ async def test_the_worker_writes_only_once_the_flag_is_down(tmp_path: Path) -> N
 
 async def test_a_flag_left_up_holds_the_worker_back_no_longer_than_its_busy_timeout(
         tmp_path: Path) -> None:
-    async with turn_store(tmp_path, "yield", busy_timeout=0.2) as (store, stuck):
+    async with turn_store(tmp_path, "delivery", busy_timeout=0.2) as (store, stuck):
         assert stuck.raise_flag()
         began = time.monotonic()
         await asyncio.wait_for(store.check_writable(), 5)  # the lock itself is free

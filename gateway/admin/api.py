@@ -24,19 +24,10 @@ from gateway import health, phones, ptt
 from gateway.admin.openapi import document
 from gateway.credits import as_number
 from gateway.inflight import inflight_limit
+from gateway.records import LedgerEntry, Message, MessageEvent, MessageFilter, User
 from gateway.security import bearer_matches
 from gateway.service import Management, ValidationError, account_view, user_view
-from gateway.store import (
-    Conflict,
-    LedgerEntry,
-    Message,
-    MessageEvent,
-    MessageFilter,
-    NotEnoughCredits,
-    NotFound,
-    StoreUnavailable,
-    User,
-)
+from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

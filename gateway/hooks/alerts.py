@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import aiosmtplib
@@ -37,9 +37,15 @@ from gateway.config import Config, ConfigError, SmtpConfig
 from gateway.credits import RateTable, format_credits
 from gateway.hooks.outbox import AttemptFailed, OutboxWorker, Result, RetryPolicy
 from gateway.metrics import Metrics
-from gateway.store import MessageFilter, OutboxItem, SendOrder, SendOutcome, Store, StoreError
+from gateway.records import MessageFilter, OutboxItem, SendOrder, SendOutcome
+from gateway.store import ManagementStore, OutboxStore, ReadStore, StoreError
 
 log = structlog.get_logger("gateway.alerts")
+
+
+class AlertStore(OutboxStore, ManagementStore, ReadStore, Protocol):
+    """What the alerts use of the store: their outbox items, the user and account they
+    are about, and the message an alert SMS became."""
 
 KIND_MAIL = "alert_mail"
 KIND_SMS = "alert_sms"
@@ -230,7 +236,7 @@ class AlertHandler:
 
     kinds = KINDS
 
-    def __init__(self, config: Config, store: Store, clock: Clock, submit: Submit,
+    def __init__(self, config: Config, store: AlertStore, clock: Clock, submit: Submit,
                  rates: RateTable, tz: ZoneInfo, *, metrics: Metrics | None = None) -> None:
         self._config = config
         self._store = store
@@ -333,7 +339,7 @@ class AlertService:
     `alerts.poll_seconds` (a cheap read decides whether to wake it).
     """
 
-    def __init__(self, config: Config, store: Store, clock: Clock, submit: Submit,
+    def __init__(self, config: Config, store: AlertStore, clock: Clock, submit: Submit,
                  rates: RateTable, tz: ZoneInfo, *, metrics: Metrics | None = None) -> None:
         self._store = store
         self._clock = clock
@@ -399,7 +405,7 @@ class ChannelReport:
     detail: str
 
 
-async def send_test_alert(store: Store, config: Config, account: str, login: str, *,
+async def send_test_alert(store: AlertStore, config: Config, account: str, login: str, *,
                           wait: float = 30.0, clock: Clock | None = None,
                           poll_interval: float = 0.2) -> list[ChannelReport]:
     """Send a test alert through the user's configured channels and say what happened.
@@ -446,7 +452,7 @@ async def send_test_alert(store: Store, config: Config, account: str, login: str
     return reports
 
 
-async def _await_sms(store: Store, item_id: int, target: str, wait: float,
+async def _await_sms(store: AlertStore, item_id: int, target: str, wait: float,
                      poll_interval: float) -> ChannelReport:
     deadline = time.monotonic() + wait
     while True:

@@ -31,7 +31,7 @@ from gateway.hooks.http_client import (
 )
 from gateway.hooks.outbox import AttemptFailed, Result
 from gateway.metrics import Metrics
-from gateway.store import OutboxItem
+from gateway.records import OutboxItem
 
 KIND = "callback"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"

@@ -26,7 +26,8 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from gateway.clock import Clock, sleep_until
-from gateway.store import OutboxItem, OutboxResult, Store
+from gateway.records import OutboxItem, OutboxResult
+from gateway.store import OutboxStore
 
 log = structlog.get_logger("gateway.outbox")
 
@@ -105,8 +106,8 @@ class WorkerStats:
 
 
 class OutboxWorker:
-    def __init__(self, store: Store, clock: Clock, handler: Handler, policy: RetryPolicy, *,
-                 max_concurrency: int = 256, per_key: int = 8, lease: float = 90.0,
+    def __init__(self, store: OutboxStore, clock: Clock, handler: Handler, policy: RetryPolicy,
+                 *, max_concurrency: int = 256, per_key: int = 8, lease: float = 90.0,
                  stop_grace: float = 5.0, poll_seconds: float = 30.0,
                  rng: random.Random | None = None, name: str = "outbox") -> None:
         self._store = store

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from gateway.clock import Clock
 from gateway.config import ConfigError, OperatorConfig
-from gateway.store import OutgoingMessage, StateUpdate
+from gateway.records import OutgoingMessage, StateUpdate
 
 ReportSink = Callable[[Sequence[StateUpdate]], None]
 

@@ -25,7 +25,7 @@ from gateway import ptt
 from gateway.clock import Clock, sleep_until
 from gateway.config import OperatorConfig
 from gateway.operators import ReportSink
-from gateway.store import OutgoingMessage, StateUpdate
+from gateway.records import OutgoingMessage, StateUpdate
 
 ACCEPTED = 3
 DELIVERED = 4

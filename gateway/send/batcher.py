@@ -15,7 +15,8 @@ import structlog
 
 from gateway.clock import Clock
 from gateway.metrics import Metrics
-from gateway.store import SendOrder, SendOutcome, Store
+from gateway.records import SendOrder, SendOutcome
+from gateway.store import SendStore
 
 log = structlog.get_logger("gateway.batcher")
 
@@ -27,7 +28,7 @@ Committed = Callable[[Sequence[SendOutcome]], Awaitable[None] | None]
 
 
 class GroupCommitter:
-    def __init__(self, store: Store, clock: Clock, *, max_batch: int = 512,
+    def __init__(self, store: SendStore, clock: Clock, *, max_batch: int = 512,
                  on_committed: Committed | None = None, metrics: Metrics | None = None) -> None:
         self._store = store
         self._clock = clock

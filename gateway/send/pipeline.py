@@ -20,19 +20,13 @@ from gateway.credits import CENTS, RateTable, format_credits
 from gateway.logs import id_ranges
 from gateway.metrics import Metrics
 from gateway.passwords import VerificationCache, hash_password
+from gateway.records import SendContext, SendOrder, SendOutcome
 from gateway.security import LoginGuard, Throttle
 from gateway.send import request as rules
 from gateway.send.batcher import GroupCommitter, ShuttingDown
 from gateway.send.request import SendRefused
 from gateway.send.responses import ContentType
-from gateway.store import (
-    SendContext,
-    SendOrder,
-    SendOutcome,
-    Store,
-    StoreError,
-    StoreUnavailable,
-)
+from gateway.store import SendStore, StoreError, StoreUnavailable
 
 log = structlog.get_logger("gateway.send")
 
@@ -79,7 +73,7 @@ class Throttled(Exception):
 
 
 class SendPipeline:
-    def __init__(self, store: Store, committer: GroupCommitter, settings: SendSettings,
+    def __init__(self, store: SendStore, committer: GroupCommitter, settings: SendSettings,
                  verifier: VerificationCache | None = None, *, guard: LoginGuard | None = None,
                  throttle: Throttle | None = None, clock: Clock | None = None,
                  metrics: Metrics | None = None) -> None:

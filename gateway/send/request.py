@@ -13,9 +13,9 @@ from zoneinfo import ZoneInfo
 
 from gateway import encoding, phones
 from gateway.credits import RateTable
+from gateway.records import SendOrder
 from gateway.send.params import normalize_newlines
 from gateway.send.responses import ContentType, content_type
-from gateway.store import SendOrder
 
 MISSING = 201
 INVALID = 202

@@ -1,16 +1,46 @@
-"""The store: the narrow interface the gateway persists through, and the records it returns.
+"""The store: what the gateway persists through, by role, and the factory that opens one.
 
-Nothing outside `gateway.store.<backend>` knows which database holds the data; a backend
-implements `Store` (SQLite today, PostgreSQL for multi-node deployments later).
+A caller depends on the role it uses, never on a backend: the send path on `SendStore`,
+delivery on `DeliveryStore`, the callbacks and alerts on `OutboxStore`, the management
+service on `ManagementStore`, the lists and ledger on `ReadStore`. `open_store` picks the
+backend from a URL (SQLite today, PostgreSQL for multi-node deployments next) and tunes it
+for the process that asks (`Role`). The records the roles take and return live in
+`gateway.records`; the decisions a transaction makes (who pays, refunds, which alert
+fires, which outbox items a claim takes) in `gateway.store.rules`, shared by every backend.
+
+What every backend guarantees is written on each role below, and checked by one contract
+suite, `tests/store/test_contract.py`, that every backend runs (see docs/store.md).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from gateway import ptt
+from gateway.records import UNSET
+
+if TYPE_CHECKING:  # for annotations only: callers import the records from gateway.records
+    from gateway.records import (
+        Account,
+        AppliedUpdates,
+        LedgerEntry,
+        Message,
+        MessageEvent,
+        MessageFilter,
+        OutboxAttempt,
+        OutboxItem,
+        OutboxResult,
+        OutgoingMessage,
+        SendContext,
+        SendOrder,
+        SendOutcome,
+        StateUpdate,
+        User,
+        UserChanges,
+    )
 
 
 class StoreError(Exception):
@@ -33,282 +63,127 @@ class StoreUnavailable(StoreError):
     """The database cannot be opened or written (disk full, locked, corrupt)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Account:
-    id: int
-    name: str
-    balance: int
-    callback_url: str | None
-    stop_clause: str | None
-    senders: tuple[str, ...] = ()
-    quota_held: int = 0
-    users_with_quota: int = 0
+class Taken(StoreError):
+    """An `exclusive` name another holder (maybe another process) has now."""
 
 
-@dataclass(frozen=True, slots=True)
-class User:
-    id: int
-    account_id: int
-    account_name: str
-    login: str
-    password_hash: str
-    quota_active: bool
-    quota_left: int
-    alert_threshold: int | None
-    alert_support: str
-    alert_email: str | None
-    alert_number: str | None
-    alert_armed: bool
-    ip_restrictions: tuple[str, ...]
-    callback_url: str | None
+# Who opens the store, for `open_store` to tune it: the send process (its writes go first
+# when a delivery worker competes for the write lock), the delivery worker (its writes can
+# be redone, and they give way to sends), the command line and everyone else.
+Role = Literal["send", "delivery", "cli"]
 
 
-@dataclass(frozen=True, slots=True)
-class SendContext:
-    """All a send request is checked against, read in one query and cached.
-
-    No credits here: they are read and decided inside the commit. `version` is the settings
-    version the context was read at; a send commits only if it is still current.
-    """
-
-    user: User
-    account_stop_clause: str | None
-    senders: frozenset[str]
-    version: int = 0
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
-
-
-@dataclass(slots=True)
-class UserChanges:
-    """A validated set of changes to an API user, applied all at once or not at all.
-
-    A field left as `UNSET` keeps its value; `quota` None deactivates the quota.
-    """
-
-    password_hash: Any = UNSET
-    quota: Any = UNSET
-    ip_restrictions: Any = UNSET
-    callback_url: Any = UNSET
-    alert_threshold: Any = UNSET
-    alert_support: Any = UNSET
-    alert_email: Any = UNSET
-    alert_number: Any = UNSET
-
-    def given(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__
-                if getattr(self, name) is not UNSET}
-
-
-@dataclass(frozen=True, slots=True)
-class SendOrder:
-    """A validated, priced send request: one message per recipient."""
-
-    account_id: int
-    user_id: int | None          # None: charged to the account (alert SMS)
-    login: str
-    sender: str
-    body: str
-    coding: int
-    parts: int
-    klass: int
-    no_stop: bool
-    tag: str
-    recipients: tuple[str, ...]
-    costs: tuple[int, ...]       # hundredths per recipient
-    deferred_until: float | None = None
-    kind: str = "api"
-    # The settings version its checks were made at (see SendContext); None: not checked.
-    settings_version: int | None = None
+class StoreSettings(Protocol):
+    """What `open_store` reads of the `[store]` settings."""
 
     @property
-    def total(self) -> int:
-        return sum(self.costs)
+    def path(self) -> str: ...
+    @property
+    def busy_timeout_seconds(self) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    """What the operator side needs to deliver one stored message."""
-
-    id: int
-    sender: str
-    receiver: str
-    body: str
-    coding: int
-    klass: int
-    created_at: float
-    deferred_until: float | None
-    # Set when the operator already took the message before a restart: it is resumed
-    # (its reports awaited), not submitted a second time.
-    sent_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SendOutcome:
-    accepted: bool
-    credit_left: int = 0
-    ids: tuple[int, ...] = ()
-    messages: tuple[OutgoingMessage, ...] = ()
-    reason: str = ""
-    # The commit that took this send also queued a low-credit alert (anyone's).
-    alert_queued: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class StateUpdate:
-    """A message reaching an operator state; build it with `from_ptt`."""
-
-    message_id: int
-    ptt: int
-    dlr: int
-    final: bool
-    billed: bool
-    at: float
-    note: str = ""
-
-    @classmethod
-    def from_ptt(cls, message_id: int, code: int, at: float, note: str = "") -> StateUpdate:
-        known = ptt.lookup(code)
-        if known is None:
-            raise ValueError(f"unknown ptt code {code}")
-        return cls(message_id, code, int(known.dlr), known.final, known.billed, at,
-                   note or known.description)
-
-
-@dataclass(frozen=True, slots=True)
-class FinalState:
-    """A message that reached its final state in one `apply_updates` batch."""
-
-    message_id: int
-    ptt: int
-    dlr: int
-    # When it was meant to leave: its deferred time, else its acceptance. Measuring from
-    # there keeps a send scheduled for next week out of the network's delivery times.
-    due_at: float
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class AppliedUpdates:
-    """What one `apply_updates` batch did, for the caller's metrics and logs."""
-
-    callbacks: int = 0
-    finals: tuple[FinalState, ...] = ()
-    # Positions in the batch of the updates left out: their message was already final
-    # (maybe by an earlier update of the same batch) or is unknown.
-    ignored: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
-    id: int
-    kind: str
-    message_id: int | None
-    account_id: int
-    user_id: int | None
-    target: str
-    payload: dict[str, Any]
-    created_at: float
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxResult:
-    """The result of one attempt; `next_attempt_at` None with ok False means give up."""
-
-    item_id: int
-    at: float
-    ok: bool
-    detail: str
-    next_attempt_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    id: int
-    account_id: int
-    account_name: str
-    login: str
-    kind: str
-    sender: str
-    receiver: str
-    body: str
-    coding: int
-    parts: int
-    klass: int
-    tag: str
-    credits: int
-    charged_to: str
-    created_at: float
-    deferred_until: float | None
-    state: str
-    ptt: int | None
-    dlr: int
-    sent_at: float | None
-    delivered_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageEvent:
-    at: float
-    ptt: int | None
-    dlr: int
-    note: str
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxAttempt:
-    outbox_id: int
-    kind: str
-    target: str
-    state: str
-    at: float
-    ok: bool
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    id: int
-    at: float
-    account_id: int
-    login: str | None
-    kind: str
-    source: str
-    target: str
-    amount: int
-    reference: str
-
-
-@dataclass(frozen=True, slots=True)
-class MessageFilter:
-    account_id: int
-    user_id: int | None = None
-    login: str | None = None
-    tag: str | None = None
-    ptt: int | None = None
-    receiver: str | None = None
-    sender: str | None = None
-    created_from: float | None = None
-    created_to: float | None = None
-    kind: str | None = None
-
-
-class Store(Protocol):
-    """What a storage backend provides. All amounts are hundredths of a credit."""
+class StoreLifecycle(Protocol):
+    """What every role shares: opening, closing, readiness and store-wide locks."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def check_writable(self) -> None:
         """Raise StoreUnavailable unless a write transaction can commit now."""
 
-    # Accounts and senders
+    def exclusive(self, name: str, *, wait: bool = False
+                  ) -> AbstractAsyncContextManager[None]:
+        """Hold the store-wide lock `name` for the block: one holder at a time across
+        every process (and node) using the store, released when the holder dies.
+
+        Taken already: raises `Taken`, or with `wait` waits until it is free.
+        """
+        ...
+
+
+class SendStore(StoreLifecycle, Protocol):
+    """The send path: read what a request is checked against, commit sends.
+
+    Guarantees:
+    - Atomic charge: an order is accepted only if what pays for it (the user's active
+      quota, else the account's balance) covers its total when its transaction commits,
+      and is charged in that same transaction. Concurrent commits, from any number of
+      processes, never spend a credit twice nor refuse an affordable order because of
+      another one's rollback; at every commit, purchased = balances + quotas + spent.
+    - Exactly one alert per crossing: the transaction that takes a user's spendable
+      credits below its threshold queues that user's alert (and disarms it) in its own
+      commit; concurrent crossings see one armed flag, so one alert, never two.
+    - An order checked at a settings version (`SendOrder.settings_version`) commits only
+      if that version is still current; otherwise it is refused as "stale".
+    - Message ids are unique and grow within one commit (one order's recipients get
+      consecutive ids). Across concurrent commits ids need NOT become visible in id
+      order: a reader may see id 12 before id 11 commits (PostgreSQL sequences). Readers
+      that follow new messages must not treat "the highest id seen" as "all below it
+      are seen".
+    """
+
+    async def send_context(self, account: str, login: str, *,
+                           fresh: bool = False) -> SendContext | None:
+        """The send settings of a user, possibly cached; `fresh` reads the database."""
+    async def commit_sends(self, orders: Sequence[SendOrder], *,
+                           at: float) -> list[SendOutcome]:
+        """Decide and store `orders` in one transaction, in their order (`rules.decide`)."""
+        ...
+
+
+class DeliveryStore(StoreLifecycle, Protocol):
+    """Delivery: what to hand to the operator, and the operator's reports.
+
+    Guarantees:
+    - `apply_updates` is one transaction: state changes, their events, callbacks and the
+      refunds of final failures that were not billed commit together or not at all.
+    - A message already final ignores later updates: a late or duplicated report never
+      changes a settled outcome, nor refunds twice.
+    """
+
+    async def undelivered(self, *, after_id: int, limit: int) -> list[OutgoingMessage]: ...
+    async def last_message_id(self) -> int: ...
+    async def due_deferred(self, now: float, limit: int) -> list[OutgoingMessage]: ...
+    async def next_deferred_at(self) -> float | None: ...
+    async def mark_sent(self, ids: Sequence[int], *, at: float) -> None: ...
+    async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates: ...
+
+
+class OutboxStore(StoreLifecycle, Protocol):
+    """The outbox: callbacks and alerts written with the change they report.
+
+    Guarantees:
+    - A claim is handed out once: while its lease runs, no other claim (from this or
+      any other process) returns the same item. When the lease ends unanswered, the
+      item is due again: nothing claimed is lost.
+    - Results and the next claim commit together when given together.
+    """
+
+    async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
+                           limit: int, per_target: int | None = None,
+                           skip_targets: Sequence[str] = (), deep: bool = False,
+                           results: Sequence[OutboxResult] = ()) -> list[OutboxItem]: ...
+    async def next_outbox_at(self, kinds: Sequence[str], *,
+                             skip_targets: Sequence[str] = ()) -> float | None: ...
+    async def record_outbox_results(self, results: Sequence[OutboxResult]) -> None: ...
+    async def enqueue_outbox(self, kind: str, *, account_id: int, user_id: int | None,
+                             target: str, payload: dict[str, Any], at: float,
+                             message_id: int | None = None) -> int: ...
+    async def outbox_status(self, item_id: int) -> tuple[str, int, str] | None:
+        """(state, attempts, detail of the latest attempt) of one outbox item."""
+
+
+class ManagementStore(StoreLifecycle, Protocol):
+    """Accounts, users and senders. All amounts are hundredths of a credit.
+
+    Guarantees:
+    - No lost update: concurrent top-ups and quota moves on one account all count;
+      each is one transaction that reads and writes the balance under the write lock
+      (or a row lock), and writes its ledger entry with it.
+    - A quota move never takes more than the account holds (NotEnoughCredits).
+    - Every change that moves credits re-evaluates the alerts of the account in its
+      transaction (see `SendStore`).
+    """
+
     async def create_account(self, name: str, balance: int, *, at: float) -> Account: ...
     async def get_account(self, name: str) -> Account: ...
     async def list_accounts(self) -> list[str]: ...
@@ -317,8 +192,6 @@ class Store(Protocol):
                              stop_clause: Any = UNSET) -> Account: ...
     async def add_sender(self, account: str, sender: str) -> None: ...
     async def remove_sender(self, account: str, sender: str) -> None: ...
-
-    # API users
     async def create_user(self, account: str, login: str, password_hash: str, *,
                           at: float) -> User: ...
     async def get_user(self, account: str, login: str) -> User: ...
@@ -330,36 +203,10 @@ class Store(Protocol):
         ...
     async def delete_user(self, account: str, login: str, *, at: float) -> None: ...
 
-    # The send path
-    async def send_context(self, account: str, login: str, *,
-                           fresh: bool = False) -> SendContext | None:
-        """The send settings of a user, possibly cached; `fresh` reads the database."""
-    async def commit_sends(self, orders: Sequence[SendOrder], *,
-                           at: float) -> list[SendOutcome]: ...
 
-    # Delivery
-    async def undelivered(self, *, after_id: int, limit: int) -> list[OutgoingMessage]: ...
-    async def last_message_id(self) -> int: ...
-    async def due_deferred(self, now: float, limit: int) -> list[OutgoingMessage]: ...
-    async def next_deferred_at(self) -> float | None: ...
-    async def mark_sent(self, ids: Sequence[int], *, at: float) -> None: ...
-    async def apply_updates(self, updates: Sequence[StateUpdate]
-                            ) -> AppliedUpdates: ...
+class ReadStore(StoreLifecycle, Protocol):
+    """Reading back: messages, their history, the ledger, totals. Never writes."""
 
-    # Outbox (callbacks and alerts)
-    async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
-                           limit: int, per_target: int | None = None,
-                           skip_targets: Sequence[str] = (), deep: bool = False,
-                           results: Sequence[OutboxResult] = ()) -> list[OutboxItem]: ...
-    async def next_outbox_at(self, kinds: Sequence[str], *,
-                             skip_targets: Sequence[str] = ()) -> float | None: ...
-    async def record_outbox_results(self, results: Sequence[OutboxResult]) -> None: ...
-    async def enqueue_outbox(self, kind: str, *, account_id: int, user_id: int | None,
-                             target: str, payload: dict[str, Any], at: float,
-                             message_id: int | None = None) -> int: ...
-    async def outbox_status(self, item_id: int) -> tuple[str, int, str] | None: ...
-
-    # Reading back
     async def get_message(self, message_id: int) -> Message: ...
     async def message_events(self, message_id: int) -> list[MessageEvent]: ...
     async def message_attempts(self, message_id: int) -> list[OutboxAttempt]: ...
@@ -369,3 +216,60 @@ class Store(Protocol):
                           after_id: int = 0) -> list[LedgerEntry]: ...
     async def ledger_totals(self) -> dict[str, int]: ...
     async def counts(self) -> dict[str, int]: ...
+
+
+class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, Protocol):
+    """Every role: what a backend implements, and what the assembly passes around."""
+
+
+# Backends by URL scheme, imported only when asked for (as uvicorn's loops and protocols):
+# a gateway on SQLite never loads a PostgreSQL driver.
+_BACKENDS: dict[str, str] = {"sqlite": "gateway.store.sqlite:SQLiteStore"}
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """(scheme, location) of a store URL; a bare path is an SQLite file.
+
+    As SQLAlchemy spells them: `sqlite:///var/g.sqlite3` is relative to the working
+    folder, `sqlite:////srv/g.sqlite3` absolute, `sqlite:///:memory:` in memory.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "sqlite", url
+    scheme = scheme.lower().split("+", 1)[0]
+    if scheme == "sqlite":
+        if not rest.startswith("/"):
+            raise ValueError(f"a sqlite URL names a file after three slashes: {url!r}")
+        rest = rest[1:]
+        if not rest:
+            raise ValueError(f"a sqlite URL needs a file: {url!r}")
+    return scheme, rest
+
+
+def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Store:
+    """The store at `where` (a URL, a bare path, or the `[store]` settings), tuned for
+    `role`; call `await store.open()` before use and `close()` after.
+
+    Role-specific tuning (SQLite: who goes first for the write lock, whether each
+    commit is synced) is decided here, from `role`, so no caller knows a backend's knobs.
+    """
+    if isinstance(where, str | os.PathLike):
+        url, busy_timeout = os.fspath(where), None
+    else:
+        url, busy_timeout = where.path, where.busy_timeout_seconds
+    scheme, location = parse_url(url)
+    target = _BACKENDS.get(scheme)
+    if target is None:
+        raise StoreUnavailable(f"no store backend for {scheme!r} URLs "
+                               f"(known: {', '.join(sorted(_BACKENDS))})")
+    module, _, name = target.partition(":")
+    backend: Callable[..., Store] = getattr(importlib.import_module(module), name)
+    return backend(location, role=role, busy_timeout=busy_timeout)
+
+
+__all__ = [
+    "Conflict", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
+    "OutboxStore", "ReadStore", "Role", "SendStore", "Store", "StoreError",
+    "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "open_store",
+    "parse_url",
+]

@@ -9,7 +9,9 @@ commit), which is what makes durable sends cheap.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -20,19 +22,14 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from gateway.credits import format_credits
-from gateway.store import (
+from gateway.records import (
     UNSET,
     Account,
     AppliedUpdates,
-    Conflict,
-    FinalState,
     LedgerEntry,
     Message,
     MessageEvent,
     MessageFilter,
-    NotEnoughCredits,
-    NotFound,
     OutboxAttempt,
     OutboxItem,
     OutboxResult,
@@ -41,10 +38,10 @@ from gateway.store import (
     SendOrder,
     SendOutcome,
     StateUpdate,
-    StoreUnavailable,
     User,
     UserChanges,
 )
+from gateway.store import Conflict, NotFound, Role, StoreUnavailable, Taken, rules
 from gateway.store.writer import Conn, Turn, Writer
 from gateway.store.writer import begin as begin_write
 
@@ -71,9 +68,6 @@ _PENDING = "AND state <> 'final'"
 
 # What a user can spend: its quota while active, else its account's balance.
 _SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
-# The same, in an UPDATE of `users` where no join is possible.
-_SPENDABLE_HERE = ("CASE WHEN quota_active THEN quota_left ELSE "
-                   "(SELECT balance FROM accounts WHERE id = users.account_id) END")
 
 
 def _user(row: Sequence[Any]) -> User:
@@ -94,27 +88,6 @@ def _message(row: Sequence[Any]) -> Message:
 
 def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
     return OutgoingMessage(*row)
-
-
-def _one_change_per_message(changed: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Several reports of one message in a batch, as the last one, keeping the first times.
-
-    `changed` rows: (ptt, dlr, state, sent_at, delivered_at, updated_at, id), in order.
-    Applied one by one, the last report sets the state and the first one sent_at (and
-    delivered_at) through COALESCE; this gives the same row in one update.
-    Returns (id, ptt, dlr, state, sent_at, delivered_at, updated_at) rows.
-    """
-    merged: dict[int, list[Any]] = {}
-    for ptt, dlr, state, sent_at, delivered_at, updated_at, mid in changed:
-        row = merged.get(mid)
-        if row is None:
-            merged[mid] = [mid, ptt, dlr, state, sent_at, delivered_at, updated_at]
-            continue
-        row[1:4] = ptt, dlr, state
-        row[6] = updated_at
-        if row[5] is None:
-            row[5] = delivered_at
-    return [tuple(row) for row in merged.values()]
 
 
 T = TypeVar("T")
@@ -202,14 +175,27 @@ async def _update(db: Conn, sql: str, row: str, rows: Sequence[Sequence[Any]]) -
 CLAIM_WINDOW = 4
 
 
-class SQLiteStore:
-    def __init__(self, path: str | Path, *, busy_timeout: float = 10.0,
-                 sync_each_commit: bool = True, write_turn: Turn | None = None) -> None:
-        """`sync_each_commit` False: for a process whose writes can be redone (see worker).
+# How each role tunes the backend (see `gateway.store.open_store`): (write turn, sync
+# each commit). The send process goes first for the write lock and the delivery worker
+# yields to it (`writer.WriteTurn`). The worker does not fsync its own commits: each one
+# would hold the write lock that sends wait for (about 1 ms). The send process's next
+# commit syncs the shared log with the worker's in it; a power cut before that loses
+# only records that are redone: a report not stored leaves its message to be resumed, a
+# callback result not stored means the callback goes again (both are at least once).
+_ROLES: dict[Role, tuple[Turn | None, bool]] = {
+    "send": ("first", True),
+    "delivery": ("yield", False),
+    "cli": (None, True),
+}
 
-        `write_turn`: "first" for the send process, "yield" for the delivery worker (see
-        `writer.WriteTurn`); None for everyone else.
-        """
+
+class SQLiteStore:
+    def __init__(self, path: str | Path, *, role: Role = "cli",
+                 busy_timeout: float | None = None) -> None:
+        """Built by `gateway.store.open_store`; `busy_timeout` None: 10 seconds."""
+        write_turn, sync_each_commit = _ROLES[role]
+        if busy_timeout is None:
+            busy_timeout = 10.0
         self._write_turn = write_turn
         self.path = str(path)
         self._synchronous = "FULL" if sync_each_commit else "NORMAL"
@@ -265,6 +251,34 @@ class SQLiteStore:
             with suppress(sqlite3.Error):
                 await self._writer.close()
         self._reader = self._writer = None
+
+    @asynccontextmanager
+    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[None]:
+        """A lock on a file next to the store, `<path>-<name>.lock` (flock): the kernel
+        lets go of it when its holder dies. In memory there is no one to share with."""
+        if not name.replace("-", "").isalnum():
+            raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
+        if self.path == ":memory:":
+            yield
+            return
+        try:
+            fd = os.open(f"{self.path}-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot lock {name!r} on {self.path}: {exc}") from exc
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        raise Taken(f"{name!r} is held by another process on the store "
+                                    f"{self.path}") from None
+                await asyncio.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
 
     async def _migrate(self) -> None:
         assert self._writer is not None
@@ -496,13 +510,15 @@ class SQLiteStore:
             if "ip_restrictions" in given:
                 await db.execute("UPDATE users SET ip_restrictions = ? WHERE id = ?",
                                  (json.dumps(list(given["ip_restrictions"])), user.id))
-            if given.get("alert_threshold", user.alert_threshold) != user.alert_threshold:
-                # A new threshold is armed only if the credits are not below it now:
-                # setting it is not a crossing, so it must not fire an alert by itself.
+            threshold = given.get("alert_threshold", user.alert_threshold)
+            if threshold != user.alert_threshold:
                 # The same threshold sent back (a GET body PUT back) changes nothing.
-                await db.execute(
-                    f"UPDATE users SET alert_armed = COALESCE(({_SPENDABLE_HERE}) >= "
-                    "alert_threshold, 1) WHERE id = ?", (user.id,))
+                (spendable,), = await db.execute_fetchall(
+                    f"SELECT {_SPENDABLE} FROM users u JOIN accounts a ON a.id = u.account_id "
+                    "WHERE u.id = ?", (user.id,))
+                await db.execute("UPDATE users SET alert_armed = ? WHERE id = ?",
+                                 (int(rules.armed_on_new_threshold(spendable, threshold)),
+                                  user.id))
             await self._evaluate_alerts(db, [user.account_id], at)
             return await self._fetch_user(db, account, login)
 
@@ -517,12 +533,7 @@ class SQLiteStore:
                 await db.execute(
                     "UPDATE users SET quota_active = 0, quota_left = 0 WHERE id = ?", (user.id,))
             return
-        held = user.quota_left if user.quota_active else 0
-        delta = quota - held
-        if delta > balance:
-            raise NotEnoughCredits(
-                f"quota: the account holds {format_credits(balance)} credits, "
-                f"{format_credits(delta)} more are needed")
+        delta = rules.quota_move(quota, user.quota_left if user.quota_active else 0, balance)
         await self._move_quota(db, user, delta, at)
         await db.execute("UPDATE users SET quota_active = 1, quota_left = ? WHERE id = ?",
                          (quota, user.id))
@@ -587,9 +598,9 @@ class SQLiteStore:
                            at: float) -> list[SendOutcome]:
         """Charge and store a batch of sends in one transaction.
 
-        Balances are read once, the orders are decided in order in Python, and the writes go
-        out as a few executemany calls: each statement costs a thread hop, so the number of
-        statements does not grow with the batch.
+        Balances are read once, the orders decided in order (`rules.decide_sends`), and the
+        writes go out as a few executemany calls: each statement costs a thread hop, so the
+        number of statements does not grow with the batch.
         """
         async def body(db: Conn) -> Any:
             account_ids = sorted({o.account_id for o in orders})
@@ -609,24 +620,27 @@ class SQLiteStore:
                 "WHERE key = 'settings_version') FROM messages"))[0]
             self._note_settings_version(version)
 
-            outcomes: list[SendOutcome] = []
-            messages: list[tuple[Any, ...]] = []
-            events: list[tuple[Any, ...]] = []
-            ledger: list[tuple[Any, ...]] = []
-            touched_accounts: set[int] = set()
-            touched_users: set[int] = set()
-            for order in orders:
-                if order.settings_version is not None and order.settings_version != version:
-                    outcomes.append(SendOutcome(False, reason="stale"))
-                    continue
-                outcome, next_id = self._decide(order, at, next_id, balances, quotas,
-                                                messages, events, ledger)
-                outcomes.append(outcome)
-                if outcome.accepted:
-                    touched_accounts.add(order.account_id)
-                    if order.user_id is not None and quotas.get(order.user_id) is not None:
-                        touched_users.add(order.user_id)
-            if messages:
+            decided = rules.decide_sends(orders, rules.Funds(balances, quotas), at=at,
+                                         first_id=next_id, version=version)
+            outcomes = decided.outcomes
+            if decided.accepted:
+                messages: list[tuple[Any, ...]] = []
+                events: list[tuple[Any, ...]] = []
+                ledger: list[tuple[Any, ...]] = []
+                for sent in decided.accepted:
+                    order, deferred, state = sent.order, sent.deferred_until, sent.state
+                    event = "deferred" if deferred else "accepted"
+                    for message_id, receiver, cost in zip(sent.ids, order.recipients,
+                                                          order.costs, strict=True):
+                        messages.append((
+                            message_id, order.account_id, order.user_id, order.login,
+                            order.kind, order.sender, receiver, order.body, order.coding,
+                            order.parts, order.klass, int(order.no_stop), order.tag, cost,
+                            sent.charged_to, at, deferred, state, at))
+                        events.append((message_id, at, event))
+                    ledger.append((at, order.account_id, order.user_id, order.login,
+                                   sent.ledger_kind, sent.charged_to, order.total,
+                                   sent.reference))
                 await _insert(
                     db, "INSERT INTO messages (id, account_id, user_id, login, kind, sender, "
                     "receiver, body, coding, parts, class, no_stop, tag, credits, charged_to, "
@@ -637,102 +651,52 @@ class SQLiteStore:
                 await _insert(
                     db, "INSERT INTO ledger (at, account_id, user_id, login, kind, source, "
                     "target, amount, reference)", "(?,?,?,?,?,?,'spent',?,?)", ledger)
-                await db.executemany("UPDATE accounts SET balance = ? WHERE id = ?",
-                                     [(balances[a], a) for a in touched_accounts])
-                if touched_users:
+                if decided.balances:
+                    await db.executemany("UPDATE accounts SET balance = ? WHERE id = ?",
+                                         [(v, k) for k, v in decided.balances.items()])
+                if decided.quotas:
                     await db.executemany("UPDATE users SET quota_left = ? WHERE id = ?",
-                                         [(quotas[u], u) for u in touched_users])
-                if await self._evaluate_alerts(db, sorted(touched_accounts), at):
+                                         [(v, k) for k, v in decided.quotas.items()])
+                # Every account with a send accepted, charged to its balance or a quota.
+                touched = sorted({sent.order.account_id for sent in decided.accepted})
+                if await self._evaluate_alerts(db, touched, at):
                     outcomes = [replace(o, alert_queued=True) if o.accepted else o
                                 for o in outcomes]
             return outcomes
 
         return await self._transaction(body)
 
-    @staticmethod
-    def _decide(order: SendOrder, at: float, next_id: int, balances: dict[int, int],
-                quotas: dict[int, int | None], messages: list[tuple[Any, ...]],
-                events: list[tuple[Any, ...]],
-                ledger: list[tuple[Any, ...]]) -> tuple[SendOutcome, int]:
-        total = order.total
-        if order.account_id not in balances:
-            return SendOutcome(False, reason="unknown account"), next_id
-        quota = quotas.get(order.user_id) if order.user_id is not None else None
-        if order.user_id is not None and order.user_id not in quotas:
-            return SendOutcome(False, reason="unknown user"), next_id
-        if quota is not None:
-            if quota < total:
-                return SendOutcome(False, credit_left=quota, reason="quota"), next_id
-            quotas[order.user_id] = credit_left = quota - total  # type: ignore[index]
-            charged_to = "quota"
-        else:
-            balance = balances[order.account_id]
-            if balance < total:
-                return SendOutcome(False, credit_left=balance, reason="credits"), next_id
-            balances[order.account_id] = credit_left = balance - total
-            charged_to = "account"
-        deferred = order.deferred_until if order.deferred_until and \
-            order.deferred_until > at else None
-        state = "deferred" if deferred else "queued"
-        ids = tuple(range(next_id, next_id + len(order.recipients)))
-        out: list[OutgoingMessage] = []
-        for message_id, receiver, cost in zip(ids, order.recipients, order.costs, strict=True):
-            messages.append((message_id, order.account_id, order.user_id, order.login,
-                             order.kind, order.sender, receiver, order.body, order.coding,
-                             order.parts, order.klass, int(order.no_stop), order.tag, cost,
-                             charged_to, at, deferred, state, at))
-            events.append((message_id, at, "deferred" if deferred else "accepted"))
-            out.append(OutgoingMessage(message_id, order.sender, receiver, order.body,
-                                       order.coding, order.klass, at, deferred))
-        reference = f"sms:{ids[0]}" if len(ids) == 1 else f"sms:{ids[0]}-{ids[-1]}"
-        kind = "alert" if order.kind == "alert" else "send"
-        ledger.append((at, order.account_id, order.user_id, order.login, kind, charged_to,
-                       total, reference))
-        return SendOutcome(True, credit_left, ids, tuple(out)), next_id + len(ids)
-
     async def _evaluate_alerts(self, db: Conn, account_ids: Iterable[int],
                                at: float) -> int:
-        """Fire the low-credit alerts crossed by this transaction, and re-arm the others.
+        """Fire the low-credit alerts crossed by this transaction, and re-arm the others
+        (`rules.evaluate_alerts`).
 
-        A fired alert re-arms only once the credits are strictly above the threshold
-        (SPEC: "risen back above"): back at it exactly, a new drop sends nothing.
-
-        Runs inside every transaction that moves credits, so concurrent sends that cross a
-        threshold together see one armed flag and fire exactly one alert. Returns how many
-        alerts it queued.
+        Runs inside every transaction that moves credits, under the write lock, so
+        concurrent sends that cross a threshold together see one armed flag and fire
+        exactly one alert. Returns how many alerts it queued.
         """
         ids = list(account_ids)
         if not ids:
             return 0
         marks, ids = _in(ids)
-        crossed = await db.execute_fetchall(
+        watched = await db.execute_fetchall(
             f"SELECT u.id, u.account_id, a.name, u.login, u.alert_threshold, u.alert_support, "
-            f"u.alert_email, u.alert_number, {_SPENDABLE}, u.quota_active FROM users u "
-            "JOIN accounts a ON a.id = u.account_id "
-            f"WHERE u.account_id IN ({marks}) AND u.alert_armed = 1 "
-            f"AND u.alert_threshold IS NOT NULL AND {_SPENDABLE} < u.alert_threshold", ids)
-        await db.execute(
-            "UPDATE users SET alert_armed = 1 WHERE alert_armed = 0 "
-            f"AND account_id IN ({marks}) AND alert_threshold IS NOT NULL "
-            f"AND ({_SPENDABLE_HERE}) > alert_threshold", ids)
-        if not crossed:
+            f"u.alert_email, u.alert_number, u.alert_armed, {_SPENDABLE}, u.quota_active "
+            "FROM users u JOIN accounts a ON a.id = u.account_id "
+            f"WHERE u.account_id IN ({marks}) AND u.alert_threshold IS NOT NULL", ids)
+        if not watched:
             return 0
-        await db.executemany("UPDATE users SET alert_armed = 0 WHERE id = ?",
-                             [(row[0],) for row in crossed])
-        items: list[tuple[Any, ...]] = []
-        for (uid, account_id, account, login, threshold, support, email, number, left,
-             quota) in crossed:
-            # `quota`: the credits left are the user's quota, not the account's balance.
-            payload = json.dumps({"account": account, "login": login, "credits_left": left,
-                                  "threshold": threshold, "quota": bool(quota)})
-            if support in ("mail", "both") and email:
-                items.append(("alert_mail", account_id, uid, email, payload, at, at))
-            if support in ("sms", "both") and number:
-                items.append(("alert_sms", account_id, uid, number, payload, at, at))
-        await db.executemany(
-            "INSERT INTO outbox (kind, account_id, user_id, target, payload, created_at, "
-            "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)", items)
-        return len(items)
+        plan = rules.evaluate_alerts(rules.Watch._make(r) for r in watched)
+        flags = [(0, uid) for uid in plan.disarm] + [(1, uid) for uid in plan.rearm]
+        if flags:
+            await db.executemany("UPDATE users SET alert_armed = ? WHERE id = ?", flags)
+        if plan.items:
+            await db.executemany(
+                "INSERT INTO outbox (kind, account_id, user_id, target, payload, created_at, "
+                "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(i.kind, i.account_id, i.user_id, i.target, json.dumps(i.payload), at, at)
+                 for i in plan.items])
+        return len(plan.items)
 
     async def _ledger(self, db: Conn, at: float, account_id: int,
                       user_id: int | None, login: str | None, kind: str, source: str,
@@ -801,66 +765,36 @@ class SQLiteStore:
                 "FROM messages m JOIN accounts a ON a.id = m.account_id "
                 "LEFT JOIN users u ON u.id = m.user_id AND u.account_id = m.account_id "
                 f"WHERE m.id IN ({marks})", params)
-            current = {r[0]: list(r) for r in rows}
-            changed: list[tuple[Any, ...]] = []
-            events: list[tuple[Any, ...]] = []
-            callbacks: list[tuple[Any, ...]] = []
-            refunds: list[tuple[Any, ...]] = []
-            account_refunds: dict[int, int] = {}
-            quota_refunds: dict[int, int] = {}
-            finals: list[FinalState] = []
-            ignored: list[int] = []
-            for position, update in enumerate(updates):
-                row = current.get(update.message_id)
-                if row is None or row[1] == "final":
-                    ignored.append(position)
-                    continue
-                (mid, _, account_id, user_id, charged_to, credits, tag, login, url, active,
-                 due_at) = row
-                row[1] = "final" if update.final else "sent"
-                if update.final:
-                    finals.append(FinalState(mid, update.ptt, update.dlr, due_at, update.at))
-                changed.append((update.ptt, update.dlr, row[1], update.at,
-                                update.at if update.ptt == 4 else None, update.at, mid))
-                events.append((mid, update.at, update.ptt, update.dlr, update.note))
-                if url:
-                    payload = json.dumps({"id": mid, "ptt": update.ptt, "dlr": update.dlr,
-                                          "at": update.at, "tag": tag})
-                    callbacks.append(("callback", mid, account_id, user_id, url, payload,
-                                      update.at, update.at))
-                if update.final and not update.billed and credits:
-                    # Refund to where the credits came from, unless that quota is gone.
-                    if charged_to == "quota" and active:
-                        quota_refunds[user_id] = quota_refunds.get(user_id, 0) + credits
-                        pool = "quota"
-                    else:
-                        account_refunds[account_id] = account_refunds.get(account_id, 0) \
-                            + credits
-                        pool = "account"
-                    refunds.append((update.at, account_id, user_id, login, "refund", "spent",
-                                    pool, credits, f"sms:{mid} ptt {update.ptt}"))
+            plan = rules.plan_updates(updates, {r[0]: rules.Pending._make(r) for r in rows})
             await _update(
                 db, "UPDATE messages SET ptt = v.column2, dlr = v.column3, state = v.column4, "
                 "sent_at = COALESCE(sent_at, v.column5), "
                 "delivered_at = COALESCE(delivered_at, v.column6), updated_at = v.column7 "
                 "FROM (VALUES {}) AS v WHERE messages.id = v.column1",
-                "(?,?,?,?,?,?,?)", _one_change_per_message(changed))
+                "(?,?,?,?,?,?,?)", plan.changes)
             await _insert(db, "INSERT INTO message_events (message_id, at, ptt, dlr, note)",
-                          "(?,?,?,?,?)", events)
+                          "(?,?,?,?,?)",
+                          [(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied])
             await _insert(
                 db, "INSERT INTO outbox (kind, message_id, account_id, user_id, target, "
-                "payload, created_at, next_attempt_at)", "(?,?,?,?,?,?,?,?)", callbacks)
+                "payload, created_at, next_attempt_at)", "(?,?,?,?,?,?,?,?)",
+                [("callback", c.message_id, c.account_id, c.user_id, c.target,
+                  json.dumps(c.payload), c.at, c.at) for c in plan.callbacks])
+            refunds = plan.refunds
             if refunds:
                 await db.executemany(
                     "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
-                    "amount, reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", refunds)
+                    "amount, reference) VALUES (?, ?, ?, ?, 'refund', 'spent', ?, ?, ?)",
+                    [(r.at, r.account_id, r.user_id, r.login, r.pool, r.amount, r.reference)
+                     for r in refunds])
                 await db.executemany("UPDATE accounts SET balance = balance + ? WHERE id = ?",
-                                     [(v, k) for k, v in account_refunds.items()])
+                                     [(v, k) for k, v in plan.account_refunds().items()])
                 await db.executemany("UPDATE users SET quota_left = quota_left + ? "
-                                     "WHERE id = ?", [(v, k) for k, v in quota_refunds.items()])
-                await self._evaluate_alerts(db, sorted({r[1] for r in refunds}),
-                                            refunds[-1][0])
-            return AppliedUpdates(len(callbacks), tuple(finals), tuple(ignored))
+                                     "WHERE id = ?",
+                                     [(v, k) for k, v in plan.quota_refunds().items()])
+                await self._evaluate_alerts(db, sorted({r.account_id for r in refunds}),
+                                            refunds[-1].at)
+            return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
 
         return await self._transaction(body)
 
@@ -915,18 +849,8 @@ class SQLiteStore:
             due = await db.execute_fetchall(
                 f"SELECT id, target FROM outbox WHERE {where} "
                 "ORDER BY next_attempt_at, id LIMIT ?", params)
-            chosen: list[int] = []
-            taken: dict[str, int] = {}
-            for item_id, target in due:
-                if target in skipped:
-                    continue
-                if per_target is not None:
-                    if taken.get(target, 0) >= per_target:
-                        continue
-                    taken[target] = taken.get(target, 0) + 1
-                chosen.append(item_id)
-                if len(chosen) == limit:
-                    break
+            chosen = rules.choose_claims(due, limit=limit, per_target=per_target,
+                                         skip=skipped)
             if not chosen:
                 return []
             marks, chosen = _in(chosen)

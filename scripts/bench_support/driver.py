@@ -314,10 +314,10 @@ def gateway_config() -> Any:
 async def create_users(db: Path, n_users: int, receiver_port: int) -> list[dict[str, Any]]:
     """Accounts (two API users each), a declared sender, users with every check active."""
     from gateway.service import Management
-    from gateway.store.sqlite import SQLiteStore
+    from gateway.store import open_store
 
     config = gateway_config()
-    store = SQLiteStore(db)
+    store = open_store(db, "cli")
     await store.open()
     users: list[dict[str, Any]] = []
     try:
@@ -351,10 +351,10 @@ async def prefill(db: Path, count: int, users: list[dict[str, Any]]) -> None:
     final state (ptt 4) with the history and the done callbacks a delivered message has, so
     the simulated operator leaves them alone and the tables have their steady-state shape.
     """
-    from gateway.store import SendOrder
-    from gateway.store.sqlite import SQLiteStore
+    from gateway.records import SendOrder
+    from gateway.store import open_store
 
-    store = SQLiteStore(db)
+    store = open_store(db, "cli")
     await store.open()
     first_id = last_id = 0
     try:

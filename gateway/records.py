@@ -1,0 +1,279 @@
+"""The records that flow through the gateway: accounts, users, sends, messages, reports.
+
+Plain values, free of I/O: the store returns and takes them, the send path, delivery,
+operators and metrics pass them along. Amounts are hundredths of a credit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import ptt
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    name: str
+    balance: int
+    callback_url: str | None
+    stop_clause: str | None
+    senders: tuple[str, ...] = ()
+    quota_held: int = 0
+    users_with_quota: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    account_id: int
+    account_name: str
+    login: str
+    password_hash: str
+    quota_active: bool
+    quota_left: int
+    alert_threshold: int | None
+    alert_support: str
+    alert_email: str | None
+    alert_number: str | None
+    alert_armed: bool
+    ip_restrictions: tuple[str, ...]
+    callback_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SendContext:
+    """All a send request is checked against, read in one query and cached.
+
+    No credits here: they are read and decided inside the commit. `version` is the settings
+    version the context was read at; a send commits only if it is still current.
+    """
+
+    user: User
+    account_stop_clause: str | None
+    senders: frozenset[str]
+    version: int = 0
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass(slots=True)
+class UserChanges:
+    """A validated set of changes to an API user, applied all at once or not at all.
+
+    A field left as `UNSET` keeps its value; `quota` None deactivates the quota.
+    """
+
+    password_hash: Any = UNSET
+    quota: Any = UNSET
+    ip_restrictions: Any = UNSET
+    callback_url: Any = UNSET
+    alert_threshold: Any = UNSET
+    alert_support: Any = UNSET
+    alert_email: Any = UNSET
+    alert_number: Any = UNSET
+
+    def given(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__
+                if getattr(self, name) is not UNSET}
+
+
+@dataclass(frozen=True, slots=True)
+class SendOrder:
+    """A validated, priced send request: one message per recipient."""
+
+    account_id: int
+    user_id: int | None          # None: charged to the account (alert SMS)
+    login: str
+    sender: str
+    body: str
+    coding: int
+    parts: int
+    klass: int
+    no_stop: bool
+    tag: str
+    recipients: tuple[str, ...]
+    costs: tuple[int, ...]       # hundredths per recipient
+    deferred_until: float | None = None
+    kind: str = "api"
+    # The settings version its checks were made at (see SendContext); None: not checked.
+    settings_version: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.costs)
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """What the operator side needs to deliver one stored message."""
+
+    id: int
+    sender: str
+    receiver: str
+    body: str
+    coding: int
+    klass: int
+    created_at: float
+    deferred_until: float | None
+    # Set when the operator already took the message before a restart: it is resumed
+    # (its reports awaited), not submitted a second time.
+    sent_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    accepted: bool
+    credit_left: int = 0
+    ids: tuple[int, ...] = ()
+    messages: tuple[OutgoingMessage, ...] = ()
+    reason: str = ""
+    # The commit that took this send also queued a low-credit alert (anyone's).
+    alert_queued: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StateUpdate:
+    """A message reaching an operator state; build it with `from_ptt`."""
+
+    message_id: int
+    ptt: int
+    dlr: int
+    final: bool
+    billed: bool
+    at: float
+    note: str = ""
+
+    @classmethod
+    def from_ptt(cls, message_id: int, code: int, at: float, note: str = "") -> StateUpdate:
+        known = ptt.lookup(code)
+        if known is None:
+            raise ValueError(f"unknown ptt code {code}")
+        return cls(message_id, code, int(known.dlr), known.final, known.billed, at,
+                   note or known.description)
+
+
+@dataclass(frozen=True, slots=True)
+class FinalState:
+    """A message that reached its final state in one `apply_updates` batch."""
+
+    message_id: int
+    ptt: int
+    dlr: int
+    # When it was meant to leave: its deferred time, else its acceptance. Measuring from
+    # there keeps a send scheduled for next week out of the network's delivery times.
+    due_at: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedUpdates:
+    """What one `apply_updates` batch did, for the caller's metrics and logs."""
+
+    callbacks: int = 0
+    finals: tuple[FinalState, ...] = ()
+    # Positions in the batch of the updates left out: their message was already final
+    # (maybe by an earlier update of the same batch) or is unknown.
+    ignored: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    id: int
+    kind: str
+    message_id: int | None
+    account_id: int
+    user_id: int | None
+    target: str
+    payload: dict[str, Any]
+    created_at: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxResult:
+    """The result of one attempt; `next_attempt_at` None with ok False means give up."""
+
+    item_id: int
+    at: float
+    ok: bool
+    detail: str
+    next_attempt_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    account_id: int
+    account_name: str
+    login: str
+    kind: str
+    sender: str
+    receiver: str
+    body: str
+    coding: int
+    parts: int
+    klass: int
+    tag: str
+    credits: int
+    charged_to: str
+    created_at: float
+    deferred_until: float | None
+    state: str
+    ptt: int | None
+    dlr: int
+    sent_at: float | None
+    delivered_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEvent:
+    at: float
+    ptt: int | None
+    dlr: int
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxAttempt:
+    outbox_id: int
+    kind: str
+    target: str
+    state: str
+    at: float
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: int
+    at: float
+    account_id: int
+    login: str | None
+    kind: str
+    source: str
+    target: str
+    amount: int
+    reference: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFilter:
+    account_id: int
+    user_id: int | None = None
+    login: str | None = None
+    tag: str | None = None
+    ptt: int | None = None
+    receiver: str | None = None
+    sender: str | None = None
+    created_from: float | None = None
+    created_to: float | None = None
+    kind: str | None = None

@@ -1,0 +1,356 @@
+"""The store contract: what every backend guarantees (see docs/store.md), run on each.
+
+Each test opens real stores through `open_store`, on one database, and races them with
+asyncio.gather: several calls on one store, and two stores (two connections, as two
+processes have) on the same database. A new backend adds its row to `BACKENDS` and a
+branch to `database_url`, and must pass every test here unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.records import SendOrder, SendOutcome, StateUpdate, User, UserChanges
+from gateway.store import NotEnoughCredits, Role, Store, Taken, open_store
+from tests.conftest import ledger_identity
+
+BACKENDS = ["sqlite"]
+ALERT_KINDS = ("alert_mail", "alert_sms")
+T0 = 1_700_000_000.0
+
+Opener = Callable[[Role], Awaitable[Store]]
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of the backend under test."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'contract.sqlite3'}"  # absolute: four slashes
+    raise AssertionError(f"no database for {request.param}")
+
+
+@pytest.fixture
+async def stores(database_url: str) -> AsyncIterator[Opener]:
+    """Opens stores on the test's database, each as its own connection; closes them all."""
+    opened: list[Store] = []
+
+    async def open_one(role: Role) -> Store:
+        store = open_store(database_url, role)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in reversed(opened):
+        await store.close()
+
+
+async def two(stores: Opener) -> tuple[Store, Store]:
+    """The send process's store and another process's (the CLI's) on the same database."""
+    return await stores("send"), await stores("cli")
+
+
+async def account_with_user(store: Store, balance: int, *, name: str = "acme",
+                            login: str = "alice") -> User:
+    await store.create_account(name, balance, at=T0)
+    return await store.create_user(name, login, "x", at=T0)
+
+
+def order(user: User, cost: int, *, recipients: int = 1, kind: str = "api") -> SendOrder:
+    return SendOrder(user.account_id, user.id, user.login, "ACME", "hello", 1, 1, 1, True, "",
+                     tuple(f"+336123{n:05d}" for n in range(recipients)),
+                     (cost,) * recipients, kind=kind)
+
+
+async def commit_one(store: Store, sent: SendOrder) -> SendOutcome:
+    (outcome,) = await store.commit_sends([sent], at=T0 + 1)
+    return outcome
+
+
+async def alerts(store: Store) -> int:
+    """How many alert items were ever queued (claiming them takes them out of the way)."""
+    return len(await store.claim_outbox(ALERT_KINDS, now=1e12, lease=1e12, limit=10_000))
+
+
+# -- atomic charge -------------------------------------------------------------------------
+
+
+async def test_concurrent_sends_take_exactly_the_affordable_ones(stores: Opener) -> None:
+    """40 sends of 1 credit race for 10 credits, from two stores at once: exactly 10 pass,
+    none is charged twice, and the ledger balances at the end."""
+    a, b = await two(stores)
+    user = await account_with_user(a, 1000)
+    outcomes = await asyncio.gather(*(commit_one(a if n % 2 else b, order(user, 100))
+                                      for n in range(40)))
+    accepted = [o for o in outcomes if o.accepted]
+    assert len(accepted) == 10
+    assert {o.reason for o in outcomes if not o.accepted} == {"credits"}
+    assert sorted(o.credit_left for o in accepted) == list(range(0, 1000, 100))
+    assert (await b.get_account("acme")).balance == 0
+    totals = await a.ledger_totals()
+    ledger_identity(totals)
+    assert totals["purchased"] == 1000 and totals["spent"] == 1000
+
+
+async def test_a_batch_is_decided_in_order_in_one_transaction(stores: Opener) -> None:
+    """Each order of a batch sees what the ones before it left, and concurrent batches
+    see each other whole: the first to commit takes [3, -, 2], the others nothing."""
+    a, b = await two(stores)
+    user = await account_with_user(a, 500)
+    batch = [order(user, 300), order(user, 300), order(user, 200)]
+    results = await asyncio.gather(*(s.commit_sends(batch, at=T0 + 1) for s in (a, b, a, b)))
+    decided = sorted([o.accepted for o in outcomes] for outcomes in results)
+    assert decided == [[False] * 3] * 3 + [[True, False, True]]
+    first = next(outcomes for outcomes in results if outcomes[0].accepted)
+    assert [o.credit_left for o in first] == [200, 200, 0]
+    ledger_identity(await a.ledger_totals())
+
+
+async def test_quota_and_balance_are_charged_apart_and_both_hold(stores: Opener) -> None:
+    """A user on a quota spends the quota, never the balance; the balance still pays its
+    account's other users."""
+    a, b = await two(stores)
+    quota_user = await account_with_user(a, 2000)
+    other = await a.create_user("acme", "bob", "x", at=T0)
+    await a.update_user("acme", "alice", UserChanges(quota=500), at=T0)
+    sends = [order(quota_user, 100) for _ in range(8)] + [order(other, 100) for _ in range(20)]
+    outcomes = await asyncio.gather(*(commit_one(a if n % 2 else b, s)
+                                      for n, s in enumerate(sends)))
+    assert sum(o.accepted for o in outcomes[:8]) == 5
+    assert sum(o.accepted for o in outcomes[8:]) == 15
+    assert {o.reason for o in outcomes[:8] if not o.accepted} == {"quota"}
+    assert (await a.get_user("acme", "alice")).quota_left == 0
+    assert (await a.get_account("acme")).balance == 0
+    totals = await b.ledger_totals()
+    ledger_identity(totals)
+    assert totals["purchased"] == 2000 and totals["spent"] == 2000
+
+
+# -- no lost update ------------------------------------------------------------------------
+
+
+async def test_concurrent_top_ups_quota_moves_and_sends_all_count(stores: Opener) -> None:
+    a, b = await two(stores)
+    user = await account_with_user(a, 1000)
+    await a.create_user("acme", "bob", "x", at=T0)
+    quotas = [100, 300, 200, 0, 400]
+
+    async def top_up(store: Store) -> None:
+        await store.credit_account("acme", 100, at=T0 + 1)
+
+    async def move_quota(store: Store, quota: int) -> None:
+        await store.update_user("acme", "bob", UserChanges(quota=quota), at=T0 + 1)
+
+    work = [top_up(a if n % 2 else b) for n in range(30)]
+    work += [move_quota(b if n % 2 else a, q) for n, q in enumerate(quotas)]
+    work += [commit_one(a if n % 2 else b, order(user, 50)) for n in range(10)]
+    results = await asyncio.gather(*work)
+    sent = sum(r.accepted for r in results if isinstance(r, SendOutcome))
+    assert sent == 10  # 4,000 credits were there at every moment for 500 of sends
+    bob = await a.get_user("acme", "bob")
+    account = await b.get_account("acme")
+    # Whatever order the quota moves took, the credits moved are exactly the last quota.
+    assert bob.quota_left in quotas
+    assert account.balance == 1000 + 30 * 100 - 10 * 50 - bob.quota_left
+    totals = await a.ledger_totals()
+    ledger_identity(totals)
+    assert totals["purchased"] == 4000 and totals["spent"] == 500
+
+
+async def test_a_quota_never_takes_more_than_the_account_holds(stores: Opener) -> None:
+    a, b = await two(stores)
+    await account_with_user(a, 1000)
+    await a.create_user("acme", "bob", "x", at=T0)
+
+    async def try_quota(store: Store, login: str) -> bool:
+        try:
+            await store.update_user("acme", login, UserChanges(quota=700), at=T0 + 1)
+        except NotEnoughCredits:
+            return False
+        return True
+
+    granted = await asyncio.gather(try_quota(a, "alice"), try_quota(b, "bob"))
+    assert sorted(granted) == [False, True]
+    assert (await a.get_account("acme")).balance == 300
+    ledger_identity(await b.ledger_totals())
+
+
+# -- exactly one alert per crossing --------------------------------------------------------
+
+
+async def test_concurrent_sends_crossing_a_threshold_queue_one_alert(stores: Opener) -> None:
+    a, b = await two(stores)
+    user = await account_with_user(a, 10_000)
+    await a.update_user("acme", "alice", UserChanges(
+        alert_threshold=5000, alert_support="both", alert_email="ops@example.com",
+        alert_number="+33612345678"), at=T0)
+    outcomes = await asyncio.gather(*(commit_one(a if n % 2 else b, order(user, 100))
+                                      for n in range(80)))
+    assert all(o.accepted for o in outcomes)
+    assert sum(o.alert_queued for o in outcomes) >= 1
+    assert await alerts(a) == 2  # one crossing, one mail and one SMS
+    assert not (await b.get_user("acme", "alice")).alert_armed
+
+
+async def test_an_alert_re_arms_above_the_threshold_and_fires_again(stores: Opener) -> None:
+    a, b = await two(stores)
+    user = await account_with_user(a, 1000)
+    await a.update_user("acme", "alice", UserChanges(
+        alert_threshold=500, alert_support="mail", alert_email="ops@example.com"), at=T0)
+    assert (await a.get_user("acme", "alice")).alert_armed
+    await commit_one(a, order(user, 600))  # 400 left: crossed
+    assert await alerts(a) == 1
+    await b.credit_account("acme", 100, at=T0 + 2)  # back at 500 exactly: not above it
+    assert not (await a.get_user("acme", "alice")).alert_armed
+    await commit_one(b, order(user, 100))
+    assert await alerts(a) == 0
+    await a.credit_account("acme", 200, at=T0 + 3)  # 600: above, armed again
+    assert (await b.get_user("acme", "alice")).alert_armed
+    await asyncio.gather(*(commit_one(s, order(user, 100)) for s in (a, b, a, b)))
+    assert await alerts(b) == 1
+
+
+async def test_setting_a_threshold_above_the_credits_fires_nothing(stores: Opener) -> None:
+    a, _ = await two(stores)
+    user = await account_with_user(a, 1000)
+    await a.update_user("acme", "alice", UserChanges(
+        alert_threshold=5000, alert_support="mail", alert_email="ops@example.com"), at=T0)
+    assert not (await a.get_user("acme", "alice")).alert_armed
+    await commit_one(a, order(user, 100))
+    assert await alerts(a) == 0
+
+
+# -- a claim is handed out once ------------------------------------------------------------
+
+
+async def test_two_stores_claiming_at_once_never_share_an_item(stores: Opener) -> None:
+    a, b = await stores("delivery"), await stores("delivery")
+    user = await account_with_user(a, 0)
+    ids = set(await asyncio.gather(*(
+        (a if n % 2 else b).enqueue_outbox("callback", account_id=user.account_id,
+                                           user_id=user.id, target=f"https://h{n % 5}.test/",
+                                           payload={"n": n}, at=T0)
+        for n in range(300))))
+    claimed: list[int] = []
+
+    async def claim_until_empty(store: Store) -> None:
+        while items := await store.claim_outbox(("callback",), now=T0 + 1, lease=3600,
+                                                limit=7, per_target=3):
+            claimed.extend(item.id for item in items)
+
+    await asyncio.gather(*(claim_until_empty(s) for s in (a, b, a, b)))
+    assert len(claimed) == len(set(claimed)) == 300
+    assert set(claimed) == ids
+
+
+async def test_a_claim_whose_lease_ran_out_is_due_again(stores: Opener) -> None:
+    a, b = await two(stores)
+    user = await account_with_user(a, 0)
+    item_id = await a.enqueue_outbox("callback", account_id=user.account_id, user_id=None,
+                                     target="https://h.test/", payload={}, at=T0)
+    (first,) = await a.claim_outbox(("callback",), now=T0, lease=60, limit=10)
+    assert first.id == item_id
+    assert await b.claim_outbox(("callback",), now=T0 + 59, lease=60, limit=10) == []
+    (again,) = await b.claim_outbox(("callback",), now=T0 + 60, lease=60, limit=10)
+    assert again.id == item_id and again.attempts == 2
+
+
+# -- message ids ---------------------------------------------------------------------------
+
+
+async def test_ids_are_unique_and_each_send_s_ids_consecutive(stores: Opener) -> None:
+    """What ids promise: unique, and consecutive within one order. NOT that they commit
+    in id order: a reader following new messages must not take "the highest id seen" for
+    "all lower ids are seen" (a PostgreSQL sequence hands out ids before commit)."""
+    a, b = await two(stores)
+    user = await account_with_user(a, 100_000)
+    outcomes = await asyncio.gather(*(commit_one(a if n % 2 else b,
+                                                 order(user, 1, recipients=1 + n % 4))
+                                      for n in range(60)))
+    ids = [i for o in outcomes for i in o.ids]
+    assert len(ids) == len(set(ids)) == sum(1 + n % 4 for n in range(60))
+    for o in outcomes:
+        assert list(o.ids) == list(range(o.ids[0], o.ids[0] + len(o.ids)))
+    for message_id in ids:
+        assert (await b.get_message(message_id)).id == message_id
+
+
+async def test_an_order_checked_at_an_older_settings_version_is_refused(
+        stores: Opener) -> None:
+    a, b = await two(stores)
+    await account_with_user(a, 1000)
+    context = await a.send_context("acme", "alice", fresh=True)
+    assert context is not None
+    # What the send path checks (credentials, allowlists, senders, STOP clause) changed.
+    await b.update_user("acme", "alice", UserChanges(password_hash="y"), at=T0)
+    checked = replace(order(context.user, 100), settings_version=context.version)
+    (outcome,) = await a.commit_sends([checked], at=T0 + 1)
+    assert not outcome.accepted and outcome.reason == "stale"
+    assert (await b.get_account("acme")).balance == 1000
+
+
+# -- reports -------------------------------------------------------------------------------
+
+
+async def test_a_final_report_refunds_once_and_settles_the_message(stores: Opener) -> None:
+    a, b = await stores("send"), await stores("delivery")
+    user = await account_with_user(a, 1000)
+    outcome = await commit_one(a, order(user, 300))
+    (message_id,) = outcome.ids
+    failed = StateUpdate.from_ptt(message_id, 23, T0 + 2)  # final, not billed
+    delivered = StateUpdate.from_ptt(message_id, 4, T0 + 3)
+    results = await asyncio.gather(b.apply_updates([failed]), a.apply_updates([failed]),
+                                   b.apply_updates([delivered]))
+    assert sum(len(r.finals) for r in results) == 1
+    message = await a.get_message(message_id)
+    assert message.state == "final" and message.ptt == 23
+    assert (await a.get_account("acme")).balance == 1000
+    ledger_identity(await b.ledger_totals())
+
+
+async def test_refunds_racing_sends_keep_every_credit(stores: Opener) -> None:
+    """The delivery worker refunds failures while the send process charges new sends:
+    each refund is spendable by a send at once, and none is lost."""
+    sender, worker = await stores("send"), await stores("delivery")
+    user = await account_with_user(sender, 1000)
+    first = await asyncio.gather(*(commit_one(sender, order(user, 100)) for _ in range(10)))
+    failures = [StateUpdate.from_ptt(o.ids[0], 23, T0 + 2) for o in first]
+    results = await asyncio.gather(
+        *(worker.apply_updates([update]) for update in failures),
+        *(commit_one(sender, order(user, 100)) for _ in range(15)))
+    refunded = sum(len(r.finals) for r in results[:10])  # type: ignore[union-attr]
+    accepted = sum(o.accepted for o in results[10:])  # type: ignore[union-attr]
+    assert refunded == 10 and 0 <= accepted <= 10
+    assert (await worker.get_account("acme")).balance == 1000 - 100 * accepted
+    totals = await sender.ledger_totals()
+    ledger_identity(totals)
+    assert totals["spent"] == 100 * accepted
+
+
+# -- exclusive names -----------------------------------------------------------------------
+
+
+async def test_an_exclusive_name_has_one_holder_across_stores(stores: Opener) -> None:
+    a, b = await stores("delivery"), await stores("delivery")
+    async with a.exclusive("delivery"):
+        with pytest.raises(Taken, match="delivery"):
+            async with b.exclusive("delivery"):
+                pass
+        async with b.exclusive("other-name"):
+            pass  # another name is another lock
+        later = b.exclusive("delivery", wait=True)
+        waiting = asyncio.ensure_future(later.__aenter__())
+        done, _ = await asyncio.wait({waiting}, timeout=0.3)
+        assert not done, "took a name its holder still had"
+    await asyncio.wait_for(waiting, 5)
+    with pytest.raises(Taken):
+        async with a.exclusive("delivery"):
+            pass
+    await later.__aexit__(None, None, None)
+    async with a.exclusive("delivery"):
+        pass  # a holder that leaves lets the next one in
