@@ -19,7 +19,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.credits import CENTS, RateTable, format_credits
 from gateway.logs import id_ranges
 from gateway.metrics import Metrics
-from gateway.passwords import VerificationCache, hash_password
+from gateway.passwords import VerificationCache, decoy_hash
 from gateway.security import LoginGuard, Throttle
 from gateway.send import request as rules
 from gateway.send.batcher import GroupCommitter, ShuttingDown
@@ -93,7 +93,7 @@ class SendPipeline:
         self._metrics = metrics or Metrics()
         # Unknown logins are checked against this hash so that they take as long to refuse
         # as a wrong password: the timing must not tell which logins exist.
-        self._decoy_hash = hash_password("decoy0000")
+        self._decoy_hash = decoy_hash()
 
     async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None) -> Answer:
         try:
