@@ -209,9 +209,14 @@ class SendPipeline:
         refusal = await self._refusal(request, client_ip, context)
         if refusal is not None and context is not None and not fresh:
             # The cached settings may predate a change that lets this request in.
+            cached = context
             context = await self._store.send_context(request.account, request.login,
                                                      fresh=True)
-            refusal = await self._refusal(request, client_ip, context)
+            # A wrong password is not checked twice against the same hash: an unknown login
+            # costs one scrypt run (the decoy), and a second would tell the logins apart.
+            if refusal[0] != "password" or context is None \
+                    or context.user.password_hash != cached.user.password_hash:
+                refusal = await self._refusal(request, client_ip, context)
         if refusal is None and context is not None:
             guard.succeeded(request.account, request.login, client_ip)
             if request.reply_sender:
