@@ -5,8 +5,8 @@ few dozen requests a second. The cache remembers verdicts under a key that binds
 hash and the presented password, so a password change or a wrong password can never reuse
 another verdict, and it holds no password, only a keyed digest of one.
 
-The test suite hashes at a cheap cost (`HTTP2SMS_TEST_SCRYPT_N`): at the real one, scrypt was
-about half of the suite's run time. Each hash carries its own parameters, so a hash made at one
+The test suite hashes at a cheap cost (`HTTP2SMS_TEST_SCRYPT_N`): at the real one, scrypt made
+up some 40% of the suite's run time. Each hash carries its own parameters, so a hash made at one
 cost verifies whatever the process's cost.
 """
 

@@ -30,7 +30,7 @@ SENDER = "ACME"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Hash passwords at the cheapest scrypt cost, here and in every process a test starts
-    (they inherit the variable): at the real cost scrypt was about half of the suite's time.
+    (they inherit the variable): the real cost made the suite 140 s instead of 79 s.
     Tests about the cost itself ask for `real_hash_cost`. A cost set by the caller is kept,
     e.g. HTTP2SMS_TEST_SCRYPT_N=16384 to run the suite at the real one."""
     os.environ.setdefault(passwords.TEST_N_VARIABLE, "2")
