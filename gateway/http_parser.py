@@ -24,7 +24,8 @@ from aiohttp import http_parser, web_protocol
 from aiohttp.http_exceptions import InvalidURLError
 
 # The C parser when it is built (the Python one otherwise: then there is nothing to do).
-_FAST = web_protocol.HttpRequestParser
+# web_protocol does not export the name, but it is the one its server looks up.
+_FAST = web_protocol.HttpRequestParser  # type: ignore[attr-defined]
 _LENIENT = http_parser.HttpRequestParserPy
 
 # Beyond the request line, what a first request's headers may take before the fallback
@@ -78,5 +79,5 @@ def install(*, always: bool = False) -> None:
     `always`: through the Python parser from the start (`server.raw_url_bytes_always`), for
     proxies whose kept connections carry raw bytes in later requests too."""
     if _FAST is not _LENIENT:
-        web_protocol.HttpRequestParser = (  # type: ignore[misc]
-            _LENIENT if always else FirstRequestFallback)
+        parser = _LENIENT if always else FirstRequestFallback
+        web_protocol.HttpRequestParser = parser  # type: ignore[attr-defined,assignment]

@@ -85,7 +85,7 @@ class _ConsoleRenderer:
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
         if not _ELSEWHERE.isdisjoint(event):
-            return self._full(logger, name, event)  # type: ignore[arg-type]
+            return self._full(logger, name, event)
         parts = []
         if "timestamp" in event:
             parts.append(str(event.pop("timestamp")))
@@ -110,7 +110,7 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream or sys.stderr)
         self._fixed = stream
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         # Looked up at each record: a stderr replaced since (test capture, a daemon
         # redirecting it) must not leave us writing to a closed file.

@@ -151,10 +151,10 @@ def merge_expositions(*texts: bytes) -> bytes:
             name += "_total"  # the parser drops it; the text format's lines carry it
         lines.append(f"# HELP {name} {_escape_help(doc)}")
         lines.append(f"# TYPE {name} {kind}")
-        for (sample, labels), value in samples.items():
+        for (sample_name, labels), value in samples.items():
             shown = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            lines.append(f"{sample}{{{shown}}} {floatToGoString(value)}" if shown
-                         else f"{sample} {floatToGoString(value)}")
+            lines.append(f"{sample_name}{{{shown}}} {floatToGoString(value)}" if shown
+                         else f"{sample_name} {floatToGoString(value)}")
     return ("\n".join(lines) + "\n").encode()
 
 

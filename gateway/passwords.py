@@ -4,6 +4,10 @@ scrypt costs tens of milliseconds by design; paying that on every send would cap
 few dozen requests a second. The cache remembers verdicts under a key that binds the stored
 hash and the presented password, so a password change or a wrong password can never reuse
 another verdict, and it holds no password, only a keyed digest of one.
+
+The test suite hashes at a cheap cost (`HTTP2SMS_TEST_SCRYPT_N`): at the real one, scrypt made
+up some 40% of the suite's run time. Each hash carries its own parameters, so a hash made at one
+cost verifies whatever the process's cost.
 """
 
 from __future__ import annotations
@@ -12,17 +16,35 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import os
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 
 # n=2**14, r=8 is the interactive-login setting recommended for scrypt (~16 MiB, tens of ms).
-_N, _R, _P = 2**14, 8, 1
+REAL_N = 2**14
+_R, _P = 8, 1
 _DKLEN = 32
 # scrypt checks running at once (each in a thread, each with its 16 MiB).
 MAX_CONCURRENT_HASHES = 2
 
 
+# Lowers n for the test suite only. It is honoured only alongside PYTEST_CURRENT_TEST, which
+# pytest sets in its own process and which the processes a test starts inherit: a production
+# gateway given a test's environment by mistake refuses to start instead of storing weak
+# hashes (they would stay weak after the variable is gone: a hash keeps its own n).
+TEST_N_VARIABLE = "HTTP2SMS_TEST_SCRYPT_N"
+_UNDER_PYTEST = "PYTEST_CURRENT_TEST"
+
+_n: int | None = None  # read from the environment at the first hash
+_decoys: dict[int, str] = {}
+
+
 class InvalidPassword(ValueError):
+    pass
+
+
+class UnsafeHashCost(RuntimeError):
     pass
 
 
@@ -37,7 +59,44 @@ def validate(password: str) -> str:
     return password
 
 
-def hash_password(password: str, *, n: int = _N) -> str:
+def n_from_environment(env: Mapping[str, str]) -> int:
+    """scrypt's n for new hashes: the real one unless a test lowers it (see TEST_N_VARIABLE)."""
+    raw = env.get(TEST_N_VARIABLE, "")
+    if not raw:
+        return REAL_N
+    if _UNDER_PYTEST not in env:
+        raise UnsafeHashCost(f"{TEST_N_VARIABLE} weakens every password hash and is for the "
+                             "test suite only: unset it")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if not 2 <= n <= REAL_N or n & (n - 1):
+        raise UnsafeHashCost(f"{TEST_N_VARIABLE}: a power of two from 2 to {REAL_N} "
+                             f"(got {raw!r})")
+    return n
+
+
+def hash_cost() -> int:
+    """This process's n for new hashes, read once."""
+    global _n
+    if _n is None:
+        _n = n_from_environment(os.environ)
+    return _n
+
+
+def decoy_hash() -> str:
+    """The hash unknown logins are checked against, so that they take as long to refuse as a
+    wrong password; made once per process (per cost), as it costs as much as any hash."""
+    n = hash_cost()
+    decoy = _decoys.get(n)
+    if decoy is None:
+        decoy = _decoys[n] = hash_password("decoy0000", n=n)
+    return decoy
+
+
+def hash_password(password: str, *, n: int | None = None) -> str:
+    n = hash_cost() if n is None else n
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=_R, p=_P, dklen=_DKLEN,
                             maxmem=64 * 1024 * 1024)

@@ -62,7 +62,10 @@ async def run(config: Config, commands: asyncio.StreamReader,
                     dispatcher.poke()
                 for _ in range(chunk.count(STATUS)):
                     answers.write(json.dumps({
-                        "operator_connected": dispatcher.operator.connected,
+                        # An operator without `connected` would crash the worker here, on
+                        # every status request: fixed by operator interface v2
+                        "operator_connected":
+                            dispatcher.operator.connected,  # type: ignore[attr-defined]
                         "waiting_hand_over": dispatcher.waiting_hand_over,
                         "waiting_reports": dispatcher.waiting_reports,
                         "metrics": metrics.exposition().decode(),

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from gateway import passwords
 from gateway.cli import DEMO_ACCOUNT, DEMO_LOGIN, DEMO_PASSWORD, DEMO_SENDER, ensure_demo
 from gateway.config import Config
 from gateway.service import Management
@@ -100,8 +101,10 @@ class ServerProcess:
                     ready_timeout: float = 30.0,
                     preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
         port = port or free_port()
-        # The developer's own HTTP2SMS_* settings must not leak into a test.
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HTTP2SMS_")}
+        # The developer's own HTTP2SMS_* settings must not leak into a test; the suite's
+        # cheap hashing cost (conftest.py) must.
+        full_env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("HTTP2SMS_") or k == passwords.TEST_N_VARIABLE}
         full_env.update(BASE_ENV)
         full_env.update(env or {})
         proc = await asyncio.create_subprocess_exec(

@@ -181,6 +181,45 @@ def test_password_rule_and_hash() -> None:
     assert not passwords.verify("Abcd1234", "garbage")
 
 
+def test_hash_cost_is_the_real_one_unless_pytest_lowers_it() -> None:
+    variable = passwords.TEST_N_VARIABLE
+    under_pytest = {"PYTEST_CURRENT_TEST": "tests/test_rules.py::t (call)"}
+    assert passwords.n_from_environment({}) == passwords.REAL_N == 2**14
+    assert passwords.n_from_environment({**under_pytest, variable: ""}) == passwords.REAL_N
+    assert passwords.n_from_environment({**under_pytest, variable: "2"}) == 2
+    # A production host given a test's environment: the variable itself is the mistake.
+    for value in ("2", "16384"):
+        with pytest.raises(passwords.UnsafeHashCost, match="test suite only"):
+            passwords.n_from_environment({variable: value})
+    for bad in ("0", "1", "3", "-2", "32768", "2.0", "cheap"):
+        with pytest.raises(passwords.UnsafeHashCost, match="power of two"):
+            passwords.n_from_environment({**under_pytest, variable: bad})
+
+
+def test_a_hash_carries_its_cost_and_verifies_at_any_other(real_hash_cost: int) -> None:
+    real = passwords.hash_password("Abcd1234")
+    cheap = passwords.hash_password("Abcd1234", n=2)
+    assert real.startswith("scrypt$16384$8$1$") and cheap.startswith("scrypt$2$8$1$")
+    assert passwords.verify("Abcd1234", real) and passwords.verify("Abcd1234", cheap)
+    assert not passwords.verify("Abcd1235", cheap)
+
+
+def test_the_decoy_is_hashed_once_per_process(monkeypatch: pytest.MonkeyPatch,
+                                              real_hash_cost: int) -> None:
+    monkeypatch.setattr(passwords, "_decoys", {})
+    made: list[int | None] = []
+    hash_password = passwords.hash_password
+
+    def counting(password: str, *, n: int | None = None) -> str:
+        made.append(n)
+        return hash_password(password, n=n)
+
+    monkeypatch.setattr(passwords, "hash_password", counting)
+    decoys = {passwords.decoy_hash() for _ in range(3)}
+    assert made == [passwords.REAL_N] and len(decoys) == 1
+    assert decoys.pop().startswith("scrypt$16384$")
+
+
 async def test_verification_cache_is_keyed_by_hash_and_password() -> None:
     cache = passwords.VerificationCache(size=2)
     old = passwords.hash_password("Abcd1234")

@@ -7,12 +7,32 @@ from typing import Any
 
 import pytest
 
+from gateway import passwords
 from gateway.clock import ManualClock
 from gateway.iprules import parse_ip
 from gateway.security import LoginGuard, Throttle
 from tests.conftest import ACCOUNT, LOGIN, Harness
 
 IP_A, IP_B = parse_ip("203.0.113.1"), parse_ip("203.0.113.2")
+
+
+async def test_an_unknown_login_costs_the_scrypt_check_of_a_wrong_password(
+        make_harness: Any, real_hash_cost: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the production cost, an unknown login is refused after the same scrypt run as a
+    wrong password (against the decoy): the answer's timing does not tell which logins exist."""
+    h: Harness = await make_harness()
+    costs: list[int] = []
+    verify = passwords.verify
+
+    def recording(password: str, stored: str) -> bool:
+        costs.append(int(stored.split("$")[1]))
+        return verify(password, stored)
+
+    monkeypatch.setattr(passwords, "verify", recording)
+    for params in ({"password": "wrongpass1"}, {"login": "nobody"},
+                   {"account": "sms-none-1"}):
+        assert (await h.send(**params))[1] == "KO\n401 Invalid account, login or password"
+    assert costs == [real_hash_cost] * 3
 
 
 def test_guard_locks_the_key_then_forgets() -> None:
@@ -130,8 +150,6 @@ async def test_at_most_two_scrypt_checks_run_at_once(monkeypatch: pytest.MonkeyP
     """Each check takes 16 MiB: a burst of distinct credentials must not run one per thread."""
     import threading
     import time as clock
-
-    from gateway import passwords
 
     running = 0
     most = 0

@@ -50,7 +50,9 @@ class AttemptFailed(Exception):
 class Handler(Protocol):
     """What the worker runs on each item of its kinds."""
 
-    kinds: Sequence[str]
+    @property
+    def kinds(self) -> Sequence[str]:
+        """The outbox kinds it takes (read only: a tuple class attribute will do)."""
 
     def key(self, item: OutboxItem) -> str:
         """Items with the same key share a concurrency bound (e.g. the target host)."""

@@ -23,7 +23,7 @@ _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
 
 PIPELINE = web.AppKey("send_pipeline", SendPipeline)
-TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)
+TRUSTED_PROXIES: web.AppKey[tuple[iprules.IPNetwork, ...]] = web.AppKey("trusted_proxies", tuple)
 
 
 async def read_params(request: web.Request) -> dict[str, str]:
@@ -42,7 +42,8 @@ def caller_ip(request: web.Request) -> iprules.IPAddress | None:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     host = peer[0] if isinstance(peer, tuple) and peer else None
     forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
-    return iprules.client_ip(host, forwarded, request.app[TRUSTED_PROXIES])
+    trusted_proxies = request.app[TRUSTED_PROXIES]
+    return iprules.client_ip(host, forwarded, trusted_proxies)
 
 
 async def http2sms(request: web.Request) -> web.StreamResponse:

@@ -19,7 +19,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.credits import CENTS, RateTable, format_credits
 from gateway.logs import id_ranges
 from gateway.metrics import Metrics
-from gateway.passwords import VerificationCache, hash_password
+from gateway.passwords import VerificationCache, decoy_hash
 from gateway.records import SendContext, SendOrder, SendOutcome
 from gateway.security import LoginGuard, Throttle
 from gateway.send import request as rules
@@ -87,7 +87,7 @@ class SendPipeline:
         self._metrics = metrics or Metrics()
         # Unknown logins are checked against this hash so that they take as long to refuse
         # as a wrong password: the timing must not tell which logins exist.
-        self._decoy_hash = hash_password("decoy0000")
+        self._decoy_hash = decoy_hash()
 
     async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None) -> Answer:
         try:
@@ -203,9 +203,14 @@ class SendPipeline:
         refusal = await self._refusal(request, client_ip, context)
         if refusal is not None and context is not None and not fresh:
             # The cached settings may predate a change that lets this request in.
+            cached = context
             context = await self._store.send_context(request.account, request.login,
                                                      fresh=True)
-            refusal = await self._refusal(request, client_ip, context)
+            # A wrong password is not checked twice against the same hash: an unknown login
+            # costs one scrypt run (the decoy), and a second would tell the logins apart.
+            if refusal[0] != "password" or context is None \
+                    or context.user.password_hash != cached.user.password_hash:
+                refusal = await self._refusal(request, client_ip, context)
         if refusal is None and context is not None:
             guard.succeeded(request.account, request.login, client_ip)
             if request.reply_sender:

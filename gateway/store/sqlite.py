@@ -13,12 +13,20 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 
@@ -81,9 +89,12 @@ def _user(row: Sequence[Any]) -> User:
 
 
 def _message(row: Sequence[Any]) -> Message:
-    return Message(*row[:11], tag=row[11], credits=row[12], charged_to=row[13],
-                   created_at=row[14], deferred_until=row[15], state=row[16], ptt=row[17],
-                   dlr=row[18], sent_at=row[19], delivered_at=row[20])
+    return Message(id=row[0], account_id=row[1], account_name=row[2], login=row[3],
+                   kind=row[4], sender=row[5], receiver=row[6], body=row[7], coding=row[8],
+                   parts=row[9], klass=row[10], tag=row[11], credits=row[12],
+                   charged_to=row[13], created_at=row[14], deferred_until=row[15],
+                   state=row[16], ptt=row[17], dlr=row[18], sent_at=row[19],
+                   delivered_at=row[20])
 
 
 def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
@@ -91,6 +102,14 @@ def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
 
 
 T = TypeVar("T")
+
+
+class _Reads(Protocol):
+    """What a lookup uses of a connection: a transaction's `Conn`, or the aiosqlite read
+    connection (typed with its own cursors and awaitables, so not a `Conn`)."""
+
+    def execute_fetchall(self, sql: str, params: Sequence[Any] = ...,
+                         /) -> Awaitable[Iterable[Any]]: ...
 
 
 def _marks(n: int) -> str:
@@ -376,8 +395,9 @@ class SQLiteStore:
 
     # -- accounts and senders --------------------------------------------------------
 
-    async def _account_id(self, db: Conn, name: str) -> int:
-        rows = await db.execute_fetchall("SELECT id FROM accounts WHERE name = ?", (name,))
+    async def _account_id(self, db: _Reads, name: str) -> int:
+        rows = list(await db.execute_fetchall("SELECT id FROM accounts WHERE name = ?",
+                                              (name,)))
         if not rows:
             raise NotFound(f"unknown account {name!r}")
         return int(rows[0][0])
@@ -391,6 +411,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"account {name!r} already exists") from exc
             account_id = cur.lastrowid
+            assert account_id is not None  # set by any INSERT
             if balance:
                 await self._ledger(db, at, account_id, None, None, "purchase", "outside",
                                    "account", balance, "initial credits")
@@ -467,10 +488,10 @@ class SQLiteStore:
                 raise Conflict(f"user {login!r} already exists in {account!r}") from exc
         return await self.get_user(account, login)
 
-    async def _fetch_user(self, db: Conn, account: str, login: str) -> User:
-        rows = await db.execute_fetchall(
+    async def _fetch_user(self, db: _Reads, account: str, login: str) -> User:
+        rows = list(await db.execute_fetchall(
             f"SELECT {_USER_COLUMNS} FROM users u JOIN accounts a ON a.id = u.account_id "
-            "WHERE a.name = ? AND u.login = ?", (account, login))
+            "WHERE a.name = ? AND u.login = ?", (account, login)))
         if not rows:
             await self._account_id(db, account)
             raise NotFound(f"unknown user {login!r} in {account!r}")
