@@ -71,11 +71,9 @@ class _Group(click.Group):
     group_class = type  # a group's subgroups are of its own class
 
 
-class _Tool(click.Group):
-    """The root: a command's refused input, whichever command, is one line and exit 2."""
+class _Tool(_Group):
+    """The root: whichever command refuses its input, that is one line on stderr, exit 2."""
 
-    context_class = _Context
-    command_class = _Command
     group_class = _Group
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -225,11 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @http2sms.group("account", help="manage SMS accounts")
 @json_option
-def account() -> None:
+def account_commands() -> None:
     pass
 
 
-@account.command("create", help="create an account")
+@account_commands.command("create", help="create an account")
 @click.argument("name")
 @click.option("--credits", default="0", help="initial credits (default 0)")
 @json_option
@@ -239,7 +237,7 @@ async def _account_create(m: Management, name: str, credits: str) -> Any:
     return account_view(account, m.config.send.stop_clause)
 
 
-@account.command("show", help="show an account")
+@account_commands.command("show", help="show an account")
 @click.argument("name")
 @json_option
 @manages
@@ -247,7 +245,7 @@ async def _account_show(m: Management, name: str) -> Any:
     return account_view(await m.store.get_account(name), m.config.send.stop_clause)
 
 
-@account.command("list", help="list accounts")
+@account_commands.command("list", help="list accounts")
 @json_option
 @manages
 async def _account_list(m: Management) -> Any:
@@ -255,7 +253,7 @@ async def _account_list(m: Management) -> Any:
 
 
 # A negative amount is an argument to refuse with its reason, not an unknown option.
-@account.command("credit", help="add credits to an account (top-up)",
+@account_commands.command("credit", help="add credits to an account (top-up)",
                  context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("amount")
@@ -266,7 +264,7 @@ async def _account_credit(m: Management, name: str, amount: str) -> Any:
     return account_view(account, m.config.send.stop_clause)
 
 
-@account.command("set", help="change an account's settings")
+@account_commands.command("set", help="change an account's settings")
 @click.argument("name")
 @click.option("--callback", help="account-level delivery-report URL ('' to clear)")
 @click.option("--stop-clause", help="STOP clause appended to messages")
@@ -283,7 +281,7 @@ async def _account_set(m: Management, name: str, callback: str | None,
     return account_view(account, m.config.send.stop_clause)
 
 
-@account.command("ledger", help="list the account's credit movements")
+@account_commands.command("ledger", help="list the account's credit movements")
 @click.argument("name")
 @click.option("--limit", type=int, default=100, help="entries listed at most (default 100)")
 @json_option
@@ -297,11 +295,11 @@ async def _account_ledger(m: Management, name: str, limit: int) -> Any:
 
 @http2sms.group("sender", help="manage declared senders")
 @json_option
-def sender() -> None:
+def sender_commands() -> None:
     pass
 
 
-@sender.command("add", help="declare a sender")
+@sender_commands.command("add", help="declare a sender")
 @click.argument("account")
 @click.argument("sender")
 @json_option
@@ -311,7 +309,7 @@ async def _sender_add(m: Management, account: str, sender: str) -> Any:
     return await _senders(m, account)
 
 
-@sender.command("remove", help="remove a sender")
+@sender_commands.command("remove", help="remove a sender")
 @click.argument("account")
 @click.argument("sender")
 @json_option
@@ -321,7 +319,7 @@ async def _sender_remove(m: Management, account: str, sender: str) -> Any:
     return await _senders(m, account)
 
 
-@sender.command("list", help="list an account's senders")
+@sender_commands.command("list", help="list an account's senders")
 @click.argument("account")
 @json_option
 @manages
@@ -337,11 +335,11 @@ async def _senders(m: Management, account: str) -> list[str]:
 
 @http2sms.group("user", help="manage API users")
 @json_option
-def user() -> None:
+def user_commands() -> None:
     pass
 
 
-@user.command("create", help="create an API user")
+@user_commands.command("create", help="create an API user")
 @click.argument("account")
 @click.argument("login")
 @click.option("--password", required=True,
@@ -353,7 +351,7 @@ async def _user_create(m: Management, account: str, login: str, password: str) -
     return user_view(await m.create_user(account, login, _password_arg(password)))
 
 
-@user.command("show", help="show an API user")
+@user_commands.command("show", help="show an API user")
 @click.argument("account")
 @click.argument("login")
 @json_option
@@ -362,7 +360,7 @@ async def _user_show(m: Management, account: str, login: str) -> Any:
     return user_view(await m.store.get_user(account, login))
 
 
-@user.command("list", help="list an account's API users")
+@user_commands.command("list", help="list an account's API users")
 @click.argument("account")
 @json_option
 @manages
@@ -370,7 +368,7 @@ async def _user_list(m: Management, account: str) -> Any:
     return await m.store.list_users(account)
 
 
-@user.command("delete", help="delete an API user (its quota returns)")
+@user_commands.command("delete", help="delete an API user (its quota returns)")
 @click.argument("account")
 @click.argument("login")
 @json_option
@@ -388,7 +386,7 @@ def _one_quota_change(ctx: click.Context, param: click.Parameter, value: Any) ->
     return value
 
 
-@user.command("set", help="change an API user's settings (all or nothing)")
+@user_commands.command("set", help="change an API user's settings (all or nothing)")
 @click.argument("account")
 @click.argument("login")
 @click.option("--quota", callback=_one_quota_change,
@@ -451,11 +449,11 @@ def message_view(message: Any) -> dict[str, Any]:
 
 @http2sms.group("message", help="read messages and their delivery history")
 @json_option
-def message() -> None:
+def message_commands() -> None:
     pass
 
 
-@message.command("show", help="a message, its history and its callbacks")
+@message_commands.command("show", help="a message, its history and its callbacks")
 @click.argument("message_id", metavar="ID", type=int)
 @json_option
 @manages
@@ -470,7 +468,7 @@ async def _message_show(m: Management, message_id: int) -> Any:
     return view
 
 
-@message.command("list", help="list an account's messages, newest first")
+@message_commands.command("list", help="list an account's messages, newest first")
 @click.argument("account")
 @click.option("--login", help="only this API user's messages")
 @click.option("--tag", help="only the messages sent with this tag")
@@ -496,11 +494,11 @@ async def _message_list(m: Management, account: str, login: str | None, tag: str
 
 @http2sms.group("alert", help="low-credit alerts")
 @json_option
-def alert() -> None:
+def alert_commands() -> None:
     pass
 
 
-@alert.command("test", help="send a test alert through the user's channels")
+@alert_commands.command("test", help="send a test alert through the user's channels")
 @click.argument("account")
 @click.argument("login")
 @click.option("--wait", type=float, default=30.0,
@@ -552,9 +550,10 @@ async def ensure_demo(config: Config) -> None:
 @click.option("--demo", is_flag=True,
               help="create the demo account and user if missing, print a curl line")
 @json_option
-@click.pass_obj
-def _serve_command(tool: Globals, host: str | None, port: int | None,
+@click.pass_context
+def _serve_command(ctx: click.Context, host: str | None, port: int | None,
                    serve_config: str | None, demo: bool) -> None:
+    tool: Globals = ctx.obj
     config = load_config(serve_config or tool.config, tool.db)
     if host:
         config.server.host = host
@@ -562,7 +561,7 @@ def _serve_command(tool: Globals, host: str | None, port: int | None,
         config.server.port = port
     status = _serve(config, demo=demo)
     if status:
-        click.get_current_context().exit(status)
+        ctx.exit(status)
 
 
 def _serve(config: Config, *, demo: bool) -> int:
