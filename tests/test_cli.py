@@ -22,7 +22,7 @@ import pytest
 from click.testing import Result
 
 from gateway import cli
-from tests.cli_in_process import invoke
+from tests.cli_in_process import invoke, logging_kept
 
 PYTHON = [sys.executable, "-m", "gateway"]
 
@@ -121,6 +121,53 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(seeded: Path, tmp_path
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: ")
     assert dump(db) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["--json", "account", "show", "sms-x-1"], ["account", "--json", "show", "sms-x-1"],
+    ["account", "show", "--json", "sms-x-1"], ["account", "show", "sms-x-1", "--json"],
+])
+def test_json_wherever_it_is_placed(seeded: Path, args: list[str]) -> None:
+    result = run(seeded, *args)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["creditsLeft"] == 100
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "COMMAND"),
+    (["account"], "COMMAND"),
+    (["account", "credit", "sms-x-1"], "Missing argument 'AMOUNT'"),
+    (["account", "show", "sms-x-1", "--bogus"], "--bogus"),
+    (["message", "show", "one"], "'one' is not a valid integer"),
+    (["user", "set", "sms-x-1", "u1", "--alert-support", "fax"], "'fax' is not one of"),
+    (["user", "set", "sms-x-1", "u1", "--quota", "5", "--no-quota"], "cannot be combined"),
+    (["user", "set", "sms-x-1", "u1", "--no-quota", "--quota", "5"], "cannot be combined"),
+])
+def test_usage_errors_exit_2_and_change_nothing(seeded: Path, tmp_path: Path,
+                                                args: list[str], message: str) -> None:
+    db = tmp_path / "cli.sqlite3"
+    shutil.copy(seeded, db)
+    before = dump(db)
+    result = run(db, *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and result.stdout == ""
+    assert dump(db) == before
+
+
+def test_main_returns_the_exit_status(seeded: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`main` is the installed `http2sms`: what `sys.exit` gets is its return value."""
+    db = tmp_path / "cli.sqlite3"
+    shutil.copy(seeded, db)
+    with logging_kept():
+        assert cli.main(["--db", str(db), "account", "show", "sms-x-1", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["creditsLeft"] == 100
+        assert cli.main(["--db", str(db), "account", "show", "sms-none-1"]) == 2
+        assert capsys.readouterr().err == "error: unknown account 'sms-none-1'\n"
+        assert cli.main(["--db", str(db), "account", "credit", "sms-x-1"]) == 2
+        assert "Missing argument 'AMOUNT'" in capsys.readouterr().err
+        assert cli.main(["--help"]) == 0
+        assert "usage: http2sms" in capsys.readouterr().out
 
 
 def test_every_command_has_help() -> None:
