@@ -118,7 +118,8 @@ def load_config(path: str | None, db: str | None) -> Config:
     return config
 
 
-def open_store(config: Config) -> Store:
+def store_for(config: Config) -> Store:
+    """The store of the config, not yet open."""
     return SQLiteStore(config.store.path, busy_timeout=config.store.busy_timeout_seconds)
 
 
@@ -145,7 +146,7 @@ def manages(handler: Handler) -> Callable[..., None]:
 
 
 async def _run(handler: Handler, config: Config, params: dict[str, Any]) -> Any:
-    store = open_store(config)
+    store = store_for(config)
     await store.open()
     try:
         return await handler(Management(store, config), **params)
@@ -531,7 +532,7 @@ DEMO_SENDER = "DEMO"
 
 
 async def ensure_demo(config: Config) -> None:
-    store = open_store(config)
+    store = store_for(config)
     await store.open()
     try:
         m = Management(store, config)
