@@ -4,31 +4,37 @@ Each command opens the store, does one thing and closes it; a running gateway se
 on its next request: every change bumps the store's settings version, which the send path
 checks before it commits anything.
 Bad input prints one line on stderr and exits 2, having changed nothing.
+
+The commands are click commands: each is declared by its decorators, next to its handler, and
+tests run them in-process with click's `CliRunner`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import wraps
 from typing import Any
 
+import click
 import structlog
 
 from gateway import config as config_module
 from gateway import logs
 from gateway.config import Config, ConfigError
 from gateway.credits import format_credits
+from gateway.records import MessageFilter
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
 from gateway.store import Store, StoreError, open_store
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
-Command = Callable[[argparse.Namespace, Management], Awaitable[Any]]
-COMMANDS: dict[str, Command] = {}
+Handler = Callable[..., Awaitable[Any]]
 
 
 class CommandError(Exception):
@@ -42,160 +48,117 @@ class Failed:
         self.result = result
 
 
-def command(name: str) -> Callable[[Command], Command]:
-    def register(fn: Command) -> Command:
-        COMMANDS[name] = fn
-        return fn
-    return register
+# -- click, in the tool's own manner --------------------------------------------------------
+
+class _HelpFormatter(click.HelpFormatter):
+    """`usage:` in lower case, as the tool has always written it (scripts may look for it)."""
+
+    def write_usage(self, prog: str, args: str = "", prefix: str | None = None) -> None:
+        super().write_usage(prog, args, "usage: " if prefix is None else prefix)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="http2sms", description="http2sms-gateway: an "
-                                     "OVH-compatible SMS gateway and its management tool.")
-    parser.add_argument("--db", help="SQLite store file (default: store.path of the config, "
-                        "var/gateway.sqlite3)")
-    parser.add_argument("--config", help="TOML config file (see config/gateway.example.toml)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
-
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--host", help="listen address (default server.host)")
-    serve.add_argument("--port", type=int, help="listen port (default server.port)")
-    serve.add_argument("--config", dest="serve_config", help="TOML config file")
-    serve.add_argument("--demo", action="store_true",
-                       help="create the demo account and user if missing, print a curl line")
-
-    account = _group(sub, "account", "manage SMS accounts")
-    p = account.add_parser("create", help="create an account")
-    p.add_argument("name")
-    p.add_argument("--credits", default="0", help="initial credits (default 0)")
-    p = account.add_parser("show", help="show an account")
-    p.add_argument("name")
-    account.add_parser("list", help="list accounts")
-    p = account.add_parser("credit", help="add credits to an account (top-up)")
-    p.add_argument("name")
-    p.add_argument("amount")
-    p = account.add_parser("set", help="change an account's settings")
-    p.add_argument("name")
-    p.add_argument("--callback", help="account-level delivery-report URL ('' to clear)")
-    p.add_argument("--stop-clause", help="STOP clause appended to messages")
-    p = account.add_parser("ledger", help="list the account's credit movements")
-    p.add_argument("name")
-    p.add_argument("--limit", type=int, default=100)
-
-    sender = _group(sub, "sender", "manage declared senders")
-    for verb, text in (("add", "declare a sender"), ("remove", "remove a sender")):
-        p = sender.add_parser(verb, help=text)
-        p.add_argument("account")
-        p.add_argument("sender")
-    p = sender.add_parser("list", help="list an account's senders")
-    p.add_argument("account")
-
-    user = _group(sub, "user", "manage API users")
-    p = user.add_parser("create", help="create an API user")
-    p.add_argument("account")
-    p.add_argument("login")
-    p.add_argument("--password", required=True,
-                   help="at least 8 letters and digits; '-' reads it from standard input "
-                   "(keeps it out of the process list and the shell history)")
-    for verb, text in (("show", "show an API user"), ("delete", "delete an API user "
-                                                                "(its quota returns)")):
-        p = user.add_parser(verb, help=text)
-        p.add_argument("account")
-        p.add_argument("login")
-    p = user.add_parser("list", help="list an account's API users")
-    p.add_argument("account")
-    p = user.add_parser("set", help="change an API user's settings (all or nothing)")
-    p.add_argument("account")
-    p.add_argument("login")
-    quota = p.add_mutually_exclusive_group()
-    quota.add_argument("--quota", help="activate or change the quota (credits)")
-    quota.add_argument("--no-quota", action="store_true",
-                       help="deactivate the quota (what is left returns to the account)")
-    p.add_argument("--ips", help="allowed caller IPs, comma-separated, at most 5 ('' = any)")
-    p.add_argument("--callback", help="delivery-report URL ('' to clear)")
-    p.add_argument("--alert-threshold", help="low-credit alert threshold ('' to clear)")
-    p.add_argument("--alert-support", choices=("mail", "sms", "both"))
-    p.add_argument("--alert-email")
-    p.add_argument("--alert-number", help="international format, e.g. +33612345678")
-    p.add_argument("--password", help="new password ('-': read from standard input)")
-
-    message = _group(sub, "message", "read messages and their delivery history")
-    p = message.add_parser("show", help="a message, its history and its callbacks")
-    p.add_argument("id", type=int)
-    p = message.add_parser("list", help="list an account's messages, newest first")
-    p.add_argument("account")
-    p.add_argument("--login")
-    p.add_argument("--tag")
-    p.add_argument("--ptt", type=int)
-    p.add_argument("--limit", type=int, default=50)
-
-    alert = _group(sub, "alert", "low-credit alerts")
-    p = alert.add_parser("test", help="send a test alert through the user's channels")
-    p.add_argument("account")
-    p.add_argument("login")
-    p.add_argument("--wait", type=float, default=30.0,
-                   help="seconds to wait for the running gateway to send the SMS (default 30)")
-    return parser
+class _Context(click.Context):
+    formatter_class = _HelpFormatter
 
 
-def _group(sub: Any, name: str, text: str) -> Any:
-    parser = sub.add_parser(name, help=text)
-    return parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+class _Command(click.Command):
+    context_class = _Context
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    path = getattr(args, "serve_config", None) or args.config
+class _Group(click.Group):
+    context_class = _Context
+    command_class = _Command
+    # A group's subgroups are of its own class.
+    group_class: type[click.Group] | type[type] | None = type
+
+
+class _Tool(_Group):
+    """The root: whichever command refuses its input, that is one line on stderr, exit 2."""
+
+    group_class = _Group
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ValidationError, StoreError, CommandError, ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            ctx.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@dataclass
+class Globals:
+    """The options given before the command."""
+
+    db: str | None
+    config: str | None
+
+
+_JSON = "http2sms.json"
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[_JSON] = True  # meta is shared by the contexts of one invocation
+
+
+# `--json` reads naturally at the end of a command too: every group and command takes it.
+json_option = click.option("--json", is_flag=True, expose_value=False, callback=_set_json,
+                           help="print JSON for scripts")
+
+
+def wants_json() -> bool:
+    return bool(click.get_current_context().meta.get(_JSON, False))
+
+
+def load_config(path: str | None, db: str | None) -> Config:
     config = config_module.load(path)
-    if args.db:
-        config.store.path = args.db
+    if db:
+        config.store.path = db
     return config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # `--json` reads naturally at the end of a command too: accept it anywhere.
-    as_json = "--json" in argv
-    args = parser.parse_args([a for a in argv if a != "--json"])
-    args.json = as_json
-    try:
-        config = load_config(args)
-        if args.group == "serve":
-            return _serve(args, config)
+def store_for(config: Config) -> Store:
+    """The store of the config, not yet open."""
+    return open_store(config.store, "cli")
+
+
+def manages(handler: Handler) -> Callable[..., None]:
+    """A command over the store: `handler(management, **the command's parameters)` runs in
+    its own event loop with the store open; what it returns is printed (JSON with --json),
+    a `Failed` result with exit status 1."""
+
+    @wraps(handler)
+    def command(**params: Any) -> None:
+        ctx = click.get_current_context()
+        tool: Globals = ctx.obj
+        config = load_config(tool.config, tool.db)
         if not structlog.is_configured():
             # stdout is the command's answer (JSON with --json): logs must not mix in.
             logs.configure(config.log.format, "warning", stream=sys.stderr)
-        return asyncio.run(_run(args, config))
-    except (ValidationError, StoreError, CommandError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+        result = asyncio.run(_run(handler, config, params))
+        if isinstance(result, Failed):
+            _print(result.result)
+            ctx.exit(1)
+        _print(result)
+
+    return command
 
 
-async def _run(args: argparse.Namespace, config: Config) -> int:
-    store: Store = open_store(config.store, "cli")
+async def _run(handler: Handler, config: Config, params: dict[str, Any]) -> Any:
+    store = store_for(config)
     await store.open()
     try:
-        manager = Management(store, config)
-        run = COMMANDS.get(f"{args.group} {args.action}")
-        if run is None:
-            raise CommandError(f"{args.group} {args.action} is not available in this build")
-        result = await run(args, manager)
+        return await handler(Management(store, config), **params)
     finally:
         await store.close()
-    if isinstance(result, Failed):
-        _print(args, result.result)
-        return 1
-    _print(args, result)
-    return 0
 
 
-def _print(args: argparse.Namespace, result: Any) -> None:
+def _print(result: Any) -> None:
     if result is None:
         return
-    if args.json:
+    if wants_json():
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return
     if isinstance(result, list):
@@ -231,111 +194,242 @@ def _when(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+# -- the tool --------------------------------------------------------------------------------
+
+@click.group("http2sms", cls=_Tool, context_settings={"help_option_names": ["-h", "--help"]},
+             help="http2sms-gateway: an OVH-compatible SMS gateway and its management tool.")
+@click.option("--db", metavar="PATH", help="SQLite store file (default: store.path of the "
+              "config, var/gateway.sqlite3)")
+@click.option("--config", metavar="FILE",
+              help="TOML config file (see config/gateway.example.toml)")
+@json_option
+@click.pass_context
+def http2sms(ctx: click.Context, db: str | None, config: str | None) -> None:
+    ctx.obj = Globals(db=db, config=config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `http2sms` entry point; returns the exit status."""
+    try:
+        status = http2sms.main(None if argv is None else list(argv), prog_name="http2sms",
+                               standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        return EXIT_INTERRUPTED
+    return status if isinstance(status, int) else 0
+
+
 # -- accounts and senders -------------------------------------------------------------------
 
-@command("account create")
-async def _account_create(args: argparse.Namespace, m: Management) -> Any:
-    account = await m.create_account(args.name, args.credits)
+@http2sms.group("account", help="manage SMS accounts")
+@json_option
+def account_commands() -> None:
+    pass
+
+
+@account_commands.command("create", help="create an account")
+@click.argument("name")
+@click.option("--credits", default="0", help="initial credits (default 0)")
+@json_option
+@manages
+async def _account_create(m: Management, name: str, credits: str) -> Any:
+    account = await m.create_account(name, credits)
     return account_view(account, m.config.send.stop_clause)
 
 
-@command("account show")
-async def _account_show(args: argparse.Namespace, m: Management) -> Any:
-    return account_view(await m.store.get_account(args.name), m.config.send.stop_clause)
+@account_commands.command("show", help="show an account")
+@click.argument("name")
+@json_option
+@manages
+async def _account_show(m: Management, name: str) -> Any:
+    return account_view(await m.store.get_account(name), m.config.send.stop_clause)
 
 
-@command("account list")
-async def _account_list(args: argparse.Namespace, m: Management) -> Any:
+@account_commands.command("list", help="list accounts")
+@json_option
+@manages
+async def _account_list(m: Management) -> Any:
     return await m.store.list_accounts()
 
 
-@command("account credit")
-async def _account_credit(args: argparse.Namespace, m: Management) -> Any:
-    account = await m.credit_account(args.name, args.amount)
+# A negative amount is an argument to refuse with its reason, not an unknown option.
+@account_commands.command("credit", help="add credits to an account (top-up)",
+                 context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("amount")
+@json_option
+@manages
+async def _account_credit(m: Management, name: str, amount: str) -> Any:
+    account = await m.credit_account(name, amount)
     return account_view(account, m.config.send.stop_clause)
 
 
-@command("account set")
-async def _account_set(args: argparse.Namespace, m: Management) -> Any:
+@account_commands.command("set", help="change an account's settings")
+@click.argument("name")
+@click.option("--callback", help="account-level delivery-report URL ('' to clear)")
+@click.option("--stop-clause", help="STOP clause appended to messages")
+@json_option
+@manages
+async def _account_set(m: Management, name: str, callback: str | None,
+                       stop_clause: str | None) -> Any:
     changes: dict[str, Any] = {}
-    if args.callback is not None:
-        changes["callback_url"] = args.callback
-    if args.stop_clause is not None:
-        changes["stop_clause"] = args.stop_clause
-    account = await m.update_account(args.name, **changes)
+    if callback is not None:
+        changes["callback_url"] = callback
+    if stop_clause is not None:
+        changes["stop_clause"] = stop_clause
+    account = await m.update_account(name, **changes)
     return account_view(account, m.config.send.stop_clause)
 
 
-@command("account ledger")
-async def _account_ledger(args: argparse.Namespace, m: Management) -> Any:
-    entries = await m.store.list_ledger(args.name, limit=args.limit)
+@account_commands.command("ledger", help="list the account's credit movements")
+@click.argument("name")
+@click.option("--limit", type=int, default=100, help="entries listed at most (default 100)")
+@json_option
+@manages
+async def _account_ledger(m: Management, name: str, limit: int) -> Any:
+    entries = await m.store.list_ledger(name, limit=limit)
     return [{"id": e.id, "at": _when(e.at), "kind": e.kind, "login": e.login or "",
              "from": e.source, "to": e.target, "amount": format_credits(e.amount),
              "reference": e.reference} for e in entries]
 
 
-@command("sender add")
-async def _sender_add(args: argparse.Namespace, m: Management) -> Any:
-    await m.add_sender(args.account, args.sender)
-    return await _sender_list(args, m)
+@http2sms.group("sender", help="manage declared senders")
+@json_option
+def sender_commands() -> None:
+    pass
 
 
-@command("sender remove")
-async def _sender_remove(args: argparse.Namespace, m: Management) -> Any:
-    await m.remove_sender(args.account, args.sender)
-    return await _sender_list(args, m)
+@sender_commands.command("add", help="declare a sender")
+@click.argument("account")
+@click.argument("sender")
+@json_option
+@manages
+async def _sender_add(m: Management, account: str, sender: str) -> Any:
+    await m.add_sender(account, sender)
+    return await _senders(m, account)
 
 
-@command("sender list")
-async def _sender_list(args: argparse.Namespace, m: Management) -> Any:
-    return list((await m.store.get_account(args.account)).senders)
+@sender_commands.command("remove", help="remove a sender")
+@click.argument("account")
+@click.argument("sender")
+@json_option
+@manages
+async def _sender_remove(m: Management, account: str, sender: str) -> Any:
+    await m.remove_sender(account, sender)
+    return await _senders(m, account)
+
+
+@sender_commands.command("list", help="list an account's senders")
+@click.argument("account")
+@json_option
+@manages
+async def _sender_list(m: Management, account: str) -> Any:
+    return await _senders(m, account)
+
+
+async def _senders(m: Management, account: str) -> list[str]:
+    return list((await m.store.get_account(account)).senders)
 
 
 # -- API users -------------------------------------------------------------------------------
 
-@command("user create")
-async def _user_create(args: argparse.Namespace, m: Management) -> Any:
-    return user_view(await m.create_user(args.account, args.login,
-                                         _password_arg(args.password)))
+@http2sms.group("user", help="manage API users")
+@json_option
+def user_commands() -> None:
+    pass
 
 
-@command("user show")
-async def _user_show(args: argparse.Namespace, m: Management) -> Any:
-    return user_view(await m.store.get_user(args.account, args.login))
+@user_commands.command("create", help="create an API user")
+@click.argument("account")
+@click.argument("login")
+@click.option("--password", required=True,
+              help="at least 8 letters and digits; '-' reads it from standard input "
+              "(keeps it out of the process list and the shell history)")
+@json_option
+@manages
+async def _user_create(m: Management, account: str, login: str, password: str) -> Any:
+    return user_view(await m.create_user(account, login, _password_arg(password)))
 
 
-@command("user list")
-async def _user_list(args: argparse.Namespace, m: Management) -> Any:
-    return await m.store.list_users(args.account)
+@user_commands.command("show", help="show an API user")
+@click.argument("account")
+@click.argument("login")
+@json_option
+@manages
+async def _user_show(m: Management, account: str, login: str) -> Any:
+    return user_view(await m.store.get_user(account, login))
 
 
-@command("user delete")
-async def _user_delete(args: argparse.Namespace, m: Management) -> Any:
-    await m.delete_user(args.account, args.login)
-    return None if args.json else f"deleted {args.login}"
+@user_commands.command("list", help="list an account's API users")
+@click.argument("account")
+@json_option
+@manages
+async def _user_list(m: Management, account: str) -> Any:
+    return await m.store.list_users(account)
 
 
-@command("user set")
-async def _user_set(args: argparse.Namespace, m: Management) -> Any:
+@user_commands.command("delete", help="delete an API user (its quota returns)")
+@click.argument("account")
+@click.argument("login")
+@json_option
+@manages
+async def _user_delete(m: Management, account: str, login: str) -> Any:
+    await m.delete_user(account, login)
+    return None if wants_json() else f"deleted {login}"
+
+
+def _one_quota_change(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """--quota and --no-quota exclude each other; whichever comes second sees the first."""
+    other = "no_quota" if param.name == "quota" else "quota"
+    if value not in (None, False) and ctx.params.get(other) not in (None, False):
+        raise click.UsageError("--quota and --no-quota cannot be combined", ctx)
+    return value
+
+
+@user_commands.command("set", help="change an API user's settings (all or nothing)")
+@click.argument("account")
+@click.argument("login")
+@click.option("--quota", callback=_one_quota_change,
+              help="activate or change the quota (credits)")
+@click.option("--no-quota", is_flag=True, callback=_one_quota_change,
+              help="deactivate the quota (what is left returns to the account)")
+@click.option("--ips", help="allowed caller IPs, comma-separated, at most 5 ('' = any)")
+@click.option("--callback", help="delivery-report URL ('' to clear)")
+@click.option("--alert-threshold", help="low-credit alert threshold ('' to clear)")
+@click.option("--alert-support", type=click.Choice(("mail", "sms", "both")),
+              help="how the low-credit alert is sent")
+@click.option("--alert-email", help="address of the low-credit alert by mail")
+@click.option("--alert-number", help="number of the low-credit alert by SMS, international "
+              "format, e.g. +33612345678")
+@click.option("--password", help="new password ('-': read from standard input)")
+@json_option
+@manages
+async def _user_set(m: Management, account: str, login: str, quota: str | None,
+                    no_quota: bool, ips: str | None, callback: str | None,
+                    alert_threshold: str | None, alert_support: str | None,
+                    alert_email: str | None, alert_number: str | None,
+                    password: str | None) -> Any:
     fields: dict[str, Any] = {}
-    if args.quota is not None:
-        fields["quota"] = args.quota
-    if args.no_quota:
+    if quota is not None:
+        fields["quota"] = quota
+    if no_quota:
         fields["quota"] = None
-    if args.ips is not None:
-        fields["ip_restrictions"] = list(split_ips(args.ips))
-    if args.callback is not None:
-        fields["callback_url"] = args.callback
-    if args.alert_threshold is not None:
-        fields["alert_threshold"] = args.alert_threshold or None
-    if args.password is not None:
-        fields["password"] = _password_arg(args.password)
-    for name in ("alert_support", "alert_email", "alert_number"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
+    if ips is not None:
+        fields["ip_restrictions"] = list(split_ips(ips))
+    if callback is not None:
+        fields["callback_url"] = callback
+    if alert_threshold is not None:
+        fields["alert_threshold"] = alert_threshold or None
+    if password is not None:
+        fields["password"] = _password_arg(password)
+    alerts = {"alert_support": alert_support, "alert_email": alert_email,
+              "alert_number": alert_number}
+    fields.update((name, value) for name, value in alerts.items() if value is not None)
     if not fields:
         raise CommandError("nothing to change: see http2sms user set --help")
-    return user_view(await m.update_user(args.account, args.login, **fields))
+    return user_view(await m.update_user(account, login, **fields))
 
 
 def _password_arg(value: str) -> str:
@@ -355,26 +449,43 @@ def message_view(message: Any) -> dict[str, Any]:
             "delivered": _when(message.delivered_at), "message": message.body}
 
 
-@command("message show")
-async def _message_show(args: argparse.Namespace, m: Management) -> Any:
-    message = await m.store.get_message(args.id)
+@http2sms.group("message", help="read messages and their delivery history")
+@json_option
+def message_commands() -> None:
+    pass
+
+
+@message_commands.command("show", help="a message, its history and its callbacks")
+@click.argument("message_id", metavar="ID", type=int)
+@json_option
+@manages
+async def _message_show(m: Management, message_id: int) -> Any:
+    message = await m.store.get_message(message_id)
     view = message_view(message)
     view["history"] = [{"at": _when(e.at), "ptt": e.ptt, "dlr": e.dlr, "note": e.note}
-                       for e in await m.store.message_events(args.id)]
+                       for e in await m.store.message_events(message_id)]
     view["callbacks"] = [{"at": _when(a.at), "target": a.target, "ok": a.ok,
                           "detail": a.detail, "state": a.state}
-                         for a in await m.store.message_attempts(args.id)]
+                         for a in await m.store.message_attempts(message_id)]
     return view
 
 
-@command("message list")
-async def _message_list(args: argparse.Namespace, m: Management) -> Any:
-    from gateway.records import MessageFilter
+@message_commands.command("list", help="list an account's messages, newest first")
+@click.argument("account")
+@click.option("--login", help="only this API user's messages")
+@click.option("--tag", help="only the messages sent with this tag")
+@click.option("--ptt", type=int, help="only the messages whose last status is this PTT code")
+@click.option("--limit", type=int, default=50,
+              help="messages listed at most, up to 1000 (default 50)")
+@json_option
+@manages
+async def _message_list(m: Management, account: str, login: str | None, tag: str | None,
+                        ptt: int | None, limit: int) -> Any:
 
-    account = await m.store.get_account(args.account)
+    found = await m.store.get_account(account)
     rows = await m.store.list_messages(
-        MessageFilter(account_id=account.id, login=args.login, tag=args.tag, ptt=args.ptt),
-        limit=max(1, min(args.limit, 1000)))
+        MessageFilter(account_id=found.id, login=login, tag=tag, ptt=ptt),
+        limit=max(1, min(limit, 1000)))
     return [{"id": r.id, "created": _when(r.created_at), "login": r.login,
              "receiver": r.receiver, "state": r.state, "ptt": r.ptt, "dlr": r.dlr,
              "tag": r.tag} for r in rows]
@@ -382,16 +493,28 @@ async def _message_list(args: argparse.Namespace, m: Management) -> Any:
 
 # -- alerts ----------------------------------------------------------------------------------
 
-@command("alert test")
-async def _alert_test(args: argparse.Namespace, m: Management) -> Any:
+@http2sms.group("alert", help="low-credit alerts")
+@json_option
+def alert_commands() -> None:
+    pass
+
+
+@alert_commands.command("test", help="send a test alert through the user's channels")
+@click.argument("account")
+@click.argument("login")
+@click.option("--wait", type=float, default=30.0,
+              help="seconds to wait for the running gateway to send the SMS (default 30)")
+@json_option
+@manages
+async def _alert_test(m: Management, account: str, login: str, wait: float) -> Any:
     from gateway.hooks.alerts import NoAlertConfigured, send_test_alert
 
     try:
-        reports = await send_test_alert(m.store, m.config, args.account, args.login,
-                                        wait=max(0.0, args.wait))
+        reports = await send_test_alert(m.store, m.config, account, login,
+                                        wait=max(0.0, wait))
     except NoAlertConfigured as exc:
         raise CommandError(str(exc)) from None
-    if args.json:
+    if wants_json():
         result: Any = [{"channel": r.channel, "target": r.target, "ok": r.ok,
                         "detail": r.detail} for r in reports]
     else:
@@ -409,7 +532,7 @@ DEMO_SENDER = "DEMO"
 
 
 async def ensure_demo(config: Config) -> None:
-    store = open_store(config.store, "cli")
+    store = store_for(config)
     await store.open()
     try:
         m = Management(store, config)
@@ -421,20 +544,37 @@ async def ensure_demo(config: Config) -> None:
         await store.close()
 
 
-def _serve(args: argparse.Namespace, config: Config) -> int:
+@http2sms.command("serve", help="run the gateway")
+@click.option("--host", help="listen address (default server.host)")
+@click.option("--port", type=int, help="listen port (default server.port)")
+@click.option("--config", "serve_config", metavar="FILE", help="TOML config file")
+@click.option("--demo", is_flag=True,
+              help="create the demo account and user if missing, print a curl line")
+@json_option
+@click.pass_context
+def _serve_command(ctx: click.Context, host: str | None, port: int | None,
+                   serve_config: str | None, demo: bool) -> None:
+    tool: Globals = ctx.obj
+    config = load_config(serve_config or tool.config, tool.db)
+    if host:
+        config.server.host = host
+    if port:
+        config.server.port = port
+    status = _serve(config, demo=demo)
+    if status:
+        ctx.exit(status)
+
+
+def _serve(config: Config, *, demo: bool) -> int:
     # Here, not at the top: the server's imports would add 0.17 s to every other command.
     from gateway.server import install_uvloop, serve
 
-    if args.host:
-        config.server.host = args.host
-    if args.port:
-        config.server.port = args.port
     logs.configure(config.log.format, config.log.level, final=True)
-    if args.demo:
+    if demo:
         asyncio.run(ensure_demo(config))
 
     def ready(url: str) -> None:
-        if args.demo:
+        if demo:
             host = "localhost" if config.server.host in ("0.0.0.0", "::", "127.0.0.1") \
                 else config.server.host
             base = url.replace(config.server.host, host, 1)

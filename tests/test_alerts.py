@@ -7,11 +7,8 @@ import asyncio
 import email
 import io
 import json
-import os
 import socket
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from email import policy
 from email.message import EmailMessage
@@ -37,6 +34,7 @@ from gateway.hooks.outbox import AttemptFailed
 from gateway.records import MessageFilter, OutboxItem, SendOrder, StateUpdate, UserChanges
 from gateway.service import ValidationError
 from gateway.store import NotFound, Store, open_store
+from tests.cli_in_process import invoke
 from tests.conftest import ACCOUNT, LOGIN, Harness, ledger_identity
 
 EMAIL = "ops@example.com"
@@ -523,14 +521,10 @@ async def test_store_refund_rearms_and_the_state_survives_a_restart(tmp_path: Pa
 # -- `http2sms alert test` -------------------------------------------------------------------
 
 async def run_cli(db: str, *args: str, port: int) -> tuple[int, str, str]:
-    env = {**os.environ, "HTTP2SMS_SMTP_HOST": "127.0.0.1", "HTTP2SMS_SMTP_PORT": str(port),
+    env = {"HTTP2SMS_SMTP_HOST": "127.0.0.1", "HTTP2SMS_SMTP_PORT": str(port),
            "HTTP2SMS_SMTP_TIMEOUT_SECONDS": "5"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "--db", db, *args, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    result = await asyncio.wait_for(asyncio.to_thread(invoke, "--db", db, *args, env=env), 30)
+    return result.exit_code, result.stdout, result.stderr
 
 
 async def test_cli_alert_test_sends_through_every_channel(
