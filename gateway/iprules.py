@@ -24,7 +24,11 @@ def parse_ip(text: str) -> IPAddress:
     A dual-stack listener reports IPv4 peers in mapped form; folding them keeps an allowlist
     entry `1.2.3.4` matching whichever socket family accepted the connection.
     """
-    ip = ipaddress.ip_address(text.strip())
+    return fold_mapped(ipaddress.ip_address(text.strip()))
+
+
+def fold_mapped(ip: IPAddress) -> IPAddress:
+    """`::ffff:1.2.3.4` as `1.2.3.4`: the same host, whichever socket family saw it."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
