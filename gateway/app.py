@@ -120,7 +120,11 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
     security = config.security
     pipeline = SendPipeline(
         store, committer, settings, VerificationCache(),
-        guard=LoginGuard(security.max_failures, security.lockout_seconds),
+        guard=LoginGuard(security.max_failures, security.lockout_seconds,
+                         ipv6_prefix=security.ipv6_prefix,
+                         login_failure_budget=security.login_failure_budget,
+                         login_slow_seconds=security.login_slow_seconds,
+                         shared_address_users=security.shared_address_users),
         throttle=Throttle(security.user_rate_per_second, security.user_burst), clock=clock,
         metrics=metrics)
     gateway = Gateway(config, store, clock, committer, pipeline, after_commit=hooks,

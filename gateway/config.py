@@ -148,6 +148,15 @@ class SecurityConfig:
     # Sends (messages) per second per API user; 0 disables throttling.
     user_rate_per_second: float = 0.0
     user_burst: int = 100
+    # An IPv6 caller's address key is its network of this prefix (a host holds a /64).
+    ipv6_prefix: int = 64
+    # Failed logins per (account, login) per lockout_seconds, from all addresses together,
+    # beyond which that login is slowed (0: never).
+    login_failure_budget: int = 50
+    # A slowed login: one password check per this many seconds outside its allowlist.
+    login_slow_seconds: float = 1.0
+    # Distinct users logging in from one address that make it reported as shared (0: never).
+    shared_address_users: int = 20
 
 
 @dataclass

@@ -18,10 +18,12 @@ encode, unless `server.raw_url_bytes_always` puts every connection on the Python
 
 from __future__ import annotations
 
+import re
+from http import HTTPStatus
 from typing import Any
 
-from aiohttp import http_parser, web_protocol
-from aiohttp.http_exceptions import InvalidURLError
+from aiohttp import http_parser, web, web_protocol, web_request, web_server
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 
 # The C parser when it is built (the Python one otherwise: then there is nothing to do).
 # web_protocol does not export the name, but it is the one its server looks up.
@@ -74,10 +76,48 @@ class FirstRequestFallback:
         return getattr(self._parser, name)
 
 
+# llhttp's reasons ("Invalid char in url query", "Invalid header value char") are fixed
+# texts; the parser appends the offending bytes after a colon. A reason with quotes, digits
+# or anything else may carry request bytes (the Python parser's `Bad status line 'GET ...'`).
+_FIXED_REASON = re.compile(r"[A-Za-z][A-Za-z /-]{0,80}")
+
+
+def error_reason(exc: BaseException | None) -> str:
+    """What a parser error's answer may say: its fixed reason, never the request's bytes."""
+    if isinstance(exc, HttpProcessingError):
+        head = exc.message.partition("\n")[0].partition(":")[0].strip()
+        if _FIXED_REASON.fullmatch(head) and "password" not in head.lower():
+            return head
+    return "Malformed request"
+
+
+class GenericErrors(web_protocol.RequestHandler):
+    """aiohttp's protocol, answering a request it cannot parse without quoting it back.
+
+    aiohttp's 400 body is the parser's exception text, which holds the request line (a send
+    URL's password included): returned to whoever sent it, and seen by any proxy that logs
+    bodies. A 500 stays aiohttp's own (it never quotes the request).
+    """
+
+    def handle_error(self, request: web_request.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != HTTPStatus.INTERNAL_SERVER_ERROR:
+            try:
+                title = f"{status} {HTTPStatus(status).phrase}"
+            except ValueError:
+                title = str(status)
+            message = f"{title}\n\n{error_reason(exc)}\n"
+        return super().handle_error(request, status, exc, message)
+
+
 def install(*, always: bool = False) -> None:
     """Parse every aiohttp server connection in this process through the fallback above;
     `always`: through the Python parser from the start (`server.raw_url_bytes_always`), for
-    proxies whose kept connections carry raw bytes in later requests too."""
+    proxies whose kept connections carry raw bytes in later requests too.
+
+    Parser errors are answered with a generic body (`GenericErrors`) in either case."""
+    web_server.RequestHandler = GenericErrors  # type: ignore[attr-defined]
     if _FAST is not _LENIENT:
         parser = _LENIENT if always else FirstRequestFallback
         web_protocol.HttpRequestParser = parser  # type: ignore[attr-defined,assignment]

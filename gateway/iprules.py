@@ -24,7 +24,11 @@ def parse_ip(text: str) -> IPAddress:
     A dual-stack listener reports IPv4 peers in mapped form; folding them keeps an allowlist
     entry `1.2.3.4` matching whichever socket family accepted the connection.
     """
-    ip = ipaddress.ip_address(text.strip())
+    return fold_mapped(ipaddress.ip_address(text.strip()))
+
+
+def fold_mapped(ip: IPAddress) -> IPAddress:
+    """`::ffff:1.2.3.4` as `1.2.3.4`: the same host, whichever socket family saw it."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
@@ -49,7 +53,10 @@ def validate_restrictions(items: Sequence[str], *, allow_private: bool) -> tuple
             ip = parse_ip(item)
         except ValueError as exc:
             raise InvalidIPRule(f"ipRestrictions: {item!r} is not an IP address") from exc
-        if not allow_private and not ip.is_global:
+        problem = never_a_caller(ip)
+        if problem:
+            raise InvalidIPRule(f"ipRestrictions: {item} {problem}")
+        if not allow_private and not is_public(ip):
             raise InvalidIPRule(
                 f"ipRestrictions: {item} is not a public address "
                 "(set server.allow_private_ips to allow it)"
@@ -61,6 +68,47 @@ def validate_restrictions(items: Sequence[str], *, allow_private: bool) -> tuple
             f"ipRestrictions: at most {MAX_RESTRICTIONS} addresses, got {len(result)}"
         )
     return tuple(result)
+
+
+# RFC 6052's well-known NAT64 prefix: the last 32 bits are an IPv4 address.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 4291's deprecated IPv4-compatible form `::a.b.c.d` (`::` and `::1` excepted).
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one wraps (6to4, NAT64, IPv4-compatible, Teredo client).
+
+    Python's `is_global` judges the wrapper, not what it carries: `2002:7f00:1::` (6to4 of
+    127.0.0.1) and `64:ff9b::7f00:1` count as global, so an allowlist would take loopback in
+    disguise as a public address. (IPv4-mapped `::ffff:` is folded by `parse_ip` already.)
+    """
+    if isinstance(ip, ipaddress.IPv4Address):
+        return None
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return None
+
+
+def never_a_caller(ip: IPAddress) -> str | None:
+    """Why `ip` can never be the source of a request (so an allowlist entry is a mistake)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        return "has a zone id (%...): allowlists hold addresses only"
+    inner = embedded_ipv4(ip)
+    for each in (ip, inner):
+        if each is not None and (each.is_multicast or each.is_unspecified):
+            return "is a multicast or unspecified address, which never calls"
+    return None
+
+
+def is_public(ip: IPAddress) -> bool:
+    """Global unicast, judged on the IPv4 address inside a wrapping IPv6 form if any."""
+    inner = embedded_ipv4(ip)
+    return ip.is_global and (inner is None or inner.is_global)
 
 
 def client_ip(peer: str | None, forwarded_for: str | None,

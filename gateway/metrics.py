@@ -44,10 +44,15 @@ class Metrics:
         self.credits_spent = Counter(
             "http2sms_credits_spent", "Credits taken by accepted sends.", account, registry=r)
         self.auth_failures = Counter(
-            "http2sms_auth_failures", "Refused logins by reason (password, ip, locked).",
-            ["reason"], registry=r)
+            "http2sms_auth_failures",
+            "Refused logins by reason (password, ip, locked, slowed: a login over its "
+            "budget of failures).", ["reason"], registry=r)
         self.lockouts = Counter(
             "http2sms_lockouts", "Keys locked after repeated failed logins.", registry=r)
+        self.shared_addresses = Counter(
+            "http2sms_shared_addresses",
+            "Addresses seen logging in many distinct users (security.shared_address_users): "
+            "a NAT or an undeclared proxy whose lockouts would hit them all.", registry=r)
         self.inflight = Gauge(
             "http2sms_inflight_requests", "HTTP requests being served.", registry=r)
         self.overloaded = Counter(

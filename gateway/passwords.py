@@ -139,6 +139,14 @@ class VerificationCache:
         return hashlib.blake2b(stored.encode() + b"\0" + password.encode(), key=self._key,
                                digest_size=32).digest()
 
+    def known_good(self, password: str, stored: str) -> bool:
+        """True when this pair was verified right before (no scrypt, nothing to guess)."""
+        key = self._cache_key(password, stored)
+        if key in self._verdicts:
+            self._verdicts.move_to_end(key)
+            return True
+        return False
+
     async def verify(self, password: str, stored: str) -> bool:
         key = self._cache_key(password, stored)
         verdict = self._verdicts.get(key)

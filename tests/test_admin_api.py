@@ -463,6 +463,10 @@ async def test_quota_moves_keep_the_ledger_identity(harness: Harness) -> None:
      "ipRestrictions"),
     ({"ipRestrictions": ["not an ip"]}, "ipRestrictions"),
     ({"ipRestrictions": [1]}, "ipRestrictions"),
+    # Never a caller, whatever server.allow_private_ips says (the harness allows private).
+    ({"ipRestrictions": ["224.0.0.1"]}, "ipRestrictions"),
+    ({"ipRestrictions": ["ff02::1"]}, "ipRestrictions"),
+    ({"ipRestrictions": ["fe80::1%eth0"]}, "ipRestrictions"),
     ({"callBack": "javascript:alert(1)"}, "callBack"),
     ({"callBack": ["https://example.org"]}, "callBack"),
     ({"password": "short"}, "password"),

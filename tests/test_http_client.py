@@ -18,7 +18,9 @@ from gateway.hooks.http_client import (
     Disconnected,
     HttpClient,
     InvalidUrl,
+    TargetRefused,
 )
+from gateway.hooks.targets import TargetPolicy
 from tests.serverproc import free_port
 from tests.test_tls import self_signed
 
@@ -347,3 +349,51 @@ async def test_https_checks_the_certificate(tmp_path: Path) -> None:
         assert await trusting.get(url(server, scheme="https")) == 200
         with pytest.raises(ConnectFailed, match="TLS: CERTIFICATE_VERIFY_FAILED"):
             await stranger.get(url(server, scheme="https"))
+
+
+# -- where callbacks may connect (SSRF) ----------------------------------------------------
+
+LOOPBACK_IN_DISGUISE = ["127.0.0.1", "0.0.0.0", "[::1]", "localhost", "127.1", "2130706433",
+                        "0x7f000001", "[::ffff:127.0.0.1]", "[::127.0.0.1]"]
+
+
+@pytest.mark.parametrize("host", LOOPBACK_IN_DISGUISE)
+async def test_the_default_policy_never_connects_to_this_machine(host: str) -> None:
+    async with Server(answering(OK)).running() as server, \
+            client(policy=TargetPolicy().problem) as http:
+        with pytest.raises((TargetRefused, ConnectFailed, InvalidUrl)) as refused:
+            await http.get(URL(f"http://{host}:{server.port}/dlr"))
+    assert server.connections == 0
+    # Refused for what it is, not because nothing listened (0.0.0.0 reaches 127.0.0.1).
+    assert isinstance(refused.value, TargetRefused) or host == "[::1]", refused.value
+
+
+@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data/",
+                                    "http://10.1.2.3/", "http://[fe80::1]/",
+                                    "http://224.0.0.1/", "http://[64:ff9b::7f00:1]/"])
+async def test_the_default_policy_refuses_before_connecting(target: str) -> None:
+    async with client(policy=TargetPolicy().problem, timeout=0.5) as http:
+        with pytest.raises(TargetRefused):
+            await http.get(URL(target))
+
+
+async def test_allowed_networks_and_private_targets_open_the_way() -> None:
+    async with Server(answering(OK)).running() as server:
+        for policy in (TargetPolicy(allow_private=True),
+                       TargetPolicy.from_settings(False, ["127.0.0.0/8"])):
+            async with client(policy=policy.problem) as http:
+                assert await http.get(url(server)) == 200
+        async with client(policy=TargetPolicy(allow_private=True).problem) as http:
+            with pytest.raises(TargetRefused):
+                await http.get(URL("http://0.0.0.0/"))  # unspecified: never
+
+
+async def test_a_callback_to_the_gateway_itself_is_refused_even_when_private_is_allowed(
+        ) -> None:
+    async with Server(answering(OK)).running() as server:
+        policy = TargetPolicy(allow_private=True).problem
+        async with client(policy=policy, own_ports=frozenset({server.port})) as http:
+            for host in ("127.0.0.1", "localhost"):
+                with pytest.raises(TargetRefused, match="own listener"):
+                    await http.get(URL(f"http://{host}:{server.port}/cgi-bin/sms/http2sms.cgi"))
+    assert server.heads == []  # connected, found to be itself, closed: no request sent

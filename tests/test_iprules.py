@@ -37,6 +37,35 @@ def test_allowed() -> None:
     assert not iprules.allowed(None, ["1.2.3.4"])
 
 
+@pytest.mark.parametrize("item", [
+    "224.0.0.1", "ff02::1", "0.0.0.0", "::",               # multicast, unspecified
+    "fe80::1%eth0", "2001:41d0:8:e8ad::7%1",                # zone ids
+    "2002:e000:1::",                                        # 6to4 of a multicast address
+])
+def test_restrictions_refuse_what_never_calls(item: str) -> None:
+    for allow_private in (False, True):
+        with pytest.raises(iprules.InvalidIPRule, match=r"never calls|zone id"):
+            iprules.validate_restrictions([item], allow_private=allow_private)
+
+
+@pytest.mark.parametrize("item", [
+    "::127.0.0.1", "::7f00:1",                              # IPv4-compatible loopback
+    "64:ff9b::127.0.0.1", "64:ff9b::a00:1",                 # NAT64 of loopback, of 10/8
+    "2002:7f00:1::", "2002:c0a8:1::1",                       # 6to4 of 127.0.0.1, 192.168.0.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",                 # Teredo, client 127.0.0.1
+    "2001:db8::7", "203.0.113.7",                           # documentation ranges
+])
+def test_restrictions_judge_the_address_inside(item: str) -> None:
+    with pytest.raises(iprules.InvalidIPRule, match="not a public address"):
+        iprules.validate_restrictions([item], allow_private=False)
+    assert iprules.validate_restrictions([item], allow_private=True)
+
+
+def test_restrictions_keep_wrapped_public_addresses() -> None:
+    wrapped = ["64:ff9b::808:808", "2002:808:808::1", "145.239.0.7", "2001:41d0:8:e8ad::7"]
+    assert iprules.validate_restrictions(wrapped, allow_private=False) == tuple(wrapped)
+
+
 def test_validate_restrictions() -> None:
     assert iprules.validate_restrictions(["8.8.8.8", " 2001:4860:4860::8888 "],
                                          allow_private=False) == \

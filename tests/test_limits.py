@@ -173,3 +173,32 @@ async def test_bad_bytes_get_clean_answers_never_500(tmp_path: Path) -> None:
         await alive(server)
         assert await server.stop() == 0
     assert '"status": 500' not in server.log and "Unhandled exception" not in server.log
+
+
+async def test_a_request_the_parser_refuses_is_not_quoted_back(tmp_path: Path) -> None:
+    """aiohttp's 400 page quoted the request line, password included; the answer now gives
+    the parser's fixed reason only, on both parsers (the C one and the lenient Python one)."""
+    db = tmp_path / "quoted.sqlite3"
+    await prepare_store(db)
+    q = QUERY.encode()
+    assert b"password=demo1234" in q
+    broken = [
+        get_line(SEND_PATH.encode() + b"?" + q + b"&message=a\x01b"),        # control char
+        get_line(SEND_PATH.encode() + b"?" + q + b"&message=\xe9a\x01b"),    # raw, then bad
+        b"G\x01T " + SEND_PATH.encode() + b"?" + q + b" HTTP/1.1\r\n\r\n",   # bad method
+        b"GET " + SEND_PATH.encode() + b"?" + q + b" HTTP/9\r\n\r\n",        # bad version
+        (b"GET " + SEND_PATH.encode() + b"?" + q + b" HTTP/1.1\r\nHost: x\r\n"
+         b"X-Bad\x01: " + q + b"\r\n\r\n"),                                   # bad header
+        post(q + b"&message=x", extra=b"X-Big: " + q * 200 + b"\r\n"),        # header too long
+    ]
+    for env in ({}, {"HTTP2SMS_SERVER_RAW_URL_BYTES_ALWAYS": "1"}):
+        async with servers() as started:
+            server = await ServerProcess.start(db, env=env)
+            started.append(server)
+            for request in broken:
+                status, body = await raw(server.port, request)
+                assert status == 400, (env, request[:80], body[:200])
+                assert "demo1234" not in body and "password" not in body, (env, body[:300])
+                assert body.startswith("400 Bad Request\n\n"), body[:200]
+            await alive(server)
+            assert await server.stop() == 0

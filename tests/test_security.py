@@ -170,3 +170,152 @@ async def test_at_most_two_scrypt_checks_run_at_once(monkeypatch: pytest.MonkeyP
     verdicts = await asyncio.gather(*(cache.verify(f"password{i}", "stored") for i in range(8)))
     assert all(verdicts)
     assert most == passwords.MAX_CONCURRENT_HASHES == 2
+
+
+# -- brute force, second round: attacks that worked before the guard reserved its checks ----
+
+WRONG = "KO\n401 Invalid account, login or password"
+LOCKED = "KO\n401 Too many failed logins: try again later"
+
+
+async def send_from(h: Harness, address: str, **params: Any) -> str:
+    """A send as if from `address` (the harness trusts 127.0.0.1's X-Forwarded-For)."""
+    query = {"account": ACCOUNT, "login": LOGIN, "password": "secret123", "from": "ACME",
+             "to": "+33612345678", "message": "Hello"}
+    query.update(params)
+    resp = await h.client.get("/cgi-bin/sms/http2sms.cgi", params=query,
+                              headers={"X-Forwarded-For": address})
+    return await resp.text()
+
+
+def behind_proxy(config: Any, **security: Any) -> None:
+    config.server.trusted_proxies = ["127.0.0.1"]
+    for name, value in security.items():
+        setattr(config.security, name, value)
+
+
+async def test_concurrent_guesses_get_at_most_max_failures_checks(
+        make_harness: Any, config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 wrong passwords at once from one address were all checked; now the guard reserves
+    a place before each check, so at most max_failures are ever decided."""
+    from gateway import passwords
+
+    behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness()
+    checks = 0
+    real_verify = passwords.verify
+
+    def counting(password: str, stored: str) -> bool:
+        nonlocal checks
+        checks += 1
+        return real_verify(password, stored)
+
+    monkeypatch.setattr(passwords, "verify", counting)
+    answers = await asyncio.gather(*(send_from(h, "198.51.100.7", password=f"Wrong{i:04d}")
+                                     for i in range(60)))
+    assert answers.count(WRONG) == checks == 4
+    assert answers.count(LOCKED) == 56
+    assert await send_from(h, "198.51.100.7") == LOCKED  # the right one too, unchecked
+
+
+async def test_an_ipv6_host_cannot_rotate_through_its_64(make_harness: Any,
+                                                         config: Any) -> None:
+    behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness()
+    answers = [await send_from(h, f"2001:41d0:8:e8ad::{i:x}", password="Wrong1234")
+               for i in range(1, 61)]
+    assert answers[:4] == [WRONG] * 4 and set(answers[4:]) == {LOCKED}
+    assert await send_from(h, "2001:41d0:8:e8ad:ffff::1") == LOCKED
+    assert (await send_from(h, "2001:41d0:8:e8ae::1")).startswith("OK")  # another /64
+
+
+async def test_a_login_under_distributed_attack_is_slowed_and_its_own_address_gets_in(
+        make_harness: Any, config: Any) -> None:
+    """300 guesses from 300 addresses were each under the per-address limit and all checked;
+    now the login's budget slows it (one check per login_slow_seconds), while the user's
+    own allowed address is never slowed."""
+    behind_proxy(config, max_failures=10, login_failure_budget=5, login_slow_seconds=1.0)
+    clock = ManualClock()
+    h: Harness = await make_harness(clock=clock)
+    await h.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["145.239.0.7"])
+    answers = [await send_from(h, f"198.51.{i // 250}.{i % 250 + 1}", password="Wrong1234")
+               for i in range(300)]
+    assert answers.count(WRONG) == 6  # the budget, then one check per slow period
+    assert answers.count(LOCKED) == 294
+    assert (await send_from(h, "145.239.0.7")).startswith("OK")
+    # Guesses from elsewhere wait their turn: one check per slow period.
+    assert await send_from(h, "192.0.2.200", password="Guess1234") == LOCKED
+    clock.advance(1.0)
+    assert await send_from(h, "192.0.2.200", password="Guess1234") == WRONG
+    assert await send_from(h, "192.0.2.201", password="Guess1234") == LOCKED
+
+
+async def test_failures_against_made_up_accounts_do_not_lock_an_address_for_all(
+        make_harness: Any, config: Any) -> None:
+    """Ten failures against a made-up account from a NAT locked every user behind it."""
+    behind_proxy(config, max_failures=10)
+    h: Harness = await make_harness()
+    for i in range(10):
+        assert await send_from(h, "198.51.100.9", account=f"sms-nobody-{i}") == WRONG
+    assert (await send_from(h, "198.51.100.9")).startswith("OK")
+    # Spraying made-up logins is still locked, four times later.
+    answers = [await send_from(h, "198.51.100.10", login=f"nobody{i}") for i in range(45)]
+    assert answers.count(WRONG) == 40 and answers[40:] == [LOCKED] * 5
+
+
+async def test_an_address_many_users_share_is_reported(make_harness: Any,
+                                                       config: Any) -> None:
+    behind_proxy(config, shared_address_users=3)
+    h: Harness = await make_harness()
+    for login in ("bob", "carol"):
+        await h.manage.create_user(ACCOUNT, login, "secret123")
+    before = h.gateway.metrics.shared_addresses._value.get()
+    for login in ("alice", "bob", "bob", "carol", "alice"):
+        assert (await send_from(h, "198.51.100.20", login=login)).startswith("OK")
+    assert h.gateway.metrics.shared_addresses._value.get() == before + 1
+
+
+async def test_an_address_refusal_counts_as_a_failure_of_its_key(make_harness: Any,
+                                                                 config: Any) -> None:
+    """With the right password the answer names the address (OVH's text, kept); counted as
+    a failure, it cannot confirm guesses at scale."""
+    behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness()
+    await h.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["145.239.0.7"])
+    refused = "KO\n401 The IP address 198.51.100.30 is not allowed for this user"
+    assert [await send_from(h, "198.51.100.30") for _ in range(4)] == [refused] * 4
+    assert await send_from(h, "198.51.100.30") == LOCKED
+    assert (await send_from(h, "145.239.0.7")).startswith("OK")
+
+
+async def test_wrong_password_and_unknown_login_take_the_same_work(
+        make_harness: Any, config: Any, monkeypatch: pytest.MonkeyPatch,
+        real_hash_cost: int) -> None:
+    """A wrong password was checked twice (cached, then fresh settings), an unknown login
+    once: 79 ms against 40, without overlap. Now one check each, and the timings overlap."""
+    import statistics
+    import time
+
+    from gateway import passwords
+
+    behind_proxy(config, max_failures=1000)
+    h: Harness = await make_harness()
+    checks: list[str] = []
+    real_verify = passwords.verify
+
+    def counting(password: str, stored: str) -> bool:
+        checks.append(stored)
+        return real_verify(password, stored)
+
+    monkeypatch.setattr(passwords, "verify", counting)
+    timings: dict[str, list[float]] = {"known": [], "unknown": []}
+    for i in range(15):  # alternated, so that drift in the machine's load hits both alike
+        for kind, login in (("known", LOGIN), ("unknown", f"nobody{i}")):
+            checks.clear()
+            started = time.perf_counter()
+            assert await send_from(h, f"198.51.100.{i + 40}", login=login,
+                                   password="Wrong1234") == WRONG
+            timings[kind].append(time.perf_counter() - started)
+            assert len(checks) == 1, (kind, checks)
+    known, unknown = (statistics.median(timings[k]) for k in ("known", "unknown"))
+    assert 0.6 < known / unknown < 1.6, timings

@@ -27,6 +27,7 @@ from gateway.hooks.http_client import (
     HttpClient,
     HttpError,
     InvalidUrl,
+    TargetRefused,
     origin_of,
 )
 from gateway.hooks.outbox import AttemptFailed, Result
@@ -173,6 +174,9 @@ class CallbackHandler:
         except TimeoutError:
             raise AttemptFailed(
                 f"no answer within {self._config.timeout_seconds:g} s") from None
+        except TargetRefused as exc:
+            # Permanent: the URL must change, and retrying for a day would only hide that.
+            raise AttemptFailed(f"target refused: {exc}", permanent=True) from None
         except ConnectFailed as exc:
             raise AttemptFailed(f"cannot connect: {exc}") from None
         except InvalidUrl:

@@ -17,7 +17,11 @@ What it does:
 - idle connections are kept per origin (up to `max_idle_per_origin`, for `idle_seconds`);
   a kept connection the server closed meanwhile is replaced once (closed before any byte
   came back, or answered 408 as a server's idle timeout does);
-- one deadline (`timeout`) for connecting, sending and the response's head.
+- one deadline (`timeout`) for connecting, sending and the response's head;
+- with a `policy`, the host name is resolved here and only an address the policy allows is
+  connected to (the check is on the address connected, so a name that resolves elsewhere
+  the second time cannot slip by); a connection that turns out to reach one of `own_ports`
+  on this very machine (its local and remote addresses are the same) is closed unused.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 import httptools
 from yarl import URL
+
+from gateway.iprules import IPAddress, parse_ip
 
 
 class HttpError(Exception):
@@ -55,6 +62,13 @@ class Disconnected(HttpError):
 
 class BadResponse(HttpError):
     pass
+
+
+class TargetRefused(ConnectFailed):
+    """The URL's host resolves only to addresses callbacks may not reach."""
+
+
+TargetCheck = Callable[[IPAddress], "str | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +171,12 @@ class _Connection(asyncio.Protocol):
 
 class HttpClient:
     def __init__(self, *, timeout: float, max_idle_per_origin: int, user_agent: str,
-                 idle_seconds: float = 15.0, ssl_context: ssl.SSLContext | None = None) -> None:
+                 idle_seconds: float = 15.0, ssl_context: ssl.SSLContext | None = None,
+                 policy: TargetCheck | None = None,
+                 own_ports: frozenset[int] = frozenset()) -> None:
         self._timeout = timeout
+        self._policy = policy
+        self._own_ports = own_ports
         self._max_idle = max(0, max_idle_per_origin)
         self._idle_seconds = idle_seconds
         self._user_agent = user_agent
@@ -241,9 +259,12 @@ class HttpClient:
                 self._ssl = ssl.create_default_context()
             tls = self._ssl
         try:
-            _, conn = await loop.create_connection(
-                _Connection, origin.host, origin.port, ssl=tls,
-                server_hostname=origin.host if tls else None)
+            if self._policy is None:
+                _, conn = await loop.create_connection(
+                    _Connection, origin.host, origin.port, ssl=tls,
+                    server_hostname=origin.host if tls else None)
+            else:
+                conn = await self._connect_checked(origin, tls)
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS: {exc.reason or type(exc).__name__}") from None
         except UnicodeError:  # a host name IDNA cannot encode (a label over 63 characters)
@@ -251,6 +272,52 @@ class HttpClient:
         except OSError as exc:
             raise ConnectFailed(_reason(exc)) from None
         return conn
+
+    async def _connect_checked(self, origin: Origin,
+                               tls: ssl.SSLContext | None) -> _Connection:
+        """Resolve, keep the addresses the policy allows, connect to the first that answers."""
+        assert self._policy is not None
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(origin.host.strip("[]"), origin.port,
+                                       type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        refusal = ""
+        last: OSError | None = None
+        for family, kind, proto, _, address in infos:
+            ip = parse_ip(str(address[0]).partition("%")[0])
+            problem = self._policy(ip)
+            if problem:
+                refusal = refusal or problem
+                continue
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+                if self._reaches_itself(sock):
+                    raise TargetRefused("the gateway's own listener")
+                _, conn = await loop.create_connection(
+                    _Connection, sock=sock, ssl=tls,
+                    server_hostname=origin.host.strip("[]") if tls else None)
+                return conn
+            except OSError as exc:
+                sock.close()
+                last = exc
+            except BaseException:
+                sock.close()
+                raise
+        if last is not None:
+            raise last
+        raise TargetRefused(refusal or "no address to connect to")
+
+    def _reaches_itself(self, sock: socket.socket) -> bool:
+        """Connected to one of the gateway's own ports on this machine: a loop, not a call.
+
+        A connection to any of this machine's addresses has that same address as its local
+        end, so this holds whichever address (or `0.0.0.0`/`::` listener) is reached."""
+        if not self._own_ports:
+            return False
+        local, peer = sock.getsockname(), sock.getpeername()
+        return peer[1] in self._own_ports and \
+            parse_ip(str(local[0]).partition("%")[0]) == parse_ip(str(peer[0]).partition("%")[0])
 
     async def _exchange(self, origin: Origin, conn: _Connection, request: bytes) -> int:
         try:

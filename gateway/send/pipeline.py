@@ -21,7 +21,7 @@ from gateway.logs import id_ranges
 from gateway.metrics import Metrics
 from gateway.passwords import VerificationCache, decoy_hash
 from gateway.records import SendContext, SendOrder, SendOutcome
-from gateway.security import LoginGuard, Throttle
+from gateway.security import Attempt, LoginGuard, Refused, Throttle
 from gateway.send import request as rules
 from gateway.send.batcher import GroupCommitter, ShuttingDown
 from gateway.send.request import SendRefused
@@ -193,52 +193,58 @@ class SendPipeline:
 
     async def _authorize(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
                          *, fresh: bool = False) -> tuple[SendContext, str]:
-        """Check credentials, caller IP and sender; return the context and the sender."""
+        """Check credentials, caller IP and sender; return the context and the sender.
+
+        A refusal on cached settings is checked again on fresh ones (the cache may predate a
+        change that lets the request in), for unknown logins as for known ones, and without
+        a second password check when the stored hash is the same: a wrong password and an
+        unknown login cost the same work, so timing does not tell which logins exist.
+        """
         guard, now = self._guard, self._clock.now()
         if guard.locked(request.account, request.login, client_ip, now):
             self._metrics.auth_failures.labels("locked").inc()
             # Locked: refuse without looking at the password, so guessing goes nowhere.
-            raise SendRefused(rules.UNAUTHORIZED, "Too many failed logins: try again later")
-        context = await self._store.send_context(request.account, request.login, fresh=fresh)
-        refusal = await self._refusal(request, client_ip, context)
-        if refusal is not None and context is not None and not fresh:
-            # The cached settings may predate a change that lets this request in.
-            cached = context
+            raise SendRefused(rules.UNAUTHORIZED, _LOCKED)
+        check = _PasswordCheck(self, request, client_ip, now)
+        try:
             context = await self._store.send_context(request.account, request.login,
-                                                     fresh=True)
-            # A wrong password is not checked twice against the same hash: an unknown login
-            # costs one scrypt run (the decoy), and a second would tell the logins apart.
-            if refusal[0] != "password" or context is None \
-                    or context.user.password_hash != cached.user.password_hash:
-                refusal = await self._refusal(request, client_ip, context)
-        if refusal is None and context is not None:
-            guard.succeeded(request.account, request.login, client_ip)
-            if request.reply_sender:
-                return context, self.settings.reply_sender
-            return context, rules.declared_sender(request.sender, context.senders) or ""
-        reason, status, message = refusal or ("password", rules.UNAUTHORIZED, "")
-        if reason != "password":
-            guard.succeeded(request.account, request.login, client_ip)
+                                                     fresh=fresh)
+            refusal = await check.refusal(context)
+            if refusal is not None and not fresh:
+                context = await self._store.send_context(request.account, request.login,
+                                                         fresh=True)
+                refusal = await check.refusal(context)
+            if refusal is None and context is not None:
+                check.settle_success(context)
+                if request.reply_sender:
+                    return context, self.settings.reply_sender
+                return context, rules.declared_sender(request.sender, context.senders) or ""
+            reason, status, message = refusal or ("password", rules.UNAUTHORIZED, "")
             if reason == "ip":
                 self._metrics.auth_failures.labels("ip").inc()
-            raise SendRefused(status, message, account=request.account)
-        self._metrics.auth_failures.labels("password").inc()
-        delay = guard.delay(request.account, request.login, client_ip, now)
-        if guard.failed(request.account, request.login, client_ip, now):
-            self._metrics.lockouts.inc()
-            log.warning("login_locked", account=request.account[:64],
-                        login=request.login[:64], client_ip=str(client_ip),
-                        seconds=guard.lockout_seconds)
-        if delay:
-            # Wall time on purpose: the slowdown is for the caller, not for the clock.
-            await asyncio.sleep(delay)
-        raise SendRefused(status, message)
+                check.settle_address_refusal()
+                raise SendRefused(status, message, account=request.account)
+            if reason != "password":
+                check.settle_success(context)
+                raise SendRefused(status, message, account=request.account)
+            self._metrics.auth_failures.labels("password").inc()
+            delay = guard.delay(request.account, request.login, client_ip, now)
+            if check.settle_failure():
+                self._metrics.lockouts.inc()
+                log.warning("login_locked", account=request.account[:64],
+                            login=request.login[:64], client_ip=str(client_ip),
+                            seconds=guard.lockout_seconds)
+            if delay:
+                # Wall time on purpose: the slowdown is for the caller, not for the clock.
+                await asyncio.sleep(delay)
+            raise SendRefused(status, message)
+        finally:
+            check.release()
 
-    async def _refusal(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
-                       context: SendContext | None) -> tuple[str, int, str] | None:
-        """Why these settings refuse the request, or None; unknown logins cost a hash too."""
-        stored = context.user.password_hash if context else self._decoy_hash
-        if not await self._verifier.verify(request.password, stored) or context is None:
+    def _refusal(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
+                 context: SendContext | None, password_ok: bool) -> tuple[str, int, str] | None:
+        """Why these settings refuse the request, or None."""
+        if not password_ok or context is None:
             return "password", rules.UNAUTHORIZED, "Invalid account, login or password"
         if not iprules.allowed(client_ip, context.user.ip_restrictions):
             return ("ip", rules.UNAUTHORIZED,
@@ -248,6 +254,82 @@ class SendPipeline:
             return ("sender", rules.BAD_SENDER,
                     f"Sender {request.sender!r} is not declared on this account")
         return None
+
+
+_LOCKED = "Too many failed logins: try again later"
+
+
+class _PasswordCheck:
+    """One request's password check and its place in the brute-force guard.
+
+    The place is reserved before scrypt runs (`LoginGuard.begin`), so concurrent guesses
+    cannot all be checked before the first failure is counted; a verdict already cached as
+    right needs no place (nothing is guessed). Verdicts are kept per stored hash for the
+    request's second look on fresh settings.
+    """
+
+    def __init__(self, pipeline: SendPipeline, request: rules.SendRequest,
+                 client_ip: iprules.IPAddress | None, now: float) -> None:
+        self._pipeline = pipeline
+        self._request = request
+        self._ip = client_ip
+        self._now = now
+        self._attempt: Attempt | None = None
+        self._verdicts: dict[str, bool] = {}
+
+    async def refusal(self, context: SendContext | None) -> tuple[str, int, str] | None:
+        pipeline, request = self._pipeline, self._request
+        # Unknown logins are checked against the decoy so that they take as long to refuse
+        # as a wrong password.
+        stored = context.user.password_hash if context else pipeline._decoy_hash
+        verdict = self._verdicts.get(stored)
+        if verdict is None:
+            verdict = pipeline._verifier.known_good(request.password, stored)
+            if not verdict:
+                if self._attempt is None:
+                    self._attempt = self._begin(context)
+                verdict = await pipeline._verifier.verify(request.password, stored)
+            self._verdicts[stored] = verdict
+        return pipeline._refusal(request, self._ip, context, verdict)
+
+    def _begin(self, context: SendContext | None) -> Attempt:
+        restrictions = context.user.ip_restrictions if context else ()
+        try:
+            return self._pipeline._guard.begin(
+                self._request.account, self._request.login, self._ip, self._now,
+                known=context is not None,
+                allowlisted=bool(restrictions) and iprules.allowed(self._ip, restrictions))
+        except Refused as refused:
+            self._pipeline._metrics.auth_failures.labels(str(refused)).inc()
+            raise SendRefused(rules.UNAUTHORIZED, _LOCKED) from None
+
+    def settle_success(self, context: SendContext | None) -> None:
+        guard = self._pipeline._guard
+        if self._attempt is not None:
+            self._attempt.release()
+        if guard.succeeded(self._request.account, self._request.login, self._ip, self._now):
+            self._pipeline._metrics.shared_addresses.inc()
+            log.warning("shared_address", client_ip=str(self._ip),
+                        users=guard.shared_address_users,
+                        hint="many users log in from this one address: if it is a proxy, "
+                             "add it to server.trusted_proxies, or its lockouts hit them all")
+
+    def settle_address_refusal(self) -> None:
+        if self._attempt is not None:
+            self._attempt.refused_address(self._now)
+        else:
+            self._pipeline._guard.refused_address(self._request.account, self._request.login,
+                                                  self._ip, self._now)
+
+    def settle_failure(self) -> bool:
+        if self._attempt is None:  # cannot happen: a wrong password is never cached
+            return self._pipeline._guard.failed(self._request.account, self._request.login,
+                                                self._ip, self._now)
+        return self._attempt.failed(self._now)
+
+    def release(self) -> None:
+        if self._attempt is not None:
+            self._attempt.release()
 
 
 def _no_credit_message(outcome: SendOutcome) -> str:
