@@ -147,6 +147,10 @@ class VerificationCache:
             return True
         return False
 
+    def in_flight(self, password: str, stored: str) -> bool:
+        """True when the same check is running: a `verify` now joins it, costing nothing."""
+        return self._cache_key(password, stored) in self._inflight
+
     async def verify(self, password: str, stored: str) -> bool:
         key = self._cache_key(password, stored)
         verdict = self._verdicts.get(key)

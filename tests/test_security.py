@@ -319,3 +319,17 @@ async def test_wrong_password_and_unknown_login_take_the_same_work(
             assert len(checks) == 1, (kind, checks)
     known, unknown = (statistics.median(timings[k]) for k in ("known", "unknown"))
     assert 0.6 < known / unknown < 1.6, timings
+
+
+async def test_a_burst_of_right_credentials_before_the_first_check_is_not_guessing(
+        make_harness: Any, config: Any) -> None:
+    """The same credentials 64 times at once, before any check is cached: they share one
+    scrypt run, and none is refused as locked (a load test's first second looks like this)."""
+    behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness()
+    answers = await asyncio.gather(*(send_from(h, "198.51.100.60") for _ in range(64)))
+    assert all(answer.startswith("OK") for answer in answers), set(answers)
+    wrong = await asyncio.gather(*(send_from(h, "198.51.100.61", password="Same1234")
+                                   for _ in range(64)))
+    assert set(wrong) <= {WRONG, LOCKED} and wrong.count(WRONG) >= 1
+    assert await send_from(h, "198.51.100.61") == LOCKED  # counted afterwards all the same

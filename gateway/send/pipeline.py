@@ -263,9 +263,10 @@ class _PasswordCheck:
     """One request's password check and its place in the brute-force guard.
 
     The place is reserved before scrypt runs (`LoginGuard.begin`), so concurrent guesses
-    cannot all be checked before the first failure is counted; a verdict already cached as
-    right needs no place (nothing is guessed). Verdicts are kept per stored hash for the
-    request's second look on fresh settings.
+    cannot all be checked before the first failure is counted. A verdict already cached as
+    right needs no place (nothing is guessed), nor does a guess identical to one being
+    checked (it shares that check, and counts as a failure afterwards if it was wrong).
+    Verdicts are kept per stored hash for the request's second look on fresh settings.
     """
 
     def __init__(self, pipeline: SendPipeline, request: rules.SendRequest,
@@ -284,11 +285,14 @@ class _PasswordCheck:
         stored = context.user.password_hash if context else pipeline._decoy_hash
         verdict = self._verdicts.get(stored)
         if verdict is None:
-            verdict = pipeline._verifier.known_good(request.password, stored)
+            verifier = pipeline._verifier
+            verdict = verifier.known_good(request.password, stored)
             if not verdict:
-                if self._attempt is None:
+                # The same guess already being checked is not another check: it joins that
+                # one (a burst of right credentials at start-up must not look like guessing).
+                if self._attempt is None and not verifier.in_flight(request.password, stored):
                     self._attempt = self._begin(context)
-                verdict = await pipeline._verifier.verify(request.password, stored)
+                verdict = await verifier.verify(request.password, stored)
             self._verdicts[stored] = verdict
         return pipeline._refusal(request, self._ip, context, verdict)
 
@@ -322,7 +326,7 @@ class _PasswordCheck:
                                                   self._ip, self._now)
 
     def settle_failure(self) -> bool:
-        if self._attempt is None:  # cannot happen: a wrong password is never cached
+        if self._attempt is None:  # a guess that joined the same guess's check
             return self._pipeline._guard.failed(self._request.account, self._request.login,
                                                 self._ip, self._now)
         return self._attempt.failed(self._now)
