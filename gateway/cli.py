@@ -149,7 +149,7 @@ def load_config(args: argparse.Namespace) -> Config:
     path = getattr(args, "serve_config", None) or args.config
     config = config_module.load(path)
     if args.db:
-        config.store.path = args.db
+        config = config.replace({"store.path": args.db})
     return config
 
 
@@ -426,9 +426,9 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from gateway.app import serve
 
     if args.host:
-        config.server.host = args.host
+        config = config.replace({"server.host": args.host})
     if args.port:
-        config.server.port = args.port
+        config = config.replace({"server.port": args.port})
     logs.configure(config.log.format, config.log.level, final=True)
     if args.demo:
         asyncio.run(ensure_demo(config))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import json
 import signal
@@ -40,7 +39,7 @@ import structlog
 
 from gateway import logs
 from gateway.clock import SystemClock
-from gateway.config import Config, from_dict
+from gateway.config import Config, from_dict, to_dict
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.worker")
@@ -156,7 +155,7 @@ class DeliveryWorker:
         assert process.stdin is not None
         # Settings through the pipe, not the command line or the environment: they hold
         # the admin token and the SMTP password.
-        process.stdin.write(json.dumps(dataclasses.asdict(self._config)).encode() + b"\n")
+        process.stdin.write(json.dumps(to_dict(self._config)).encode() + b"\n")
         self._process = process
         self.starts += 1
         self._reader = asyncio.create_task(self._read_answers(process),

@@ -63,10 +63,9 @@ def test_throttle_token_bucket() -> None:
 
 
 async def test_lockout_over_http(make_harness: Any, config: Any) -> None:
-    config.security.max_failures = 4
-    config.security.lockout_seconds = 300
+    config = config.replace({"security.max_failures": 4, "security.lockout_seconds": 300})
     clock = ManualClock()
-    h: Harness = await make_harness(clock=clock)
+    h: Harness = await make_harness(cfg=config, clock=clock)
     for _ in range(4):
         assert (await h.send(password="Wrong1234"))[1] == \
             "KO\n401 Invalid account, login or password"
@@ -78,9 +77,8 @@ async def test_lockout_over_http(make_harness: Any, config: Any) -> None:
 
 async def test_failures_from_another_ip_do_not_lock_out_the_user(make_harness: Any,
                                                                  config: Any) -> None:
-    config.security.max_failures = 3
-    config.server.trusted_proxies = ["127.0.0.1"]
-    h: Harness = await make_harness()
+    config = config.replace({"security.max_failures": 3, "server.trusted_proxies": ["127.0.0.1"]})
+    h: Harness = await make_harness(cfg=config)
     await h.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["203.0.113.2"])
     h.client.session.headers["X-Forwarded-For"] = "203.0.113.1"
     for _ in range(4):
@@ -91,10 +89,9 @@ async def test_failures_from_another_ip_do_not_lock_out_the_user(make_harness: A
 
 
 async def test_throttle_over_http(make_harness: Any, config: Any) -> None:
-    config.security.user_rate_per_second = 1.0
-    config.security.user_burst = 2
+    config = config.replace({"security.user_rate_per_second": 1.0, "security.user_burst": 2})
     clock = ManualClock()
-    h: Harness = await make_harness(clock=clock)
+    h: Harness = await make_harness(cfg=config, clock=clock)
     assert (await h.send())[1].startswith("OK")
     assert (await h.send())[1].startswith("OK")
     resp = await h.client.get("/cgi-bin/sms/http2sms.cgi", params={
