@@ -397,6 +397,8 @@ def _error(path: str, struct: type[Section], exc: msgspec.ValidationError,
     match = _AT.search(text)
     where = match["where"] if match else ""
     what = text[:match.start()] if match else text
+    if not where:  # about the whole section: its values may hold secrets, so none is shown
+        return ConfigError(f"setting {path}: {_what(None, what)}")
     value: Any = values
     kind: Any = struct
     for key, index in _STEP.findall(where):
