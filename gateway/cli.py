@@ -115,7 +115,7 @@ def wants_json() -> bool:
 def load_config(path: str | None, db: str | None) -> Config:
     config = config_module.load(path)
     if db:
-        config.store.path = db
+        config = config.replace({"store.path": db})
     return config
 
 
@@ -557,9 +557,9 @@ def _serve_command(ctx: click.Context, host: str | None, port: int | None,
     tool: Globals = ctx.obj
     config = load_config(serve_config or tool.config, tool.db)
     if host:
-        config.server.host = host
+        config = config.replace({"server.host": host})
     if port:
-        config.server.port = port
+        config = config.replace({"server.port": port})
     status = _serve(config, demo=demo)
     if status:
         ctx.exit(status)

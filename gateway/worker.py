@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import sys
 from collections import deque
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.config import Config
+from gateway.config import Config, to_dict
 
 log = structlog.get_logger("gateway.worker")
 
@@ -148,7 +147,7 @@ class DeliveryWorker:
         assert process.stdin is not None
         # Settings through the pipe, not the command line or the environment: they hold
         # the admin token and the SMTP password.
-        process.stdin.write(json.dumps(dataclasses.asdict(self._config)).encode() + b"\n")
+        process.stdin.write(json.dumps(to_dict(self._config)).encode() + b"\n")
         self._process = process
         self.starts += 1
         self._reader = asyncio.create_task(self._read_answers(process),

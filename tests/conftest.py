@@ -56,19 +56,19 @@ def _parser_as_started() -> Any:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    cfg = Config()
-    cfg.store.path = str(tmp_path / "gateway.sqlite3")
-    cfg.server.allow_private_ips = True
-    cfg.log.format = "json"
-    cfg.admin.token = "test-admin-token-0123456789"
-    # Tests drive delivery explicitly; a real network's delays would only slow them.
-    cfg.operator.min_delay = 0.0
-    cfg.operator.max_delay = 0.0
-    # Every message is delivered, so no refund moves credits behind a test's back; tests
-    # of failures use the simulator's magic numbers (+336123990NN).
-    cfg.operator.failure_ratio = 0.0
-    cfg.operator.retry_ratio = 0.0
-    return cfg
+    return Config().replace({
+        "store.path": str(tmp_path / "gateway.sqlite3"),
+        "server.allow_private_ips": True,
+        "log.format": "json",
+        "admin.token": "test-admin-token-0123456789",
+        # Tests drive delivery explicitly; a real network's delays would only slow them.
+        "operator.min_delay": 0.0,
+        "operator.max_delay": 0.0,
+        # Every message is delivered, so no refund moves credits behind a test's back; tests
+        # of failures use the simulator's magic numbers (+336123990NN).
+        "operator.failure_ratio": 0.0,
+        "operator.retry_ratio": 0.0,
+    })
 
 
 @dataclass

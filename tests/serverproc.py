@@ -58,9 +58,7 @@ def demo_params(**extra: str) -> dict[str, str]:
 
 async def prepare_store(db: Path, *, credits: int = 0, callback: str | None = None) -> None:
     """The demo account and user (as `serve --demo` makes them), topped up, with a callback."""
-    config = Config()
-    config.store.path = str(db)
-    config.server.allow_private_ips = True
+    config = Config().replace({"store.path": str(db), "server.allow_private_ips": True})
     await ensure_demo(config)
     store = open_store(db, "cli")
     await store.open()

@@ -88,8 +88,8 @@ async def test_bearer_scheme_is_case_insensitive(harness: Harness) -> None:
 
 
 async def test_disabled_admin_api_answers_404_json(make_harness: Any, config: Config) -> None:
-    config.admin.token = ""
-    h: Harness = await make_harness()
+    config = config.replace({"admin.token": ""})
+    h: Harness = await make_harness(cfg=config)
     for headers in ({}, {"Authorization": "Bearer "}, AUTH):
         answer = await call(h, "GET", "/1.0/sms", headers=headers)
         assert_error(answer, 404)
@@ -757,9 +757,8 @@ async def test_password_never_in_responses_or_logs(harness: Harness,
 # -- the admin API on its own listener ----------------------------------------------------
 
 async def test_split_listener(make_harness: Any, config: Config, aiohttp_client: Any) -> None:
-    config.admin.host = "127.0.0.1"
-    config.admin.port = 0
-    h: Harness = await make_harness()
+    config = config.replace({"admin.host": "127.0.0.1", "admin.port": 0})
+    h: Harness = await make_harness(cfg=config)
     # The public listener keeps the send URL and the public reference data only.
     assert_error(await call(h, "GET", "/1.0/sms"), 404)
     assert_error(await call(h, "GET", "/1.0/openapi.json"), 404)
@@ -776,9 +775,8 @@ async def test_split_listener(make_harness: Any, config: Config, aiohttp_client:
 
 async def test_start_listener_serves_on_its_own_port(make_harness: Any,
                                                      config: Config) -> None:
-    config.admin.host = "127.0.0.1"
-    config.admin.port = 0
-    h: Harness = await make_harness()
+    config = config.replace({"admin.host": "127.0.0.1", "admin.port": 0})
+    h: Harness = await make_harness(cfg=config)
     runner = await server.start_admin_listener(h.gateway)
     assert runner is not None
     try:
@@ -798,7 +796,7 @@ async def test_no_separate_listener_unless_configured(make_harness: Any,
                                                       config: Config) -> None:
     h: Harness = await make_harness()
     assert await server.start_admin_listener(h.gateway) is None
-    config.admin.host, config.admin.token = "127.0.0.1", ""
+    h.gateway.config = config.replace({"admin.host": "127.0.0.1", "admin.token": ""})
     assert await server.start_admin_listener(h.gateway) is None
 
 

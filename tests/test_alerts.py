@@ -107,10 +107,8 @@ def down_sink() -> Iterator[Sink]:
 
 
 def smtp_to(config: Config, port: int) -> Config:
-    config.smtp.host = "127.0.0.1"
-    config.smtp.port = port
-    config.smtp.timeout_seconds = 5.0
-    return config
+    return config.replace({"smtp.host": "127.0.0.1", "smtp.port": port,
+                           "smtp.timeout_seconds": 5.0})
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -162,7 +160,8 @@ def text_of(message: EmailMessage) -> str:
 
 async def test_mail_reaches_the_smtp_server_with_recipient_and_content(
         make_harness: Any, config: Config, sink: Sink) -> None:
-    config.alerts.poll_seconds = 60  # only the crossing commit's own wake-up can send it
+    # Only the crossing commit's own wake-up can send it.
+    config = config.replace({"alerts.poll_seconds": 60})
     h = await make_harness(credits=101, cfg=smtp_to(config, sink.port))
     await set_alert(h, 100)
     await sent_ok(h)                       # 100 left: at the threshold is not below it
@@ -255,7 +254,7 @@ async def test_refund_rearms(make_harness: Any, config: Config, sink: Sink) -> N
 @pytest.mark.parametrize("max_batch", [3, 512])
 async def test_hundred_concurrent_sends_crossing_together_send_one_alert(
         make_harness: Any, config: Config, sink: Sink, max_batch: int) -> None:
-    config.store.max_batch = max_batch
+    config = config.replace({"store.max_batch": max_batch})
     h = await make_harness(credits=150, cfg=smtp_to(config, sink.port))
     await set_alert(h, 100)
     results = await asyncio.gather(*(h.send(message=f"m{i}") for i in range(100)))
@@ -376,7 +375,7 @@ def log_stream() -> Iterator[io.StringIO]:
 
 async def test_unpaid_sms_alert_is_logged_and_the_mail_still_goes(
         make_harness: Any, config: Config, sink: Sink, log_stream: io.StringIO) -> None:
-    config.smtp.password = "smtp-Secret-42"
+    config = config.replace({"smtp.password": "smtp-Secret-42"})
     h = await make_harness(credits=50, cfg=smtp_to(config, sink.port))
     # The whole balance goes to the quota: nothing is left to pay for an alert SMS.
     await set_alert(h, "49.5", support="both", quota=50)
@@ -529,7 +528,8 @@ async def run_cli(db: str, *args: str, port: int) -> tuple[int, str, str]:
 
 async def test_cli_alert_test_sends_through_every_channel(
         make_harness: Any, config: Config, sink: Sink) -> None:
-    config.alerts.poll_seconds = 0.05   # the gateway notices the CLI's queued SMS at once
+    # The gateway notices the CLI's queued SMS at once.
+    config = config.replace({"alerts.poll_seconds": 0.05})
     h = await make_harness(credits=500, cfg=smtp_to(config, sink.port))
     await set_alert(h, 100, support="both")
     db = config.store.path

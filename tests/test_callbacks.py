@@ -281,9 +281,9 @@ async def test_an_unanswered_call_times_out_and_is_retried(
 
     rec, url = receiver
     rec.gate = asyncio.Event()
-    config.callbacks.timeout_seconds = 0.2
+    config = config.replace({"callbacks.timeout_seconds": 0.2})
     clock = ManualClock(T0)
-    h: Harness = await make_harness(clock=clock)
+    h: Harness = await make_harness(cfg=config, clock=clock)
     await h.manage.update_user(ACCOUNT, LOGIN, callback_url=url)
     (message_id,) = ids_of((await h.send())[1])
 
@@ -304,13 +304,12 @@ async def test_an_unanswered_call_times_out_and_is_retried(
 
 async def test_a_slow_host_does_not_hold_up_other_users(
         make_harness: Any, config: Config, aiohttp_server: Any) -> None:
-    config.callbacks.per_host_concurrency = 2
-    config.callbacks.timeout_seconds = 30
+    config = config.replace({"callbacks.per_host_concurrency": 2, "callbacks.timeout_seconds": 30})
     slow, fast = Receiver(), Receiver()
     slow.gate = asyncio.Event()
     slow_server = await aiohttp_server(slow.app())
     fast_server = await aiohttp_server(fast.app())
-    h: Harness = await make_harness()
+    h: Harness = await make_harness(cfg=config)
     await h.manage.update_user(ACCOUNT, LOGIN,
                                callback_url=f"http://127.0.0.1:{slow_server.port}/cb")
     await h.manage.create_user(ACCOUNT, "bob", "secret456")
@@ -339,10 +338,12 @@ async def test_a_callback_is_dead_after_the_retry_window(
 
     rec, url = receiver
     rec.statuses["3"] = [503] * 100
-    config.callbacks.give_up_after_hours = 0.01  # 36 s
-    config.callbacks.jitter_ratio = 0.0
+    config = config.replace({
+        "callbacks.give_up_after_hours": 0.01,  # 36 s
+        "callbacks.jitter_ratio": 0.0,
+    })
     clock = ManualClock(T0)
-    h: Harness = await make_harness(clock=clock)
+    h: Harness = await make_harness(cfg=config, clock=clock)
     await h.manage.update_user(ACCOUNT, LOGIN, callback_url=url)
     (message_id,) = ids_of((await h.send())[1])
 

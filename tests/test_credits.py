@@ -184,8 +184,9 @@ async def test_a_deleted_users_messages_never_reach_a_new_user(make_harness: Any
                                                                config: Any) -> None:
     from gateway.clock import ManualClock
 
-    config.operator.min_delay = config.operator.max_delay = 60.0  # the clock never gets there
-    h: Harness = await make_harness(credits=100, clock=ManualClock())
+    # The clock never gets there.
+    config = config.replace({"operator.min_delay": 60.0, "operator.max_delay": 60.0})
+    h: Harness = await make_harness(cfg=config, credits=100, clock=ManualClock())
     await h.manage.create_account("sms-other-1", 10)
     await h.manage.update_user(ACCOUNT, LOGIN, quota=10)
     (_, body) = await h.send(to="+33612399023")  # will fail, not billed: refunded

@@ -232,7 +232,7 @@ def delivery_counts(path: str) -> tuple[int, int, int]:
 
 async def test_a_10000_message_backlog_drains_in_batches(make_harness: Any,
                                                          config: Config) -> None:
-    config.operator.max_batch = 1000
+    config = config.replace({"operator.max_batch": 1000})
     await seed_queued(config, 10_000)
     store = CountingStore(config.store.path)
     started = time.monotonic()

@@ -86,8 +86,8 @@ def test_validate_restrictions() -> None:
 
 
 async def test_private_ips_refused_unless_configured(make_harness: Any, config: Any) -> None:
-    config.server.allow_private_ips = False
-    h: Harness = await make_harness()
+    config = config.replace({"server.allow_private_ips": False})
+    h: Harness = await make_harness(cfg=config)
     with pytest.raises(ValidationError, match="not a public address"):
         await h.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["192.168.0.10"])
 
@@ -111,8 +111,8 @@ async def test_allowlist_over_ipv6(make_harness: Any) -> None:
 
 
 async def test_trusted_proxy_forwards_the_client(make_harness: Any, config: Any) -> None:
-    config.server.trusted_proxies = ["127.0.0.1"]
-    h: Harness = await make_harness()
+    config = config.replace({"server.trusted_proxies": ["127.0.0.1"]})
+    h: Harness = await make_harness(cfg=config)
     await h.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["203.0.113.7"])
     h.client.session.headers["X-Forwarded-For"] = "6.6.6.6, 203.0.113.7"
     assert (await h.send())[1].startswith("OK")

@@ -63,8 +63,8 @@ async def test_metrics_follow_a_scripted_workload(harness: Harness) -> None:
 
 
 async def test_account_labels_can_be_switched_off(make_harness: Any, config: Any) -> None:
-    config.metrics.per_account_labels = False
-    h: Harness = await make_harness()
+    config = config.replace({"metrics.per_account_labels": False})
+    h: Harness = await make_harness(cfg=config)
     assert (await h.send())[1].startswith("OK")
     m = await scrape(h)
     assert m[("http2sms_send_requests_total", (("outcome", "100"),))] == 1
@@ -105,8 +105,8 @@ async def test_health_and_readiness(harness: Harness, config: Any,
 
 
 async def test_readiness_fails_over_the_backlog_bound(make_harness: Any, config: Any) -> None:
-    config.metrics.max_backlog = 0
-    h: Harness = await make_harness()
+    config = config.replace({"metrics.max_backlog": 0})
+    h: Harness = await make_harness(cfg=config)
     await h.send(deferred="000001012099")
     await h.gateway.store.enqueue_outbox("callback", account_id=1, user_id=None,
                                          target="http://127.0.0.1:9/", payload={}, at=0.0)
@@ -166,12 +166,14 @@ async def test_delivery_callback_and_alert_metrics_follow_a_scripted_workload(
     server = await aiohttp_server(app)
     # No jitter and a 12 s retry window: a failure at T0 is retried at T0+5, a second one
     # there at the window's end, T0+12 (not T0+15), and a third one there gives up.
-    config.callbacks.jitter_ratio = 0.0
-    config.callbacks.first_retry_seconds = 5.0
-    config.callbacks.give_up_after_hours = 12 / 3600
-    config.smtp.host, config.smtp.port = "127.0.0.1", free_port()  # nobody listens there
+    config = config.replace({
+        "callbacks.jitter_ratio": 0.0,
+        "callbacks.first_retry_seconds": 5.0,
+        "callbacks.give_up_after_hours": 12 / 3600,
+        "smtp.host": "127.0.0.1", "smtp.port": free_port(),  # nobody listens there
+    })
     clock = ManualClock(T0)
-    h: Harness = await make_harness(clock=clock)
+    h: Harness = await make_harness(cfg=config, clock=clock)
     await h.manage.update_user(ACCOUNT, LOGIN, callback_url=f"http://127.0.0.1:{server.port}/cb",
                                alert_threshold=999, alert_support="both",
                                alert_email="ops@example.com", alert_number="+33698765432")
@@ -268,8 +270,8 @@ async def test_readiness_fails_while_the_operator_is_down(harness: Harness) -> N
 
 async def test_metrics_move_to_the_admin_listener(make_harness: Any, config: Config,
                                                  aiohttp_client: Any) -> None:
-    config.admin.host = "127.0.0.1"
-    h: Harness = await make_harness()
+    config = config.replace({"admin.host": "127.0.0.1"})
+    h: Harness = await make_harness(cfg=config)
     assert (await h.send())[1].startswith("OK")
     # Not on the public address any more, token or not; health stays for load balancers.
     assert (await h.client.get("/metrics", headers=TOKEN)).status == 404

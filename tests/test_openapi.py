@@ -70,7 +70,7 @@ def test_every_route_is_documented_and_every_documented_route_exists(config: Con
 
 
 def test_split_public_listener_routes_are_documented_without_security(config: Config) -> None:
-    config.admin.host = "127.0.0.1"
+    config = config.replace({"admin.host": "127.0.0.1"})
     public = app_operations(webapp.create_app(gateway_app.build(config)))
     assert public == {("GET", "/1.0/sms/ptts")}
     spec = document()
@@ -154,11 +154,12 @@ class LiveGateway:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    config = Config()
-    config.store.path = str(Path(tmp_path_factory.mktemp("fuzz")) / "gateway.sqlite3")
-    config.admin.token = TOKEN
-    config.server.allow_private_ips = True
-    config.log.level = "warning"
+    config = Config().replace({
+        "store.path": str(Path(tmp_path_factory.mktemp("fuzz")) / "gateway.sqlite3"),
+        "admin.token": TOKEN,
+        "server.allow_private_ips": True,
+        "log.level": "warning",
+    })
     server = LiveGateway(config)
     url = server.start()
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from gateway import ptt
 from gateway.clock import ManualClock
-from gateway.config import ConfigError, OperatorConfig
+from gateway.config import ConfigError, OperatorConfig, SimulatedOperatorConfig
 from gateway.operators import create
 from gateway.operators.simulated import (
     FAILURE_CODES,
@@ -28,12 +28,9 @@ from gateway.records import OutgoingMessage, StateUpdate
 T0 = 1_700_000_000.0
 
 
-def cfg(**changes: float) -> OperatorConfig:
-    config = OperatorConfig(min_delay=10.0, max_delay=20.0, retry_ratio=0.1,
-                            failure_ratio=0.05, validity_hours=48.0)
-    for name, value in changes.items():
-        setattr(config, name, value)
-    return config
+def cfg(**changes: float) -> SimulatedOperatorConfig:
+    return SimulatedOperatorConfig(**{"min_delay": 10.0, "max_delay": 20.0, "retry_ratio": 0.1,
+                                      "failure_ratio": 0.05, "validity_hours": 48.0, **changes})
 
 
 def outgoing(message_id: int, receiver: str = "+33612345678", *, created_at: float = T0,
@@ -239,6 +236,10 @@ async def test_many_messages_are_reported_in_few_batches() -> None:
         await operator.stop()
 
 
+class SmppStub(OperatorConfig, tag="smpp"):
+    """Settings of a kind that has no connector."""
+
+
 def test_an_unknown_operator_kind_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="smpp"):
-        create(OperatorConfig(kind="smpp"), ManualClock())
+        create(SmppStub(), ManualClock())

@@ -83,10 +83,9 @@ def test_throttle_token_bucket() -> None:
 
 
 async def test_lockout_over_http(make_harness: Any, config: Any) -> None:
-    config.security.max_failures = 4
-    config.security.lockout_seconds = 300
+    config = config.replace({"security.max_failures": 4, "security.lockout_seconds": 300})
     clock = ManualClock()
-    h: Harness = await make_harness(clock=clock)
+    h: Harness = await make_harness(cfg=config, clock=clock)
     for _ in range(4):
         assert (await h.send(password="Wrong1234"))[1] == \
             "KO\n401 Invalid account, login or password"
@@ -98,9 +97,8 @@ async def test_lockout_over_http(make_harness: Any, config: Any) -> None:
 
 async def test_failures_from_another_ip_do_not_lock_out_the_user(make_harness: Any,
                                                                  config: Any) -> None:
-    config.security.max_failures = 3
-    config.server.trusted_proxies = ["127.0.0.1"]
-    h: Harness = await make_harness()
+    config = config.replace({"security.max_failures": 3, "server.trusted_proxies": ["127.0.0.1"]})
+    h: Harness = await make_harness(cfg=config)
     await h.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["203.0.113.2"])
     h.client.session.headers["X-Forwarded-For"] = "203.0.113.1"
     for _ in range(4):
@@ -111,10 +109,9 @@ async def test_failures_from_another_ip_do_not_lock_out_the_user(make_harness: A
 
 
 async def test_throttle_over_http(make_harness: Any, config: Any) -> None:
-    config.security.user_rate_per_second = 1.0
-    config.security.user_burst = 2
+    config = config.replace({"security.user_rate_per_second": 1.0, "security.user_burst": 2})
     clock = ManualClock()
-    h: Harness = await make_harness(clock=clock)
+    h: Harness = await make_harness(cfg=config, clock=clock)
     assert (await h.send())[1].startswith("OK")
     assert (await h.send())[1].startswith("OK")
     resp = await h.client.get("/cgi-bin/sms/http2sms.cgi", params={
@@ -188,10 +185,10 @@ async def send_from(h: Harness, address: str, **params: Any) -> str:
     return await resp.text()
 
 
-def behind_proxy(config: Any, **security: Any) -> None:
-    config.server.trusted_proxies = ["127.0.0.1"]
-    for name, value in security.items():
-        setattr(config.security, name, value)
+def behind_proxy(config: Any, **security: Any) -> Any:
+    """The config, with 127.0.0.1 a trusted proxy and these [security] settings."""
+    return config.replace({"server.trusted_proxies": ["127.0.0.1"],
+                           **{f"security.{name}": value for name, value in security.items()}})
 
 
 async def test_concurrent_guesses_get_at_most_max_failures_checks(
@@ -200,8 +197,8 @@ async def test_concurrent_guesses_get_at_most_max_failures_checks(
     a place before each check, so at most max_failures are ever decided."""
     from gateway import passwords
 
-    behind_proxy(config, max_failures=4)
-    h: Harness = await make_harness()
+    config = behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness(cfg=config)
     checks = 0
     real_verify = passwords.verify
 
@@ -220,8 +217,8 @@ async def test_concurrent_guesses_get_at_most_max_failures_checks(
 
 async def test_an_ipv6_host_cannot_rotate_through_its_64(make_harness: Any,
                                                          config: Any) -> None:
-    behind_proxy(config, max_failures=4)
-    h: Harness = await make_harness()
+    config = behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness(cfg=config)
     answers = [await send_from(h, f"2001:41d0:8:e8ad::{i:x}", password="Wrong1234")
                for i in range(1, 61)]
     assert answers[:4] == [WRONG] * 4 and set(answers[4:]) == {LOCKED}
@@ -234,9 +231,10 @@ async def test_a_login_under_distributed_attack_is_slowed_and_its_own_address_ge
     """300 guesses from 300 addresses were each under the per-address limit and all checked;
     now the login's budget slows it (one check per login_slow_seconds), while the user's
     own allowed address is never slowed."""
-    behind_proxy(config, max_failures=10, login_failure_budget=5, login_slow_seconds=1.0)
+    config = behind_proxy(config, max_failures=10, login_failure_budget=5,
+                          login_slow_seconds=1.0)
     clock = ManualClock()
-    h: Harness = await make_harness(clock=clock)
+    h: Harness = await make_harness(cfg=config, clock=clock)
     await h.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["145.239.0.7"])
     answers = [await send_from(h, f"198.51.{i // 250}.{i % 250 + 1}", password="Wrong1234")
                for i in range(300)]
@@ -253,8 +251,8 @@ async def test_a_login_under_distributed_attack_is_slowed_and_its_own_address_ge
 async def test_failures_against_made_up_accounts_do_not_lock_an_address_for_all(
         make_harness: Any, config: Any) -> None:
     """Ten failures against a made-up account from a NAT locked every user behind it."""
-    behind_proxy(config, max_failures=10)
-    h: Harness = await make_harness()
+    config = behind_proxy(config, max_failures=10)
+    h: Harness = await make_harness(cfg=config)
     for i in range(10):
         assert await send_from(h, "198.51.100.9", account=f"sms-nobody-{i}") == WRONG
     assert (await send_from(h, "198.51.100.9")).startswith("OK")
@@ -265,8 +263,8 @@ async def test_failures_against_made_up_accounts_do_not_lock_an_address_for_all(
 
 async def test_an_address_many_users_share_is_reported(make_harness: Any,
                                                        config: Any) -> None:
-    behind_proxy(config, shared_address_users=3)
-    h: Harness = await make_harness()
+    config = behind_proxy(config, shared_address_users=3)
+    h: Harness = await make_harness(cfg=config)
     for login in ("bob", "carol"):
         await h.manage.create_user(ACCOUNT, login, "secret123")
     before = h.gateway.metrics.shared_addresses._value.get()
@@ -279,8 +277,8 @@ async def test_an_address_refusal_counts_as_a_failure_of_its_key(make_harness: A
                                                                  config: Any) -> None:
     """With the right password the answer names the address (OVH's text, kept); counted as
     a failure, it cannot confirm guesses at scale."""
-    behind_proxy(config, max_failures=4)
-    h: Harness = await make_harness()
+    config = behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness(cfg=config)
     await h.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["145.239.0.7"])
     refused = "KO\n401 The IP address 198.51.100.30 is not allowed for this user"
     assert [await send_from(h, "198.51.100.30") for _ in range(4)] == [refused] * 4
@@ -298,8 +296,8 @@ async def test_wrong_password_and_unknown_login_take_the_same_work(
 
     from gateway import passwords
 
-    behind_proxy(config, max_failures=1000)
-    h: Harness = await make_harness()
+    config = behind_proxy(config, max_failures=1000)
+    h: Harness = await make_harness(cfg=config)
     checks: list[str] = []
     real_verify = passwords.verify
 
@@ -325,8 +323,8 @@ async def test_a_burst_of_right_credentials_before_the_first_check_is_not_guessi
         make_harness: Any, config: Any) -> None:
     """The same credentials 64 times at once, before any check is cached: they share one
     scrypt run, and none is refused as locked (a load test's first second looks like this)."""
-    behind_proxy(config, max_failures=4)
-    h: Harness = await make_harness()
+    config = behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness(cfg=config)
     answers = await asyncio.gather(*(send_from(h, "198.51.100.60") for _ in range(64)))
     assert all(answer.startswith("OK") for answer in answers), set(answers)
     wrong = await asyncio.gather(*(send_from(h, "198.51.100.61", password="Same1234")

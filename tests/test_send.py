@@ -291,8 +291,8 @@ async def test_a_connection_begun_in_ascii_keeps_the_fast_parser(harness: Harnes
 
 async def test_raw_bytes_in_every_request_behind_a_keep_alive_proxy(
         make_harness: HarnessFactory, config: Config) -> None:
-    config.server.raw_url_bytes_always = True
-    harness: Harness = await make_harness()
+    config = config.replace({"server.raw_url_bytes_always": True})
+    harness: Harness = await make_harness(cfg=config)
     answers = await raw_exchange(harness, raw_send_target(b"plain"), raw_send_target(b"caf\xe9"),
                                  raw_send_target(b"d\xc3\xa9j\xc3\xa0"))
     assert [(status, body[:3]) for status, body in answers] == [(200, b"OK\n")] * 3
@@ -345,8 +345,8 @@ async def test_control_characters_in_tag_and_from_are_refused(harness: Harness) 
 
 
 async def test_too_many_recipients(make_harness: Any, config: Any) -> None:
-    config.send.max_recipients = 2
-    h: Harness = await make_harness()
+    config = config.replace({"send.max_recipients": 2})
+    h: Harness = await make_harness(cfg=config)
     _, body = await h.send(to="+33612345678,+33612345679,+33612345670")
     assert body == "KO\n202 Invalid to: at most 2 recipients per request"
 
@@ -396,8 +396,8 @@ async def test_forced_unicode_counts_ucs2(harness: Harness) -> None:
 
 
 async def test_rate_table_by_prefix(make_harness: Any, config: Any) -> None:
-    config.rates = {"+44": "2.5", "+1": "3"}
-    h: Harness = await make_harness(credits=100)
+    config = config.replace({"rates": {"+44": "2.5", "+1": "3"}})
+    h: Harness = await make_harness(cfg=config, credits=100)
     _, body = await h.send(to="+447911123456,+33612345678", message="a" * 200,
                                 noStop="1", contentType="text/json")
     # two parts each: 2 x 2.5 + 2 x 1
@@ -406,8 +406,8 @@ async def test_rate_table_by_prefix(make_harness: Any, config: Any) -> None:
 
 
 async def test_credit_left_with_decimals(make_harness: Any, config: Any) -> None:
-    config.send.default_rate = "0.05"
-    h: Harness = await make_harness(credits="1")
+    config = config.replace({"send.default_rate": "0.05"})
+    h: Harness = await make_harness(cfg=config, credits="1")
     assert await h.send(noStop="1") == (200, "OK\n0.95\n1")
 
 

@@ -92,8 +92,8 @@ async def run_flow(make_harness: Any, config: Config, aiohttp_server: Any) -> Fl
     app = web.Application()
     app.router.add_get("/cb", receiver.handle)
     server = await aiohttp_server(app)
-    config.callbacks.first_retry_seconds = 0.05
-    h: Harness = await make_harness()
+    config = config.replace({"callbacks.first_retry_seconds": 0.05})
+    h: Harness = await make_harness(cfg=config)
     await h.manage.update_user(
         ACCOUNT, LOGIN, callback_url=f"http://127.0.0.1:{server.port}/cb?token={CALLBACK_SECRET}")
     assert (await h.send(to="+33612345679,+33612345670"))[1].startswith("OK")  # noise

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.clock import Clock
-from gateway.config import ConfigError, OperatorConfig
+from gateway.config import ConfigError, OperatorConfig, SimulatedOperatorConfig
 from gateway.records import OutgoingMessage, StateUpdate
 
 ReportSink = Callable[[Sequence[StateUpdate]], None]
@@ -41,7 +41,7 @@ class Operator(Protocol):
 
 def create(config: OperatorConfig, clock: Clock) -> Operator:
     """The operator named by `operator.kind`."""
-    if config.kind == "simulated":
+    if isinstance(config, SimulatedOperatorConfig):
         from gateway.operators.simulated import SimulatedOperator
 
         return SimulatedOperator(config, clock)

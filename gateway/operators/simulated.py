@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from gateway import ptt
 from gateway.clock import Clock, sleep_until
-from gateway.config import OperatorConfig
+from gateway.config import SimulatedOperatorConfig
 from gateway.operators import ReportSink
 from gateway.records import OutgoingMessage, StateUpdate
 
@@ -62,7 +62,7 @@ def _dlr(code: int) -> int:
     return int(known.dlr)
 
 
-def plan(receiver: str, rng: random.Random, config: OperatorConfig, *,
+def plan(receiver: str, rng: random.Random, config: SimulatedOperatorConfig, *,
          resumed: bool = False) -> list[Step]:
     """The states a message goes through, before the validity period is applied.
 
@@ -119,7 +119,7 @@ def message_rng(seed: int, message_id: int) -> random.Random:
 class SimulatedOperator:
     """Plays each message's timeline on the clock and reports the states in batches."""
 
-    def __init__(self, config: OperatorConfig, clock: Clock) -> None:
+    def __init__(self, config: SimulatedOperatorConfig, clock: Clock) -> None:
         self._config = config
         self._clock = clock
         self._validity = config.validity_hours * 3600.0
