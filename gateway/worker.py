@@ -252,7 +252,7 @@ async def run(config: Config, commands: asyncio.StreamReader,
                     dispatcher.poke()
                 for _ in range(chunk.count(STATUS)):
                     answers.write(json.dumps({
-                        "operator_connected": dispatcher.operator.connected,
+                        "operator_connected": dispatcher.operator.link_status().up,
                         "waiting_hand_over": dispatcher.waiting_hand_over,
                         "waiting_reports": dispatcher.waiting_reports,
                         "metrics": metrics.exposition().decode(),

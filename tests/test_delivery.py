@@ -16,9 +16,22 @@ import pytest
 from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.delivery import Dispatcher
-from gateway.operators import OperatorUnavailable, ReportSink
+from gateway.operators.base import (
+    LinkStatus,
+    OperatorSink,
+    OperatorUnavailable,
+    SubmitResult,
+    Taken,
+)
+from gateway.operators.simulated import reference
 from gateway.service import Management
-from gateway.store import OutgoingMessage, SendOrder, StateUpdate
+from gateway.store import (
+    OperatorReport,
+    OutgoingMessage,
+    SendOrder,
+    SentMessage,
+    StateUpdate,
+)
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, eventually, ledger_identity
 
@@ -188,9 +201,10 @@ class CountingStore(SQLiteStore):
         super().__init__(path)
         self.calls: dict[str, int] = {"mark_sent": 0, "apply_updates": 0}
 
-    async def mark_sent(self, ids: Sequence[int], *, at: float) -> None:
+    async def mark_sent(self, ids: Sequence[int], *, at: float,
+                        references: Sequence[SentMessage] = ()) -> None:
         self.calls["mark_sent"] += 1
-        await super().mark_sent(ids, at=at)
+        await super().mark_sent(ids, at=at, references=references)
 
     async def apply_updates(self, updates: Sequence[StateUpdate]) -> int:
         self.calls["apply_updates"] += 1
@@ -263,7 +277,9 @@ async def test_messages_in_flight_at_a_stop_are_resumed_not_resent(
     ids = await seed_queued(config, 4, per_order=2)
     store = SQLiteStore(config.store.path)
     await store.open()
-    await store.mark_sent(ids[:2], at=time.time())  # the operator had these two
+    # The operator had these two.
+    await store.mark_sent(ids[:2], at=time.time(),
+                          references=[SentMessage(i, (reference(i),)) for i in ids[:2]])
     await store.close()
 
     h: Harness = await make_harness(seed=False)
@@ -280,23 +296,27 @@ class FlakyOperator:
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.calls = 0
-        self.reports: ReportSink | None = None
+        self.sink: OperatorSink | None = None
 
-    async def start(self, reports: ReportSink) -> None:
-        self.reports = reports
+    async def start(self, sink: OperatorSink) -> None:
+        self.sink = sink
 
     async def stop(self) -> None:
-        self.reports = None
+        self.sink = None
 
-    async def submit(self, messages: Sequence[OutgoingMessage]) -> None:
+    async def submit(self, messages: Sequence[OutgoingMessage]) -> Sequence[SubmitResult]:
         self.calls += 1
         if self.calls <= self.failures:
             raise OperatorUnavailable("link down")
-        assert self.reports is not None
-        self.reports([StateUpdate.from_ptt(m.id, 4, T0) for m in messages])
+        assert self.sink is not None
+        self.sink.reports([OperatorReport.from_ptt(f"F{m.id}", 4, T0) for m in messages])
+        return [Taken(m.id, (f"F{m.id}",)) for m in messages]
 
     async def resume(self, messages: Sequence[OutgoingMessage]) -> None:
         pass
+
+    def link_status(self) -> LinkStatus:
+        return LinkStatus(self.calls > self.failures)
 
 
 async def test_messages_wait_while_the_operator_is_unavailable(config: Config) -> None:

@@ -147,6 +147,7 @@ class OutgoingMessage:
     # Set when the operator already took the message before a restart: it is resumed
     # (its reports awaited), not submitted a second time.
     sent_at: float | None = None
+    parts: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +183,42 @@ class StateUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorReport:
+    """A state the operator reports for one of its references (one part of a message).
+
+    The store finds the message by the reference (`apply_reports`); `dlr` may differ from
+    the ptt's usual one (a network says "buffered" for a message it stores).
+    """
+
+    reference: str
+    ptt: int
+    dlr: int
+    final: bool
+    billed: bool
+    at: float
+    note: str = ""
+
+    @classmethod
+    def from_ptt(cls, reference: str, code: int, at: float, note: str = "", *,
+                 dlr: int | None = None) -> OperatorReport:
+        known = StateUpdate.from_ptt(0, code, at, note)
+        return cls(reference, code, known.dlr if dlr is None else dlr, known.final,
+                   known.billed, at, known.note)
+
+    def update(self, message_id: int) -> StateUpdate:
+        return StateUpdate(message_id, self.ptt, self.dlr, self.final, self.billed, self.at,
+                           self.note)
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """A message the operator took, with its reference for each part (see `mark_sent`)."""
+
+    message_id: int
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class FinalState:
     """A message that reached its final state in one `apply_updates` batch."""
 
@@ -203,6 +240,10 @@ class AppliedUpdates:
     # Positions in the batch of the updates left out: their message was already final
     # (maybe by an earlier update of the same batch) or is unknown.
     ignored: tuple[int, ...] = ()
+    # Of those, the reports (`apply_reports`) whose reference names no message part.
+    unmatched: tuple[int, ...] = ()
+    # For `apply_reports`: the message each report found, by position (0: none).
+    message_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,13 +379,18 @@ class Store(Protocol):
                            at: float) -> list[SendOutcome]: ...
 
     # Delivery
-    async def undelivered(self, *, after_id: int, limit: int) -> list[OutgoingMessage]: ...
-    async def last_message_id(self) -> int: ...
-    async def due_deferred(self, now: float, limit: int) -> list[OutgoingMessage]: ...
-    async def next_deferred_at(self) -> float | None: ...
-    async def mark_sent(self, ids: Sequence[int], *, at: float) -> None: ...
+    async def mark_sent(self, ids: Sequence[int], *, at: float,
+                        references: Sequence[SentMessage] = ()) -> None: ...
     async def apply_updates(self, updates: Sequence[StateUpdate]
                             ) -> AppliedUpdates: ...
+    # Delivery by claims (see SQLiteStore for the rules)
+    async def claim_messages(self, *, now: float, lease: float,
+                             limit: int) -> list[OutgoingMessage]: ...
+    async def release_messages(self, until: Sequence[tuple[int, float]]) -> None: ...
+    async def free_claims(self) -> int: ...
+    async def next_due_at(self) -> float | None: ...
+    async def in_flight(self, *, after_id: int, limit: int) -> list[OutgoingMessage]: ...
+    async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates: ...
 
     # Outbox (callbacks and alerts)
     async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
