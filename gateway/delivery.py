@@ -56,6 +56,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 
@@ -89,6 +90,7 @@ LEASE_SECONDS = 60.0
 # Times a report with an unknown reference is held back for a hand-over being recorded.
 UNMATCHED_TRIES = 3
 
+T = TypeVar("T")
 InboundHandler = Callable[[Sequence[Inbound]], Awaitable[None]]
 
 
@@ -375,8 +377,8 @@ class Dispatcher:
         self._in_hand = 0
 
     async def _record(self, what: str, items: Sequence[object],
-                      write: Callable[[], Awaitable[object]], *, tries: int | None = None
-                      ) -> object | None:
+                      write: Callable[[], Awaitable[T]], *, tries: int | None = None
+                      ) -> T | None:
         """Keep trying a write about what the operator answered rather than hand the
         messages over again; only a stop (or `tries`) gives up, leaving them to their claim's
         end. Returns the write's result, None if given up."""
