@@ -152,8 +152,11 @@ class Dispatcher:
     # -- inputs ------------------------------------------------------------------------
 
     def on_commit(self, outcomes: Sequence[SendOutcome]) -> None:
-        """After-commit hook of the send path: wake the hand-over, never wait."""
-        if self._stopping.is_set():
+        """After-commit hook of the send path: wake the hand-over, never wait.
+
+        Following the store, it is ignored: the commits come from another process, which
+        pokes."""
+        if self._follow or self._stopping.is_set():
             return
         if any(outcome.accepted and outcome.ids for outcome in outcomes):
             self._wake.set()
