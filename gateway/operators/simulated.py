@@ -161,7 +161,10 @@ class SimulatedOperator:
 
     async def submit(self, messages: Sequence[OutgoingMessage]) -> Sequence[SubmitResult]:
         self._schedule(messages, resumed=False)
-        return [Taken(m.id, tuple(reference(m.id, part) for part in range(1, m.parts + 1)))
+        # Spelled out for one part, the usual case: a generator per message costs a
+        # microsecond, at thousands of messages a second.
+        return [Taken(m.id, (f"{m.id}.1",) if m.parts == 1 else
+                      tuple(reference(m.id, part) for part in range(1, m.parts + 1)))
                 for m in messages]
 
     async def resume(self, messages: Sequence[OutgoingMessage]) -> None:
@@ -192,9 +195,9 @@ class SimulatedOperator:
                          self._config, resumed=resumed)
             # Validity counts from when the message was meant to leave.
             deadline = (message.deferred_until or message.created_at) + self._validity
+            name = f"{message.id}.1"  # see `reference`
             for at, code, dlr in timeline(steps, now, deadline):
-                heapq.heappush(self._events,
-                               (at, next(self._seq), reference(message.id), code, dlr))
+                heapq.heappush(self._events, (at, next(self._seq), name, code, dlr))
         if messages:
             self._wake.set()
 

@@ -201,9 +201,11 @@ class OperatorReport:
     @classmethod
     def from_ptt(cls, reference: str, code: int, at: float, note: str = "", *,
                  dlr: int | None = None) -> OperatorReport:
-        known = StateUpdate.from_ptt(0, code, at, note)
-        return cls(reference, code, known.dlr if dlr is None else dlr, known.final,
-                   known.billed, at, known.note)
+        known = ptt.lookup(code)
+        if known is None:
+            raise ValueError(f"unknown ptt code {code}")
+        return cls(reference, code, int(known.dlr) if dlr is None else dlr, known.final,
+                   known.billed, at, note or known.description)
 
     def update(self, message_id: int) -> StateUpdate:
         return StateUpdate(message_id, self.ptt, self.dlr, self.final, self.billed, self.at,

@@ -890,9 +890,8 @@ class SQLiteStore:
                 (now + lease, now, limit - len(deferred)))
             return [*deferred, *queued]
 
-        # RETURNING gives no order; the operator gets them as they fell due.
-        return sorted((_outgoing(r) for r in await self._transaction(body)),
-                      key=lambda m: (m.deferred_until or 0.0, m.id))
+        # RETURNING gives no order: by id (rows compare by their first column).
+        return [_outgoing(r) for r in sorted(await self._transaction(body))]
 
     async def release_messages(self, until: Sequence[tuple[int, float]]) -> None:
         """End claims early: (message id, when it may be claimed again) — the operator's
@@ -952,8 +951,9 @@ class SQLiteStore:
                 "SELECT reference, message_id FROM message_parts "
                 f"WHERE reference IN ({marks})", chunk))
         known = [p for p, r in enumerate(reports) if r.reference in owners]
-        applied = await self.apply_updates(
-            [reports[p].update(owners[reports[p].reference]) for p in known])
+        applied = await self.apply_updates([
+            StateUpdate(owners[r.reference], r.ptt, r.dlr, r.final, r.billed, r.at, r.note)
+            for r in map(reports.__getitem__, known)])
         unmatched = tuple(p for p, r in enumerate(reports) if r.reference not in owners)
         ignored = sorted({known[p] for p in applied.ignored}.union(unmatched))
         return AppliedUpdates(applied.callbacks, applied.finals, tuple(ignored), unmatched,
