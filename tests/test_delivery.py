@@ -9,6 +9,8 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
+from importlib import resources
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -648,3 +650,32 @@ async def test_a_lower_id_committed_after_a_higher_one_is_still_delivered(
         dispatcher.poke()
         await eventually(lambda: late in operator.submitted)
     assert sorted(operator.submitted) == ids
+
+
+async def test_messages_in_flight_across_the_upgrade_to_claims_still_find_their_reports(
+        tmp_path: Path) -> None:
+    """A store of the version before references: its sent messages were the simulator's."""
+    path = tmp_path / "before.sqlite3"
+    folder = resources.files("gateway.store") / "migrations"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT "
+                   "NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)")
+        for name in sorted(item.name for item in folder.iterdir() if item.name.endswith(".sql")):
+            version = int(name.split("_", 1)[0])
+            if version < 4:
+                db.executescript((folder / name).read_text(encoding="utf-8"))
+                db.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)",
+                           (version, name))
+        db.execute("INSERT INTO accounts (id, name, balance, created_at) VALUES (1, 'a', 0, 1)")
+        db.execute("INSERT INTO messages (id, account_id, login, sender, receiver, body, coding, "
+                   "parts, class, no_stop, credits, charged_to, created_at, state, updated_at) "
+                   "VALUES (7, 1, 'u', 'S', '+33612345678', 'b', 1, 1, 1, 1, 0, 'account', 1, "
+                   "'sent', 1)")
+        db.commit()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        applied = await store.apply_reports([OperatorReport.from_ptt(reference(7), 4, 2.0)])
+        assert applied.unmatched == () and [f.message_id for f in applied.finals] == [7]
+    finally:
+        await store.close()

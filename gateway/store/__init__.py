@@ -207,10 +207,6 @@ class OperatorReport:
         return cls(reference, code, int(known.dlr) if dlr is None else dlr, known.final,
                    known.billed, at, note or known.description)
 
-    def update(self, message_id: int) -> StateUpdate:
-        return StateUpdate(message_id, self.ptt, self.dlr, self.final, self.billed, self.at,
-                           self.note)
-
 
 @dataclass(frozen=True, slots=True)
 class SentMessage:
