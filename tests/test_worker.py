@@ -163,7 +163,7 @@ class Following:
                                                                       at=self.clock.now())
         assert [o.accepted for o in outcomes] == [True], outcomes
         # As the gateway's after-commit hook does. A dispatcher following the store
-        # ignores it (it needs a poke); a one-process one queues the messages.
+        # ignores it (it needs a poke); a one-process one looks in the store.
         self.dispatcher.on_commit(outcomes)
         return list(outcomes[0].ids)
 
