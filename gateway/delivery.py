@@ -41,7 +41,11 @@ Inbound messages (replies, STOP) go to `on_inbound` and are acknowledged once it
 until the gateway stores them (a later issue), the default logs each one.
 
 Delivery is at least once: a crash between the operator taking a message and `mark_sent`
-committing hands it over again once its claim is freed.
+committing hands it over again once its claim is freed. Several dispatchers on one store
+never submit a message twice, but each resumes at its start what is in flight: for a
+network that redelivers pending receipts (SMPP) that is only waiting; the simulator replays
+those messages' plans, so their states may be reported twice (a final one only counts
+once).
 
 Logs: per-message events (`message_submitted`, `message_resumed`, `message_state`) are at
 debug level, and only built when debug is on, so a busy gateway pays nothing for them;
