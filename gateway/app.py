@@ -154,7 +154,10 @@ def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metri
         lease=cb.lease_seconds or 3 * cb.timeout_seconds + 60.0, name="callbacks")
     dispatcher = Dispatcher(store, clock, create_operator(config.operator, clock),
                             max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
-                            metrics=metrics, follow_store=follow_store)
+                            metrics=metrics, follow_store=follow_store,
+                            # A SQLite store has one delivering process (the worker holds a
+                            # lock for it): claims left at its start are a previous run's.
+                            exclusive=True)
     return callbacks, dispatcher
 
 

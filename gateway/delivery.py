@@ -1,24 +1,51 @@
 """The dispatcher: from committed sends to the operator, and from its reports to the store.
 
-Three loops, each working in batches so that the operator side keeps up with the group-
+Three tasks, each working in batches so that the operator side keeps up with the group-
 committed send side:
 
-- hand-over: messages committed for immediate delivery (given by `on_commit`, which only
-  queues in memory so the send path never waits), and at start the messages a previous run
-  left queued or in flight, go to the operator; then one `mark_sent` per batch.
-- deferred: sleeps on the clock until the earliest `deferred_until` (woken early when a
-  nearer one is committed) and hands over what is due. Deferred messages stay in the store
-  only, so they survive restarts and never fill memory.
-- reports: the operator's state updates are buffered and applied with one `apply_updates`
-  transaction per batch (a batch is whatever arrived while the previous one committed);
-  when that queued callbacks, the callback worker is woken.
+- recovery, once at start: the messages a previous run left with the operator (sent, not
+  final) are resumed: their reports awaited, never submitted again. When this dispatcher
+  is the only one on its store (`exclusive`: the SQLite deployments, where one process
+  delivers), it first frees every claim, which can only be a previous run's: its messages
+  go out at once rather than when their leases end.
+- hand-over: claims due messages (queued, or deferred and due) with a lease, one
+  transaction per batch (`claim_messages`), gives them to the operator and records its
+  answers: taken ones are marked sent with their references (one `mark_sent` per batch),
+  "try later" ones are released until their time, refused ones are settled at their final
+  ptt (refunded when not billed, like any failure). A batch the operator answered only in
+  part (it failed half-way) re-sends only the messages it did not take. A claim is held
+  until `lease_seconds` after it was made: a dispatcher that dies holding one frees it
+  then, and the message is claimed again. So correctness comes from claims, not from
+  message ids committing in order: with several committers a lower id may commit after a
+  higher one, and several dispatchers may share a store without submitting a message
+  twice.
+  The loop sleeps until the store's next due time (`next_due_at`: a deferred time, a
+  "try later", a lease running out), or until woken: by `on_commit` (the send path's
+  after-commit hook, in the same process; it only sets an event, so the send path never
+  waits), by `poke` (another process committed, `follow_store` mode), and in
+  `follow_store` mode at least every `poll_seconds` (a commit by a process that pokes no
+  one, the command-line tool). The committed messages themselves are not handed over from
+  memory any more: they would still need a claim, which is a write, and the claim returns
+  them for the same price.
+- reports: the operator's reports name its references; they are buffered and applied with
+  one `apply_reports` transaction per batch (a batch is whatever arrived while the
+  previous one committed); when that queued callbacks, the callback worker is woken. The
+  `Acknowledgement` returned to the operator for a call completes once all of that call's
+  reports are committed. A report can arrive before the `mark_sent` recording its
+  reference has committed (the network answers fast); while a hand-over is being recorded
+  such reports are held back, in order, and applied after it. A reference still unknown
+  after that belongs to no message the store knows: it is logged, and acknowledged (the
+  network would otherwise redeliver it for ever).
 
-In a delivery worker process (`follow_store`), commits happen in another process, so there
-is no `on_commit`: the hand-over loop keeps reading the store past the newest message it has
-seen, whenever `poke` says something was committed and at least every `poll_seconds`.
+Inbound messages (replies, STOP) go to `on_inbound` and are acknowledged once it returns;
+until the gateway stores them (a later issue), the default logs each one.
 
 Delivery is at least once: a crash between the operator taking a message and `mark_sent`
-committing hands it over again at the next start.
+committing hands it over again once its claim is freed. Several dispatchers on one store
+never submit a message twice, but each resumes at its start what is in flight: for a
+network that redelivers pending receipts (SMPP) that is only waiting; the simulator replays
+those messages' plans, so their states may be reported twice (a final one only counts
+once).
 
 Logs: per-message events (`message_submitted`, `message_resumed`, `message_state`) are at
 debug level, and only built when debug is on, so a busy gateway pays nothing for them;
@@ -31,19 +58,57 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
 from gateway.clock import Clock, sleep_until
 from gateway.logs import id_ranges
 from gateway.metrics import Metrics
-from gateway.operators import Operator, OperatorUnavailable
-from gateway.records import AppliedUpdates, OutgoingMessage, SendOutcome, StateUpdate
+from gateway.operators.base import (
+    Acknowledgement,
+    Inbound,
+    Later,
+    Operator,
+    Refused,
+    SubmitResult,
+    Taken,
+)
+from gateway.records import (
+    AppliedUpdates,
+    OperatorReport,
+    OutgoingMessage,
+    SendOutcome,
+    SentMessage,
+    StateUpdate,
+)
 from gateway.store import DeliveryStore
 
 log = structlog.get_logger("gateway.delivery")
+
+# How long a claim holds a message: longer than a submit can take, or a slow one would be
+# claimed (and submitted) again by another dispatcher.
+LEASE_SECONDS = 60.0
+# Times a report with an unknown reference is held back for a hand-over being recorded.
+UNMATCHED_TRIES = 3
+
+T = TypeVar("T")
+InboundHandler = Callable[[Sequence[Inbound]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """One sink call: its acknowledgement completes when its last report is committed."""
+
+    left: int
+    done: Acknowledgement
+
+
+# A report waiting for the store: its sink call's ticket, and how many times it was held
+# back. A tuple: thousands a second are made.
+_Queued = tuple[OperatorReport, _Ticket, int]
 
 
 class Dispatcher:
@@ -51,108 +116,116 @@ class Dispatcher:
                  max_batch: int = 1000, retry_seconds: float = 5.0,
                  on_callbacks: Callable[[], None] | None = None,
                  metrics: Metrics | None = None, follow_store: bool = False,
-                 poll_seconds: float = 1.0) -> None:
+                 poll_seconds: float = 1.0, lease_seconds: float = LEASE_SECONDS,
+                 exclusive: bool = False, on_inbound: InboundHandler | None = None) -> None:
         self._store = store
         self._metrics = metrics or Metrics()
         self._clock = clock
         self.operator = operator
         self._max_batch = max(1, max_batch)
         self._retry_seconds = retry_seconds
+        self._lease = lease_seconds
+        self._exclusive = exclusive
         self._on_callbacks = on_callbacks
-        self._ready: deque[OutgoingMessage] = deque()
-        self._ready_wake = asyncio.Event()
-        self._next_deferred: float | None = None
-        self._deferred_wake = asyncio.Event()
-        self._reports: list[StateUpdate] = []
+        self._on_inbound = on_inbound or _log_inbound
+        self._wake = asyncio.Event()
+        self._in_hand = 0
+        self._reports: list[_Queued] = []
+        self._held: list[_Queued] = []
         self._reports_wake = asyncio.Event()
+        # Hand-overs between their claim and the end of their recording, and how many
+        # recordings have ended: the report loop decides with them whether an unknown
+        # reference may still be recorded (see the module doc).
+        self._handing = 0
+        self._recorded = 0
         self._stopping = asyncio.Event()
         self._operator_stopped = False
-        # Messages with a higher id reach us through on_commit; the others by recovery.
-        self._live_after: int | None = None
-        self._started_at_id = 0
-        # Set once the messages stored before the start are read back. The deferred loop
-        # waits for it: a deferred message it marked sent meanwhile would look like one
-        # to resume, and go to the operator twice.
+        # Set once the messages in flight at the start are resumed. The hand-over waits
+        # for it: a message it marked sent meanwhile would look like one to resume.
         self._recovered = asyncio.Event()
         self._follow = follow_store
         self._poll = poll_seconds
         self._tasks: list[asyncio.Task[None]] = []
         self._report_task: asyncio.Task[None] | None = None
+        self._inbound_tasks: set[asyncio.Task[None]] = set()
         self.submitted = 0
         self.applied = 0
 
     # -- inputs ------------------------------------------------------------------------
 
     def on_commit(self, outcomes: Sequence[SendOutcome]) -> None:
-        """After-commit hook of the send path: queue in memory, never wait."""
-        if self._live_after is None or self._stopping.is_set():
-            return  # the store has them; the next start recovers them
-        nearest: float | None = None
-        for outcome in outcomes:
-            if not outcome.accepted:
-                continue
-            for message in outcome.messages:
-                if message.id <= self._live_after:
-                    continue
-                if message.deferred_until is None:
-                    self._ready.append(message)
-                elif nearest is None or message.deferred_until < nearest:
-                    nearest = message.deferred_until
-        if self._ready:
-            self._ready_wake.set()
-        if nearest is not None and (self._next_deferred is None
-                                    or nearest < self._next_deferred):
-            self._next_deferred = nearest
-            self._deferred_wake.set()
+        """After-commit hook of the send path: wake the hand-over, never wait.
+
+        Following the store, it is ignored: the commits come from another process, which
+        pokes."""
+        if self._follow or self._stopping.is_set():
+            return
+        if any(outcome.accepted and outcome.ids for outcome in outcomes):
+            self._wake.set()
 
     def poke(self) -> None:
         """Another process committed sends: look in the store (`follow_store` mode)."""
-        self._ready_wake.set()
-        self._deferred_wake.set()
+        self._wake.set()
 
-    def report(self, updates: Sequence[StateUpdate]) -> None:
-        """The operator's report sink."""
-        self._reports.extend(updates)
+    def reports(self, reports: Sequence[OperatorReport]) -> Acknowledgement:
+        """The operator's sink for delivery reports (see `gateway.operators.base`)."""
+        done: Acknowledgement = asyncio.get_running_loop().create_future()
+        if not reports:
+            done.set_result(None)
+            return done
+        ticket = _Ticket(len(reports), done)
+        self._reports.extend([(report, ticket, 0) for report in reports])
         self._reports_wake.set()
+        return done
+
+    def inbound(self, messages: Sequence[Inbound]) -> Acknowledgement:
+        """The operator's sink for inbound messages: acknowledged once handled."""
+        done: Acknowledgement = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._handle_inbound(messages, done))
+        self._inbound_tasks.add(task)
+        task.add_done_callback(self._inbound_tasks.discard)
+        return done
+
+    async def _handle_inbound(self, messages: Sequence[Inbound], done: Acknowledgement) -> None:
+        try:
+            await self._on_inbound(messages)
+        except Exception as exc:
+            log.error("inbound_failed", error=str(exc), messages=len(messages))
+            done.cancel()  # not acknowledged: the network sends them again
+            return
+        if not done.done():
+            done.set_result(None)
 
     @property
     def backlog(self) -> int:
-        """Messages waiting for the operator plus reports waiting for the store."""
-        return len(self._ready) + len(self._reports)
+        """Messages in hand for the operator plus reports waiting for the store."""
+        return self.waiting_hand_over + self.waiting_reports
 
     @property
     def waiting_hand_over(self) -> int:
-        """Committed messages waiting in memory for the operator."""
-        return len(self._ready)
+        """Messages claimed and not yet answered by the operator and recorded."""
+        return self._in_hand
 
     @property
     def waiting_reports(self) -> int:
         """Operator reports waiting in memory for the store."""
-        return len(self._reports)
+        return len(self._reports) + len(self._held)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        # Read before anything can be committed (services start before requests are
-        # served), so no message is both recovered and handed over live.
-        self._started_at_id = await self._store.last_message_id()
-        # Following the store, every message is read from it: none is "recovered".
-        self._live_after = None if self._follow else self._started_at_id
-        self._next_deferred = await self._store.next_deferred_at()
-        await self.operator.start(self.report)
+        await self.operator.start(self)
         self._report_task = asyncio.create_task(self._report_loop(), name="delivery-reports")
         self._tasks = [
-            asyncio.create_task(self._hand_over_loop(self._live_after),
-                                name="delivery-hand-over"),
-            asyncio.create_task(self._deferred_loop(), name="delivery-deferred"),
+            asyncio.create_task(self._recover(), name="delivery-recovery"),
+            asyncio.create_task(self._hand_over_loop(), name="delivery-hand-over"),
         ]
 
     async def stop(self) -> None:
         """Finish the batch in hand, stop the operator, then store the reports received."""
         self._stopping.set()
         self._recovered.set()
-        self._ready_wake.set()
-        self._deferred_wake.set()
+        self._wake.set()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -164,119 +237,165 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._report_task
             self._report_task = None
+        for task in list(self._inbound_tasks):
+            task.cancel()
+        # Not stored: not acknowledged, so a network that cares sends them again.
+        for _, ticket, _ in (*self._reports, *self._held):
+            ticket.done.cancel()
+
+    # -- recovery ----------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        try:
+            if self._exclusive:
+                while True:
+                    try:
+                        freed = await self._store.free_claims()
+                        break
+                    except Exception as exc:
+                        log.error("free_claims_failed", error=str(exc))
+                        if not await self._pause():
+                            return
+                if freed:
+                    log.info("delivery_claims_freed", messages=freed)
+            cursor = 0
+            while not self._stopping.is_set():
+                try:
+                    page = await self._store.in_flight(after_id=cursor, limit=self._max_batch)
+                except Exception as exc:
+                    log.error("recovery_failed", error=str(exc))
+                    if not await self._pause():
+                        return
+                    continue
+                if not page:
+                    break
+                if not await self._resume(page):
+                    return
+                cursor = page[-1].id
+            log.info("delivery_recovered", upto=cursor)
+        finally:
+            self._recovered.set()
+
+    async def _resume(self, messages: Sequence[OutgoingMessage]) -> bool:
+        while True:
+            try:
+                await self.operator.resume(messages)
+            except Exception as exc:
+                log.warning("operator_resume_failed", error=str(exc), messages=len(messages),
+                            ids=id_ranges(m.id for m in messages),
+                            retry_in=self._retry_seconds)
+                if not await self._pause():
+                    return False
+                continue
+            _log_each("message_resumed", messages)
+            return True
 
     # -- hand-over ---------------------------------------------------------------------
 
-    async def _hand_over_loop(self, recover_upto: int | None) -> None:
-        """`recover_upto` None: follow the store for good (delivery worker process)."""
-        cursor = 0
-        recovering = True
+    async def _hand_over_loop(self) -> None:
+        await self._recovered.wait()
         while not self._stopping.is_set():
-            worked = False
-            in_hand: Sequence[OutgoingMessage] = ()
+            # Cleared before looking, so that a commit while we look is not slept through.
+            self._wake.clear()
+            self._handing += 1
             try:
-                if self._ready:
-                    in_hand = [self._ready.popleft()
-                               for _ in range(min(self._max_batch, len(self._ready)))]
-                    await self._hand_over(in_hand)
-                    in_hand = ()  # taken: a later failure must not hand these over again
-                    worked = True
-                # Alternating with live messages: a large backlog must not stall new sends.
-                if recovering and not self._stopping.is_set():
-                    newest = await self._store.last_message_id() \
-                        if recover_upto is None else 0
-                    page = await self._store.undelivered(after_id=cursor,
-                                                         limit=self._max_batch)
-                    if recover_upto is None:
-                        # Sent after our start: by our own deferred loop, not to resume.
-                        mine = [m for m in page
-                                if m.sent_at is None or m.id <= self._started_at_id]
-                    else:
-                        mine = [m for m in page if m.id <= recover_upto]
-                    recovering = recover_upto is None or len(mine) == self._max_batch
-                    if page and recover_upto is None:
-                        cursor = page[-1].id
-                    if mine:
-                        cursor = max(cursor, mine[-1].id)
-                        in_hand = mine
-                        await self._hand_over(mine)
-                        in_hand = ()
-                        worked = True
-                    if not self._recovered.is_set() and (
-                            len(page) < self._max_batch or cursor >= self._started_at_id):
-                        self._recovered.set()
-                    if not recovering:
-                        log.info("delivery_recovered", upto=recover_upto)
-                    elif recover_upto is None and len(page) < self._max_batch:
-                        # A short page holds every undelivered message up to `newest`
-                        # (read before it): never scan the settled ones below it again.
-                        cursor = max(cursor, newest)
-                        worked = bool(self._ready)  # caught up: wait for a poke
+                batch = await self._store.claim_messages(
+                    now=self._clock.now(), lease=self._lease, limit=self._max_batch)
+                if batch:
+                    await self._hand_over(batch)
+                    continue
+                due_at = await self._store.next_due_at()
             except Exception as exc:
-                # Not taken by the operator: back to the front of the queue, to be tried
-                # again after the pause rather than left waiting for a restart.
-                log.error("hand_over_failed", error=str(exc), messages=len(in_hand),
-                          ids=id_ranges(m.id for m in in_hand))
-                self._ready.extendleft(reversed(in_hand))
+                log.error("hand_over_failed", error=str(exc))
                 await self._pause()
                 continue
-            if not worked:
-                if recovering and recover_upto is None:
-                    # Look again now and then even unpoked: a commit by a process that
-                    # does not poke us (the command-line tool) must still go out.
-                    await sleep_until(self._clock, self._clock.now() + self._poll,
-                                      self._ready_wake)
-                else:
-                    await self._ready_wake.wait()
-                self._ready_wake.clear()
+            finally:
+                self._handing -= 1
+                self._in_hand = 0
+            if self._follow:
+                polled = self._clock.now() + self._poll
+                due_at = polled if due_at is None else min(due_at, polled)
+            await sleep_until(self._clock, due_at, self._wake)
 
-    async def _hand_over(self, messages: Sequence[OutgoingMessage]) -> bool:
-        """Give messages to the operator; False if they may still look untaken in the store."""
-        fresh = [m for m in messages if m.sent_at is None]
-        taken = [m for m in messages if m.sent_at is not None]
+    async def _hand_over(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Submit claimed messages and record each answer."""
+        self._in_hand = len(messages)
+        started = time.perf_counter()
+        results: Sequence[SubmitResult] = ()
+        try:
+            results = await self.operator.submit(messages)
+        except Exception as exc:
+            log.warning("operator_unavailable", error=str(exc), messages=len(messages),
+                        ids=id_ranges(m.id for m in messages), retry_in=self._retry_seconds)
+        else:
+            # Answered calls only: a link that refuses at once would otherwise pull the
+            # latency down just when the operator is in trouble.
+            self._metrics.operator_submit_seconds.observe(time.perf_counter() - started)
+        now = self._clock.now()
+        claimed = {m.id for m in messages}
+        taken: list[SentMessage] = []
+        later: dict[int, float] = {}
+        refused: list[StateUpdate] = []
+        for result in results:
+            if result.message_id not in claimed:
+                continue  # not ours to record (a connector's mistake)
+            claimed.discard(result.message_id)
+            if isinstance(result, Taken):
+                taken.append(SentMessage(result.message_id, result.references))
+            elif isinstance(result, Later):
+                later[result.message_id] = now + max(0.0, result.retry_after)
+            elif isinstance(result, Refused):
+                try:
+                    refused.append(StateUpdate.from_ptt(result.message_id, result.ptt, now,
+                                                        result.note))
+                except ValueError as exc:
+                    log.error("operator_refusal_unknown", error=str(exc),
+                              message_id=result.message_id)
+                    later[result.message_id] = now + self._retry_seconds
+        # Not answered (the batch failed half-way, or at once): tried again, and only them.
+        for message_id in claimed:
+            later[message_id] = now + self._retry_seconds
+        if later and results:
+            log.warning("operator_try_later", messages=len(later), ids=id_ranges(later))
         if taken:
-            if not await self._retrying(self.operator.resume, taken):
-                return False
-            _log_each("message_resumed", taken)
-        if not fresh:
-            return True
-        if not await self._retrying(self.operator.submit, fresh, timed=True):
-            return False
-        self.submitted += len(fresh)
-        _log_each("message_submitted", fresh)
-        # The operator has them now: keep trying to record it rather than hand them over
-        # again (deferred ones stay due until marked). Only a stop before it succeeds
-        # leaves them to be handed over once more at the next start.
-        while True:
-            try:
-                await self._store.mark_sent([m.id for m in fresh], at=self._clock.now())
-                return True
-            except Exception as exc:
-                log.error("mark_sent_failed", error=str(exc), messages=len(fresh),
-                          ids=id_ranges(m.id for m in fresh))
-                if not await self._pause():
-                    return False
+            self.submitted += len(taken)
+            if _debug():
+                for sent in taken:
+                    log.debug("message_submitted", message_id=sent.message_id,
+                              references=list(sent.references))
+            await self._record(
+                "mark_sent", taken,
+                lambda: self._store.mark_sent([t.message_id for t in taken], at=now,
+                                              references=taken))
+        self._recorded += 1
+        self._requeue_held()
+        if refused:
+            applied = await self._record(
+                "refusals", refused, lambda: self._store.apply_updates(refused))
+            if applied is not None:
+                self._settled(applied)
+        if later:
+            # Failing this only delays them to the end of their lease.
+            await self._record("release", list(later),
+                               lambda: self._store.release_messages(list(later.items())),
+                               tries=1)
+        self._in_hand = 0
 
-    async def _retrying(self, call: Callable[[Sequence[OutgoingMessage]], Awaitable[None]],
-                        messages: Sequence[OutgoingMessage], *, timed: bool = False) -> bool:
-        """Run an operator call until it succeeds; False if the gateway stops first."""
+    async def _record(self, what: str, items: Sequence[object],
+                      write: Callable[[], Awaitable[T]], *, tries: int | None = None
+                      ) -> T | None:
+        """Keep trying a write about what the operator answered rather than hand the
+        messages over again; only a stop (or `tries`) gives up, leaving them to their claim's
+        end. Returns the write's result, None if given up."""
+        attempt = 0
         while True:
-            started = time.perf_counter()
+            attempt += 1
             try:
-                await call(messages)
-            except OperatorUnavailable as exc:
-                log.warning("operator_unavailable", error=str(exc), messages=len(messages),
-                            ids=id_ranges(m.id for m in messages),
-                            retry_in=self._retry_seconds)
-            else:
-                # Successful calls only: a link that refuses at once would otherwise pull
-                # the latency down just when the operator is in trouble.
-                if timed:
-                    self._metrics.operator_submit_seconds.observe(
-                        time.perf_counter() - started)
-                return True
-            if not await self._pause():
-                return False
+                return await write()
+            except Exception as exc:
+                log.error(f"{what}_failed", error=str(exc), messages=len(items))
+                if (tries is not None and attempt >= tries) or not await self._pause():
+                    return None
 
     async def _pause(self) -> bool:
         """Wait `retry_seconds` on the clock; False if the gateway stops meanwhile."""
@@ -291,50 +410,13 @@ class Dispatcher:
                 waiting.cancel()
         return not self._stopping.is_set()
 
-    # -- deferred ----------------------------------------------------------------------
-
-    async def _deferred_loop(self) -> None:
-        await self._recovered.wait()
-        while not self._stopping.is_set():
-            if self._follow:
-                # No on_commit to lower the hint: read the nearest time at each poke.
-                try:
-                    stored = await self._store.next_deferred_at()
-                except Exception as exc:
-                    log.error("deferred_scan_failed", error=str(exc))
-                    stored = None
-                if stored is not None and (self._next_deferred is None
-                                           or stored < self._next_deferred):
-                    self._next_deferred = stored
-            due_at = self._next_deferred
-            if due_at is not None and due_at <= self._clock.now():
-                try:
-                    batch = await self._store.due_deferred(self._clock.now(),
-                                                           self._max_batch)
-                    if batch:
-                        # Until marked sent they stay due: pause rather than resubmit.
-                        if not await self._hand_over(batch) and not await self._pause():
-                            return
-                        continue
-                    # on_commit only ever lowers the hint: keep a nearer time it set
-                    # while the store was being read.
-                    self._next_deferred = None
-                    stored = await self._store.next_deferred_at()
-                    if stored is not None and (self._next_deferred is None
-                                               or stored < self._next_deferred):
-                        self._next_deferred = stored
-                    continue
-                except Exception as exc:
-                    log.error("deferred_scan_failed", error=str(exc))
-                    if not await self._pause():
-                        return
-                    continue
-            if self._follow:
-                polled = self._clock.now() + self._poll
-                due_at = polled if due_at is None else min(due_at, polled)
-            await sleep_until(self._clock, due_at, self._deferred_wake)
-
     # -- reports -----------------------------------------------------------------------
+
+    def _requeue_held(self) -> None:
+        if self._held:
+            self._reports[:0] = self._held
+            self._held = []
+            self._reports_wake.set()
 
     async def _report_loop(self) -> None:
         while True:
@@ -346,22 +428,74 @@ class Dispatcher:
                 continue
             batch = self._reports[: self._max_batch]
             del self._reports[: self._max_batch]
+            recorded = self._recorded
             try:
-                applied = await self._store.apply_updates(batch)
+                applied = await self._store.apply_reports([q[0] for q in batch])
             except Exception as exc:
-                log.error("apply_updates_failed", error=str(exc), updates=len(batch),
-                          ids=id_ranges(u.message_id for u in batch))
+                log.error("apply_reports_failed", error=str(exc), reports=len(batch))
                 if self._stopping.is_set():
-                    # Not lost: the messages are not final, so the next start resumes them.
+                    # Not lost: not acknowledged, and the messages are not final, so the
+                    # next start resumes them.
+                    for _, ticket, _ in batch:
+                        ticket.done.cancel()
                     return
                 self._reports[:0] = batch
                 await self._pause()
                 continue
-            self.applied += len(batch)
-            self._metrics.finals(applied.finals)
+            self._settled(applied)
             _log_states(batch, applied)
-            if applied.callbacks and self._on_callbacks is not None:
-                self._on_callbacks()
+            retry: list[_Queued] = []
+            retried: set[int] = set()
+            unknown: list[str] = []
+            for position in applied.unmatched:
+                report, ticket, tries = batch[position]
+                if tries < UNMATCHED_TRIES and (self._recorded != recorded or self._handing):
+                    retry.append((report, ticket, tries + 1))
+                    retried.add(position)
+                else:
+                    unknown.append(report.reference)
+            if unknown:
+                log.warning("reports_unmatched", reports=len(unknown), references=unknown[:10])
+            if retry:
+                if self._recorded != recorded:
+                    self._reports[:0] = retry  # recorded meanwhile: at once
+                else:
+                    self._held.extend(retry)
+                batch = [q for p, q in enumerate(batch) if p not in retried]
+            self.applied += len(batch)
+            _acknowledge(batch)
+
+    def _settled(self, applied: AppliedUpdates) -> None:
+        self._metrics.finals(applied.finals)
+        if applied.callbacks and self._on_callbacks is not None:
+            self._on_callbacks()
+
+
+async def _log_inbound(messages: Sequence[Inbound]) -> None:
+    for message in messages:
+        log.info("inbound_received", reference=message.reference, sender=message.sender,
+                 receiver=message.receiver, length=len(message.body))
+
+
+def _acknowledge(done: Sequence[_Queued]) -> None:
+    """Count committed reports off their tickets; a sink call's reports are adjacent."""
+    last: _Ticket | None = None
+    count = 0
+    for _, ticket, _ in done:
+        if ticket is last:
+            count += 1
+            continue
+        if last is not None:
+            _count_off(last, count)
+        last, count = ticket, 1
+    if last is not None:
+        _count_off(last, count)
+
+
+def _count_off(ticket: _Ticket, count: int) -> None:
+    ticket.left -= count
+    if ticket.left <= 0 and not ticket.done.done():
+        ticket.done.set_result(None)
 
 
 def _debug() -> bool:
@@ -376,14 +510,18 @@ def _log_each(event: str, messages: Sequence[OutgoingMessage]) -> None:
             log.debug(event, message_id=message.id)
 
 
-def _log_states(batch: Sequence[StateUpdate], applied: AppliedUpdates) -> None:
+def _log_states(batch: Sequence[_Queued], applied: AppliedUpdates) -> None:
     if not _debug():
         return
     ignored = set(applied.ignored)
-    for position, update in enumerate(batch):
+    unmatched = set(applied.unmatched)  # logged by the caller
+    for position, (report, _, _) in enumerate(batch):
+        message_id = applied.message_ids[position] if applied.message_ids else 0
+        if position in unmatched:
+            continue
         if position in ignored:
-            log.debug("message_state_ignored", message_id=update.message_id,
-                      ptt=update.ptt, dlr=update.dlr)
+            log.debug("message_state_ignored", message_id=message_id,
+                      reference=report.reference, ptt=report.ptt, dlr=report.dlr)
         else:
-            log.debug("message_state", message_id=update.message_id, ptt=update.ptt,
-                      dlr=update.dlr, final=update.final)
+            log.debug("message_state", message_id=message_id, reference=report.reference,
+                      ptt=report.ptt, dlr=report.dlr, final=report.final)

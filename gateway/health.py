@@ -75,8 +75,8 @@ async def readyz(request: web.Request) -> web.Response:
         checks["operator"] = "connected" if connected else (
             "disconnected" if status is not None else "delivery worker not answering")
     else:
-        operator = getattr(gateway.dispatcher, "operator", None)
-        connected = getattr(operator, "connected", True)
+        # No delivery in this process (and no worker): nothing to wait for.
+        connected = gateway.dispatcher is None or gateway.dispatcher.operator.link_status().up
         checks["operator"] = "connected" if connected else "disconnected"
     ready = ready and bool(connected)
     try:

@@ -126,6 +126,7 @@ class OutgoingMessage:
     # Set when the operator already took the message before a restart: it is resumed
     # (its reports awaited), not submitted a second time.
     sent_at: float | None = None
+    parts: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,40 @@ class StateUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorReport:
+    """A state the operator reports for one of its references (one part of a message).
+
+    The store finds the message by the reference (`apply_reports`); `dlr` may differ from
+    the ptt's usual one (a network says "buffered" for a message it stores).
+    """
+
+    reference: str
+    ptt: int
+    dlr: int
+    final: bool
+    billed: bool
+    at: float
+    note: str = ""
+
+    @classmethod
+    def from_ptt(cls, reference: str, code: int, at: float, note: str = "", *,
+                 dlr: int | None = None) -> OperatorReport:
+        known = ptt.lookup(code)
+        if known is None:
+            raise ValueError(f"unknown ptt code {code}")
+        return cls(reference, code, int(known.dlr) if dlr is None else dlr, known.final,
+                   known.billed, at, note or known.description)
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """A message the operator took, with its reference for each part (see `mark_sent`)."""
+
+    message_id: int
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class FinalState:
     """A message that reached its final state in one `apply_updates` batch."""
 
@@ -182,6 +217,10 @@ class AppliedUpdates:
     # Positions in the batch of the updates left out: their message was already final
     # (maybe by an earlier update of the same batch) or is unknown.
     ignored: tuple[int, ...] = ()
+    # Of those, the reports (`apply_reports`) whose reference names no message part.
+    unmatched: tuple[int, ...] = ()
+    # For `apply_reports`: the message each report found, by position (0: none).
+    message_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ competed for that core: callbacks alone took a quarter of it. With `server.deliv
 on, `http2sms serve` starts this worker as a child process (`gateway.worker_process`, its
 process main: this module is the parent's side), so the two sides use two cores
 and meet only in the store, which both processes already share safely (SQLite's write lock,
-lease-based outbox claims).
+lease-based claims of messages and outbox items).
 
 The link is the child's standard input and output, so it needs no port, no file and no
 secret on a command line:
@@ -15,7 +15,7 @@ secret on a command line:
   (pokes: sends were committed, look in the store now) and `s` (a status request).
   End of file means the parent is gone or stopping: the worker finishes what it holds and
   exits. So a parent killed with SIGKILL does not leave a worker behind.
-- stdout, child to parent: one JSON line per status request: the operator's connection, the
+- stdout, child to parent: one JSON line per status request: the operator's link status, the
   reports and messages waiting in memory, and the worker's metrics (Prometheus text).
 
 The parent side, `DeliveryWorker`, is one of the gateway's services: it starts the child,

@@ -62,10 +62,7 @@ async def run(config: Config, commands: asyncio.StreamReader,
                     dispatcher.poke()
                 for _ in range(chunk.count(STATUS)):
                     answers.write(json.dumps({
-                        # An operator without `connected` would crash the worker here, on
-                        # every status request: fixed by operator interface v2
-                        "operator_connected":
-                            dispatcher.operator.connected,  # type: ignore[attr-defined]
+                        "operator_connected": dispatcher.operator.link_status().up,
                         "waiting_hand_over": dispatcher.waiting_hand_over,
                         "waiting_reports": dispatcher.waiting_reports,
                         "metrics": metrics.exposition().decode(),

@@ -4,20 +4,40 @@ recovery after a restart and draining a large backlog."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
+from importlib import resources
+from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.clock import ManualClock
+from gateway.clock import ManualClock, SystemClock
 from gateway.config import Config
 from gateway.delivery import Dispatcher
-from gateway.operators import OperatorUnavailable, ReportSink
-from gateway.records import AppliedUpdates, OutgoingMessage, SendOrder, StateUpdate
+from gateway.operators.base import (
+    Inbound,
+    Later,
+    LinkStatus,
+    OperatorSink,
+    OperatorUnavailable,
+    Refused,
+    SubmitResult,
+    Taken,
+)
+from gateway.operators.simulated import reference
+from gateway.records import (
+    AppliedUpdates,
+    OperatorReport,
+    OutgoingMessage,
+    SendOrder,
+    SentMessage,
+    StateUpdate,
+)
 from gateway.service import Management
 from gateway.store import Store, open_store
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, eventually, ledger_identity
@@ -191,9 +211,10 @@ class CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def mark_sent(self, ids: Sequence[int], *, at: float) -> None:
+    async def mark_sent(self, ids: Sequence[int], *, at: float,
+                        references: Sequence[SentMessage] = ()) -> None:
         self.calls["mark_sent"] += 1
-        await self._store.mark_sent(ids, at=at)
+        await self._store.mark_sent(ids, at=at, references=references)
 
     async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates:
         self.calls["apply_updates"] += 1
@@ -266,7 +287,9 @@ async def test_messages_in_flight_at_a_stop_are_resumed_not_resent(
     ids = await seed_queued(config, 4, per_order=2)
     store = open_store(config.store.path, "cli")
     await store.open()
-    await store.mark_sent(ids[:2], at=time.time())  # the operator had these two
+    # The operator had these two.
+    await store.mark_sent(ids[:2], at=time.time(),
+                          references=[SentMessage(i, (reference(i),)) for i in ids[:2]])
     await store.close()
 
     h: Harness = await make_harness(seed=False)
@@ -283,23 +306,27 @@ class FlakyOperator:
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.calls = 0
-        self.reports: ReportSink | None = None
+        self.sink: OperatorSink | None = None
 
-    async def start(self, reports: ReportSink) -> None:
-        self.reports = reports
+    async def start(self, sink: OperatorSink) -> None:
+        self.sink = sink
 
     async def stop(self) -> None:
-        self.reports = None
+        self.sink = None
 
-    async def submit(self, messages: Sequence[OutgoingMessage]) -> None:
+    async def submit(self, messages: Sequence[OutgoingMessage]) -> Sequence[SubmitResult]:
         self.calls += 1
         if self.calls <= self.failures:
             raise OperatorUnavailable("link down")
-        assert self.reports is not None
-        self.reports([StateUpdate.from_ptt(m.id, 4, T0) for m in messages])
+        assert self.sink is not None
+        self.sink.reports([OperatorReport.from_ptt(f"F{m.id}", 4, T0) for m in messages])
+        return [Taken(m.id, (f"F{m.id}",)) for m in messages]
 
     async def resume(self, messages: Sequence[OutgoingMessage]) -> None:
         pass
+
+    def link_status(self) -> LinkStatus:
+        return LinkStatus(self.calls > self.failures)
 
 
 async def test_messages_wait_while_the_operator_is_unavailable(config: Config) -> None:
@@ -339,3 +366,322 @@ def test_the_default_operator_is_the_simulator(config: Config, kind: str) -> Non
     assert gateway.dispatcher is not None
     assert type(gateway.dispatcher.operator).__name__ == "SimulatedOperator"
 
+
+
+# -- the operator interface, version 2 -------------------------------------------------------
+
+class ScriptedOperator:
+    """An operator answering each message as `answer` says; None: the link drops there, and
+    neither that message nor the rest of the batch is answered."""
+
+    def __init__(self, answer: Callable[[OutgoingMessage], SubmitResult | None]) -> None:
+        self.answer = answer
+        self.calls: list[list[int]] = []
+        self.failures = 0  # calls to fail at once, before answering anything
+        self.delay = 0.0   # seconds each call takes
+        self.sink: OperatorSink | None = None
+
+    async def start(self, sink: OperatorSink) -> None:
+        self.sink = sink
+
+    async def stop(self) -> None:
+        pass
+
+    async def submit(self, messages: Sequence[OutgoingMessage]) -> Sequence[SubmitResult]:
+        self.calls.append([m.id for m in messages])
+        await asyncio.sleep(self.delay)  # let others run meanwhile, as a network would
+        if self.failures:
+            self.failures -= 1
+            raise OperatorUnavailable("link down")
+        results: list[SubmitResult] = []
+        for message in messages:
+            result = self.answer(message)
+            if result is None:
+                break
+            results.append(result)
+        return results
+
+    async def resume(self, messages: Sequence[OutgoingMessage]) -> None:
+        pass
+
+    def link_status(self) -> LinkStatus:
+        return LinkStatus(True)
+
+    @property
+    def submitted(self) -> list[int]:
+        return [i for call in self.calls for i in call]
+
+
+def take(message: OutgoingMessage) -> Taken:
+    return Taken(message.id, (f"R{message.id}",))
+
+
+@contextlib.asynccontextmanager
+async def dispatching(config: Config, operator: ScriptedOperator, *,
+                      clock: ManualClock | SystemClock | None = None,
+                      store: Store | None = None,
+                      **options: Any) -> AsyncIterator[tuple[Dispatcher, Store]]:
+    store = store or open_store(config.store.path, "delivery")
+    await store.open()
+    dispatcher = Dispatcher(store, clock or ManualClock(T0), operator, retry_seconds=5.0,
+                            **options)
+    await dispatcher.start()
+    try:
+        yield dispatcher, store
+    finally:
+        await dispatcher.stop()
+        await store.close()
+
+
+async def states(store: Store, ids: Sequence[int]) -> list[str]:
+    return [(await store.get_message(i)).state for i in ids]
+
+
+async def stays(check: Callable[[], bool]) -> None:
+    """A bounded chance for background work to make `check` false: it must not."""
+    with contextlib.suppress(AssertionError):
+        await eventually(lambda: not check(), timeout=0.3)
+    assert check()
+
+
+async def test_each_message_is_taken_tried_later_or_refused(config: Config) -> None:
+    a, b, c = await seed_queued(config, 3, per_order=3)
+    throttled: set[int] = set()
+
+    def answer(message: OutgoingMessage) -> SubmitResult:
+        if message.id == b and b not in throttled:
+            throttled.add(b)
+            return Later(b, 30.0, "throttled")
+        if message.id == c:
+            return Refused(c, 23)  # final, not billed
+        return take(message)
+
+    operator = ScriptedOperator(answer)
+    clock = ManualClock(T0)
+    before = await balance(config)
+    async with dispatching(config, operator, clock=clock) as (_, store):
+        async def answered() -> bool:
+            return await states(store, [a, b, c]) == ["sent", "queued", "final"]
+        await eventually(answered)
+        assert operator.calls == [[a, b, c]]
+        refused = await store.get_message(c)
+        assert (refused.ptt, refused.dlr) == (23, 16)
+        assert (await store.get_account(ACCOUNT)).balance == before + 100  # refunded
+        # Tried again after the delay the operator asked for, not before.
+        clock.advance(29)
+        await stays(lambda: len(operator.calls) == 1)
+        clock.advance(1)
+        await eventually(lambda: len(operator.calls) == 2)
+        assert operator.calls[1] == [b]
+
+        async def all_sent() -> bool:
+            return await states(store, [a, b]) == ["sent", "sent"]
+        await eventually(all_sent)
+
+
+async def balance(config: Config) -> int:
+    store = open_store(config.store.path, "send")
+    await store.open()
+    try:
+        return (await store.get_account(ACCOUNT)).balance
+    finally:
+        await store.close()
+
+
+async def test_a_batch_failing_half_way_resends_only_what_was_not_taken(
+        config: Config) -> None:
+    ids = await seed_queued(config, 4, per_order=4)
+    dropped: set[int] = set()
+
+    def answer(message: OutgoingMessage) -> SubmitResult | None:
+        if message.id == ids[2] and not dropped:
+            dropped.add(message.id)
+            return None  # the link drops after the first two answers
+        return take(message)
+
+    operator = ScriptedOperator(answer)
+    clock = ManualClock(T0)
+    async with dispatching(config, operator, clock=clock) as (_, store):
+        async def first_two() -> bool:
+            return await states(store, ids) == ["sent", "sent", "queued", "queued"]
+        await eventually(first_two)
+        operator.failures = 1  # and the next try fails outright
+        clock.advance(5)
+        await eventually(lambda: len(operator.calls) == 2)
+        clock.advance(5)
+
+        async def all_sent() -> bool:
+            return await states(store, ids) == ["sent"] * 4
+        await eventually(all_sent)
+        assert operator.calls == [ids, ids[2:], ids[2:]]
+
+
+class GatedStore:
+    """The real store, applying reports only once `gate` is set."""
+
+    def __init__(self, path: str) -> None:
+        self._store = open_store(path, "delivery")
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
+        await self.gate.wait()
+        return await self._store.apply_reports(reports)
+
+
+async def test_reports_find_their_message_by_reference_and_are_acknowledged_after_commit(
+        config: Config) -> None:
+    (a,) = await seed_queued(config, 1, per_order=1)
+    operator = ScriptedOperator(lambda m: Taken(m.id, (f"R{m.id}.1", f"R{m.id}.2")))
+    gated = GatedStore(config.store.path)
+    async with dispatching(config, operator, store=cast(Store, gated)) as (_, store):
+        async def sent() -> bool:
+            return await states(store, [a]) == ["sent"]
+        await eventually(sent)
+        assert operator.sink is not None
+        # A receipt for the second part finds the message.
+        ack = operator.sink.reports([OperatorReport.from_ptt(f"R{a}.2", 4, T0)])
+        await stays(lambda: not ack.done())  # not committed yet: not acknowledged
+        gated.gate.set()
+        await asyncio.wait_for(ack, 5)
+        # Acknowledged: committed.
+        assert (await store.get_message(a)).ptt == 4
+        # A receipt naming no message is acknowledged too (else redelivered for ever).
+        stray = operator.sink.reports([OperatorReport.from_ptt("nobody", 4, T0)])
+        await asyncio.wait_for(stray, 5)
+        assert await history_of(store, a) == [(None, 0), (4, 1)]
+
+
+async def history_of(store: Store, message_id: int) -> list[tuple[int | None, int]]:
+    return [(e.ptt, e.dlr) for e in await store.message_events(message_id)]
+
+
+async def test_a_report_before_its_message_is_recorded_as_taken_still_applies(
+        config: Config) -> None:
+    ids = await seed_queued(config, 3, per_order=3)
+    acks: list[asyncio.Future[None]] = []
+
+    class Eager(ScriptedOperator):
+        async def submit(self, messages: Sequence[OutgoingMessage]
+                         ) -> Sequence[SubmitResult]:
+            # The network reports before the gateway has recorded what it took.
+            assert self.sink is not None
+            acks.append(self.sink.reports(
+                [OperatorReport.from_ptt(f"R{m.id}", code, T0)
+                 for m in messages for code in (3, 4)]))
+            await asyncio.sleep(0.05)
+            return await super().submit(messages)
+
+    async with dispatching(config, Eager(take)) as (_, store):
+        async def delivered() -> bool:
+            return await states(store, ids) == ["final"] * 3
+        await eventually(delivered)
+        for message_id in ids:
+            assert await history_of(store, message_id) == [(None, 0), (3, 4), (4, 1)]
+        await asyncio.wait_for(acks[0], 5)
+
+
+async def test_inbound_messages_are_handed_on_and_acknowledged(config: Config) -> None:
+    received: list[Inbound] = []
+
+    async def keep(messages: Sequence[Inbound]) -> None:
+        received.extend(messages)
+
+    operator = ScriptedOperator(take)
+    async with dispatching(config, operator, on_inbound=keep):
+        assert operator.sink is not None
+        stop = Inbound("in-1", "+33612345678", "36180", "STOP", T0)
+        await asyncio.wait_for(operator.sink.inbound([stop]), 5)
+        assert received == [stop]
+
+
+# -- claims ----------------------------------------------------------------------------------
+
+async def test_two_dispatchers_on_one_store_never_submit_a_message_twice(
+        config: Config) -> None:
+    ids = await seed_queued(config, 300, per_order=100)
+    operators = [ScriptedOperator(take), ScriptedOperator(take)]
+    for operator in operators:
+        operator.delay = 0.01
+    async with (dispatching(config, operators[0], clock=SystemClock(), max_batch=7)
+                as (_, one),
+                dispatching(config, operators[1], clock=SystemClock(), max_batch=7)):
+        async def drained() -> bool:
+            return (await one.counts())["queued"] == 0
+        await eventually(drained, timeout=20)
+    submitted = operators[0].submitted + operators[1].submitted
+    assert sorted(submitted) == ids  # each once
+    assert operators[0].submitted and operators[1].submitted  # both had a share
+
+
+@pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
+async def test_a_crashed_dispatchers_claims_are_handed_over_when_their_lease_ends(
+        config: Config, exclusive: bool) -> None:
+    ids = await seed_queued(config, 2, per_order=2)
+    store = open_store(config.store.path, "send")
+    await store.open()
+    # A dispatcher claimed them, then died before the operator answered.
+    assert sorted(m.id for m in await store.claim_messages(now=T0, lease=60.0, limit=10)) == ids
+    await store.close()
+    operator = ScriptedOperator(take)
+    clock = ManualClock(T0 + 1)
+    async with dispatching(config, operator, clock=clock, exclusive=exclusive):
+        if exclusive:
+            # Alone on its store, it knows every claim is a previous run's.
+            await eventually(lambda: operator.submitted == ids)
+            return
+        await stays(lambda: operator.submitted == [])
+        clock.advance(58)
+        await stays(lambda: operator.submitted == [])
+        clock.advance(1)
+        await eventually(lambda: operator.submitted == ids)
+
+
+async def test_a_lower_id_committed_after_a_higher_one_is_still_delivered(
+        config: Config) -> None:
+    ids = await seed_queued(config, 10, per_order=10)
+    late = ids[4]
+    with contextlib.closing(sqlite3.connect(config.store.path)) as db, db:
+        row = db.execute("SELECT * FROM messages WHERE id = ?", (late,)).fetchone()
+        db.execute("DELETE FROM messages WHERE id = ?", (late,))
+    operator = ScriptedOperator(take)
+    async with dispatching(config, operator, clock=SystemClock(), follow_store=True,
+                           poll_seconds=60) as (dispatcher, _):
+        await eventually(lambda: len(operator.submitted) == 9)
+        # Its transaction commits only now.
+        with contextlib.closing(sqlite3.connect(config.store.path)) as db, db:
+            db.execute(f"INSERT INTO messages VALUES ({','.join('?' * len(row))})", row)
+        dispatcher.poke()
+        await eventually(lambda: late in operator.submitted)
+    assert sorted(operator.submitted) == ids
+
+
+async def test_messages_in_flight_across_the_upgrade_to_claims_still_find_their_reports(
+        tmp_path: Path) -> None:
+    """A store of the version before references: its sent messages were the simulator's."""
+    path = tmp_path / "before.sqlite3"
+    folder = resources.files("gateway.store") / "migrations"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT "
+                   "NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)")
+        for name in sorted(item.name for item in folder.iterdir() if item.name.endswith(".sql")):
+            version = int(name.split("_", 1)[0])
+            if version < 4:
+                db.executescript((folder / name).read_text(encoding="utf-8"))
+                db.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)",
+                           (version, name))
+        db.execute("INSERT INTO accounts (id, name, balance, created_at) VALUES (1, 'a', 0, 1)")
+        db.execute("INSERT INTO messages (id, account_id, login, sender, receiver, body, coding, "
+                   "parts, class, no_stop, credits, charged_to, created_at, state, updated_at) "
+                   "VALUES (7, 1, 'u', 'S', '+33612345678', 'b', 1, 1, 1, 1, 0, 'account', 1, "
+                   "'sent', 1)")
+        db.commit()
+    store = open_store(path, "send")
+    await store.open()
+    try:
+        applied = await store.apply_reports([OperatorReport.from_ptt(reference(7), 4, 2.0)])
+        assert applied.unmatched == () and [f.message_id for f in applied.finals] == [7]
+    finally:
+        await store.close()

@@ -21,7 +21,8 @@ from gateway.admin import api as admin_api
 from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.metrics import Metrics
-from gateway.records import StateUpdate
+from gateway.operators.simulated import reference
+from gateway.records import OperatorReport
 from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
 
 TOKEN = {"Authorization": "Bearer test-admin-token-0123456789"}
@@ -231,7 +232,7 @@ async def test_delivery_callback_and_alert_metrics_follow_a_scripted_workload(
     dispatcher = h.gateway.dispatcher
     assert dispatcher is not None
     applied = dispatcher.applied
-    dispatcher.report([StateUpdate.from_ptt(a, 4, clock.now())])
+    dispatcher.reports([OperatorReport.from_ptt(reference(a), 4, clock.now())])
 
     async def taken() -> bool:
         return dispatcher.applied > applied
@@ -261,7 +262,7 @@ async def test_readiness_fails_while_the_operator_is_down(harness: Harness) -> N
     assert (await harness.client.get("/readyz")).status == 200
     assert harness.gateway.dispatcher is not None
     operator = harness.gateway.dispatcher.operator
-    assert operator.connected is True  # type: ignore[attr-defined]
+    assert operator.link_status().up is True
     await operator.stop()
     resp = await harness.client.get("/readyz")
     assert resp.status == 503

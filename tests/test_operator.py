@@ -13,6 +13,7 @@ from gateway import ptt
 from gateway.clock import ManualClock
 from gateway.config import ConfigError, OperatorConfig, SimulatedOperatorConfig
 from gateway.operators import create
+from gateway.operators.base import Acknowledgement, Inbound, LinkStatus, Taken
 from gateway.operators.simulated import (
     FAILURE_CODES,
     RETRY_CODES,
@@ -21,9 +22,10 @@ from gateway.operators.simulated import (
     magic_ptt,
     message_rng,
     plan,
+    reference,
     timeline,
 )
-from gateway.records import OutgoingMessage, StateUpdate
+from gateway.records import OperatorReport, OutgoingMessage
 
 T0 = 1_700_000_000.0
 
@@ -34,9 +36,15 @@ def cfg(**changes: float) -> SimulatedOperatorConfig:
 
 
 def outgoing(message_id: int, receiver: str = "+33612345678", *, created_at: float = T0,
-             deferred_until: float | None = None) -> OutgoingMessage:
+             deferred_until: float | None = None, parts: int = 1) -> OutgoingMessage:
     return OutgoingMessage(message_id, "ACME", receiver, "hi", 1, 1, created_at,
-                           deferred_until)
+                           deferred_until, parts=parts)
+
+
+def _done() -> Acknowledgement:
+    done: Acknowledgement = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
 
 
 # -- magic numbers -------------------------------------------------------------------------
@@ -138,18 +146,26 @@ def test_a_message_past_its_validity_expires_at_once() -> None:
 # -- the running simulator -----------------------------------------------------------------
 
 class Reports:
+    """An operator sink recording what the simulator says."""
+
     def __init__(self) -> None:
-        self.updates: list[StateUpdate] = []
+        self.updates: list[OperatorReport] = []
+        self.inbound_messages: list[Inbound] = []
         self.batches = 0
         self.arrived = asyncio.Event()
 
-    def __call__(self, updates: Sequence[StateUpdate]) -> None:
-        self.updates.extend(updates)
+    def reports(self, reports: Sequence[OperatorReport]) -> Acknowledgement:
+        self.updates.extend(reports)
         self.batches += 1
         self.arrived.set()
+        return _done()
+
+    def inbound(self, messages: Sequence[Inbound]) -> Acknowledgement:
+        self.inbound_messages.extend(messages)
+        return _done()
 
     def of(self, message_id: int) -> list[int]:
-        return [u.ptt for u in self.updates if u.message_id == message_id]
+        return [u.ptt for u in self.updates if u.reference == reference(message_id)]
 
     async def settle(self) -> None:
         # Let the simulator's task run what the clock has made due.
@@ -236,7 +252,44 @@ async def test_many_messages_are_reported_in_few_batches() -> None:
         await operator.stop()
 
 
-class SmppStub(OperatorConfig, tag="smpp"):
+async def test_it_takes_each_message_with_a_reference_per_part() -> None:
+    clock = ManualClock(T0)
+    operator, reports = await started(cfg(), clock)
+    try:
+        results = await operator.submit([outgoing(1), outgoing(2, parts=3)])
+        assert results == [Taken(1, ("1.1",)), Taken(2, ("2.1", "2.2", "2.3"))]
+        await reports.settle()
+        # States come under the first part's reference.
+        assert {u.reference for u in reports.updates} == {"1.1", "2.1"}
+    finally:
+        await operator.stop()
+
+
+async def test_its_link_is_up_from_start_to_stop() -> None:
+    clock = ManualClock(T0)
+    operator = create(cfg(), clock)
+    assert operator.link_status() == LinkStatus(False, "stopped")
+    sink = Reports()
+    await operator.start(sink)
+    assert operator.link_status().up
+    await operator.stop()
+    assert not operator.link_status().up
+
+
+async def test_it_hands_inbound_messages_to_the_gateway_when_asked() -> None:
+    clock = ManualClock(T0)
+    operator, reports = await started(cfg(), clock)
+    try:
+        assert isinstance(operator, SimulatedOperator)
+        await operator.receive("+33612345678", "36180", "STOP")
+        (message,) = reports.inbound_messages
+        assert (message.sender, message.receiver, message.body, message.at) == \
+            ("+33612345678", "36180", "STOP", T0)
+    finally:
+        await operator.stop()
+
+
+class SmppStub(OperatorConfig, frozen=True, tag="smpp"):
     """Settings of a kind that has no connector."""
 
 

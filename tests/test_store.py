@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.records import SendOrder, UserChanges
+from gateway.records import OperatorReport, SendOrder, UserChanges
 from gateway.store import NotFound, Store, StoreUnavailable, open_store
 
 
@@ -107,17 +107,21 @@ async def test_the_queries_of_the_busy_paths_never_read_every_message(tmp_path: 
     statements: list[str] = []
     try:
         assert store._reader is not None
+        assert store._writer is not None
         await store._reader.set_trace_callback(statements.append)
+        await store._writer.run(lambda conn: conn.set_trace_callback(statements.append))
         await store.counts()
-        await store.next_deferred_at()
-        await store.due_deferred(1e12, 10)
+        await store.next_due_at()
+        await store.claim_messages(now=1e12, lease=60.0, limit=10)
         await store.next_outbox_at(("callback",))
-        await store.undelivered(after_id=10, limit=10)
-        await store.last_message_id()
+        await store.in_flight(after_id=10, limit=10)
+        await store.apply_reports([OperatorReport.from_ptt("1.1", 4, 1.0)])
         await store._reader.set_trace_callback(None)
+        await store._writer.run(lambda conn: conn.set_trace_callback(None))
     finally:
         await store.close()
-    queries = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    queries = [s for s in statements if s.lstrip().upper().startswith(
+        ("SELECT", "UPDATE MESSAGES SET CLAIMED_UNTIL"))]
     assert len(queries) >= 6, statements
     with sqlite3.connect(tmp_path / "plans.sqlite3") as db:
         for query in queries:

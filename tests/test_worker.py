@@ -163,7 +163,7 @@ class Following:
                                                                       at=self.clock.now())
         assert [o.accepted for o in outcomes] == [True], outcomes
         # As the gateway's after-commit hook does. A dispatcher following the store
-        # ignores it (it needs a poke); a one-process one queues the messages.
+        # ignores it (it needs a poke); a one-process one looks in the store.
         self.dispatcher.on_commit(outcomes)
         return list(outcomes[0].ids)
 
@@ -301,11 +301,11 @@ async def test_a_deferred_message_due_during_a_backlog_is_handed_over_once(
         (stuck,) = await f.commit(STUCK_AT_25, deferred_until=T0 + 10)
         with write_locked(config.store.path):
             f.dispatcher.poke()
-            # One message at a time: the first is with the operator, its mark_sent waits.
-            await eventually(lambda: f.dispatcher.submitted == 1)
+            # Nothing goes to the operator before it is claimed, and a claim is a write.
+            await not_submitted(f.dispatcher)
             clock.advance(10)
-            # The deferred loop hands the due message over while the backlog waits.
-            await eventually(lambda: f.dispatcher.submitted == 2)
+            await not_submitted(f.dispatcher)
+        # One message at a time, the deferred one (due) with the backlog.
         await f.final(queued)
         await f.reaches(stuck, STUCK)
         await f.once_more("+33612345004")
@@ -324,12 +324,11 @@ async def test_a_deferred_message_due_during_recovery_is_handed_over_once(
         (stuck,) = await f.commit(STUCK_AT_25, deferred_until=T0 + 10)
         with write_locked(config.store.path):
             await f.dispatcher.start()
-            await eventually(lambda: f.dispatcher.submitted == 1)
+            # The recovery only reads; the hand-over waits for the lock to claim.
+            await eventually(f.dispatcher._recovered.is_set)
+            await not_submitted(f.dispatcher)
             clock.advance(10)
-            # A bounded chance for the deferred loop to act while the recovery is stuck
-            # on the lock. Either interleaving is allowed; a second hand-over is not.
-            with contextlib.suppress(AssertionError):
-                await eventually(lambda: f.dispatcher.submitted >= 2, timeout=0.3)
+            await not_submitted(f.dispatcher)
         await f.final(queued)
         await f.reaches(stuck, STUCK)
         # The recovery is over, and a message committed after it goes out behind whatever
@@ -338,6 +337,13 @@ async def test_a_deferred_message_due_during_recovery_is_handed_over_once(
         await f.once_more("+33612345004")
         assert await f.history(stuck) == [(None, 0), (3, 4), (STUCK, 8)]
         assert f.dispatcher.submitted == 5
+
+
+async def not_submitted(dispatcher: Dispatcher) -> None:
+    """A bounded chance for the dispatcher to hand something over: it must not."""
+    with contextlib.suppress(AssertionError):
+        await eventually(lambda: dispatcher.submitted > 0, timeout=0.3)
+    assert dispatcher.submitted == 0
 
 
 # -- 3. the real processes ----------------------------------------------------------------

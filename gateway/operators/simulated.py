@@ -8,6 +8,12 @@ period expires (ptt 8).
 
 A recipient ending in `99` and a known three-digit ptt code (`+33612399023`) always reaches
 that ptt, so clients can test their handling of any outcome.
+
+On the interface (`gateway.operators.base`): it takes every message it is given, naming
+each part `<message id>.<part>`, and reports a message's states under its first part's
+reference (a real network reports each part; the gateway finds the message by any of
+them). Its link is up from `start` to `stop`. It produces inbound messages only when asked
+(`receive`), for tests and development.
 """
 
 from __future__ import annotations
@@ -24,8 +30,15 @@ from dataclasses import dataclass
 from gateway import ptt
 from gateway.clock import Clock, sleep_until
 from gateway.config import SimulatedOperatorConfig
-from gateway.operators import ReportSink
-from gateway.records import OutgoingMessage, StateUpdate
+from gateway.operators.base import (
+    Acknowledgement,
+    Inbound,
+    LinkStatus,
+    OperatorSink,
+    SubmitResult,
+    Taken,
+)
+from gateway.records import OperatorReport, OutgoingMessage
 
 ACCEPTED = 3
 DELIVERED = 4
@@ -112,6 +125,11 @@ def timeline(steps: Sequence[Step], start: float,
     return events
 
 
+def reference(message_id: int, part: int = 1) -> str:
+    """The simulated network's reference for one part of a message."""
+    return f"{message_id}.{part}"
+
+
 def message_rng(seed: int, message_id: int) -> random.Random:
     return random.Random(f"{seed}:{message_id}")
 
@@ -123,14 +141,14 @@ class SimulatedOperator:
         self._config = config
         self._clock = clock
         self._validity = config.validity_hours * 3600.0
-        self._events: list[tuple[float, int, int, int, int]] = []
+        self._events: list[tuple[float, int, str, int, int]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._sink: ReportSink | None = None
+        self._sink: OperatorSink | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, reports: ReportSink) -> None:
-        self._sink = reports
+    async def start(self, sink: OperatorSink) -> None:
+        self._sink = sink
         self._task = asyncio.create_task(self._run(), name="simulated-operator")
 
     async def stop(self) -> None:
@@ -141,8 +159,13 @@ class SimulatedOperator:
                 await self._task
             self._task = None
 
-    async def submit(self, messages: Sequence[OutgoingMessage]) -> None:
+    async def submit(self, messages: Sequence[OutgoingMessage]) -> Sequence[SubmitResult]:
         self._schedule(messages, resumed=False)
+        # Spelled out for one part, the usual case: a generator per message costs a
+        # microsecond, at thousands of messages a second.
+        return [Taken(m.id, (f"{m.id}.1",) if m.parts == 1 else
+                      tuple(reference(m.id, part) for part in range(1, m.parts + 1)))
+                for m in messages]
 
     async def resume(self, messages: Sequence[OutgoingMessage]) -> None:
         self._schedule(messages, resumed=True)
@@ -151,10 +174,19 @@ class SimulatedOperator:
     def in_flight(self) -> int:
         return len(self._events)
 
-    @property
-    def connected(self) -> bool:
+    def link_status(self) -> LinkStatus:
         """Up from `start` to `stop`; a crashed network loop counts as down."""
-        return self._task is not None and not self._task.done()
+        if self._task is None:
+            return LinkStatus(False, "stopped")
+        if self._task.done():
+            return LinkStatus(False, "network loop ended")
+        return LinkStatus(True)
+
+    def receive(self, sender: str, receiver: str, body: str) -> Acknowledgement:
+        """A handset sends `body` to the gateway's `receiver` number, now."""
+        assert self._sink is not None, "not started"
+        return self._sink.inbound([Inbound(f"in-{next(self._seq)}", sender, receiver, body,
+                                           self._clock.now())])
 
     def _schedule(self, messages: Sequence[OutgoingMessage], *, resumed: bool) -> None:
         now = self._clock.now()
@@ -163,27 +195,29 @@ class SimulatedOperator:
                          self._config, resumed=resumed)
             # Validity counts from when the message was meant to leave.
             deadline = (message.deferred_until or message.created_at) + self._validity
+            name = f"{message.id}.1"  # see `reference`
             for at, code, dlr in timeline(steps, now, deadline):
-                heapq.heappush(self._events, (at, next(self._seq), message.id, code, dlr))
+                heapq.heappush(self._events, (at, next(self._seq), name, code, dlr))
         if messages:
             self._wake.set()
 
     async def _run(self) -> None:
         while True:
             now = self._clock.now()
-            due: list[StateUpdate] = []
+            due: list[OperatorReport] = []
             while self._events and self._events[0][0] <= now:
-                at, _, message_id, code, dlr = heapq.heappop(self._events)
-                due.append(_update(message_id, code, dlr, at))
+                at, _, name, code, dlr = heapq.heappop(self._events)
+                due.append(_report(name, code, dlr, at))
             if due and self._sink is not None:
-                self._sink(due)
+                # Not awaited: planned states are not persisted anyway (see `stop`).
+                self._sink.reports(due)
             await sleep_until(self._clock, self._events[0][0] if self._events else None,
                               self._wake)
 
 
-def _update(message_id: int, code: int, dlr: int, at: float) -> StateUpdate:
-    update = StateUpdate.from_ptt(message_id, code, at)
-    if update.dlr == dlr:
-        return update
-    return StateUpdate(message_id, code, dlr, update.final, update.billed, at,
-                       f"{update.note} (buffered)")
+def _report(name: str, code: int, dlr: int, at: float) -> OperatorReport:
+    report = OperatorReport.from_ptt(name, code, at)
+    if report.dlr == dlr:
+        return report
+    return OperatorReport(name, code, dlr, report.final, report.billed, at,
+                          f"{report.note} (buffered)")

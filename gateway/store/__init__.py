@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for annotations only: callers import the records from gatew
         Message,
         MessageEvent,
         MessageFilter,
+        OperatorReport,
         OutboxAttempt,
         OutboxItem,
         OutboxResult,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # for annotations only: callers import the records from gatew
         SendContext,
         SendOrder,
         SendOutcome,
+        SentMessage,
         StateUpdate,
         User,
         UserChanges,
@@ -140,12 +142,23 @@ class DeliveryStore(StoreLifecycle, Protocol):
       changes a settled outcome, nor refunds twice.
     """
 
-    async def undelivered(self, *, after_id: int, limit: int) -> list[OutgoingMessage]: ...
-    async def last_message_id(self) -> int: ...
-    async def due_deferred(self, now: float, limit: int) -> list[OutgoingMessage]: ...
-    async def next_deferred_at(self) -> float | None: ...
-    async def mark_sent(self, ids: Sequence[int], *, at: float) -> None: ...
+    async def mark_sent(self, ids: Sequence[int], *, at: float,
+                        references: Sequence[SentMessage] = ()) -> None: ...
     async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates: ...
+    # Delivery by claims (see SQLiteStore for the rules).
+    async def claim_messages(self, *, now: float, lease: float,
+                             limit: int) -> list[OutgoingMessage]:
+        """Due messages not taken by the operator and not claimed by a live lease, claimed
+        for `lease` seconds: a message is handed to one claimer at a time, whatever order
+        the ids committed in; a claimer that dies frees its claims when the lease ends."""
+        ...
+    async def release_messages(self, until: Sequence[tuple[int, float]]) -> None: ...
+    async def free_claims(self) -> int: ...
+    async def next_due_at(self) -> float | None: ...
+    async def in_flight(self, *, after_id: int, limit: int) -> list[OutgoingMessage]: ...
+    async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
+        """`apply_updates` for reports that name the operator's reference of a part."""
+        ...
 
 
 class OutboxStore(StoreLifecycle, Protocol):

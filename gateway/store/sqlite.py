@@ -38,6 +38,7 @@ from gateway.records import (
     Message,
     MessageEvent,
     MessageFilter,
+    OperatorReport,
     OutboxAttempt,
     OutboxItem,
     OutboxResult,
@@ -45,6 +46,7 @@ from gateway.records import (
     SendContext,
     SendOrder,
     SendOutcome,
+    SentMessage,
     StateUpdate,
     User,
     UserChanges,
@@ -66,13 +68,24 @@ _MESSAGE_COLUMNS = """
 """
 
 _OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, deferred_until, "
-                     "sent_at")
+                     "sent_at, parts")
 
 # Added to a query on messages of one unsettled state: SQLite only uses the partial index
 # `messages_pending` (WHERE state <> 'final') when the query repeats its condition. Without
 # it, these queries read every message ever sent: with a million stored, the delivery
 # worker spent more than a core on them.
 _PENDING = "AND state <> 'final'"
+
+# Messages a dispatcher may claim, and when each is due (see `messages_due_*`, migration
+# 0004: SQLite uses those indexes only for these very expressions).
+_CLAIMABLE = "state IN ('queued', 'deferred')"
+_DUE_DEFERRED = "max(deferred_until, claimed_until)"
+
+
+def _part_rows(sent: Sequence[SentMessage]) -> list[tuple[str, int, int]]:
+    return [(reference, m.message_id, part)
+            for m in sent for part, reference in enumerate(m.references, 1)]
+
 
 # What a user can spend: its quota while active, else its account's balance.
 _SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
@@ -729,33 +742,9 @@ class SQLiteStore:
 
     # -- delivery --------------------------------------------------------------------
 
-    async def undelivered(self, *, after_id: int, limit: int) -> list[OutgoingMessage]:
-        """Messages accepted but not final and not waiting for their deferred time.
-
-        Read at start: what the operator had not finished when the gateway stopped.
-        """
-        rows = await self._read(
-            f"SELECT {_OUTGOING_COLUMNS} FROM messages WHERE state IN ('queued', 'sent') "
-            "AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
-        return [_outgoing(r) for r in rows]
-
-    async def last_message_id(self) -> int:
-        """The highest message id so far: where recovery at start ends and live sends begin."""
-        rows = await self._read("SELECT COALESCE(MAX(id), 0) FROM messages")
-        return int(rows[0][0])
-
-    async def due_deferred(self, now: float, limit: int) -> list[OutgoingMessage]:
-        rows = await self._read(
-            f"SELECT {_OUTGOING_COLUMNS} FROM messages WHERE state = 'deferred' {_PENDING} "
-            "AND deferred_until <= ? ORDER BY deferred_until, id LIMIT ?", (now, limit))
-        return [_outgoing(r) for r in rows]
-
-    async def next_deferred_at(self) -> float | None:
-        rows = await self._read(
-            f"SELECT MIN(deferred_until) FROM messages WHERE state = 'deferred' {_PENDING}")
-        return rows[0][0] if rows else None
-
-    async def mark_sent(self, ids: Sequence[int], *, at: float) -> None:
+    async def mark_sent(self, ids: Sequence[int], *, at: float,
+                        references: Sequence[SentMessage] = ()) -> None:
+        """The operator took these messages; `references` name their parts for reports."""
         if not ids:
             return
         async def body(db: Conn) -> Any:
@@ -765,6 +754,8 @@ class SQLiteStore:
                     "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ? "
                     f"WHERE id IN ({marks}) AND state IN ('queued', 'deferred')",
                     (at, at, *chunk))
+            await _insert(db, "INSERT OR REPLACE INTO message_parts (reference, message_id, "
+                          "part)", "(?,?,?)", _part_rows(references))
 
         return await self._transaction(body)
 
@@ -818,6 +809,110 @@ class SQLiteStore:
             return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
 
         return await self._transaction(body)
+
+    # -- delivery by claims ----------------------------------------------------------
+    #
+    # A dispatcher claims due messages before handing them to the operator, as the outbox
+    # workers claim their items: `claimed_until` is a lease, so a claimed message is not
+    # claimed again until it runs out or the message is marked sent, and a dispatcher that
+    # crashed frees its claims when their leases end. Nothing here depends on the order in
+    # which ids commit, so several committers (and several dispatchers) are safe.
+
+    async def claim_messages(self, *, now: float, lease: float,
+                             limit: int) -> list[OutgoingMessage]:
+        """Take up to `limit` due messages and hold them until `now + lease`; one
+        transaction per batch.
+
+        Deferred messages that are due first, oldest first, up to half the batch (so that
+        neither kind waits behind the other's backlog), then queued ones by id (a message
+        released by a "try later" after the others). A queued message is due whatever its
+        acceptance time: comparing that with this clock would make clocks disagreeing by
+        a second hold messages back.
+        """
+        if limit <= 0:
+            return []
+        returning = f"RETURNING {_OUTGOING_COLUMNS}"
+        async def body(db: Conn) -> Any:
+            deferred = await db.execute_fetchall(
+                "UPDATE messages SET claimed_until = ? WHERE id IN (SELECT id FROM messages "
+                f"WHERE state = 'deferred' AND {_DUE_DEFERRED} <= ? "
+                f"ORDER BY {_DUE_DEFERRED}, id LIMIT ?) {returning}",
+                (now + lease, now, max(1, limit // 2)))
+            queued = await db.execute_fetchall(
+                "UPDATE messages SET claimed_until = ? WHERE id IN (SELECT id FROM messages "
+                "WHERE state = 'queued' AND claimed_until <= ? "
+                f"ORDER BY claimed_until, id LIMIT ?) {returning}",
+                (now + lease, now, limit - len(deferred)))
+            return [*deferred, *queued]
+
+        # RETURNING gives no order: by id (rows compare by their first column).
+        return [_outgoing(r) for r in sorted(await self._transaction(body))]
+
+    async def release_messages(self, until: Sequence[tuple[int, float]]) -> None:
+        """End claims early: (message id, when it may be claimed again) — the operator's
+        "try later", or a batch it never answered."""
+        if not until:
+            return
+        async def body(db: Conn) -> Any:
+            await _update(
+                db, "UPDATE messages SET claimed_until = v.column2 FROM (VALUES {}) AS v "
+                f"WHERE messages.id = v.column1 AND {_CLAIMABLE}", "(?,?)",
+                list({mid: (mid, at) for mid, at in until}.values()))
+
+        await self._transaction(body)
+
+    async def free_claims(self) -> int:
+        """End every claim: for a dispatcher that knows it is the only one on this store,
+        at its start, when all claims are a previous run's. Returns how many it freed."""
+        async def body(db: Conn) -> Any:
+            cur = await db.execute(
+                f"UPDATE messages SET claimed_until = 0 WHERE {_CLAIMABLE} "
+                "AND claimed_until > 0")
+            return cur.rowcount
+
+        return int(await self._transaction(body))
+
+    async def next_due_at(self) -> float | None:
+        """When the next message falls due (maybe already): a dispatcher sleeps until then."""
+        rows = await self._read(
+            "SELECT (SELECT MIN(claimed_until) FROM messages WHERE state = 'queued'), "
+            f"(SELECT MIN({_DUE_DEFERRED}) FROM messages WHERE state = 'deferred')")
+        due = [at for at in rows[0] if at is not None] if rows else []
+        return min(due) if due else None
+
+    async def in_flight(self, *, after_id: int, limit: int) -> list[OutgoingMessage]:
+        """Messages the operator took and has not settled, by id: read at a start, to be
+        resumed (their reports awaited), never submitted again."""
+        rows = await self._read(
+            f"SELECT {_OUTGOING_COLUMNS} FROM messages WHERE state = 'sent' {_PENDING} "
+            "AND id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        return [_outgoing(r) for r in rows]
+
+    async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
+        """`apply_updates` for reports naming the operator's references.
+
+        A report whose reference names no part is left out (in `ignored`, like a report
+        on a settled message, and in `unmatched`): it belongs to a message the store has
+        not recorded as taken (yet: its `mark_sent` may still be on its way).
+        The references are read before the write: they never change once recorded.
+        """
+        if not reports:
+            return AppliedUpdates()
+        owners: dict[str, int] = {}
+        names = sorted({r.reference for r in reports})
+        for start in range(0, len(names), _IN_MAX):
+            marks, chunk = _in(names[start:start + _IN_MAX])
+            owners.update(await self._read(
+                "SELECT reference, message_id FROM message_parts "
+                f"WHERE reference IN ({marks})", chunk))
+        known = [p for p, r in enumerate(reports) if r.reference in owners]
+        applied = await self.apply_updates([
+            StateUpdate(owners[r.reference], r.ptt, r.dlr, r.final, r.billed, r.at, r.note)
+            for r in map(reports.__getitem__, known)])
+        unmatched = tuple(p for p, r in enumerate(reports) if r.reference not in owners)
+        ignored = sorted({known[p] for p in applied.ignored}.union(unmatched))
+        return AppliedUpdates(applied.callbacks, applied.finals, tuple(ignored), unmatched,
+                              tuple(owners.get(r.reference, 0) for r in reports))
 
     # -- outbox ----------------------------------------------------------------------
 

@@ -260,6 +260,39 @@ async def test_a_claim_whose_lease_ran_out_is_due_again(stores: Opener) -> None:
     assert again.id == item_id and again.attempts == 2
 
 
+async def test_two_stores_claiming_messages_never_share_one(stores: Opener) -> None:
+    """Delivery claims: each due message is handed to one claimer at a time, whichever
+    store asks and however the claims interleave."""
+    a, b = await stores("delivery"), await stores("delivery")
+    user = await account_with_user(a, 100_000)
+    outcomes = await asyncio.gather(*(commit_one(a, order(user, 1, recipients=5))
+                                      for _ in range(40)))
+    ids = {i for o in outcomes for i in o.ids}
+    claimed: list[int] = []
+
+    async def claim_until_empty(store: Store) -> None:
+        while messages := await store.claim_messages(now=T0 + 2, lease=60, limit=7):
+            claimed.extend(m.id for m in messages)
+
+    await asyncio.gather(*(claim_until_empty(s) for s in (a, b, a, b)))
+    assert len(claimed) == len(set(claimed)) == len(ids) == 200
+    assert set(claimed) == ids
+
+
+async def test_a_message_claim_is_due_again_after_its_lease_unless_taken(
+        stores: Opener) -> None:
+    a, b = await stores("delivery"), await stores("delivery")
+    user = await account_with_user(a, 1000)
+    outcome = await commit_one(a, order(user, 1, recipients=2))
+    first, second = outcome.ids
+    assert {m.id for m in await a.claim_messages(now=T0 + 2, lease=60, limit=10)} == \
+        {first, second}
+    assert await b.claim_messages(now=T0 + 61, lease=60, limit=10) == []
+    await a.mark_sent([first], at=T0 + 3)  # the operator took it: never claimed again
+    again = await b.claim_messages(now=T0 + 63, lease=60, limit=10)
+    assert [m.id for m in again] == [second]
+
+
 # -- message ids ---------------------------------------------------------------------------
 
 

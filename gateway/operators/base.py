@@ -1,0 +1,112 @@
+"""The operator interface, version 2: what a connector to a network provides and answers.
+
+The gateway talks to one `Operator`. The built-in simulated network (`simulated`) is the
+default; a real SMPP connection is meant to be a second implementation of the same
+interface. Its shape is a real network's:
+
+- `submit` answers each message on its own, in a `SubmitResult`:
+  - `Taken`: the operator is responsible for it now, and gave one reference per part
+    (SMPP: the `message_id` of each `submit_sm_resp`); its reports will name them.
+  - `Later`: not taken, try again after `retry_after` seconds (throttled, queue full,
+    link down). The message stays queued; nothing is charged or refunded.
+  - `Refused`: a final answer (a final ptt); the gateway settles it as it settles a
+    failure reported later, refunding it when that ptt is not billed.
+  A connector answers messages in order and may stop early: the messages without an
+  answer (a batch that failed half-way, say the link dropped after three `submit_sm_resp`
+  of five) are tried again later, and only those. An exception from `submit` means that
+  none of the batch was taken.
+- `resume` is for messages it took before a restart: it must not send them again, only
+  keep waiting for their reports (SMPP: the SMSC redelivers pending receipts).
+- What the network says on its own goes to the `OperatorSink` given to `start`:
+  - `reports`: delivery reports, each naming the operator's reference of one part. The
+    gateway finds the message by that reference (any part finds it). A message follows
+    its parts' reports in the order they arrive, and the first final one settles it:
+    merging the parts' states (delivered only when every part is) is left to the first
+    connector whose network reports each part.
+  - `inbound`: messages sent by a handset to the gateway's numbers (replies, STOP).
+  Both only buffer, so a connector may call them from any callback, and both return an
+  `Acknowledgement`: a future that completes once what it was given is committed to the
+  store (or, for an inbound message, handed to whatever the gateway does with it). A
+  connector whose network redelivers what is not acknowledged (SMPP: answer `deliver_sm`
+  only then) awaits it before answering; one that does not care ignores it. It is
+  cancelled if the gateway stops first: the network will redeliver.
+- `link_status` says whether the link is up right now (SMPP: bound); `/readyz` reports
+  not ready while it is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.records import OperatorReport, OutgoingMessage
+
+Acknowledgement = asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """The operator took the message: one reference per part, in part order."""
+
+    message_id: int
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    """Not taken now; the gateway tries again after `retry_after` seconds."""
+
+    message_id: int
+    retry_after: float
+    reason: str  # "throttled", "queue full", "link down", ...
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A final answer without delivery: the message ends at `ptt` (a final ptt code)."""
+
+    message_id: int
+    ptt: int
+    note: str = ""
+
+
+SubmitResult = Taken | Later | Refused
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message from a handset to one of the gateway's numbers (a reply, a STOP)."""
+
+    reference: str   # the operator's, for its acknowledgement and our logs
+    sender: str      # the handset's number
+    receiver: str    # the gateway's number or short code it was sent to
+    body: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStatus:
+    up: bool
+    detail: str = ""
+
+
+class OperatorUnavailable(Exception):
+    """The operator cannot take any of the batch now (link down): try all of it later."""
+
+
+class OperatorSink(Protocol):
+    """Where a connector hands what the network says on its own (see the module doc)."""
+
+    def reports(self, reports: Sequence[OperatorReport]) -> Acknowledgement: ...
+    def inbound(self, messages: Sequence[Inbound]) -> Acknowledgement: ...
+
+
+class Operator(Protocol):
+    async def start(self, sink: OperatorSink) -> None: ...
+    async def stop(self) -> None: ...
+    async def submit(self, messages: Sequence[OutgoingMessage]) -> Sequence[SubmitResult]:
+        """One answer per message, in order; fewer if the batch failed half-way."""
+    async def resume(self, messages: Sequence[OutgoingMessage]) -> None: ...
+    def link_status(self) -> LinkStatus: ...
