@@ -287,7 +287,7 @@ async def test_metrics_move_to_the_admin_listener(make_harness: Any, config: Con
 
 # -- the dashboard ---------------------------------------------------------------------------
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "config" / "grafana-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "config" / "grafana-dashboard.json"
 _SUFFIXES = {"counter": ("_total",), "gauge": ("",),
              "histogram": ("_bucket", "_count", "_sum")}
 

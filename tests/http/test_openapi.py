@@ -42,7 +42,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ACCOUNT = "sms-fuzz-1"
 LOGIN = "fuzzer"
 # Per operation; the whole file stays well under a minute on 2 cores. A deeper run:
-# ADMIN_FUZZ_EXAMPLES=500 ADMIN_FUZZ_RANDOM=1 pytest tests/test_openapi.py
+# ADMIN_FUZZ_EXAMPLES=500 ADMIN_FUZZ_RANDOM=1 pytest tests/http/test_openapi.py
 MAX_EXAMPLES = int(os.environ.get("ADMIN_FUZZ_EXAMPLES", "25"))
 # Fixed examples by default, so that a CI run fails for a change, not for a dice roll.
 DERANDOMIZE = os.environ.get("ADMIN_FUZZ_RANDOM", "") != "1"

@@ -37,8 +37,8 @@ from gateway.service import Management
 from gateway.store import Role, Store, StoreUnavailable, open_store
 from gateway.store.writer import WriteTurn
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, eventually
+from tests.process.test_reliability import Receiver
 from tests.serverproc import ServerProcess, demo_params, prepare_store, servers, wait_for
-from tests.test_reliability import Receiver
 
 ADMIN_TOKEN = "worker-admin-token-0123456789"
 # Every message delivered (ptt 4): no failure or retry drawn by the simulated network.

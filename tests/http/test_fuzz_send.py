@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from gateway.credits import format_credits
 from gateway.records import MessageFilter
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SEND_PATH, Harness
-from tests.test_send import FORMATS, parse_body
+from tests.http.test_send import FORMATS, parse_body
 
 NAMES = ["account", "smsAccount", "login", "password", "from", "to", "message", "contentType",
          "deferred", "class", "smsCoding", "SMSencoding", "noStop", "tag",

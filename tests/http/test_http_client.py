@@ -21,8 +21,8 @@ from gateway.hooks.http_client import (
     TargetRefused,
 )
 from gateway.hooks.targets import TargetPolicy
+from tests.process.test_tls import self_signed
 from tests.serverproc import free_port
-from tests.test_tls import self_signed
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

@@ -183,7 +183,7 @@ def test_password_rule_and_hash() -> None:
 
 def test_hash_cost_is_the_real_one_unless_pytest_lowers_it() -> None:
     variable = passwords.TEST_N_VARIABLE
-    under_pytest = {"PYTEST_CURRENT_TEST": "tests/test_rules.py::t (call)"}
+    under_pytest = {"PYTEST_CURRENT_TEST": "tests/unit/test_rules.py::t (call)"}
     assert passwords.n_from_environment({}) == passwords.REAL_N == 2**14
     assert passwords.n_from_environment({**under_pytest, variable: ""}) == passwords.REAL_N
     assert passwords.n_from_environment({**under_pytest, variable: "2"}) == 2

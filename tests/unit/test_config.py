@@ -14,7 +14,7 @@ import pytest
 from gateway import config as config_module
 from gateway.config import Config, ConfigError, OperatorConfig, Port, Section
 
-EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.toml"
+EXAMPLE = Path(__file__).parents[2] / "config" / "gateway.example.toml"
 
 
 def test_example_documents_every_setting_with_its_default() -> None:
