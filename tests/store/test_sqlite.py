@@ -1,13 +1,22 @@
-"""The SQLite store on its own: migrations, durability settings, failures at start."""
+"""The SQLite store on its own: migrations, durability settings, failures at start, and its
+write lock shared with other connections (busy timeout, the sends' turn)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.config import StoreConfig
 from gateway.records import OperatorReport, SendOrder, UserChanges
-from gateway.store import NotFound, Store, StoreUnavailable, open_store
+from gateway.store import NotFound, Role, Store, StoreUnavailable, open_store
+from gateway.store.writer import WriteTurn
+from tests.serverproc import wait_for
 
 
 async def test_migrations_are_applied_once(tmp_path: Path) -> None:
@@ -232,3 +241,123 @@ async def test_batches_of_every_size_use_a_few_statement_texts(
     # Without chunks: a text per size for each multi-row statement, 1,119 in all (now 74).
     assert len(texts) < 100, sorted(texts)
 
+
+@contextlib.contextmanager
+def write_locked(path: str | Path) -> Iterator[None]:
+    """Another connection holds the write lock of the file (BEGIN IMMEDIATE) meanwhile."""
+    holder = sqlite3.connect(path, isolation_level=None, timeout=5)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        if holder.in_transaction:
+            holder.rollback()
+        holder.close()
+
+
+# -- the store's own wait for another connection's write lock ---------------------------
+
+async def test_a_write_waits_for_another_connection_s_lock_and_goes_soon_after(
+        tmp_path: Path) -> None:
+    path = tmp_path / "locked.sqlite3"
+    store = open_store(StoreConfig(str(path), busy_timeout_seconds=5), "send")
+    await store.open()
+    try:
+        released: list[float] = []
+        with write_locked(path):
+            write = asyncio.ensure_future(store.check_writable())
+            done, _ = await asyncio.wait({write}, timeout=0.2)
+            assert not done, "wrote while another connection held the lock"
+            released.append(time.monotonic())
+        await asyncio.wait_for(write, 5)
+        waited = time.monotonic() - released[0]
+        assert waited < 0.1, waited
+    finally:
+        await store.close()
+
+
+async def test_a_write_gives_up_at_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "locked.sqlite3"
+    store = open_store(StoreConfig(str(path), busy_timeout_seconds=0.1), "send")
+    await store.open()
+    try:
+        with write_locked(path):
+            began = time.monotonic()
+            write = asyncio.ensure_future(store.check_writable())
+            # Not wait_for: a write that waits on must be let through by the release.
+            done, _ = await asyncio.wait({write}, timeout=5)
+            elapsed = time.monotonic() - began
+        assert done, "still waiting for the lock after 5 s"
+        with pytest.raises(StoreUnavailable, match="locked"):
+            write.result()
+        assert 0.1 <= elapsed < 1, elapsed
+        await store.check_writable()  # the lock is free: writes go again
+    finally:
+        await store.close()
+
+
+# -- sends go first for the write lock --------------------------------------------------
+
+def test_the_write_turn_flag_is_seen_by_others_and_lowered_by_its_holder(
+        tmp_path: Path) -> None:
+    sender, worker = (WriteTurn(str(tmp_path / "turn.lock")) for _ in range(2))
+    try:
+        assert not worker.is_up()
+        assert sender.raise_flag()
+        assert worker.is_up() and not worker.raise_flag()
+        sender.lower_flag()
+        assert not worker.is_up()
+    finally:
+        sender.close()
+        worker.close()
+
+
+@contextlib.asynccontextmanager
+async def turn_store(tmp_path: Path, role: Role,
+                     busy_timeout: float = 5) -> AsyncIterator[tuple[Store, WriteTurn]]:
+    """A store opened for `role` (the send process goes first, the delivery worker yields),
+    and the other side's view of the flag."""
+    path = tmp_path / "turn.sqlite3"
+    store = open_store(StoreConfig(str(path), busy_timeout_seconds=busy_timeout), role)
+    await store.open()
+    other = WriteTurn(f"{path}-write-turn.lock")
+    try:
+        yield store, other
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_waiting_send_raises_the_flag_and_lowers_it_once_written(
+        tmp_path: Path) -> None:
+    async with turn_store(tmp_path, "send") as (store, observer):
+        assert not observer.is_up()
+        with write_locked(tmp_path / "turn.sqlite3"):
+            write = asyncio.ensure_future(store.check_writable())
+
+            async def flag_up() -> bool:
+                return observer.is_up()
+
+            await wait_for(flag_up, timeout=5, interval=0.005,
+                           what="the flag while the send waits")
+        await asyncio.wait_for(write, 5)
+        assert not observer.is_up()
+
+
+async def test_the_worker_writes_only_once_the_flag_is_down(tmp_path: Path) -> None:
+    async with turn_store(tmp_path, "delivery") as (store, sender):
+        assert sender.raise_flag()
+        write = asyncio.ensure_future(store.check_writable())
+        done, _ = await asyncio.wait({write}, timeout=0.2)
+        assert not done, "wrote while a send waited for the lock"
+        sender.lower_flag()
+        await asyncio.wait_for(write, 1)
+
+
+async def test_a_flag_left_up_holds_the_worker_back_no_longer_than_its_busy_timeout(
+        tmp_path: Path) -> None:
+    async with turn_store(tmp_path, "delivery", busy_timeout=0.2) as (store, stuck):
+        assert stuck.raise_flag()
+        began = time.monotonic()
+        await asyncio.wait_for(store.check_writable(), 5)  # the lock itself is free
+        assert 0.2 <= time.monotonic() - began < 2
