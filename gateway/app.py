@@ -116,6 +116,7 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
         stop_clause=config.send.stop_clause,
         reply_sender=config.send.reply_sender,
         max_recipients=config.send.max_recipients,
+        max_deferral=config.send.max_deferral_days * 86400.0,
     )
     security = config.security
     pipeline = SendPipeline(
