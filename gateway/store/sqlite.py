@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiosqlite
+import structlog
 
 from gateway.records import (
     UNSET,
@@ -194,6 +196,42 @@ async def _update(db: Conn, sql: str, row: str, rows: Sequence[Sequence[Any]]) -
 CLAIM_WINDOW = 4
 
 
+log = structlog.get_logger("gateway.store")
+
+# The store holds password hashes, callback URLs with their secrets, message texts (one-time
+# codes) and phone numbers: the folder the gateway creates and the files in it are its
+# user's alone. SQLite gives the -wal, -shm and journal files the database file's mode.
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def create_private(path: Path) -> None:
+    """The store's folder (0700) and an empty database file (0600), unless they exist: an
+    empty file is an empty SQLite database. Modes of existing ones are left as they are
+    (see `exposed`)."""
+    with suppress(FileExistsError):
+        # parents=True: folders above get the default mode, the store's own FOLDER_MODE.
+        path.parent.mkdir(mode=FOLDER_MODE, parents=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def exposed(path: Path) -> list[tuple[str, int]]:
+    """The store's folder and files that its group or others may access: (path, mode)."""
+    found = []
+    for each in (path.parent, path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = stat.S_IMODE(each.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            found.append((str(each), mode))
+    return found
+
+
 # How each role tunes the backend (see `gateway.store.open_store`): (write turn, sync
 # each commit). The send process goes first for the write lock and the delivery worker
 # yields to it (`writer.WriteTurn`). The worker does not fsync its own commits: each one
@@ -216,6 +254,8 @@ class SQLiteStore:
         if busy_timeout is None:
             busy_timeout = 10.0
         self._write_turn = write_turn
+        # The gateway's start (the send role) says when the store is open to others.
+        self._warn_exposed = role == "send"
         self.path = str(path)
         self._synchronous = "FULL" if sync_each_commit else "NORMAL"
         # Seconds a statement waits for another process's lock before failing (locked).
@@ -236,7 +276,7 @@ class SQLiteStore:
         self._write_lock = asyncio.Lock()
         try:
             if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                create_private(Path(self.path))
         except OSError as exc:
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
         try:
@@ -250,6 +290,10 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
+        if self._warn_exposed and self.path != ":memory:":
+            for where, mode in exposed(Path(self.path)):
+                log.warning("store_open_to_others", path=where, mode=f"{mode:04o}",
+                            fix=f"chmod {'700' if Path(where).is_dir() else '600'} {where}")
 
     async def _connect_reader(self) -> aiosqlite.Connection:
         """The read-only connection; the writer set up the file (WAL, migrations)."""
