@@ -51,7 +51,15 @@ from gateway.records import (
     User,
     UserChanges,
 )
-from gateway.store import Conflict, NotFound, Role, StoreUnavailable, Taken, rules
+from gateway.store import (
+    Conflict,
+    NotFound,
+    OverCreditLimit,
+    Role,
+    StoreUnavailable,
+    Taken,
+    rules,
+)
 from gateway.store.writer import Conn, Turn, Writer
 from gateway.store.writer import begin as begin_write
 
@@ -191,6 +199,22 @@ async def _update(db: Conn, sql: str, row: str, rows: Sequence[Sequence[Any]]) -
     for chunk in _chunks(rows, _MAX_VARIABLES // max(1, row.count("?"))):
         await db.execute(sql.format(",".join([row] * len(chunk))),
                          [value for each in chunk for value in each])
+
+async def _check_integers(db: Conn, plan: rules.UpdatePlan) -> None:
+    """Refunds stay within `credits.MAX_CREDITS` (see `rules.top_up`); should one ever
+    overflow SQLite's integers, which silently become floats, its transaction fails
+    rather than store an inexact balance."""
+    accounts, users = plan.account_refunds(), plan.quota_refunds()
+    marks, params = _in(sorted(accounts))
+    user_marks, user_params = _in(sorted(users))
+    rows = await db.execute_fetchall(
+        f"SELECT 1 FROM accounts WHERE id IN ({marks or 'NULL'}) "
+        "AND typeof(balance) <> 'integer' "
+        f"UNION ALL SELECT 1 FROM users WHERE id IN ({user_marks or 'NULL'}) "
+        "AND typeof(quota_left) <> 'integer'", [*params, *user_params])
+    if rows:
+        raise OverCreditLimit("refund: a balance or quota would overflow the store")
+
 
 # How many due outbox items a claim looks at, per item it may take (see claim_outbox).
 CLAIM_WINDOW = 4
@@ -482,6 +506,13 @@ class SQLiteStore:
     async def credit_account(self, name: str, amount: int, *, at: float) -> Account:
         async with self._tx() as db:
             account_id = await self._account_id(db, name)
+            (holdings,), = await db.execute_fetchall(
+                "SELECT a.balance + (SELECT COALESCE(SUM(quota_left), 0) FROM users "
+                "  WHERE account_id = a.id AND quota_active) "
+                "+ (SELECT COALESCE(SUM(credits), 0) FROM messages "
+                f"  WHERE account_id = a.id {_PENDING}) FROM accounts a WHERE a.id = ?",
+                (account_id,))
+            rules.top_up(holdings, amount)
             await db.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?",
                              (amount, account_id))
             await self._ledger(db, at, account_id, None, None, "purchase", "outside", "account",
@@ -857,6 +888,7 @@ class SQLiteStore:
                 await db.executemany("UPDATE users SET quota_left = quota_left + ? "
                                      "WHERE id = ?",
                                      [(v, k) for k, v in plan.quota_refunds().items()])
+                await _check_integers(db, plan)
                 await self._evaluate_alerts(db, sorted({r.account_id for r in refunds}),
                                             refunds[-1].at)
             return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
