@@ -18,6 +18,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import RateTable
 from gateway.delivery import Dispatcher
+from gateway.delivery_guard import DeliveryGuard
 from gateway.hooks.alerts import AlertService
 from gateway.hooks.callbacks import CallbackHandler
 from gateway.hooks.outbox import OutboxWorker, RetryPolicy
@@ -54,6 +55,8 @@ class Gateway:
         field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     dispatcher: Dispatcher | None = None
+    # One-process delivery: delivers only while no other gateway does on the store.
+    delivery_guard: DeliveryGuard | None = None
     callbacks: OutboxWorker | None = None
     alerts: AlertService | None = None
     worker: DeliveryWorker | None = None
@@ -116,6 +119,7 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
         stop_clause=config.send.stop_clause,
         reply_sender=config.send.reply_sender,
         max_recipients=config.send.max_recipients,
+        max_deferral=config.send.max_deferral_days * 86400.0,
     )
     security = config.security
     pipeline = SendPipeline(
@@ -152,25 +156,41 @@ def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metri
         max_concurrency=cb.max_concurrency, per_key=cb.per_host_concurrency,
         # Longer than any attempt can take, or a slow one would be claimed twice.
         lease=cb.lease_seconds or 3 * cb.timeout_seconds + 60.0, name="callbacks")
-    dispatcher = Dispatcher(store, clock, create_operator(config.operator, clock),
-                            max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
-                            metrics=metrics, follow_store=follow_store,
-                            # A SQLite store has one delivering process (the worker holds a
-                            # lock for it): claims left at its start are a previous run's.
-                            exclusive=True)
-    return callbacks, dispatcher
+    return callbacks, _dispatcher(config, store, clock, metrics, callbacks, follow_store)
+
+
+def _dispatcher(config: Config, store: Store, clock: Clock, metrics: Metrics,
+                callbacks: OutboxWorker, follow_store: bool) -> Dispatcher:
+    return Dispatcher(store, clock, create_operator(config.operator, clock),
+                      max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
+                      metrics=metrics, follow_store=follow_store,
+                      # One delivering process per store (the worker's lock, or the one-
+                      # process gateway's DeliveryGuard): claims left at its start are a
+                      # previous run's.
+                      exclusive=True)
 
 
 def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:
-    """The operator, the dispatcher feeding it and the callback worker, in this process."""
+    """The operator, the dispatcher feeding it and the callback worker, in this process;
+    the dispatcher runs while no other gateway delivers from the store (`DeliveryGuard`)."""
     callbacks, dispatcher = delivery_services(gateway.config, gateway.store, gateway.clock,
                                               gateway.metrics, tz)
+
+    def follower() -> Dispatcher:
+        return _dispatcher(gateway.config, gateway.store, gateway.clock, gateway.metrics,
+                           callbacks, follow_store=True)
+
+    def running(taken_over: Dispatcher) -> None:
+        gateway.dispatcher = taken_over
+
+    guard = DeliveryGuard(gateway.store, dispatcher, follower, running)
     # Started in this order and stopped in reverse: the dispatcher's last reports still
     # reach the callback worker.
-    gateway.services += [callbacks, dispatcher]
-    gateway.after_commit.append(dispatcher.on_commit)
+    gateway.services += [callbacks, guard]
+    gateway.after_commit.append(guard.on_commit)
     gateway.dispatcher = dispatcher
     gateway.callbacks = callbacks
+    gateway.delivery_guard = guard
 
 
 def add_delivery_worker(gateway: Gateway) -> None:

@@ -27,6 +27,7 @@ from gateway import config as config_module
 from gateway import logs
 from gateway.config import Config, ConfigError
 from gateway.credits import format_credits
+from gateway.display import escape, redact_url
 from gateway.records import MessageFilter
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
 from gateway.store import Store, StoreError, open_store
@@ -81,7 +82,7 @@ class _Tool(_Group):
         try:
             return super().invoke(ctx)
         except (ValidationError, StoreError, CommandError, ConfigError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {escape(str(exc))}", file=sys.stderr)
             ctx.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             ctx.exit(EXIT_INTERRUPTED)
@@ -156,6 +157,9 @@ async def _run(handler: Handler, config: Config, params: dict[str, Any]) -> Any:
 
 
 def _print(result: Any) -> None:
+    """JSON exactly as stored with --json (JSON escapes control characters itself); else
+    lines for a terminal, where a message text's ESC or BEL must not act: every
+    non-printable character is shown escaped (`\\x1b`)."""
     if result is None:
         return
     if wants_json():
@@ -163,17 +167,21 @@ def _print(result: Any) -> None:
         return
     if isinstance(result, list):
         for item in result:
-            print(item if not isinstance(item, dict) else _flat(item))
+            _line(str(item) if not isinstance(item, dict) else _flat(item))
         return
     if isinstance(result, dict):
         for key, value in result.items():
             if isinstance(value, dict):
                 for sub_key, sub_value in value.items():
-                    print(f"{key}.{sub_key}: {_text(sub_value)}")
+                    _line(f"{key}.{sub_key}: {_text(sub_value)}")
             else:
-                print(f"{key}: {_text(value)}")
+                _line(f"{key}: {_text(value)}")
         return
-    print(result)
+    _line(str(result))
+
+
+def _line(text: str) -> None:
+    print(escape(text))
 
 
 def _text(value: Any) -> str:
@@ -186,6 +194,24 @@ def _text(value: Any) -> str:
 
 def _flat(item: dict[str, Any]) -> str:
     return "  ".join(f"{k}={_text(v)}" for k, v in item.items())
+
+
+# Callback URLs may carry credentials (`https://user:pass@host/?key=...`): shown redacted
+# unless asked for, so that a terminal, a screen share or a pasted output keeps them.
+secrets_option = click.option("--show-secrets", is_flag=True,
+                              help="print callback URLs whole, with their passwords and "
+                              "query values")
+
+
+def _url(url: str | None, show_secrets: bool = False) -> str:
+    if not url:
+        return ""
+    return url if show_secrets else redact_url(url)
+
+
+def _redacted(view: dict[str, Any], show_secrets: bool = False) -> dict[str, Any]:
+    """An account's or a user's view, its `callBack` redacted unless `show_secrets`."""
+    return {**view, "callBack": _url(view["callBack"], show_secrets)}
 
 
 def _when(at: float | None) -> str | None:
@@ -236,15 +262,17 @@ def account_commands() -> None:
 @manages
 async def _account_create(m: Management, name: str, credits: str) -> Any:
     account = await m.create_account(name, credits)
-    return account_view(account, m.config.send.stop_clause)
+    return _redacted(account_view(account, m.config.send.stop_clause))
 
 
 @account_commands.command("show", help="show an account")
 @click.argument("name")
+@secrets_option
 @json_option
 @manages
-async def _account_show(m: Management, name: str) -> Any:
-    return account_view(await m.store.get_account(name), m.config.send.stop_clause)
+async def _account_show(m: Management, name: str, show_secrets: bool) -> Any:
+    return _redacted(account_view(await m.store.get_account(name), m.config.send.stop_clause),
+                    show_secrets)
 
 
 @account_commands.command("list", help="list accounts")
@@ -263,7 +291,7 @@ async def _account_list(m: Management) -> Any:
 @manages
 async def _account_credit(m: Management, name: str, amount: str) -> Any:
     account = await m.credit_account(name, amount)
-    return account_view(account, m.config.send.stop_clause)
+    return _redacted(account_view(account, m.config.send.stop_clause))
 
 
 @account_commands.command("set", help="change an account's settings")
@@ -280,7 +308,7 @@ async def _account_set(m: Management, name: str, callback: str | None,
     if stop_clause is not None:
         changes["stop_clause"] = stop_clause
     account = await m.update_account(name, **changes)
-    return account_view(account, m.config.send.stop_clause)
+    return _redacted(account_view(account, m.config.send.stop_clause))
 
 
 @account_commands.command("ledger", help="list the account's credit movements")
@@ -350,16 +378,17 @@ def user_commands() -> None:
 @json_option
 @manages
 async def _user_create(m: Management, account: str, login: str, password: str) -> Any:
-    return user_view(await m.create_user(account, login, _password_arg(password)))
+    return _redacted(user_view(await m.create_user(account, login, _password_arg(password))))
 
 
 @user_commands.command("show", help="show an API user")
 @click.argument("account")
 @click.argument("login")
+@secrets_option
 @json_option
 @manages
-async def _user_show(m: Management, account: str, login: str) -> Any:
-    return user_view(await m.store.get_user(account, login))
+async def _user_show(m: Management, account: str, login: str, show_secrets: bool) -> Any:
+    return _redacted(user_view(await m.store.get_user(account, login)), show_secrets)
 
 
 @user_commands.command("list", help="list an account's API users")
@@ -429,7 +458,7 @@ async def _user_set(m: Management, account: str, login: str, quota: str | None,
     fields.update((name, value) for name, value in alerts.items() if value is not None)
     if not fields:
         raise CommandError("nothing to change: see http2sms user set --help")
-    return user_view(await m.update_user(account, login, **fields))
+    return _redacted(user_view(await m.update_user(account, login, **fields)))
 
 
 def _password_arg(value: str) -> str:
@@ -457,14 +486,16 @@ def message_commands() -> None:
 
 @message_commands.command("show", help="a message, its history and its callbacks")
 @click.argument("message_id", metavar="ID", type=int)
+@secrets_option
 @json_option
 @manages
-async def _message_show(m: Management, message_id: int) -> Any:
+async def _message_show(m: Management, message_id: int, show_secrets: bool) -> Any:
     message = await m.store.get_message(message_id)
     view = message_view(message)
     view["history"] = [{"at": _when(e.at), "ptt": e.ptt, "dlr": e.dlr, "note": e.note}
                        for e in await m.store.message_events(message_id)]
-    view["callbacks"] = [{"at": _when(a.at), "target": a.target, "ok": a.ok,
+    view["callbacks"] = [{"at": _when(a.at), "target": _url(a.target, show_secrets),
+                          "ok": a.ok,
                           "detail": a.detail, "state": a.state}
                          for a in await m.store.message_attempts(message_id)]
     return view

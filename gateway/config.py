@@ -116,6 +116,8 @@ class SendConfig(Section, frozen=True):
     max_recipients: Count = 500
     # Credits per SMS part when no prefix of [rates] matches.
     default_rate: str = "1"
+    # How far ahead `deferred` may be: its credits are held until then (OVH: about a year).
+    max_deferral_days: Annotated[int, Meta(ge=1, le=3660)] = 366
 
 
 class OperatorConfig(Section, frozen=True, tag_field="kind"):

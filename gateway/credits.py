@@ -11,9 +11,30 @@ from decimal import Decimal, InvalidOperation
 
 CENTS = 100
 
+# The most an account may hold, all its pools together (its balance, its users' quotas and
+# the credits of its messages on their way, which a refund may bring back), and so the most
+# one top-up or one quota may be: 10^12 credits. Far beyond any real use, and far below
+# 2^63 hundredths (9.2 * 10^16 credits), where SQLite's integers silently turn into floats:
+# 9,300 top-ups of 10^13 credits once left a balance of 9.3e18 that sends no longer reduced.
+MAX_CREDITS = 10**12 * CENTS
+
 
 class InvalidAmount(ValueError):
     pass
+
+
+class OverLimit(InvalidAmount):
+    """An amount, or a sum of amounts, above `MAX_CREDITS`."""
+
+
+def checked_add(held: int, amount: int) -> int:
+    """`held + amount`, refused beyond `MAX_CREDITS`: the arithmetic of every change that
+    adds credits to an account (a top-up, a quota, a refund)."""
+    total = held + amount
+    if total > MAX_CREDITS:
+        raise OverLimit(f"{format_credits(total)} credits would be more than the maximum of "
+                        f"{format_credits(MAX_CREDITS)} an account may hold")
+    return total
 
 
 def to_cents(value: str | int | float | Decimal, *, allow_negative: bool = False) -> int:

@@ -79,6 +79,10 @@ async def readyz(request: web.Request) -> web.Response:
         connected = gateway.dispatcher is None or gateway.dispatcher.operator.link_status().up
         checks["operator"] = "connected" if connected else "disconnected"
     ready = ready and bool(connected)
+    guard = gateway.delivery_guard
+    if guard is not None and not guard.delivering:
+        checks["delivery"] = "another gateway delivers from this store"
+        ready = False
     try:
         counts = await gateway.store.counts()
         backlog = counts["queued"] + counts["outbox_pending"]

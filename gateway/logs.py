@@ -24,6 +24,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from gateway.display import escape
+
 SECRET_FIELDS = frozenset({"password", "token", "query", "query_string", "authorization",
                            "smtp_password", "secret"})
 # Libraries' records below this level never reach the log, whatever `log.level` says.
@@ -85,22 +87,36 @@ class _ConsoleRenderer:
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
         if not _ELSEWHERE.isdisjoint(event):
-            return self._full(logger, name, event)
+            return self._full(logger, name, _escaped(event))
         parts = []
         if "timestamp" in event:
             parts.append(str(event.pop("timestamp")))
         if "level" in event:
             parts.append(f"[{event.pop('level')!s:<{self._level_width}}]")
         if "event" in event:
-            parts.append(f"{event.pop('event')!s:<30}")
+            parts.append(f"{escape(str(event.pop('event'))):<30}")
         for key in sorted(event):
             value = event[key]
+            # Values come from callers (an account name in a send URL): a non-printable
+            # character is shown escaped, as repr writes it, never raw on a terminal.
             if isinstance(value, str):
-                shown = repr(value) if not _QUOTED.isdisjoint(value) else value
+                shown = value if value.isprintable() and _QUOTED.isdisjoint(value) \
+                    else repr(value)
             else:
                 shown = repr(value)
             parts.append(f"{key}={shown}")
         return " ".join(part for part in parts if part).rstrip(" ")
+
+
+def _escaped(event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """An event for structlog's renderer, which writes text values raw: each escaped, its
+    exception formatted and escaped too (a traceback keeps its lines)."""
+    if event.get("exc_info"):
+        event = structlog.processors.format_exc_info(None, "", event)
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = escape(value, keep="\n" if key in _ELSEWHERE else "")
+    return event
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -13,7 +13,7 @@ from typing import Any
 from gateway import iprules, passwords, phones
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
-from gateway.credits import InvalidAmount, as_number, to_cents
+from gateway.credits import MAX_CREDITS, InvalidAmount, as_number, format_credits, to_cents
 from gateway.hooks.callbacks import target_problem
 from gateway.records import UNSET, Account, User, UserChanges
 from gateway.store import Store
@@ -165,10 +165,15 @@ def validate_sender(sender: str) -> str:
 
 
 def _amount(field: str, value: Any) -> int:
+    """An amount of credits, at most `MAX_CREDITS`: what an account may hold at most, so
+    no more can be given, moved to a quota or watched for at once."""
     try:
-        return to_cents(value)
+        cents = to_cents(value)
     except InvalidAmount as exc:
         raise ValidationError(field, str(exc)) from None
+    if cents > MAX_CREDITS:
+        raise ValidationError(field, f"at most {format_credits(MAX_CREDITS)} credits")
+    return cents
 
 
 def _password(password: Any) -> str:

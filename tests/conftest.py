@@ -7,8 +7,10 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
@@ -159,3 +161,12 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float
 
 
 __all__ = ["ACCOUNT", "LOGIN", "PASSWORD", "SENDER", "SEND_PATH", "Harness", "eventually", "web"]
+
+
+def deferred_ahead(days: float, *, at: float | None = None, time_of_day: str | None = None,
+                   tz: str = "Europe/Paris") -> str:
+    """`deferred` (hhmmddMMYYYY) `days` after `at` (now), within `[send] max_deferral_days`;
+    `time_of_day` ("hhmm") replaces the hour and minute."""
+    when = datetime.fromtimestamp((time.time() if at is None else at) + days * 86400,
+                                  ZoneInfo(tz)).strftime("%H%M%d%m%Y")
+    return when if time_of_day is None else time_of_day + when[4:]

@@ -42,6 +42,8 @@ class SendSettings:
     stop_clause: str
     reply_sender: str
     max_recipients: int
+    # Seconds ahead a `deferred` time may be at most ([send] max_deferral_days).
+    max_deferral: float = 366 * 86400.0
 
 
 @dataclass(slots=True)
@@ -114,7 +116,9 @@ class SendPipeline:
                                "client_ip": str(client_ip) if client_ip else None}
         try:
             request = rules.parse(params, tz=self.settings.tz,
-                                  max_recipients=self.settings.max_recipients)
+                                  max_recipients=self.settings.max_recipients,
+                                  now=self._clock.now(),
+                                  max_deferral=self.settings.max_deferral)
             order, outcome, account = await self._charge(request, client_ip)
         except SendRefused as refused:
             log["outcome"] = refused.status

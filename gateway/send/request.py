@@ -59,7 +59,10 @@ def requested_format(params: dict[str, str]) -> ContentType:
     return content_type(params.get("contenttype")) or ContentType.TEXT
 
 
-def parse(params: dict[str, str], *, tz: ZoneInfo, max_recipients: int) -> SendRequest:
+def parse(params: dict[str, str], *, tz: ZoneInfo, max_recipients: int,
+          now: float | None = None, max_deferral: float | None = None) -> SendRequest:
+    """`max_deferral`: seconds after `now` a `deferred` time may be at most (both given or
+    no limit): a deferred message holds its credits until it leaves."""
     fmt = content_type(params.get("contenttype"))
     if fmt is None:
         raise SendRefused(INVALID, "Invalid contentType: use text/plain, text/xml, "
@@ -120,7 +123,8 @@ def parse(params: dict[str, str], *, tz: ZoneInfo, max_recipients: int) -> SendR
         klass=int(raw_class),
         no_stop=_flag(params, "nostop"),
         tag=tag,
-        deferred_until=_deferred(params.get("deferred", "").strip(), tz),
+        deferred_until=_within(_deferred(params.get("deferred", "").strip(), tz),
+                               now, max_deferral),
     )
 
 
@@ -199,3 +203,10 @@ def _deferred(value: str, tz: ZoneInfo) -> float | None:
     except ValueError:
         raise SendRefused(INVALID, f"Invalid deferred: {value} is not a date") from None
     return when.timestamp()
+
+
+def _within(deferred: float | None, now: float | None, most: float | None) -> float | None:
+    if deferred is not None and now is not None and most is not None \
+            and deferred > now + most:
+        raise SendRefused(INVALID, f"Invalid deferred: at most {most / 86400:g} days ahead")
+    return deferred

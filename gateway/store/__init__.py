@@ -61,6 +61,10 @@ class NotEnoughCredits(StoreError):
     pass
 
 
+class OverCreditLimit(Conflict):
+    """A change that would leave an account holding more than `credits.MAX_CREDITS`."""
+
+
 class StoreUnavailable(StoreError):
     """The database cannot be opened or written (disk full, locked, corrupt)."""
 
@@ -193,6 +197,9 @@ class ManagementStore(StoreLifecycle, Protocol):
       each is one transaction that reads and writes the balance under the write lock
       (or a row lock), and writes its ledger entry with it.
     - A quota move never takes more than the account holds (NotEnoughCredits).
+    - An account never holds more than `credits.MAX_CREDITS`, its balance, quotas and
+      messages not yet final together (`rules.top_up`): a top-up beyond it, or a quota
+      above it, is refused (OverCreditLimit) and changes nothing.
     - Every change that moves credits re-evaluates the alerts of the account in its
       transaction (see `SendStore`).
     """
@@ -282,7 +289,7 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
 
 __all__ = [
     "Conflict", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
-    "OutboxStore", "ReadStore", "Role", "SendStore", "Store", "StoreError",
+    "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
     "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "open_store",
     "parse_url",
 ]

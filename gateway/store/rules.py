@@ -17,9 +17,9 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from gateway.credits import format_credits
+from gateway.credits import OverLimit, checked_add, format_credits
 from gateway.records import FinalState, OutgoingMessage, SendOrder, SendOutcome, StateUpdate
-from gateway.store import NotEnoughCredits
+from gateway.store import NotEnoughCredits, OverCreditLimit
 
 # Where an accepted send's credits came from, and where a refund goes back to.
 Pool = Literal["quota", "account"]
@@ -128,12 +128,35 @@ def decide_sends(orders: Sequence[SendOrder], funds: Funds, *, at: float, first_
     return SendDecisions(outcomes, accepted, charged_accounts, charged_quotas)
 
 
+# -- the most an account holds ------------------------------------------------------------
+
+
+def top_up(holdings: int, amount: int) -> int:
+    """What an account holds after adding `amount` to its `holdings` (its balance, its
+    active quotas and the credits of its messages not yet final): refused beyond
+    `credits.MAX_CREDITS`.
+
+    Counting the messages on their way keeps every later change within the maximum: a send
+    moves credits from a pool to a message, a refund moves them back, a quota moves them
+    between the balance and a user; only a purchase adds any.
+    """
+    try:
+        return checked_add(holdings, amount)
+    except OverLimit as exc:
+        raise OverCreditLimit(f"top-up: {exc}") from None
+
+
 # -- quotas --------------------------------------------------------------------------------
 
 
 def quota_move(quota: int, held: int, balance: int) -> int:
     """Credits to move from the account to a user's quota (negative: back) to set it to
-    `quota` when it holds `held`, as OVH does; more than `balance` is refused."""
+    `quota` when it holds `held`, as OVH does; more than `balance` or `MAX_CREDITS` is
+    refused."""
+    try:
+        checked_add(0, quota)
+    except OverLimit as exc:
+        raise OverCreditLimit(f"quota: {exc}") from None
     delta = quota - held
     if delta > balance:
         raise NotEnoughCredits(

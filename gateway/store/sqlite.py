@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiosqlite
+import structlog
 
 from gateway.records import (
     UNSET,
@@ -51,7 +53,15 @@ from gateway.records import (
     User,
     UserChanges,
 )
-from gateway.store import Conflict, NotFound, Role, StoreUnavailable, Taken, rules
+from gateway.store import (
+    Conflict,
+    NotFound,
+    OverCreditLimit,
+    Role,
+    StoreUnavailable,
+    Taken,
+    rules,
+)
 from gateway.store.writer import Conn, Turn, Writer
 from gateway.store.writer import begin as begin_write
 
@@ -203,8 +213,60 @@ async def _update(db: Conn, sql: str, row: str, rows: Sequence[Sequence[Any]]) -
         await db.execute(sql.format(",".join([row] * len(chunk))),
                          [value for each in chunk for value in each])
 
+async def _check_integers(db: Conn, plan: rules.UpdatePlan) -> None:
+    """Refunds stay within `credits.MAX_CREDITS` (see `rules.top_up`); should one ever
+    overflow SQLite's integers, which silently become floats, its transaction fails
+    rather than store an inexact balance."""
+    accounts, users = plan.account_refunds(), plan.quota_refunds()
+    marks, params = _in(sorted(accounts))
+    user_marks, user_params = _in(sorted(users))
+    rows = await db.execute_fetchall(
+        f"SELECT 1 FROM accounts WHERE id IN ({marks or 'NULL'}) "
+        "AND typeof(balance) <> 'integer' "
+        f"UNION ALL SELECT 1 FROM users WHERE id IN ({user_marks or 'NULL'}) "
+        "AND typeof(quota_left) <> 'integer'", [*params, *user_params])
+    if rows:
+        raise OverCreditLimit("refund: a balance or quota would overflow the store")
+
+
 # How many due outbox items a claim looks at, per item it may take (see claim_outbox).
 CLAIM_WINDOW = 4
+
+
+log = structlog.get_logger("gateway.store")
+
+# The store holds password hashes, callback URLs with their secrets, message texts (one-time
+# codes) and phone numbers: the folder the gateway creates and the files in it are its
+# user's alone. SQLite gives the -wal, -shm and journal files the database file's mode.
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def create_private(path: Path) -> None:
+    """The store's folder (0700) and an empty database file (0600), unless they exist: an
+    empty file is an empty SQLite database. Modes of existing ones are left as they are
+    (see `exposed`)."""
+    with suppress(FileExistsError):
+        # parents=True: folders above get the default mode, the store's own FOLDER_MODE.
+        path.parent.mkdir(mode=FOLDER_MODE, parents=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def exposed(path: Path) -> list[tuple[str, int]]:
+    """The store's folder and files that its group or others may access: (path, mode)."""
+    found = []
+    for each in (path.parent, path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = stat.S_IMODE(each.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            found.append((str(each), mode))
+    return found
 
 
 # How each role tunes the backend (see `gateway.store.open_store`): (write turn, sync
@@ -229,6 +291,8 @@ class SQLiteStore:
         if busy_timeout is None:
             busy_timeout = 10.0
         self._write_turn = write_turn
+        # The gateway's start (the send role) says when the store is open to others.
+        self._warn_exposed = role == "send"
         self.path = str(path)
         self._synchronous = "FULL" if sync_each_commit else "NORMAL"
         # Seconds a statement waits for another process's lock before failing (locked).
@@ -249,7 +313,7 @@ class SQLiteStore:
         self._write_lock = asyncio.Lock()
         try:
             if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                create_private(Path(self.path))
         except OSError as exc:
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
         try:
@@ -263,6 +327,10 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open the store {self.path}: {exc}") from exc
+        if self._warn_exposed and self.path != ":memory:":
+            for where, mode in exposed(Path(self.path)):
+                log.warning("store_open_to_others", path=where, mode=f"{mode:04o}",
+                            fix=f"chmod {'700' if Path(where).is_dir() else '600'} {where}")
 
     async def _connect_reader(self) -> aiosqlite.Connection:
         """The read-only connection; the writer set up the file (WAL, migrations)."""
@@ -451,6 +519,13 @@ class SQLiteStore:
     async def credit_account(self, name: str, amount: int, *, at: float) -> Account:
         async with self._tx() as db:
             account_id = await self._account_id(db, name)
+            (holdings,), = await db.execute_fetchall(
+                "SELECT a.balance + (SELECT COALESCE(SUM(quota_left), 0) FROM users "
+                "  WHERE account_id = a.id AND quota_active) "
+                "+ (SELECT COALESCE(SUM(credits), 0) FROM messages "
+                f"  WHERE account_id = a.id {_PENDING}) FROM accounts a WHERE a.id = ?",
+                (account_id,))
+            rules.top_up(holdings, amount)
             await db.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?",
                              (amount, account_id))
             await self._ledger(db, at, account_id, None, None, "purchase", "outside", "account",
@@ -804,6 +879,7 @@ class SQLiteStore:
                 await db.executemany("UPDATE users SET quota_left = quota_left + ? "
                                      "WHERE id = ?",
                                      [(v, k) for k, v in plan.quota_refunds().items()])
+                await _check_integers(db, plan)
                 await self._evaluate_alerts(db, sorted({r.account_id for r in refunds}),
                                             refunds[-1].at)
             return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from gateway.credits import InvalidAmount, RateTable, format_credits, to_cents
 from gateway.service import ValidationError
 from gateway.store import NotEnoughCredits
-from tests.conftest import ACCOUNT, LOGIN, Harness, ledger_identity
+from tests.conftest import ACCOUNT, LOGIN, Harness, eventually, ledger_identity
 
 # -- pure amounts ----------------------------------------------------------------------------
 
@@ -204,3 +207,85 @@ async def test_a_deleted_users_messages_never_reach_a_new_user(make_harness: Any
     assert await h.balance() == 100 * 100  # refunded to the account it came from
     assert (await h.gateway.store.counts())["outbox_pending"] == 0  # no callback to eve
     ledger_identity(await h.gateway.store.ledger_totals())
+
+
+# -- the most an account holds (issue 19 #19) ------------------------------------------------
+
+ADMIN = {"Authorization": "Bearer test-admin-token-0123456789"}
+MAX = 10**12  # credits: credits.MAX_CREDITS, as the API and the README write it
+
+
+async def admin(h: Harness, method: str, path: str, body: Any) -> tuple[int, Any]:
+    resp = await h.client.request(method, f"/1.0/sms/{ACCOUNT}{path}", headers=ADMIN,
+                                  json=body)
+    return resp.status, await resp.json()
+
+
+async def test_top_ups_beyond_the_maximum_are_refused_and_change_nothing(
+        harness: Harness) -> None:
+    """9,300 top-ups of 10^13 credits once made the balance a float of 9.3e18 hundredths."""
+    store = harness.gateway.store
+    status, body = await admin(harness, "POST", "/credits", {"amount": 10**13})
+    assert (status, body["field"]) == (400, "amount"), body
+    assert await harness.balance() == 1000 * 100
+    # Up to the maximum exactly, then not a hundredth more, however it is asked.
+    status, body = await admin(harness, "POST", "/credits", {"amount": MAX - 1000})
+    assert status == 200 and body["creditsLeft"] == MAX
+    before = (await store.ledger_totals(), await store.list_ledger(ACCOUNT, limit=1000))
+    for amount in (0.01, 1, MAX):
+        status, body = await admin(harness, "POST", "/credits", {"amount": amount})
+        assert status in (400, 409), body
+        assert "maximum" in body["message"] or "at most" in body["message"], body
+    assert (await store.ledger_totals(), await store.list_ledger(ACCOUNT, limit=1000)) == before
+    account = await store.get_account(ACCOUNT)
+    assert type(account.balance) is int and account.balance == MAX * 100
+    # Sends still cost what they cost.
+    assert (await harness.send())[1].startswith("OK")
+    assert await harness.balance() == MAX * 100 - 100
+    ledger_identity(await store.ledger_totals())
+
+
+async def test_credits_on_their_way_count_and_their_refund_stays_within(
+        harness: Harness) -> None:
+    store = harness.gateway.store
+    status, _ = await admin(harness, "POST", "/credits", {"amount": MAX - 1000})
+    assert status == 200
+    # A deferred send holds its credit; the account still holds the maximum.
+    later = datetime.fromtimestamp(time.time() + 86400, ZoneInfo("Europe/Paris"))
+    assert (await harness.send(deferred=later.strftime("%H%M%d%m%Y")))[1].startswith("OK")
+    # A failure the operator does not bill (+336123990NN) is refunded.
+    assert (await harness.send(to="+33612399023"))[1].startswith("OK")
+    status, body = await admin(harness, "POST", "/credits", {"amount": 1})
+    assert status == 409 and "maximum" in body["message"], body
+
+    async def refunded() -> bool:
+        return await harness.balance() == MAX * 100 - 100
+    await eventually(refunded)
+    status, body = await admin(harness, "POST", "/credits", {"amount": 0.01})
+    assert status == 409, body
+    ledger_identity(await store.ledger_totals())
+
+
+async def test_a_quota_above_the_maximum_is_refused(harness: Harness) -> None:
+    for quota in (MAX + 1, 10**13):
+        resp = await harness.client.put(
+            f"/1.0/sms/{ACCOUNT}/users/{LOGIN}", headers=ADMIN,
+            json={"quotaInformations": {"quotaStatus": "active", "quotaLeft": quota}})
+        assert resp.status == 400 and (await resp.json())["field"] == "quotaLeft"
+    assert (await harness.quota(), await harness.balance()) == (0, 100_000)
+
+
+def test_the_rules_refuse_what_would_pass_the_maximum() -> None:
+    from gateway.credits import MAX_CREDITS, OverLimit, checked_add
+    from gateway.store import OverCreditLimit
+    from gateway.store import rules as store_rules
+
+    assert MAX_CREDITS == MAX * 100
+    assert checked_add(MAX_CREDITS - 5, 5) == MAX_CREDITS
+    with pytest.raises(OverLimit):
+        checked_add(MAX_CREDITS, 1)
+    assert store_rules.top_up(MAX_CREDITS - 1, 1) == MAX_CREDITS
+    with pytest.raises(OverCreditLimit, match="top-up"):
+        store_rules.top_up(MAX_CREDITS, 1)
+    with pytest.raises(OverCreditLimit, match="quota"):
+        store_rules.quota_move(MAX_CREDITS + 1, 0, 2 * MAX_CREDITS)

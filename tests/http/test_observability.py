@@ -23,7 +23,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.operators.simulated import reference
 from gateway.records import OperatorReport
-from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
+from tests.conftest import ACCOUNT, LOGIN, Harness, deferred_ahead, eventually
 
 TOKEN = {"Authorization": "Bearer test-admin-token-0123456789"}
 
@@ -108,7 +108,7 @@ async def test_health_and_readiness(harness: Harness, config: Any,
 async def test_readiness_fails_over_the_backlog_bound(make_harness: Any, config: Any) -> None:
     config = config.replace({"metrics.max_backlog": 0})
     h: Harness = await make_harness(cfg=config)
-    await h.send(deferred="000001012099")
+    await h.send(deferred=deferred_ahead(30))
     await h.gateway.store.enqueue_outbox("callback", account_id=1, user_id=None,
                                          target="http://127.0.0.1:9/", payload={}, at=0.0)
     resp = await h.client.get("/readyz")

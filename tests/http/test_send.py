@@ -13,7 +13,14 @@ from gateway import http_parser
 from gateway.config import Config
 from gateway.records import MessageFilter, SendOrder
 from gateway.store import Store, open_store
-from tests.conftest import ACCOUNT, LOGIN, SEND_PATH, Harness, HarnessFactory
+from tests.conftest import (
+    ACCOUNT,
+    LOGIN,
+    SEND_PATH,
+    Harness,
+    HarnessFactory,
+    deferred_ahead,
+)
 
 FORMATS = ["text/plain", "text/xml", "application/xml", "text/json", "application/json",
            "text/html"]
@@ -122,10 +129,10 @@ async def test_every_outcome_in_every_format(make_harness: Any, fmt: str) -> Non
     assert parsed["ok"] and parsed.get("status", 100) == 100 and parsed["creditLeft"] == "0"
     parsed = parse_body(fmt, (await h.send(contentType=fmt))[1])
     assert parsed.get("status", 402) == 402 and "Not enough credits" in parsed["message"]
-    parsed = parse_body(fmt, (await h.send(contentType=fmt, deferred="000001012099"))[1])
+    parsed = parse_body(fmt, (await h.send(contentType=fmt, deferred=deferred_ahead(30)))[1])
     assert parsed.get("status", 402) == 402
     await h.manage.credit_account(ACCOUNT, 5)
-    parsed = parse_body(fmt, (await h.send(contentType=fmt, deferred="000001012099"))[1])
+    parsed = parse_body(fmt, (await h.send(contentType=fmt, deferred=deferred_ahead(30)))[1])
     assert parsed["ok"] and parsed.get("status", 101) == 101
 
 
@@ -328,15 +335,18 @@ async def test_sender_for_response(harness: Harness) -> None:
 
 
 async def test_tag_class_and_deferred_are_stored(harness: Harness) -> None:
+    code = deferred_ahead(60, time_of_day="1830")
     _, body = await harness.send(tag="campaign-7", **{"class": "0"},
-                                      deferred="183019072099", contentType="text/json")
+                                      deferred=code, contentType="text/json")
     assert json.loads(body)["status"] == 101
     message = await harness.gateway.store.get_message(1)
     assert (message.tag, message.klass, message.state) == ("campaign-7", 0, "deferred")
-    # 18:30 on 19/07/2099 in Europe/Paris (UTC+2 in summer) is 16:30 UTC.
-    from datetime import UTC, datetime
-    assert datetime.fromtimestamp(message.deferred_until or 0, UTC) == \
-        datetime(2099, 7, 19, 16, 30, tzinfo=UTC)
+    # 18:30 on that day in Europe/Paris, whatever its offset from UTC then.
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    paris = ZoneInfo("Europe/Paris")
+    assert datetime.fromtimestamp(message.deferred_until or 0, paris) == datetime(
+        int(code[8:]), int(code[6:8]), int(code[4:6]), 18, 30, tzinfo=paris)
 
 
 async def test_control_characters_in_tag_and_from_are_refused(harness: Harness) -> None:
@@ -450,3 +460,17 @@ async def test_a_send_cancelled_while_queued_is_committed_all_the_same(
         assert outcome.ids == (2,) and outcome.credit_left == 800
     finally:
         await committer.stop()
+
+
+async def test_a_deferral_beyond_the_maximum_is_refused_and_holds_nothing(
+        make_harness: HarnessFactory, config: Config) -> None:
+    """Issue 19 #22: `deferred` in 9999 was accepted and its credits held forever."""
+    h = await make_harness(cfg=config.replace({"send.max_deferral_days": 30}), credits=10)
+    for code in ("000001019999", deferred_ahead(31)):
+        status, body = await h.send(deferred=code, contentType="application/json")
+        assert status == 200 and json.loads(body)["status"] == 202, body
+        assert "at most 30 days ahead" in json.loads(body)["message"]
+    assert await h.balance() == 1000
+    assert await h.gateway.store.list_messages(MessageFilter(account_id=1), limit=10) == []
+    status, body = await h.send(deferred=deferred_ahead(29), contentType="application/json")
+    assert json.loads(body)["status"] == 101 and await h.balance() == 900

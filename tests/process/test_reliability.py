@@ -24,7 +24,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, ledger_identity
+from tests.conftest import (
+    ACCOUNT,
+    LOGIN,
+    PASSWORD,
+    SENDER,
+    Harness,
+    deferred_ahead,
+    ledger_identity,
+)
 from tests.serverproc import (
     SEND_PATH,
     ServerProcess,
@@ -193,7 +201,7 @@ class Load:
 
     server: ServerProcess
     accepted: dict[int, str] = field(default_factory=dict)    # message id -> receiver
-    later: set[int] = field(default_factory=set)              # answered 101, due in 2099
+    later: set[int] = field(default_factory=set)              # answered 101, due in a month
     refused: list[str] = field(default_factory=list)
     unanswered: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -201,13 +209,14 @@ class Load:
 
     async def sender(self, session: aiohttp.ClientSession, worker: int, target: int) -> None:
         rng = random.Random(worker)
+        ahead = deferred_ahead(30)
         for n in range(100_000):  # bounded; ends on `stop` or when the gateway dies
             if self.stop.is_set():
                 return
             count = rng.choice((1, 1, 1, 3))
             numbers = [f"+336{worker:02d}{n % 100_000:05d}{k}" for k in range(count)]
-            # Some are deferred (answered 101): to 2099, or to a time already past.
-            deferred = rng.choice(("", "", "", "", "", "", "120001012099", "120001012020"))
+            # Some are deferred (answered 101): a month ahead, or to a time already past.
+            deferred = rng.choice(("", "", "", "", "", "", ahead, "120001012020"))
             try:
                 async with session.get(self.server.send_url, params=demo_params(
                         to=",".join(numbers), message=f"crash test {worker}/{n}",
@@ -221,7 +230,7 @@ class Load:
                 ids = [int(i) for i in answer["SmsIds"]]
                 assert len(ids) == count, body
                 self.accepted.update(zip(ids, numbers, strict=True))
-                if deferred.endswith("2099"):
+                if deferred == ahead:
                     self.later.update(ids)
                 if len(self.accepted) >= target:
                     self.enough.set()
@@ -288,11 +297,11 @@ async def test_sigkill_mid_load_loses_nothing_and_delivery_resumes(tmp_path: Pat
         assert final_counts["outbox_dead"] == 0
         finals = dict(read_db(db, "SELECT id, ptt FROM messages WHERE state = 'final'"))
         waiting = {i for (i,) in read_db(db, "SELECT id FROM messages WHERE state = 'deferred'")}
-        # Still waiting for 2099, every other one final. A deferred send stored just before
-        # the kill, its answer never sent, waits too.
-        in_2099 = {i for (i,) in read_db(db, "SELECT id FROM messages WHERE deferred_until "
-                                             ">= 4070908800")}  # 2099-01-01
-        assert waiting == in_2099 and load.later <= waiting
+        # Still waiting for next month, every other one final. A deferred send stored just
+        # before the kill, its answer never sent, waits too.
+        ahead = {i for (i,) in read_db(db, "SELECT id FROM messages WHERE deferred_until "
+                                           ">= ?", (time.time() + 20 * 86400,))}
+        assert waiting == ahead and load.later <= waiting
         assert not (waiting - load.later) & set(load.accepted)
         assert len(finals) == len(stored) - len(waiting)
         # The receiver heard the final state of every message (at least once).

@@ -241,3 +241,20 @@ async def test_verification_cache_never_remembers_a_refusal() -> None:
     assert len(cache._verdicts) == 0
     assert await cache.verify("Abcd1234", stored)
     assert len(cache._verdicts) == 1
+
+
+def test_deferred_at_most_the_given_days_ahead() -> None:
+    paris = ZoneInfo("Europe/Paris")
+    base = {"account": "a", "login": "l", "password": "p", "from": "ACME",
+            "to": "+33612345678", "message": "hi"}
+    now = 1_700_000_000.0  # 2023-11-14 23:13:20 in Paris
+    day = 86400.0
+    inside = parse({**base, "deferred": "231314112024"}, tz=paris, max_recipients=5,
+                   now=now, max_deferral=366 * day)
+    assert inside.deferred_until is not None and inside.deferred_until <= now + 366 * day
+    for far in ("000016112024", "000001019999"):
+        with pytest.raises(SendRefused) as refused:
+            parse({**base, "deferred": far}, tz=paris, max_recipients=5, now=now,
+                  max_deferral=366 * day)
+        assert refused.value.status == 202
+        assert refused.value.message == "Invalid deferred: at most 366 days ahead"

@@ -1,0 +1,118 @@
+"""One gateway delivers from a store at a time, in one-process mode too.
+
+The delivery worker (`server.delivery_worker`) holds the store's `exclusive("delivery")`
+name while it runs. Without a worker the dispatcher runs in the gateway's own process, and
+two such gateways on one store both handed the same messages to the operator: each one
+recovers the messages left queued or in flight at its start, and each one hands over the
+deferred messages that fall due. `DeliveryGuard` wraps the dispatcher and starts it only
+once it holds the name.
+
+A gateway that finds the name taken is a standby: it says so in its log and its `/readyz`
+(not ready: a load balancer should send it nothing), and waits for the name. The sends it
+accepts meanwhile are stored and delivered when delivery moves: to it, when the gateway
+delivering stops, or to that gateway's next start. Taking over while requests are served,
+it delivers with a dispatcher that follows the store (as the delivery worker does), poked
+at each of its commits: it finds every message queued, its own and the others', and none
+is missed between reading the store and the first commit seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from gateway.delivery import Dispatcher
+from gateway.records import SendOutcome
+from gateway.store import StoreLifecycle, Taken
+
+log = structlog.get_logger("gateway.delivery")
+
+LOCK_NAME = "delivery"
+
+
+class DeliveryGuard:
+    """A `Service` around the dispatcher: it delivers only while it holds the store's
+    `exclusive("delivery")`.
+
+    `dispatcher` delivers when the name is free at the start (services start before any
+    request is served); `follower()` builds the store-following dispatcher of a takeover.
+    `on_dispatcher` is told which dispatcher runs (the gateway's health and metrics read it).
+    """
+
+    def __init__(self, store: StoreLifecycle, dispatcher: Dispatcher,
+                 follower: Callable[[], Dispatcher],
+                 on_dispatcher: Callable[[Dispatcher], None] | None = None) -> None:
+        self._store = store
+        self._first = dispatcher
+        self._follower = follower
+        self._on_dispatcher = on_dispatcher
+        self._held = contextlib.AsyncExitStack()
+        self._running: Dispatcher | None = None
+        self._follows = False
+        self._waiting: asyncio.Task[None] | None = None
+
+    @property
+    def delivering(self) -> bool:
+        """This gateway delivers; False while another one holds delivery on the store."""
+        return self._running is not None
+
+    async def start(self) -> None:
+        try:
+            await self._held.enter_async_context(self._store.exclusive(LOCK_NAME))
+        except Taken:
+            log.warning("delivery_elsewhere", reason="another gateway delivers from this "
+                        "store; this one waits to take over and is not ready meanwhile")
+            self._waiting = asyncio.create_task(self._take_over(), name="delivery-standby")
+            return
+        try:
+            await self._first.start()
+        except BaseException:
+            await self._held.aclose()
+            raise
+        self._running = self._first
+
+    async def _take_over(self) -> None:
+        await self._held.enter_async_context(self._store.exclusive(LOCK_NAME, wait=True))
+        dispatcher = self._follower()
+        try:
+            await dispatcher.start()
+        except Exception as exc:
+            # Not ready stays the answer of /readyz; the next start tries again.
+            log.error("delivery_take_over_failed", error=str(exc))
+            await self._held.aclose()
+            return
+        except BaseException:
+            await self._held.aclose()
+            raise
+        self._running, self._follows = dispatcher, True
+        if self._on_dispatcher is not None:
+            self._on_dispatcher(dispatcher)
+        log.warning("delivery_taken_over", reason="the gateway delivering from this store "
+                    "stopped; this one delivers now")
+
+    def on_commit(self, outcomes: Sequence[SendOutcome]) -> None:
+        """After-commit hook: to the dispatcher delivering, if it is ours."""
+        running = self._running
+        if running is None:
+            return  # stored: whoever delivers next finds them
+        if self._follows:
+            running.poke()
+        else:
+            running.on_commit(outcomes)
+
+    async def stop(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._waiting
+            self._waiting = None
+        running, self._running = self._running, None
+        try:
+            if running is not None:
+                await running.stop()
+        finally:
+            # Released once its last reports are stored: the next holder starts from there.
+            await self._held.aclose()
