@@ -123,7 +123,9 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
     )
     security = config.security
     pipeline = SendPipeline(
-        store, committer, settings, VerificationCache(),
+        store, committer, settings,
+        VerificationCache(queue_size=security.verification_queue,
+                          per_owner=security.verification_queue_per_address),
         guard=LoginGuard(security.max_failures, security.lockout_seconds,
                          ipv6_prefix=security.ipv6_prefix,
                          login_failure_budget=security.login_failure_budget,

@@ -203,6 +203,10 @@ class SecurityConfig(Section, frozen=True):
     login_slow_seconds: NonNegative = 1.0
     # Distinct users logging in from one address that make it reported as shared (0: never).
     shared_address_users: NonNegativeInt = 20
+    # Password checks (scrypt) waiting or running at once, and the share of one address
+    # (an IPv6 caller's network, as above); a check beyond either is answered 429 at once.
+    verification_queue: Annotated[int, Meta(ge=2, le=100_000)] = 64
+    verification_queue_per_address: Annotated[int, Meta(ge=1, le=100_000)] = 8
 
 
 class LogConfig(Section, frozen=True):

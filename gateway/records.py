@@ -46,8 +46,8 @@ class User:
 class SendContext:
     """All a send request is checked against, read in one query and cached.
 
-    No credits here: they are read and decided inside the commit. `version` is the settings
-    version the context was read at; a send commits only if it is still current.
+    No credits here: they are read and decided inside the commit. `version` is its account's
+    settings version when the context was read; a send commits only if it is still current.
     """
 
     user: User

@@ -46,13 +46,22 @@ def caller_ip(request: web.Request) -> iprules.IPAddress | None:
     return iprules.client_ip(host, forwarded, trusted_proxies)
 
 
+def connected(request: web.Request) -> bool:
+    """Whether the client still waits for the answer. aiohttp does not cancel a handler
+    whose client hung up, so the send path asks before it starts a costly password check:
+    a flood of guesses that hang up at once must not keep scrypt busy. Once a check has
+    started, the request runs to its end (a send that reaches the commit is committed)."""
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
+
+
 async def http2sms(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     request_id = f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
     pipeline = request.app[PIPELINE]
     params = await read_params(request)
     client = caller_ip(request)
-    answer = await pipeline.send(params, client)
+    answer = await pipeline.send(params, client, connected=lambda: connected(request))
     event = log.error if answer.http_status == 503 else log.info
     event("send", request_id=request_id, method=request.method,
           duration_ms=round((time.perf_counter() - started) * 1000, 2), **answer.log)

@@ -8,6 +8,7 @@ Nothing is written unless every check has passed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -19,7 +20,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.credits import CENTS, RateTable, format_credits
 from gateway.logs import id_ranges
 from gateway.metrics import Metrics
-from gateway.passwords import VerificationCache, decoy_hash
+from gateway.passwords import Abandoned, VerificationBusy, VerificationCache, decoy_hash
 from gateway.records import SendContext, SendOrder, SendOutcome
 from gateway.security import Attempt, LoginGuard, Refused, Throttle
 from gateway.send import request as rules
@@ -33,6 +34,12 @@ log = structlog.get_logger("gateway.send")
 # A settings change between a request's checks and its commit makes it check again; more
 # than a couple in a row would take a storm of changes.
 _STALE_RETRIES = 3
+# What a caller refused for want of a place in the password-check queue waits before trying
+# again: about the time the queue takes to move on.
+_BUSY_RETRY_AFTER = 1
+# The answer to a request whose client hung up before its password was checked (nginx's
+# "client closed request"): nobody reads it, the log and the metrics do.
+CLIENT_GONE = 499
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +98,12 @@ class SendPipeline:
         # as a wrong password: the timing must not tell which logins exist.
         self._decoy_hash = decoy_hash()
 
-    async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None) -> Answer:
+    async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None, *,
+                   connected: Callable[[], bool] | None = None) -> Answer:
+        """The answer to one request. `connected` tells whether its client still waits for
+        it: a password check still queued when its client has hung up is never run."""
         try:
-            answer = await self._send(params, client_ip)
+            answer = await self._send(params, client_ip, connected)
         except (StoreError, ShuttingDown) as exc:
             # Nothing was committed: the client may safely send again later.
             answer = Answer(503, rules.requested_format(params),
@@ -107,8 +117,8 @@ class SendPipeline:
                            len(answer.ids) if answer.ok else 0, answer.cost / CENTS)
         return answer
 
-    async def _send(self, params: dict[str, str],
-                    client_ip: iprules.IPAddress | None) -> Answer:
+    async def _send(self, params: dict[str, str], client_ip: iprules.IPAddress | None,
+                    connected: Callable[[], bool] | None) -> Answer:
         fmt = rules.requested_format(params)
         account: str | None = None
         log: dict[str, Any] = {"account": params.get("account", "")[:64],
@@ -119,7 +129,7 @@ class SendPipeline:
                                   max_recipients=self.settings.max_recipients,
                                   now=self._clock.now(),
                                   max_deferral=self.settings.max_deferral)
-            order, outcome, account = await self._charge(request, client_ip)
+            order, outcome, account = await self._charge(request, client_ip, connected)
         except SendRefused as refused:
             log["outcome"] = refused.status
             # The rule that failed, without the values (numbers, text) the message quotes.
@@ -132,6 +142,20 @@ class SendPipeline:
                           f"{throttled.retry_after} s", log=log,
                           retry_after=throttled.retry_after, account=throttled.account,
                           http_status=429)
+        except VerificationBusy:
+            # Too many password checks queued (from this address, or in all): nothing was
+            # checked nor counted, and a real user is told to come back rather than that
+            # the password is wrong.
+            self._metrics.auth_failures.labels("busy").inc()
+            log.update(outcome=429, reason="busy")
+            return Answer(429, fmt, message=f"Too many logins being checked: retry after "
+                          f"{_BUSY_RETRY_AFTER} s", log=log, retry_after=_BUSY_RETRY_AFTER,
+                          http_status=429)
+        except Abandoned:
+            self._metrics.auth_failures.labels("abandoned").inc()
+            log.update(outcome=CLIENT_GONE, reason="client gone")
+            return Answer(CLIENT_GONE, fmt, message="The client hung up", log=log,
+                          http_status=CLIENT_GONE)
         log.update(recipients=len(order.recipients), parts=order.parts,
                    credits=format_credits(order.total))
         # 101 whenever `deferred` was given, as OVH answers: scripts test for it. A time
@@ -141,7 +165,8 @@ class SendPipeline:
         return Answer(status, fmt, credit_left=format_credits(outcome.credit_left),
                       ids=outcome.ids, log=log, account=account, cost=order.total)
 
-    async def _charge(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None
+    async def _charge(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
+                      connected: Callable[[], bool] | None = None
                       ) -> tuple[SendOrder, SendOutcome, str]:
         """Authorize, price and commit; check again whenever cached settings prove stale.
 
@@ -155,7 +180,8 @@ class SendPipeline:
         messages = len(request.recipients)
         try:
             for _ in range(_STALE_RETRIES):
-                context, sender = await self._authorize(request, client_ip, fresh=fresh)
+                context, sender = await self._authorize(request, client_ip, fresh=fresh,
+                                                        connected=connected)
                 account = context.user.account_name
                 if throttled_user is None:
                     wait = self._throttle.take(context.user.id, messages, self._clock.now())
@@ -196,7 +222,8 @@ class SendPipeline:
             raise
 
     async def _authorize(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
-                         *, fresh: bool = False) -> tuple[SendContext, str]:
+                         *, fresh: bool = False, connected: Callable[[], bool] | None = None
+                         ) -> tuple[SendContext, str]:
         """Check credentials, caller IP and sender; return the context and the sender.
 
         A refusal on cached settings is checked again on fresh ones (the cache may predate a
@@ -209,7 +236,7 @@ class SendPipeline:
             self._metrics.auth_failures.labels("locked").inc()
             # Locked: refuse without looking at the password, so guessing goes nowhere.
             raise SendRefused(rules.UNAUTHORIZED, _LOCKED)
-        check = _PasswordCheck(self, request, client_ip, now)
+        check = _PasswordCheck(self, request, client_ip, now, connected)
         try:
             context = await self._store.send_context(request.account, request.login,
                                                      fresh=fresh)
@@ -271,14 +298,20 @@ class _PasswordCheck:
     right needs no place (nothing is guessed), nor does a guess identical to one being
     checked (it shares that check, and counts as a failure afterwards if it was wrong).
     Verdicts are kept per stored hash for the request's second look on fresh settings.
+
+    The check waits in the verifier's queue under the caller's address key (an IPv6
+    caller's network, as the guard keys it); when the queue refuses it, or drops it as its
+    client hung up, the place is released by `release`: nothing was checked.
     """
 
     def __init__(self, pipeline: SendPipeline, request: rules.SendRequest,
-                 client_ip: iprules.IPAddress | None, now: float) -> None:
+                 client_ip: iprules.IPAddress | None, now: float,
+                 connected: Callable[[], bool] | None = None) -> None:
         self._pipeline = pipeline
         self._request = request
         self._ip = client_ip
         self._now = now
+        self._connected = connected
         self._attempt: Attempt | None = None
         self._verdicts: dict[str, bool] = {}
 
@@ -296,7 +329,9 @@ class _PasswordCheck:
                 # one (a burst of right credentials at start-up must not look like guessing).
                 if self._attempt is None and not verifier.in_flight(request.password, stored):
                     self._attempt = self._begin(context)
-                verdict = await verifier.verify(request.password, stored)
+                verdict = await verifier.verify(
+                    request.password, stored, owner=pipeline._guard.address(self._ip),
+                    wanted=self._connected)
             self._verdicts[stored] = verdict
         return pipeline._refusal(request, self._ip, context, verdict)
 

@@ -119,7 +119,9 @@ class SendStore(StoreLifecycle, Protocol):
       credits below its threshold queues that user's alert (and disarms it) in its own
       commit; concurrent crossings see one armed flag, so one alert, never two.
     - An order checked at a settings version (`SendOrder.settings_version`) commits only
-      if that version is still current; otherwise it is refused as "stale".
+      if its account's version is still that one; otherwise it is refused as "stale".
+      Versions are per account (a change to one never makes another's orders stale)
+      and never reused.
     - Message ids are unique and grow within one commit (one order's recipients get
       consecutive ids). Across concurrent commits ids need NOT become visible in id
       order: a reader may see id 12 before id 11 commits (PostgreSQL sequences). Readers

@@ -73,13 +73,14 @@ class SendDecisions:
 
 
 def decide_sends(orders: Sequence[SendOrder], funds: Funds, *, at: float, first_id: int,
-                 version: int) -> SendDecisions:
+                 versions: Mapping[int, int]) -> SendDecisions:
     """Decide `orders` in their order, each against what the ones before it left.
 
     An order is paid by its user's active quota, else by its account's balance, whole or
     not at all: refused when that pool holds less than its total (the outcome says how
-    much it holds). An order checked at another settings version than `version` is
-    refused as "stale". Accepted orders get consecutive ids from `first_id`.
+    much it holds). An order checked at another settings version than its account's
+    current one in `versions` (by account id; absent: the account is gone) is refused as
+    "stale". Accepted orders get consecutive ids from `first_id`.
     """
     balances = dict(funds.balances)
     quotas = dict(funds.quotas)
@@ -89,7 +90,8 @@ def decide_sends(orders: Sequence[SendOrder], funds: Funds, *, at: float, first_
     accepted: list[Accepted] = []
     next_id = first_id
     for order in orders:
-        if order.settings_version is not None and order.settings_version != version:
+        if order.settings_version is not None \
+                and order.settings_version != versions.get(order.account_id):
             outcomes.append(SendOutcome(False, reason="stale"))
             continue
         total = order.total

@@ -302,10 +302,13 @@ class SQLiteStore:
         # One transaction at a time on the writer connection: statements of two
         # transactions must never interleave on it.
         self._write_lock: Any = None
-        # Send settings by (account, login), valid for one settings version: a read per
-        # request would cost a thread round trip on the send path.
+        # Send settings by (account, login), valid for one settings version of their
+        # account: a read per request would cost a thread round trip on the send path.
         self._contexts: dict[tuple[str, str], SendContext] = {}
-        self._settings_version: int | None = None
+        # The keys of the contexts cached per account id, and the newest settings version
+        # seen per account id: a newer one drops that account's contexts, and only them.
+        self._keys_by_account: dict[int, set[tuple[str, str]]] = {}
+        self._versions: dict[int, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -673,11 +676,13 @@ class SQLiteStore:
 
     async def send_context(self, account: str, login: str, *,
                            fresh: bool = False) -> SendContext | None:
-        """The user's send settings, from memory when the settings have not changed.
+        """The user's send settings, from memory when its account's settings have not
+        changed.
 
         A cached context may be stale by the time it is used (the CLI of another process can
-        change a password at any moment); `commit_sends` refuses orders whose settings
-        version is no longer current, and the send path checks them again.
+        change a password at any moment); `commit_sends` refuses orders whose account's
+        settings version is no longer current, and the send path checks them again. A
+        change to one account leaves the contexts of the others cached and current.
         """
         cached = None if fresh else self._contexts.get((account, login))
         if cached is not None:
@@ -685,7 +690,7 @@ class SQLiteStore:
         rows = await self._read(
             f"SELECT {_USER_COLUMNS}, a.stop_clause, "
             "(SELECT group_concat(sender, char(10)) FROM senders WHERE account_id = a.id), "
-            "(SELECT value FROM meta WHERE key = 'settings_version') "
+            "a.settings_version "
             "FROM users u JOIN accounts a ON a.id = u.account_id "
             "WHERE a.name = ? AND u.login = ?", (account, login))
         if not rows:
@@ -693,15 +698,30 @@ class SQLiteStore:
         row = rows[0]
         senders = frozenset(row[15].split("\n")) if row[15] else frozenset()
         context = SendContext(_user(row), row[14], senders, int(row[16]))
-        self._note_settings_version(context.version)
-        if context.version == self._settings_version and len(self._contexts) < 100_000:
-            self._contexts[(account, login)] = context
+        account_id = context.user.account_id
+        if self._note_settings_version(account_id, context.version) \
+                and len(self._contexts) < 100_000:
+            key = (account, login)
+            previous = self._contexts.get(key)
+            if previous is not None and previous.user.account_id != account_id:
+                self._keys_by_account[previous.user.account_id].discard(key)
+            self._contexts[key] = context
+            self._keys_by_account.setdefault(account_id, set()).add(key)
         return context
 
-    def _note_settings_version(self, version: int) -> None:
-        if self._settings_version is None or version > self._settings_version:
-            self._contexts.clear()
-            self._settings_version = version
+    def _note_settings_version(self, account_id: int, version: int | None) -> bool:
+        """Record the account's version as read (None: the account is gone); True when
+        it is the newest seen, so a context read at it may be cached."""
+        known = self._versions.get(account_id)
+        if known is not None and version is not None and version <= known:
+            return version == known
+        for key in self._keys_by_account.pop(account_id, ()):
+            del self._contexts[key]
+        if version is None:
+            self._versions.pop(account_id, None)
+            return False
+        self._versions[account_id] = version
+        return True
 
     async def commit_sends(self, orders: Sequence[SendOrder], *,
                            at: float) -> list[SendOutcome]:
@@ -715,8 +735,15 @@ class SQLiteStore:
             account_ids = sorted({o.account_id for o in orders})
             user_ids = sorted({o.user_id for o in orders if o.user_id is not None})
             marks, params = _in(account_ids)
-            balances = dict(await db.execute_fetchall(
-                f"SELECT id, balance FROM accounts WHERE id IN ({marks})", params))
+            balances: dict[int, int] = {}
+            versions: dict[int, int] = {}
+            for account_id, balance, version in await db.execute_fetchall(
+                    f"SELECT id, balance, settings_version FROM accounts WHERE id IN ({marks})",
+                    params):
+                balances[account_id] = balance
+                versions[account_id] = version
+            for account_id in account_ids:
+                self._note_settings_version(account_id, versions.get(account_id))
             quotas: dict[int, int | None] = {}
             if user_ids:
                 marks, params = _in(user_ids)
@@ -724,13 +751,11 @@ class SQLiteStore:
                         "SELECT id, quota_active, quota_left FROM users "
                         f"WHERE id IN ({marks})", params):
                     quotas[uid] = left if active else None
-            next_id, version = (await db.execute_fetchall(
-                "SELECT COALESCE(MAX(id), 0) + 1, (SELECT CAST(value AS INTEGER) FROM meta "
-                "WHERE key = 'settings_version') FROM messages"))[0]
-            self._note_settings_version(version)
+            (next_id,) = (await db.execute_fetchall(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM messages"))[0]
 
             decided = rules.decide_sends(orders, rules.Funds(balances, quotas), at=at,
-                                         first_id=next_id, version=version)
+                                         first_id=next_id, versions=versions)
             outcomes = decided.outcomes
             if decided.accepted:
                 messages: list[tuple[Any, ...]] = []

@@ -327,6 +327,31 @@ async def test_an_order_checked_at_an_older_settings_version_is_refused(
     assert (await b.get_account("acme")).balance == 1000
 
 
+
+async def test_a_change_to_one_account_leaves_another_accounts_sends_current(
+        stores: Opener) -> None:
+    """Settings versions are per account: churn on account A (users deleted and created
+    again, a password, a sender, the STOP clause) never makes a send checked on account B's
+    settings stale, while A's own sends checked before the change are."""
+    a, b = await two(stores)
+    await account_with_user(a, 1000, name="acme")
+    await account_with_user(a, 1000, name="other", login="bob")
+    other = await a.send_context("other", "bob", fresh=True)
+    before = await a.send_context("acme", "alice", fresh=True)
+    assert other is not None and before is not None
+    await b.delete_user("acme", "alice", at=T0)
+    await b.create_user("acme", "alice", "y", at=T0)
+    await b.update_user("acme", "alice", UserChanges(password_hash="z"), at=T0)
+    await b.add_sender("acme", "NEWS")
+    await b.update_account("acme", stop_clause="STOP 36111")
+    checked = replace(order(other.user, 100), settings_version=other.version)
+    assert (await commit_one(a, checked)).accepted
+    stale = replace(order(before.user, 100), settings_version=before.version)
+    outcome = await commit_one(a, stale)
+    assert not outcome.accepted and outcome.reason == "stale"
+    assert (await b.get_account("acme")).balance == 1000
+
+
 # -- reports -------------------------------------------------------------------------------
 
 

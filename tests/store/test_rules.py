@@ -26,7 +26,7 @@ def send(cost: int, *, account: int = 1, user: int | None = 10, recipients: int 
 def test_sends_are_decided_in_order_against_what_is_left() -> None:
     funds = Funds({1: 500}, {10: None})
     got = rules.decide_sends([send(300), send(300), send(200)], funds, at=5.0, first_id=7,
-                             version=0)
+                             versions={})
     assert [(o.accepted, o.credit_left, o.reason) for o in got.outcomes] == [
         (True, 200, ""), (False, 200, "credits"), (True, 0, "")]
     assert [a.ids for a in got.accepted] == [(7,), (8,)]
@@ -36,7 +36,7 @@ def test_sends_are_decided_in_order_against_what_is_left() -> None:
 
 def test_an_active_quota_pays_and_the_balance_is_untouched() -> None:
     got = rules.decide_sends([send(100, recipients=3), send(100)], Funds({1: 10_000}, {10: 350}),
-                             at=5.0, first_id=1, version=0)
+                             at=5.0, first_id=1, versions={})
     assert [(o.accepted, o.credit_left, o.reason) for o in got.outcomes] == [
         (True, 50, ""), (False, 50, "quota")]
     assert got.quotas == {10: 50} and got.balances == {}
@@ -49,7 +49,7 @@ def test_unknown_stale_and_alert_orders() -> None:
     funds = Funds({1: 1000}, {10: None})
     got = rules.decide_sends(
         [send(1, account=2), send(1, user=11), send(1, version=3), send(1, version=4),
-         send(1, user=None, kind="alert")], funds, at=5.0, first_id=1, version=4)
+         send(1, user=None, kind="alert")], funds, at=5.0, first_id=1, versions={1: 4})
     assert [o.reason for o in got.outcomes] == ["unknown account", "unknown user", "stale",
                                                 "", ""]
     assert [a.ledger_kind for a in got.accepted] == ["send", "alert"]
@@ -58,7 +58,7 @@ def test_unknown_stale_and_alert_orders() -> None:
 
 def test_a_deferred_time_already_past_is_due_at_once() -> None:
     got = rules.decide_sends([send(1, deferred_until=4.0), send(1, deferred_until=6.0)],
-                             Funds({1: 10}, {10: None}), at=5.0, first_id=1, version=0)
+                             Funds({1: 10}, {10: None}), at=5.0, first_id=1, versions={})
     assert [(a.deferred_until, a.state) for a in got.accepted] == [(None, "queued"),
                                                                    (6.0, "deferred")]
     assert [o.messages[0].deferred_until for o in got.outcomes] == [None, 6.0]
@@ -76,7 +76,7 @@ def test_no_pool_goes_negative_and_every_credit_is_accounted_for(
         batch: list[SendOrder], balance_1: int, balance_2: int, quota_10: int | None,
         quota_20: int | None) -> None:
     funds = Funds({1: balance_1, 2: balance_2}, {10: quota_10, 20: quota_20})
-    got = rules.decide_sends(batch, funds, at=1.0, first_id=100, version=0)
+    got = rules.decide_sends(batch, funds, at=1.0, first_id=100, versions={})
     balances = {**funds.balances, **got.balances}
     quotas = {**funds.quotas, **got.quotas}
     assert all(v >= 0 for v in balances.values())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import StoreConfig
-from gateway.records import OperatorReport, SendOrder, UserChanges
+from gateway.records import OperatorReport, SendContext, SendOrder, UserChanges
 from gateway.store import NotFound, Role, Store, StoreUnavailable, open_store
 from gateway.store.writer import WriteTurn
 from tests.serverproc import wait_for
@@ -101,6 +101,43 @@ async def test_cached_send_settings_go_stale_on_change_from_another_process(
         fresh = await server.send_context("a", "u")
         assert fresh is not None and fresh.user.password_hash == "hash2"
         assert fresh.version > first.version
+    finally:
+        await server.close()
+        await cli.close()
+
+
+async def test_a_change_drops_the_cached_settings_of_its_account_only(tmp_path: Path) -> None:
+    """Users deleted and created again on one account made every cached send context stale
+    (one settings version for the store): now only that account's contexts are read again."""
+    path = tmp_path / "shared.sqlite3"
+    server, cli = open_store(path, "send"), open_store(path, "cli")
+    await server.open()
+    await cli.open()
+    try:
+        for name in ("a", "b"):
+            await cli.create_account(name, 1000, at=1.0)
+            await cli.create_user(name, "u", "hash1", at=1.0)
+        a_first, b_first = [await server.send_context(n, "u") for n in ("a", "b")]
+        assert a_first is not None and b_first is not None
+        await cli.delete_user("a", "u", at=2.0)
+        await cli.create_user("a", "u", "hash2", at=2.0)
+
+        def order(context: SendContext) -> SendOrder:
+            return SendOrder(account_id=context.user.account_id, user_id=context.user.id,
+                             login="u", sender="S", body="b", coding=1, parts=1, klass=1,
+                             no_stop=True, tag="", recipients=("+33612345678",),
+                             costs=(100,), settings_version=context.version)
+
+        assert (await server.commit_sends([order(b_first)], at=3.0))[0].accepted
+        assert await server.send_context("b", "u") is b_first
+        # Account a's change is seen when its own send commits: refused as stale, and
+        # its context alone is read again.
+        outcome = (await server.commit_sends([order(a_first)], at=3.0))[0]
+        assert outcome.reason == "stale"
+        assert await server.send_context("b", "u") is b_first
+        a_again = await server.send_context("a", "u")
+        assert a_again is not None and a_again.user.password_hash == "hash2"
+        assert a_again.version > a_first.version
     finally:
         await server.close()
         await cli.close()
