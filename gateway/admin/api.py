@@ -7,11 +7,13 @@ here is the wire format: field names, JSON types at the door, pagination, status
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -20,14 +22,17 @@ from urllib.parse import quote, urlencode
 import structlog
 from aiohttp import web
 
-from gateway import health, phones, ptt
+from gateway import health, iprules, phones, ptt, tokens
 from gateway.admin.openapi import document
+from gateway.clock import Clock
+from gateway.config import SecurityConfig
 from gateway.credits import as_number
 from gateway.inflight import inflight_limit
 from gateway.records import LedgerEntry, Message, MessageEvent, MessageFilter, User
-from gateway.security import bearer_matches
+from gateway.security import LoginGuard, Refused, bearer_matches
 from gateway.service import Management, ValidationError, account_view, user_view
-from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable
+from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable, TokenStore
+from gateway.tokens import Access
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -41,7 +46,11 @@ _MAX_ID = 2**63 - 1
 log = structlog.get_logger("gateway.admin")
 
 MANAGE = web.AppKey("admin_manage", Management)
-TOKEN = web.AppKey("admin_token", str)
+# Who the request's token lets in, set by `auth` on each request it lets through.
+ACCESS = web.RequestKey("admin_access", Access)
+# A token's last use is written at most this often: a write per request would compete
+# with the send path for the store's write lock.
+LAST_USED_EVERY = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,16 +58,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ApiError(Exception):
     """An answer other than success, raised from anywhere in a handler."""
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.headers = headers
 
 
 def public(handler: Handler) -> Handler:
     """Mark a route as reachable without the admin token (reference data, the schema)."""
     handler.admin_public = True  # type: ignore[attr-defined]
+    return handler
+
+
+def all_accounts(handler: Handler) -> Handler:
+    """Mark a route across accounts (creating one): only a token for all accounts may."""
+    handler.admin_all_accounts = True  # type: ignore[attr-defined]
     return handler
 
 
@@ -83,7 +100,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     except ApiError as exc:
         status = exc.status
-        return _error(exc.status, exc.message, exc.field)
+        return _error(exc.status, exc.message, exc.field, exc.headers)
     except ValidationError as exc:
         status = 400
         return _error(400, str(exc), exc.field)
@@ -116,23 +133,121 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error")
     finally:
         # An audit trail of who changed what; bodies are never logged (they carry passwords).
+        access: Access | None = request.get(ACCESS)
         log.info("admin_request", method=request.method, path=request.path, status=status,
-                 peer=request.remote,
+                 peer=request.remote, by=access.name if access is not None else None,
                  duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+_UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="http2sms-admin"'}
+
+
+class TokenCheck:
+    """Who a request's bearer token is: the bootstrap token (`admin.token`) or a token of the
+    store, each checked in constant time, and failures throttled per caller address.
+
+    Failed tokens are counted per address (an IPv6 caller by its network) in a guard of
+    their own, as failed logins are on the send URL: attempts reserve their place before
+    the check, so at most `security.max_failures` checks per address are decided however
+    many arrive at once; past half of them each refusal is slowed; at the limit the address
+    is answered 429 for `security.lockout_seconds` without any check, the right token
+    included. A right token does not clear the count: whoever holds one token could
+    otherwise guess at another between two of its own requests.
+    """
+
+    def __init__(self, bootstrap: str, store: TokenStore, clock: Clock,
+                 security: SecurityConfig, trusted_proxies: tuple[iprules.IPNetwork, ...]
+                 ) -> None:
+        self.bootstrap = bootstrap
+        self.store = store
+        self.clock = clock
+        self.trusted_proxies = trusted_proxies
+        self.guard = LoginGuard(security.max_failures, security.lockout_seconds,
+                                ipv6_prefix=security.ipv6_prefix)
+
+    def caller(self, request: web.Request) -> iprules.IPAddress | None:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        host = peer[0] if isinstance(peer, tuple) and peer else None
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
+        return iprules.client_ip(host, forwarded, self.trusted_proxies)
+
+    async def authenticate(self, request: web.Request) -> Access:
+        if not self.bootstrap and not await self.store.has_tokens():
+            raise ApiError(404, "the admin API is disabled: set admin.token "
+                                "(HTTP2SMS_ADMIN_TOKEN) or create a token with "
+                                "http2sms token create")
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            # No token, no guess: nothing is checked, so nothing is counted.
+            raise ApiError(401, "missing or invalid admin token", headers=_UNAUTHORIZED)
+        ip = self.caller(request)
+        try:
+            attempt = self.guard.begin("admin", "", ip, self.clock.now(), known=True,
+                                       allowlisted=True)
+        except Refused:
+            raise ApiError(429, "too many wrong admin tokens from this address: retry later",
+                           headers={"Retry-After": str(max(1, round(
+                               self.guard.lockout_seconds)))}) from None
+        try:
+            access = await self._match(header, presented.strip())
+        except BaseException:
+            attempt.release()  # an error or the caller gone: no verdict on the token
+            raise
+        if access is not None:
+            attempt.release()
+            return access
+        now = self.clock.now()
+        if attempt.failed(now):
+            log.warning("admin_token_lockout", peer=str(ip),
+                        seconds=self.guard.lockout_seconds)
+        delay = self.guard.delay("admin", "", ip, now)
+        if delay:
+            await asyncio.sleep(delay)
+        raise ApiError(401, "missing or invalid admin token", headers=_UNAUTHORIZED)
+
+    async def _match(self, header: str, presented: str) -> Access | None:
+        if self.bootstrap and bearer_matches(header, self.bootstrap):
+            return tokens.BOOTSTRAP
+        parts = tokens.split(presented)
+        if parts is None:
+            return None
+        key, secret = parts
+        token = await self.store.find_token(key)
+        if token is None or not tokens.matches(token.digest, key, secret):
+            return None
+        now = self.clock.now()
+        if token.last_used_at is None or now - token.last_used_at >= LAST_USED_EVERY:
+            # Bookkeeping only: a store that cannot write now must not refuse the request.
+            with suppress(StoreUnavailable):
+                await self.store.token_used(token.id, at=now)
+        return Access(token.name,
+                      None if token.accounts is None else frozenset(token.accounts))
+
+
+TOKENS = web.AppKey("admin_tokens", TokenCheck)
 
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if getattr(request.match_info.handler, "admin_public", False):
+    route = request.match_info.handler
+    if getattr(route, "admin_public", False):
         return await handler(request)
-    expected = request.app[TOKEN]
-    if not expected:
-        raise ApiError(404, "the admin API is disabled: set admin.token "
-                            "(HTTP2SMS_ADMIN_TOKEN) to enable it")
-    if not bearer_matches(request.headers.get("Authorization", ""), expected):
-        return _error(401, "missing or invalid admin token",
-                      headers={"WWW-Authenticate": 'Bearer realm="http2sms-admin"'})
+    access = await request.app[TOKENS].authenticate(request)
+    request[ACCESS] = access
+    # Another account's routes are answered as if it did not exist: a token limited to some
+    # accounts learns nothing of the others, not even their names.
+    account = request.match_info.get("account")
+    if account is not None and not access.sees(account):
+        raise ApiError(404, f"unknown account {account!r}")
+    if getattr(route, "admin_all_accounts", False) and not access.everything:
+        raise ApiError(403, "this token is limited to some accounts; this needs a token "
+                            "for all accounts")
     return await handler(request)
+
+
+def access_of(request: web.Request) -> Access:
+    return request[ACCESS]
 
 
 # -- request decoding ---------------------------------------------------------------------
@@ -295,9 +410,11 @@ def _account_json(request: web.Request, account: Any) -> dict[str, Any]:
 
 async def list_accounts(request: web.Request) -> web.Response:
     _query(request, frozenset())
-    return web.json_response(await _manage(request).store.list_accounts())
+    names = await _manage(request).store.list_accounts()
+    return web.json_response(access_of(request).visible(names))
 
 
+@all_accounts
 async def create_account(request: web.Request) -> web.Response:
     body = await read_object(request, frozenset({"name", "credits"}))
     account = await _manage(request).create_account(
@@ -588,14 +705,13 @@ def build_api(gateway: Gateway, *, admin: bool = True) -> web.Application:
     api = web.Application(client_max_size=config.server.max_request_bytes,
                           middlewares=[errors, auth] if admin else [errors])
     api[MANAGE] = Management(gateway.store, config, gateway.clock)
-    api[TOKEN] = config.admin.token
+    # A short admin.token never gets here: loading the settings refuses it.
+    api[TOKENS] = TokenCheck(config.admin.token, gateway.store, gateway.clock,
+                             config.security,
+                             iprules.parse_networks(config.server.trusted_proxies))
     for method, path, handler in ROUTES:
         if admin or handler in PUBLIC_LISTENER:
             api.router.add_route(method, path, handler)
-    if admin and config.admin.token and len(config.admin.token) < 24:
-        log.warning("admin_token_short", hint="use at least 24 random characters, e.g. "
-                                              "python -c 'import secrets; "
-                                              "print(secrets.token_urlsafe(32))'")
     return api
 
 
