@@ -193,7 +193,8 @@ class AlertsConfig(Section, frozen=True):
 
 
 class SecurityConfig(Section, frozen=True):
-    # Failed logins before a lockout, per (account, login) and per client IP.
+    # Failed logins before a lockout, per (account, login) and per client IP; wrong admin
+    # API tokens before a lockout of the client IP from the admin API.
     max_failures: Count = 10
     lockout_seconds: NonNegative = 300.0
     # Sends (messages) per second per API user; 0 disables throttling.

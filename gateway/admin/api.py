@@ -7,13 +7,11 @@ here is the wire format: field names, JSON types at the door, pagination, status
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -22,16 +20,14 @@ from urllib.parse import quote, urlencode
 import structlog
 from aiohttp import web
 
-from gateway import health, iprules, phones, ptt, tokens
+from gateway import health, iprules, phones, ptt
 from gateway.admin.openapi import document
-from gateway.clock import Clock
-from gateway.config import SecurityConfig
+from gateway.admin_auth import AdminAuth, Denied
 from gateway.credits import as_number
 from gateway.inflight import inflight_limit
 from gateway.records import LedgerEntry, Message, MessageEvent, MessageFilter, User
-from gateway.security import LoginGuard, Refused, bearer_matches
 from gateway.service import Management, ValidationError, account_view, user_view
-from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable, TokenStore
+from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable
 from gateway.tokens import Access
 
 if TYPE_CHECKING:
@@ -48,9 +44,6 @@ log = structlog.get_logger("gateway.admin")
 MANAGE = web.AppKey("admin_manage", Management)
 # Who the request's token lets in, set by `auth` on each request it lets through.
 ACCESS = web.RequestKey("admin_access", Access)
-# A token's last use is written at most this often: a write per request would compete
-# with the send path for the store's write lock.
-LAST_USED_EVERY = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -140,92 +133,18 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 _UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="http2sms-admin"'}
+TRUSTED_PROXIES: web.AppKey[tuple[iprules.IPNetwork, ...]] = web.AppKey(
+    "admin_trusted_proxies")
+AUTH = web.AppKey("admin_auth", AdminAuth)
 
 
-class TokenCheck:
-    """Who a request's bearer token is: the bootstrap token (`admin.token`) or a token of the
-    store, each checked in constant time, and failures throttled per caller address.
-
-    Failed tokens are counted per address (an IPv6 caller by its network) in a guard of
-    their own, as failed logins are on the send URL: attempts reserve their place before
-    the check, so at most `security.max_failures` checks per address are decided however
-    many arrive at once; past half of them each refusal is slowed; at the limit the address
-    is answered 429 for `security.lockout_seconds` without any check, the right token
-    included. A right token does not clear the count: whoever holds one token could
-    otherwise guess at another between two of its own requests.
-    """
-
-    def __init__(self, bootstrap: str, store: TokenStore, clock: Clock,
-                 security: SecurityConfig, trusted_proxies: tuple[iprules.IPNetwork, ...]
-                 ) -> None:
-        self.bootstrap = bootstrap
-        self.store = store
-        self.clock = clock
-        self.trusted_proxies = trusted_proxies
-        self.guard = LoginGuard(security.max_failures, security.lockout_seconds,
-                                ipv6_prefix=security.ipv6_prefix)
-
-    def caller(self, request: web.Request) -> iprules.IPAddress | None:
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        host = peer[0] if isinstance(peer, tuple) and peer else None
-        forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
-        return iprules.client_ip(host, forwarded, self.trusted_proxies)
-
-    async def authenticate(self, request: web.Request) -> Access:
-        if not self.bootstrap and not await self.store.has_tokens():
-            raise ApiError(404, "the admin API is disabled: set admin.token "
-                                "(HTTP2SMS_ADMIN_TOKEN) or create a token with "
-                                "http2sms token create")
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
-            # No token, no guess: nothing is checked, so nothing is counted.
-            raise ApiError(401, "missing or invalid admin token", headers=_UNAUTHORIZED)
-        ip = self.caller(request)
-        try:
-            attempt = self.guard.begin("admin", "", ip, self.clock.now(), known=True,
-                                       allowlisted=True)
-        except Refused:
-            raise ApiError(429, "too many wrong admin tokens from this address: retry later",
-                           headers={"Retry-After": str(max(1, round(
-                               self.guard.lockout_seconds)))}) from None
-        try:
-            access = await self._match(header, presented.strip())
-        except BaseException:
-            attempt.release()  # an error or the caller gone: no verdict on the token
-            raise
-        if access is not None:
-            attempt.release()
-            return access
-        now = self.clock.now()
-        if attempt.failed(now):
-            log.warning("admin_token_lockout", peer=str(ip),
-                        seconds=self.guard.lockout_seconds)
-        delay = self.guard.delay("admin", "", ip, now)
-        if delay:
-            await asyncio.sleep(delay)
-        raise ApiError(401, "missing or invalid admin token", headers=_UNAUTHORIZED)
-
-    async def _match(self, header: str, presented: str) -> Access | None:
-        if self.bootstrap and bearer_matches(header, self.bootstrap):
-            return tokens.BOOTSTRAP
-        parts = tokens.split(presented)
-        if parts is None:
-            return None
-        key, secret = parts
-        token = await self.store.find_token(key)
-        if token is None or not tokens.matches(token.digest, key, secret):
-            return None
-        now = self.clock.now()
-        if token.last_used_at is None or now - token.last_used_at >= LAST_USED_EVERY:
-            # Bookkeeping only: a store that cannot write now must not refuse the request.
-            with suppress(StoreUnavailable):
-                await self.store.token_used(token.id, at=now)
-        return Access(token.name,
-                      None if token.accounts is None else frozenset(token.accounts))
-
-
-TOKENS = web.AppKey("admin_tokens", TokenCheck)
+def caller(request: web.Request) -> iprules.IPAddress | None:
+    """The caller's address, as the send URL sees it (`server.trusted_proxies`)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
+    trusted = request.app[TRUSTED_PROXIES]
+    return iprules.client_ip(host, forwarded, trusted)
 
 
 @web.middleware
@@ -233,7 +152,13 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request.match_info.handler
     if getattr(route, "admin_public", False):
         return await handler(request)
-    access = await request.app[TOKENS].authenticate(request)
+    try:
+        access = await request.app[AUTH].check(request.headers.get("Authorization", ""),
+                                               caller(request))
+    except Denied as denied:
+        headers = _UNAUTHORIZED if denied.status == 401 else \
+            {"Retry-After": str(denied.retry_after)} if denied.retry_after else None
+        raise ApiError(denied.status, denied.message, headers=headers) from None
     request[ACCESS] = access
     # Another account's routes are answered as if it did not exist: a token limited to some
     # accounts learns nothing of the others, not even their names.
@@ -705,10 +630,8 @@ def build_api(gateway: Gateway, *, admin: bool = True) -> web.Application:
     api = web.Application(client_max_size=config.server.max_request_bytes,
                           middlewares=[errors, auth] if admin else [errors])
     api[MANAGE] = Management(gateway.store, config, gateway.clock)
-    # A short admin.token never gets here: loading the settings refuses it.
-    api[TOKENS] = TokenCheck(config.admin.token, gateway.store, gateway.clock,
-                             config.security,
-                             iprules.parse_networks(config.server.trusted_proxies))
+    api[AUTH] = gateway.admin_auth
+    api[TRUSTED_PROXIES] = iprules.parse_networks(config.server.trusted_proxies)
     for method, path, handler in ROUTES:
         if admin or handler in PUBLIC_LISTENER:
             api.router.add_route(method, path, handler)
