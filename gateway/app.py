@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from gateway.admin_auth import AdminAuth
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import RateTable
@@ -49,6 +50,8 @@ class Gateway:
     clock: Clock
     committer: GroupCommitter
     pipeline: SendPipeline
+    # Who may use the admin API and /metrics: one guard against guessing for both.
+    admin_auth: AdminAuth
     services: list[Service] = field(default_factory=list)
     # Called with every committed batch; the delivery side subscribes here.
     after_commit: list[Callable[[list[SendOutcome]], Awaitable[None] | None]] = \
@@ -133,8 +136,10 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
                          shared_address_users=security.shared_address_users),
         throttle=Throttle(security.user_rate_per_second, security.user_burst), clock=clock,
         metrics=metrics)
-    gateway = Gateway(config, store, clock, committer, pipeline, after_commit=hooks,
-                      metrics=metrics)
+    # A short admin.token never gets here: loading the settings refuses it.
+    admin_auth = AdminAuth(config.admin.token, store, clock, config.security)
+    gateway = Gateway(config, store, clock, committer, pipeline, admin_auth,
+                      after_commit=hooks, metrics=metrics)
     if delivery_worker:
         add_delivery_worker(gateway)
     else:

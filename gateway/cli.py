@@ -28,7 +28,7 @@ from gateway import logs
 from gateway.config import Config, ConfigError
 from gateway.credits import format_credits
 from gateway.display import escape, redact_url
-from gateway.records import MessageFilter
+from gateway.records import AdminToken, MessageFilter
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
 from gateway.store import Store, StoreError, open_store
 
@@ -552,6 +552,59 @@ async def _alert_test(m: Management, account: str, login: str, wait: float) -> A
         result = [f"{r.channel} to {r.target}: {'sent' if r.ok else 'FAILED'}: {r.detail}"
                   for r in reports]
     return result if all(r.ok for r in reports) else Failed(result)
+
+
+# -- admin API tokens ------------------------------------------------------------------------
+
+@http2sms.group("token", help="manage admin API tokens (stored hashed)")
+@json_option
+def token_commands() -> None:
+    pass
+
+
+@token_commands.command("create", help="create an admin API token for some accounts or all; "
+                        "the token is printed once and stored only as a digest")
+@click.argument("name")
+@click.option("--account", "accounts", multiple=True, metavar="ACCOUNT",
+              help="an account the token may manage (repeat for several)")
+@click.option("--all", "all_accounts", is_flag=True,
+              help="every account, present and future, and the routes across accounts "
+              "(creating accounts, listing them all)")
+@json_option
+@manages
+async def _token_create(m: Management, name: str, accounts: tuple[str, ...],
+                        all_accounts: bool) -> Any:
+    if all_accounts == bool(accounts):
+        raise CommandError("give --all or at least one --account")
+    token, text = await m.create_token(name, None if all_accounts else list(accounts))
+    view = token_view(token)
+    view["token"] = text
+    return view
+
+
+@token_commands.command("list", help="list admin API tokens (never their secrets)")
+@json_option
+@manages
+async def _token_list(m: Management) -> Any:
+    return [token_view(t) for t in await m.store.list_tokens()]
+
+
+@token_commands.command("revoke", help="revoke an admin API token: refused from its next "
+                        "request on")
+@click.argument("name")
+@json_option
+@manages
+async def _token_revoke(m: Management, name: str) -> Any:
+    await m.store.revoke_token(name)
+    return None if wants_json() else f"revoked {name}"
+
+
+def token_view(token: AdminToken) -> dict[str, Any]:
+    """A token as listed: never its secret nor its digest. `key` is the part after `h2s_`
+    that tells tokens apart (in the audit log too)."""
+    return {"name": token.name, "key": token.key,
+            "accounts": "all" if token.accounts is None else list(token.accounts),
+            "created": _when(token.created_at), "last_used": _when(token.last_used_at)}
 
 
 # -- serve -----------------------------------------------------------------------------------

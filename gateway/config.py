@@ -90,8 +90,15 @@ class ServerConfig(Section, frozen=True):
     raw_url_bytes_always: bool = False
 
 
+# The shortest admin.token accepted: with a lockout after a few failures per address, 24
+# random characters (more than 128 bits) cannot be guessed from any number of addresses.
+ADMIN_TOKEN_MIN_LENGTH = 24
+
+
 class AdminConfig(Section, frozen=True):
-    # Bearer token of the admin REST API; empty disables the admin API.
+    # Bootstrap bearer token of the admin REST API, for every account: empty, or at least
+    # ADMIN_TOKEN_MIN_LENGTH characters (checked in `from_dict`). Empty with no token created
+    # by `http2sms token create` disables the admin API.
     token: str = ""
     # Empty host: the admin API shares the public listener; else it gets its own.
     host: str = ""
@@ -188,7 +195,8 @@ class AlertsConfig(Section, frozen=True):
 
 
 class SecurityConfig(Section, frozen=True):
-    # Failed logins before a lockout, per (account, login) and per client IP.
+    # Failed logins before a lockout, per (account, login) and per client IP; wrong admin
+    # API tokens before a lockout of the client IP from the admin API.
     max_failures: Count = 10
     lockout_seconds: NonNegative = 300.0
     # Sends (messages) per second per API user; 0 disables throttling.
@@ -292,7 +300,21 @@ def from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
         if not isinstance(table, Mapping):
             raise ConfigError(f"[{name}] must be a table")
         values[name] = _section(name, _kind_of(name, info, table, env), table, env)
-    return Config(**values)
+    config = Config(**values)
+    _check_admin_token(config.admin.token, env)
+    return config
+
+
+def _check_admin_token(token: str, env: Mapping[str, str]) -> None:
+    """A short bootstrap token is refused, naming the setting but never showing its value."""
+    if token and len(token) < ADMIN_TOKEN_MIN_LENGTH:
+        var = _env_name("admin", "token")
+        source = f" ({var})" if var in env else ""
+        raise ConfigError(
+            f"setting admin.token{source}: at least {ADMIN_TOKEN_MIN_LENGTH} characters "
+            f"(got {len(token)}); generate one with python3 -c 'import secrets; "
+            f"print(secrets.token_urlsafe(32))', or leave it empty and use http2sms token "
+            f"create")
 
 
 # -- the loader's steps -------------------------------------------------------------------

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
+from gateway import iprules
+from gateway.admin_auth import Denied
 from gateway.metrics import CONTENT_TYPE, merge_expositions
-from gateway.security import bearer_matches
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
@@ -108,11 +109,21 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
-    token = gateway.config.admin.token
-    given = request.headers.get("Authorization", "")
-    if not bearer_matches(given, token):
-        return web.json_response({"message": "missing or wrong admin token"}, status=401,
-                                 headers={"WWW-Authenticate": "Bearer"})
+    # The admin API's own check, so that guesses here count there too (and are throttled).
+    try:
+        access = await gateway.admin_auth.check(request.headers.get("Authorization", ""),
+                                                _caller(request, gateway))
+    except Denied as denied:
+        headers = {"WWW-Authenticate": "Bearer"} if denied.status == 401 else \
+            {"Retry-After": str(denied.retry_after)} if denied.retry_after else None
+        return web.json_response({"message": "missing or wrong admin token"
+                                  if denied.status in (401, 404) else denied.message},
+                                 status=401 if denied.status == 404 else denied.status,
+                                 headers=headers)
+    if not access.everything:
+        # Metrics span every account: a token limited to some may not read them.
+        return web.json_response({"message": "this token is limited to some accounts; "
+                                  "metrics need a token for all accounts"}, status=403)
     backlog = gateway.metrics.backlog
     # Gauges read at scrape time: counting rows on every change would cost the hot path.
     try:
@@ -159,3 +170,12 @@ def _bound(gateway: Gateway) -> Callable[[web.Request], Awaitable[web.Response]]
         return await scrape(request, gateway)
 
     return handler
+
+
+def _caller(request: web.Request, gateway: Gateway) -> iprules.IPAddress | None:
+    """The caller's address, as the admin API sees it (`server.trusted_proxies`)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
+    return iprules.client_ip(host, forwarded,
+                             iprules.parse_networks(gateway.config.server.trusted_proxies))

@@ -316,3 +316,18 @@ class MessageFilter:
     created_from: float | None = None
     created_to: float | None = None
     kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    """An admin API token as stored: never its secret, only the secret's digest.
+
+    `accounts` None: every account, present and future."""
+
+    id: int
+    name: str
+    key: str
+    digest: str
+    accounts: tuple[str, ...] | None
+    created_at: float
+    last_used_at: float | None

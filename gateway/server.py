@@ -44,9 +44,6 @@ async def start_admin_listener(gateway: Gateway) -> web.AppRunner | None:
     config = gateway.config
     if not config.admin.host:
         return None
-    if not config.admin.token:
-        log.warning("admin_disabled", reason="admin.host is set but admin.token is empty")
-        return None
     runner = web.AppRunner(create_admin_app(gateway), access_log=None, handle_signals=False,
                            shutdown_timeout=config.server.shutdown_grace_seconds)
     await runner.setup()

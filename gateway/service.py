@@ -11,12 +11,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from gateway import iprules, passwords, phones
+from gateway import iprules, passwords, phones, tokens
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import MAX_CREDITS, InvalidAmount, as_number, format_credits, to_cents
 from gateway.hooks.callbacks import target_problem
-from gateway.records import UNSET, Account, User, UserChanges
+from gateway.records import UNSET, Account, AdminToken, User, UserChanges
 from gateway.store import Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -150,6 +150,21 @@ class Management:
 
     async def delete_user(self, account: str, login: str) -> None:
         await self.store.delete_user(account, login, at=self.clock.now())
+
+    # -- admin API tokens ----------------------------------------------------------------
+
+    async def create_token(self, name: str, accounts: Sequence[str] | None
+                           ) -> tuple[AdminToken, str]:
+        """A new admin API token for `accounts` (None: all); returns it and its text, which
+        exists nowhere else: only its digest is stored."""
+        if not tokens.NAME.fullmatch(name):
+            raise ValidationError("name", "letters, digits, '.', '_' and '-', at most 64")
+        if accounts is not None and not accounts:
+            raise ValidationError("accounts", "at least one account, or all of them")
+        new = tokens.new_token()
+        token = await self.store.create_token(name, new.key, new.digest, accounts,
+                                              at=self.clock.now())
+        return token, new.text
 
 
 def validate_sender(sender: str) -> str:

@@ -20,14 +20,15 @@ from urllib.parse import quote, urlencode
 import structlog
 from aiohttp import web
 
-from gateway import health, phones, ptt
+from gateway import health, iprules, phones, ptt
 from gateway.admin.openapi import document
+from gateway.admin_auth import AdminAuth, Denied
 from gateway.credits import as_number
 from gateway.inflight import inflight_limit
 from gateway.records import LedgerEntry, Message, MessageEvent, MessageFilter, User
-from gateway.security import bearer_matches
 from gateway.service import Management, ValidationError, account_view, user_view
 from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable
+from gateway.tokens import Access
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -41,7 +42,8 @@ _MAX_ID = 2**63 - 1
 log = structlog.get_logger("gateway.admin")
 
 MANAGE = web.AppKey("admin_manage", Management)
-TOKEN = web.AppKey("admin_token", str)
+# Who the request's token lets in, set by `auth` on each request it lets through.
+ACCESS = web.RequestKey("admin_access", Access)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,16 +51,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ApiError(Exception):
     """An answer other than success, raised from anywhere in a handler."""
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.headers = headers
 
 
 def public(handler: Handler) -> Handler:
     """Mark a route as reachable without the admin token (reference data, the schema)."""
     handler.admin_public = True  # type: ignore[attr-defined]
+    return handler
+
+
+def all_accounts(handler: Handler) -> Handler:
+    """Mark a route across accounts (creating one): only a token for all accounts may."""
+    handler.admin_all_accounts = True  # type: ignore[attr-defined]
     return handler
 
 
@@ -83,7 +93,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     except ApiError as exc:
         status = exc.status
-        return _error(exc.status, exc.message, exc.field)
+        return _error(exc.status, exc.message, exc.field, exc.headers)
     except ValidationError as exc:
         status = 400
         return _error(400, str(exc), exc.field)
@@ -116,23 +126,53 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error")
     finally:
         # An audit trail of who changed what; bodies are never logged (they carry passwords).
+        access: Access | None = request.get(ACCESS)
         log.info("admin_request", method=request.method, path=request.path, status=status,
-                 peer=request.remote,
+                 peer=request.remote, by=access.name if access is not None else None,
                  duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+_UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="http2sms-admin"'}
+TRUSTED_PROXIES: web.AppKey[tuple[iprules.IPNetwork, ...]] = web.AppKey(
+    "admin_trusted_proxies")
+AUTH = web.AppKey("admin_auth", AdminAuth)
+
+
+def caller(request: web.Request) -> iprules.IPAddress | None:
+    """The caller's address, as the send URL sees it (`server.trusted_proxies`)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
+    trusted = request.app[TRUSTED_PROXIES]
+    return iprules.client_ip(host, forwarded, trusted)
 
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if getattr(request.match_info.handler, "admin_public", False):
+    route = request.match_info.handler
+    if getattr(route, "admin_public", False):
         return await handler(request)
-    expected = request.app[TOKEN]
-    if not expected:
-        raise ApiError(404, "the admin API is disabled: set admin.token "
-                            "(HTTP2SMS_ADMIN_TOKEN) to enable it")
-    if not bearer_matches(request.headers.get("Authorization", ""), expected):
-        return _error(401, "missing or invalid admin token",
-                      headers={"WWW-Authenticate": 'Bearer realm="http2sms-admin"'})
+    try:
+        access = await request.app[AUTH].check(request.headers.get("Authorization", ""),
+                                               caller(request))
+    except Denied as denied:
+        headers = _UNAUTHORIZED if denied.status == 401 else \
+            {"Retry-After": str(denied.retry_after)} if denied.retry_after else None
+        raise ApiError(denied.status, denied.message, headers=headers) from None
+    request[ACCESS] = access
+    # Another account's routes are answered as if it did not exist: a token limited to some
+    # accounts learns nothing of the others, not even their names.
+    account = request.match_info.get("account")
+    if account is not None and not access.sees(account):
+        raise ApiError(404, f"unknown account {account!r}")
+    if getattr(route, "admin_all_accounts", False) and not access.everything:
+        raise ApiError(403, "this token is limited to some accounts; this needs a token "
+                            "for all accounts")
     return await handler(request)
+
+
+def access_of(request: web.Request) -> Access:
+    return request[ACCESS]
 
 
 # -- request decoding ---------------------------------------------------------------------
@@ -295,9 +335,11 @@ def _account_json(request: web.Request, account: Any) -> dict[str, Any]:
 
 async def list_accounts(request: web.Request) -> web.Response:
     _query(request, frozenset())
-    return web.json_response(await _manage(request).store.list_accounts())
+    names = await _manage(request).store.list_accounts()
+    return web.json_response(access_of(request).visible(names))
 
 
+@all_accounts
 async def create_account(request: web.Request) -> web.Response:
     body = await read_object(request, frozenset({"name", "credits"}))
     account = await _manage(request).create_account(
@@ -588,14 +630,11 @@ def build_api(gateway: Gateway, *, admin: bool = True) -> web.Application:
     api = web.Application(client_max_size=config.server.max_request_bytes,
                           middlewares=[errors, auth] if admin else [errors])
     api[MANAGE] = Management(gateway.store, config, gateway.clock)
-    api[TOKEN] = config.admin.token
+    api[AUTH] = gateway.admin_auth
+    api[TRUSTED_PROXIES] = iprules.parse_networks(config.server.trusted_proxies)
     for method, path, handler in ROUTES:
         if admin or handler in PUBLIC_LISTENER:
             api.router.add_route(method, path, handler)
-    if admin and config.admin.token and len(config.admin.token) < 24:
-        log.warning("admin_token_short", hint="use at least 24 random characters, e.g. "
-                                              "python -c 'import secrets; "
-                                              "print(secrets.token_urlsafe(32))'")
     return api
 
 

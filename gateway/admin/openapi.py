@@ -34,16 +34,20 @@ def _json(schema: dict[str, Any], description: str,
 _ERRORS = {
     "400": "Invalid input; `field` names the offending field or parameter.",
     "401": "Missing or wrong admin token.",
-    "404": "Unknown account, user, sender or message (or the admin API is disabled).",
+    "403": "The token is limited to some accounts; this route needs one for all accounts.",
+    "404": "Unknown account, user, sender or message, or an account the token does not "
+           "cover (or the admin API is disabled).",
     "409": "Conflict with the current state (duplicate, not enough credits).",
     "413": "The body is larger than server.max_request_bytes.",
+    "429": "Too many wrong admin tokens from this address (security.max_failures): "
+           "refused without checking the token; retry after `Retry-After` seconds.",
     "503": "The store cannot be used right now; retry after `Retry-After` seconds.",
 }
 
 
 def _errors(*codes: str) -> dict[str, Any]:
     # Every admin route can meet these, whatever its input (unknown query parameters: 400).
-    base = ("400", "401", "404", "503")
+    base = ("400", "401", "404", "429", "503")
     return {code: _json(_ref("Error"), _ERRORS[code]) for code in sorted({*base, *codes})}
 
 
@@ -269,12 +273,13 @@ def _paths() -> dict[str, Any]:
         }},
         "/1.0/sms": {
             "get": {"operationId": "listAccounts", "summary": "Account names.",
+                    "description": "Those the token covers.",
                     "tags": ["accounts"],
                     "responses": {"200": _json(_STRINGS, "Account names."), **_errors()}},
             "post": {"operationId": "createAccount", "summary": "Create an account.",
                      "tags": ["accounts"], "requestBody": _body(_ref("AccountCreation")),
                      "responses": {"201": _json(_ref("Account"), "Created."),
-                                   **_errors("400", "409", "413")}},
+                                   **_errors("400", "403", "409", "413")}},
         },
         "/1.0/sms/{account}": {
             "parameters": account,
@@ -410,7 +415,9 @@ def document() -> dict[str, Any]:
             "schemas": _SCHEMAS,
             "securitySchemes": {"adminToken": {
                 "type": "http", "scheme": "bearer",
-                "description": "admin.token from the config (HTTP2SMS_ADMIN_TOKEN).",
+                "description": "admin.token from the config (HTTP2SMS_ADMIN_TOKEN), for "
+                               "every account, or a token made with `http2sms token "
+                               "create`, for the accounts it was made for.",
             }},
         },
     })

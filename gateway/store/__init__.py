@@ -2,11 +2,12 @@
 
 A caller depends on the role it uses, never on a backend: the send path on `SendStore`,
 delivery on `DeliveryStore`, the callbacks and alerts on `OutboxStore`, the management
-service on `ManagementStore`, the lists and ledger on `ReadStore`. `open_store` picks the
-backend from a URL (SQLite today, PostgreSQL for multi-node deployments next) and tunes it
-for the process that asks (`Role`). The records the roles take and return live in
-`gateway.records`; the decisions a transaction makes (who pays, refunds, which alert
-fires, which outbox items a claim takes) in `gateway.store.rules`, shared by every backend.
+service on `ManagementStore`, the lists and ledger on `ReadStore`, the admin API's tokens on
+`TokenStore`. `open_store` picks the backend from a URL (SQLite today, PostgreSQL for
+multi-node deployments next) and tunes it for the process that asks (`Role`). The records
+the roles take and return live in `gateway.records`; the decisions a transaction makes (who
+pays, refunds, which alert fires, which outbox items a claim takes) in `gateway.store.rules`,
+shared by every backend.
 
 What every backend guarantees is written on each role below, and checked by one contract
 suite, `tests/store/test_contract.py`, that every backend runs (see docs/store.md).
@@ -25,6 +26,7 @@ from gateway.records import UNSET
 if TYPE_CHECKING:  # for annotations only: callers import the records from gateway.records
     from gateway.records import (
         Account,
+        AdminToken,
         AppliedUpdates,
         LedgerEntry,
         Message,
@@ -240,7 +242,27 @@ class ReadStore(StoreLifecycle, Protocol):
     async def counts(self) -> dict[str, int]: ...
 
 
-class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, Protocol):
+class TokenStore(StoreLifecycle, Protocol):
+    """The admin API's tokens: their digests and scopes, never their secrets.
+
+    Guarantees:
+    - A revoked token is gone for the next lookup, in every process: lookups are not cached.
+    - A token's name and key are unique (Conflict); its accounts exist when it is created
+      (NotFound), and a token for all accounts (`accounts` None) covers later ones too.
+    """
+
+    async def create_token(self, name: str, key: str, digest: str,
+                           accounts: Sequence[str] | None, *, at: float) -> AdminToken: ...
+    async def find_token(self, key: str) -> AdminToken | None: ...
+    async def list_tokens(self) -> list[AdminToken]: ...
+    async def has_tokens(self) -> bool: ...
+    async def token_used(self, token_id: int, *, at: float) -> None: ...
+    async def revoke_token(self, name: str) -> None:
+        """NotFound when no token has that name."""
+
+
+class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, TokenStore,
+            Protocol):
     """Every role: what a backend implements, and what the assembly passes around."""
 
 
@@ -292,6 +314,6 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
 __all__ = [
     "Conflict", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
     "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
-    "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "open_store",
-    "parse_url",
+    "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "TokenStore",
+    "open_store", "parse_url",
 ]

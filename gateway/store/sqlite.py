@@ -35,6 +35,7 @@ import structlog
 from gateway.records import (
     UNSET,
     Account,
+    AdminToken,
     AppliedUpdates,
     LedgerEntry,
     Message,
@@ -1224,3 +1225,54 @@ class SQLiteStore:
         queued, deferred, sent, pending, dead = rows[0]
         return {"queued": queued, "deferred": deferred, "sent": sent,
                 "outbox_pending": pending, "outbox_dead": dead}
+
+    # -- admin API tokens ------------------------------------------------------------
+
+    async def create_token(self, name: str, key: str, digest: str,
+                           accounts: Sequence[str] | None, *, at: float) -> AdminToken:
+        async with self._tx() as db:
+            account_ids = [await self._account_id(db, account)
+                           for account in sorted(set(accounts or ()))]
+            try:
+                cur = await db.execute(
+                    "INSERT INTO admin_tokens (name, key, digest, all_accounts, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)", (name, key, digest, accounts is None, at))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"token {name!r} already exists") from exc
+            await db.executemany(
+                "INSERT INTO admin_token_accounts (token_id, account_id) VALUES (?, ?)",
+                [(cur.lastrowid, account_id) for account_id in account_ids])
+        found = await self._tokens("t.name = ?", (name,))
+        return found[0]
+
+    async def find_token(self, key: str) -> AdminToken | None:
+        found = await self._tokens("t.key = ?", (key,))
+        return found[0] if found else None
+
+    async def list_tokens(self) -> list[AdminToken]:
+        return await self._tokens("1", ())
+
+    async def has_tokens(self) -> bool:
+        return bool(await self._read("SELECT 1 FROM admin_tokens LIMIT 1"))
+
+    async def token_used(self, token_id: int, *, at: float) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE admin_tokens SET last_used_at = ? WHERE id = ?",
+                             (at, token_id))
+
+    async def revoke_token(self, name: str) -> None:
+        async with self._tx() as db:
+            cur = await db.execute("DELETE FROM admin_tokens WHERE name = ?", (name,))
+            if not cur.rowcount:
+                raise NotFound(f"unknown token {name!r}")
+
+    async def _tokens(self, where: str, params: Sequence[Any]) -> list[AdminToken]:
+        rows = await self._read(
+            "SELECT t.id, t.name, t.key, t.digest, t.all_accounts, t.created_at, "
+            "t.last_used_at, (SELECT group_concat(name, char(10)) FROM "
+            "  (SELECT a.name FROM admin_token_accounts ta JOIN accounts a "
+            "   ON a.id = ta.account_id WHERE ta.token_id = t.id ORDER BY a.name)) "
+            f"FROM admin_tokens t WHERE {where} ORDER BY t.name", params)
+        return [AdminToken(r[0], r[1], r[2], r[3],
+                           None if r[4] else tuple(r[7].split("\n")) if r[7] else (),
+                           r[5], r[6]) for r in rows]

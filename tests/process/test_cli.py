@@ -265,6 +265,7 @@ def test_password_from_standard_input(tmp_path: Path) -> None:
     (["--json", "sender", "add", "sms-x-1", "SHOP"], 0, '"SHOP"'),
     (["message", "--json", "list", "sms-x-1"], 0, "[]"),
     (["alert", "test", "sms-x-1", "u1"], 2, "error: no low-credit alert configured"),
+    (["token", "create", "robot", "--account", "sms-x-1"], 0, "token: h2s_"),
 ])
 def test_each_command_group_in_a_process_of_its_own(
         seeded: Path, tmp_path: Path, args: list[str], status: int, shown: str) -> None:

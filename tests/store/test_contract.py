@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.records import SendOrder, SendOutcome, StateUpdate, User, UserChanges
-from gateway.store import NotEnoughCredits, Role, Store, Taken, open_store
+from gateway.store import Conflict, NotEnoughCredits, NotFound, Role, Store, Taken, open_store
 from tests.conftest import ledger_identity
 
 BACKENDS = ["sqlite"]
@@ -412,3 +412,39 @@ async def test_an_exclusive_name_has_one_holder_across_stores(stores: Opener) ->
     await later.__aexit__(None, None, None)
     async with a.exclusive("delivery"):
         pass  # a holder that leaves lets the next one in
+
+
+# -- admin API tokens ----------------------------------------------------------------------
+
+async def test_a_token_revoked_by_another_process_is_gone_at_its_next_lookup(
+        stores: Opener) -> None:
+    send, cli = await two(stores)
+    await cli.create_account("acme", 0, at=T0)
+    await cli.create_account("beta", 0, at=T0)
+    made = await cli.create_token("robot", "0123456789ab", "d" * 64, ["beta", "acme"], at=T0)
+    assert made.accounts == ("acme", "beta") and made.last_used_at is None
+    everything = await cli.create_token("ops", "ba9876543210", "e" * 64, None, at=T0)
+    assert everything.accounts is None
+    found = await send.find_token("0123456789ab")
+    assert found is not None and found.name == "robot" and found.digest == "d" * 64
+    await send.token_used(found.id, at=T0 + 5)
+    assert [(t.name, t.last_used_at) for t in await cli.list_tokens()] == [
+        ("ops", None), ("robot", T0 + 5)]
+    await cli.revoke_token("robot")
+    assert await send.find_token("0123456789ab") is None
+    assert await send.has_tokens()
+    await cli.revoke_token("ops")
+    assert not await send.has_tokens()
+
+
+async def test_a_token_s_name_is_unique_and_its_accounts_exist(stores: Opener) -> None:
+    store = await stores("cli")
+    await store.create_account("acme", 0, at=T0)
+    await store.create_token("robot", "0123456789ab", "d" * 64, ["acme"], at=T0)
+    with pytest.raises(Conflict):
+        await store.create_token("robot", "ba9876543210", "e" * 64, None, at=T0)
+    with pytest.raises(NotFound):
+        await store.create_token("other", "ba9876543210", "e" * 64, ["nope"], at=T0)
+    with pytest.raises(NotFound):
+        await store.revoke_token("nope")
+    assert [t.name for t in await store.list_tokens()] == ["robot"]

@@ -38,10 +38,11 @@ def test_environment_overrides() -> None:
     cfg = config_module.load(EXAMPLE, env={
         "HTTP2SMS_SERVER_PORT": "9000", "HTTP2SMS_SERVER_ALLOW_PRIVATE_IPS": "true",
         "HTTP2SMS_SERVER_TRUSTED_PROXIES": "10.0.0.1, 10.0.0.0/8",
-        "HTTP2SMS_OPERATOR_MAX_DELAY": "0.5", "HTTP2SMS_ADMIN_TOKEN": "t0ken"})
+        "HTTP2SMS_OPERATOR_MAX_DELAY": "0.5",
+        "HTTP2SMS_ADMIN_TOKEN": "t0ken-of-at-least-24-characters"})
     assert cfg.server.port == 9000 and cfg.server.allow_private_ips is True
     assert cfg.server.trusted_proxies == ["10.0.0.1", "10.0.0.0/8"]
-    assert cfg.operator.max_delay == 0.5 and cfg.admin.token == "t0ken"
+    assert cfg.operator.max_delay == 0.5 and cfg.admin.token == "t0ken-of-at-least-24-characters"
 
 
 @pytest.mark.parametrize(("text", "message"), [
