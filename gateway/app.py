@@ -146,16 +146,26 @@ def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metri
     """
     cb = config.callbacks
     callbacks = OutboxWorker(
-        store, clock, CallbackHandler(cb, tz, metrics=metrics),
+        store, clock, CallbackHandler(cb, tz, metrics=metrics, own_ports=own_ports(config)),
         RetryPolicy(first_retry=cb.first_retry_seconds, max_retry=cb.max_retry_seconds,
                     give_up_after=cb.give_up_after_hours * 3600.0, jitter=cb.jitter_ratio),
         max_concurrency=cb.max_concurrency, per_key=cb.per_host_concurrency,
+        account_share=cb.account_share,
         # Longer than any attempt can take, or a slow one would be claimed twice.
         lease=cb.lease_seconds or 3 * cb.timeout_seconds + 60.0, name="callbacks")
     dispatcher = Dispatcher(store, clock, create_operator(config.operator, clock),
                             max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
                             metrics=metrics, follow_store=follow_store)
     return callbacks, dispatcher
+
+
+def own_ports(config: Config) -> frozenset[int]:
+    """The ports this gateway listens on: a callback must never reach them on this machine
+    (a callback to its own send URL would send an SMS per delivery report, in a loop)."""
+    ports = {config.server.port}
+    if config.admin.host and config.admin.port:
+        ports.add(config.admin.port)
+    return frozenset(ports)
 
 
 def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:

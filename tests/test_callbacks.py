@@ -107,8 +107,10 @@ def test_callback_url_keeps_the_query_it_has() -> None:
 
 
 def test_host_key_shows_no_path_nor_query() -> None:
-    assert host_key("https://user:pw@h.example/cb?token=s3cr3t") == "h.example:443"
-    assert host_key("http://127.0.0.1:8000/x") == "127.0.0.1:8000"
+    assert host_key("https://user:pw@h.example/cb?token=s3cr3t") == "h.example"
+    # The host alone: its ports share its capacity.
+    assert host_key("http://127.0.0.1:8000/x") == host_key("http://127.0.0.1:9000/") \
+        == "127.0.0.1"
 
 
 def test_backoff_doubles_from_the_first_retry_up_to_the_cap() -> None:
@@ -308,13 +310,14 @@ async def test_a_slow_host_does_not_hold_up_other_users(
     slow, fast = Receiver(), Receiver()
     slow.gate = asyncio.Event()
     slow_server = await aiohttp_server(slow.app())
-    fast_server = await aiohttp_server(fast.app())
+    # Another host (the per-host limit is per host, whatever the port).
+    fast_server = await aiohttp_server(fast.app(), host="127.0.0.2")
     h: Harness = await make_harness(cfg=config)
     await h.manage.update_user(ACCOUNT, LOGIN,
                                callback_url=f"http://127.0.0.1:{slow_server.port}/cb")
     await h.manage.create_user(ACCOUNT, "bob", "secret456")
     await h.manage.update_user(ACCOUNT, "bob",
-                               callback_url=f"http://127.0.0.1:{fast_server.port}/cb")
+                               callback_url=f"http://127.0.0.2:{fast_server.port}/cb")
     alice_ids = ids_of((await h.send(to=",".join(f"+3361234560{n}" for n in range(5))))[1])
     await eventually(lambda: slow.in_flight == 2)
 

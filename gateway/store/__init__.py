@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # for annotations only: callers import the records from gatew
     from gateway.records import (
         Account,
         AppliedUpdates,
+        ClaimBounds,
         LedgerEntry,
         Message,
         MessageEvent,
@@ -159,8 +160,9 @@ class OutboxStore(StoreLifecycle, Protocol):
     """
 
     async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
-                           limit: int, per_target: int | None = None,
-                           skip_targets: Sequence[str] = (), deep: bool = False,
+                           limit: int, bounds: ClaimBounds | None = None,
+                           skip_targets: Sequence[str] = (),
+                           skip_accounts: Sequence[int] = (), deep: bool = False,
                            results: Sequence[OutboxResult] = ()) -> list[OutboxItem]: ...
     async def next_outbox_at(self, kinds: Sequence[str], *,
                              skip_targets: Sequence[str] = ()) -> float | None: ...

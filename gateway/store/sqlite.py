@@ -34,6 +34,7 @@ from gateway.records import (
     UNSET,
     Account,
     AppliedUpdates,
+    ClaimBounds,
     LedgerEntry,
     Message,
     MessageEvent,
@@ -832,8 +833,9 @@ class SQLiteStore:
             return int(cur.lastrowid or 0)
 
     async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
-                           limit: int, per_target: int | None = None,
-                           skip_targets: Sequence[str] = (), deep: bool = False,
+                           limit: int, bounds: ClaimBounds | None = None,
+                           skip_targets: Sequence[str] = (),
+                           skip_accounts: Sequence[int] = (), deep: bool = False,
                            results: Sequence[OutboxResult] = ()) -> list[OutboxItem]:
         """Record `results`, then take due items and push their next attempt past a lease.
 
@@ -841,17 +843,18 @@ class SQLiteStore:
         takes the write lock once per step, not twice.
 
         If the gateway dies mid-attempt, the item becomes due again when the lease ends,
-        so nothing claimed is ever lost. `per_target` caps the items taken per target and
-        `skip_targets` leaves out targets the caller is already busy with, so one slow
-        endpoint's backlog cannot fill a claim and starve the others.
+        so nothing claimed is ever lost. `bounds` caps the items taken per key (a host)
+        and per account, and `skip_targets` and `skip_accounts` leave out those the
+        caller is already full of, so one slow endpoint's or one account's backlog cannot
+        fill a claim and starve the others.
 
         Only the first `CLAIM_WINDOW` times `limit` due items (oldest first) are looked at:
         ranking every pending item by target made a claim cost grow with the backlog
         (25 ms per claim at 7,700 pending callbacks, 2.6 ms at 130), and a slow claim holds
         the write lock that every send waits for. For the same reason skipped targets are
         left out of the window in Python: left to SQL, they made it read past the whole
-        backlog of a busy target. `deep` does read past them, for the odd claim that must
-        find other targets' items behind a busy target's backlog.
+        backlog of a busy target. `deep` does read past them (and past skipped accounts),
+        for the odd claim that must find other items behind a busy backlog.
         """
         where = (f"state = 'pending' AND kind IN ({_marks(len(kinds))}) "
                  "AND next_attempt_at <= ?")
@@ -859,6 +862,10 @@ class SQLiteStore:
         if deep and skip_targets:
             marks, skip = _in(skip_targets)
             where += f" AND target NOT IN ({marks})"
+            params.extend(skip)
+        if deep and skip_accounts:
+            marks, skip = _in(skip_accounts)
+            where += f" AND account_id NOT IN ({marks})"
             params.extend(skip)
         params.append(limit * CLAIM_WINDOW)
         skipped = set(skip_targets)
@@ -868,10 +875,9 @@ class SQLiteStore:
             if limit <= 0:
                 return []
             due = await db.execute_fetchall(
-                f"SELECT id, target FROM outbox WHERE {where} "
+                f"SELECT id, kind, target, account_id FROM outbox WHERE {where} "
                 "ORDER BY next_attempt_at, id LIMIT ?", params)
-            chosen = rules.choose_claims(due, limit=limit, per_target=per_target,
-                                         skip=skipped)
+            chosen = rules.choose_claims(due, limit=limit, bounds=bounds, skip=skipped)
             if not chosen:
                 return []
             marks, chosen = _in(chosen)

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.records import SendOrder, SendOutcome, StateUpdate, User, UserChanges
+from gateway.records import (
+    ClaimBounds,
+    SendOrder,
+    SendOutcome,
+    StateUpdate,
+    User,
+    UserChanges,
+)
 from gateway.store import NotEnoughCredits, Role, Store, Taken, open_store
 from tests.conftest import ledger_identity
 
@@ -240,7 +247,7 @@ async def test_two_stores_claiming_at_once_never_share_an_item(stores: Opener) -
 
     async def claim_until_empty(store: Store) -> None:
         while items := await store.claim_outbox(("callback",), now=T0 + 1, lease=3600,
-                                                limit=7, per_target=3):
+                                                limit=7, bounds=ClaimBounds(per_key=3)):
             claimed.extend(item.id for item in items)
 
     await asyncio.gather(*(claim_until_empty(s) for s in (a, b, a, b)))

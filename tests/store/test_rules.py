@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.records import SendOrder, StateUpdate
+from gateway.records import ClaimBounds, SendOrder, StateUpdate
 from gateway.store import NotEnoughCredits, rules
 from gateway.store.rules import Funds, Pending, Watch
 
@@ -211,10 +211,12 @@ def test_a_new_threshold_is_armed_unless_already_crossed() -> None:
 
 
 def test_claims_cap_each_target_and_skip_busy_ones() -> None:
-    due = [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "c"), (6, "b")]
-    assert rules.choose_claims(due, limit=10, per_target=2, skip={"c"}) == [1, 2, 3, 6]
-    assert rules.choose_claims(due, limit=3, per_target=None) == [1, 2, 3]
-    assert rules.choose_claims(due, limit=0, per_target=None) == []
+    due = [(i, "callback", t, 1) for i, t in
+           [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "c"), (6, "b")]]
+    assert rules.choose_claims(due, limit=10, bounds=ClaimBounds(per_key=2),
+                               skip={"c"}) == [1, 2, 3, 6]
+    assert rules.choose_claims(due, limit=3) == [1, 2, 3]
+    assert rules.choose_claims(due, limit=0) == []
 
 
 @settings(max_examples=300, deadline=None)
@@ -222,15 +224,16 @@ def test_claims_cap_each_target_and_skip_busy_ones() -> None:
        st.one_of(st.none(), st.integers(1, 4)), st.sets(st.sampled_from("abcde")))
 def test_a_claim_takes_the_oldest_it_may_and_nothing_it_may_not(
         targets: list[str], limit: int, per_target: int | None, skip: set[str]) -> None:
-    due = list(enumerate(targets))
-    chosen = rules.choose_claims(due, limit=limit, per_target=per_target, skip=skip)
+    due = [(i, "callback", target, 1) for i, target in enumerate(targets)]
+    chosen = rules.choose_claims(due, limit=limit, bounds=ClaimBounds(per_key=per_target),
+                                 skip=skip)
     assert chosen == sorted(chosen) and len(chosen) <= limit
     picked = [targets[i] for i in chosen]
     assert not set(picked) & skip
     if per_target is not None:
         assert all(picked.count(t) <= per_target for t in set(picked))
     if len(chosen) < limit:  # nothing left out that it could have taken
-        for i, target in due:
+        for i, _, target, _ in due:
             if i not in chosen:
                 assert target in skip or (per_target is not None
                                           and picked.count(target) >= per_target)
