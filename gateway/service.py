@@ -69,7 +69,7 @@ class Management:
                 or any(ord(c) < 32 for c in stop_clause)):
             raise ValidationError("stopClause", "a single line of at most 40 characters")
         return await self.store.update_account(name, callback_url=callback_url,
-                                               stop_clause=stop_clause)
+                                               stop_clause=stop_clause, at=self.clock.now())
 
     async def add_sender(self, account: str, sender: str) -> str:
         """Declare a sender; return it as stored (trimmed)."""

@@ -157,6 +157,9 @@ class OutboxStore(StoreLifecycle, Protocol):
       any other process) returns the same item. When the lease ends unanswered, the
       item is due again: nothing claimed is lost.
     - Results and the next claim commit together when given together.
+    - A pending callback goes to the URL its message's next callback would get: the
+      transaction that changes a user's or an account's callback URL (or deletes a user)
+      re-points them, and cancels them (dead) when no URL is left.
     """
 
     async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
@@ -191,7 +194,9 @@ class ManagementStore(StoreLifecycle, Protocol):
     async def list_accounts(self) -> list[str]: ...
     async def credit_account(self, name: str, amount: int, *, at: float) -> Account: ...
     async def update_account(self, name: str, *, callback_url: Any = UNSET,
-                             stop_clause: Any = UNSET) -> Account: ...
+                             stop_clause: Any = UNSET, at: float | None = None) -> Account:
+        """A new or cleared `callback_url` applies to the pending callbacks too (see
+        `OutboxStore`); `at` (default: now) is when those cleared are cancelled."""
     async def add_sender(self, account: str, sender: str) -> None: ...
     async def remove_sender(self, account: str, sender: str) -> None: ...
     async def create_user(self, account: str, login: str, password_hash: str, *,

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -447,12 +448,14 @@ class SQLiteStore:
         return await self.get_account(name)
 
     async def update_account(self, name: str, *, callback_url: Any = UNSET,
-                             stop_clause: Any = UNSET) -> Account:
+                             stop_clause: Any = UNSET, at: float | None = None) -> Account:
         async with self._tx() as db:
             account_id = await self._account_id(db, name)
             if callback_url is not UNSET:
                 await db.execute("UPDATE accounts SET callback_url = ? WHERE id = ?",
                                  (callback_url, account_id))
+                await self._follow_callback_urls(db, account_id,
+                                                 time.time() if at is None else at)
             if stop_clause is not UNSET:
                 await db.execute("UPDATE accounts SET stop_clause = ? WHERE id = ?",
                                  (stop_clause, account_id))
@@ -532,6 +535,8 @@ class SQLiteStore:
             if "ip_restrictions" in given:
                 await db.execute("UPDATE users SET ip_restrictions = ? WHERE id = ?",
                                  (json.dumps(list(given["ip_restrictions"])), user.id))
+            if "callback_url" in given:
+                await self._follow_callback_urls(db, user.account_id, at)
             threshold = given.get("alert_threshold", user.alert_threshold)
             if threshold != user.alert_threshold:
                 # The same threshold sent back (a GET body PUT back) changes nothing.
@@ -580,6 +585,8 @@ class SQLiteStore:
             # keep pointing at this one (its messages keep their login).
             await db.execute("UPDATE messages SET user_id = NULL WHERE user_id = ?", (user.id,))
             await db.execute("UPDATE outbox SET user_id = NULL WHERE user_id = ?", (user.id,))
+            # Its pending callbacks now go where its messages' next ones would: the account's.
+            await self._follow_callback_urls(db, user.account_id, at)
             await self._evaluate_alerts(db, [user.account_id], at)
 
     # -- the send path ---------------------------------------------------------------
@@ -822,6 +829,32 @@ class SQLiteStore:
 
     # -- outbox ----------------------------------------------------------------------
 
+    @staticmethod
+    async def _follow_callback_urls(db: Conn, account_id: int, at: float) -> None:
+        """Point the account's pending callbacks at the URL a new one would get (its user's,
+        else the account's), or cancel them (dead) when there is none any more.
+
+        Run in the transaction that changes a callback URL: queued retries must not go on
+        calling a URL that was replaced or cleared, perhaps because it leaked a secret.
+        An attempt already under way finishes with the URL it started with.
+        """
+        await db.execute(
+            "UPDATE outbox SET target = v.url FROM (SELECT o.id, COALESCE("
+            "NULLIF(u.callback_url, ''), NULLIF(a.callback_url, ''), '') AS url "
+            "FROM outbox o JOIN accounts a ON a.id = o.account_id "
+            "LEFT JOIN users u ON u.id = o.user_id AND u.account_id = o.account_id "
+            "WHERE o.kind = 'callback' AND o.state = 'pending' AND o.account_id = ?) AS v "
+            "WHERE outbox.id = v.id AND outbox.target <> v.url", (account_id,))
+        cancelled = "cancelled: no callback URL any more"
+        await db.execute(
+            "INSERT INTO outbox_attempts (outbox_id, at, ok, detail) SELECT id, ?, 0, ? "
+            "FROM outbox WHERE kind = 'callback' AND state = 'pending' AND account_id = ? "
+            "AND target = ''", (at, cancelled, account_id))
+        await db.execute(
+            "UPDATE outbox SET state = 'dead', done_at = ?, last_error = ? "
+            "WHERE kind = 'callback' AND state = 'pending' AND account_id = ? "
+            "AND target = ''", (at, cancelled, account_id))
+
     async def enqueue_outbox(self, kind: str, *, account_id: int, user_id: int | None,
                              target: str, payload: dict[str, Any], at: float,
                              message_id: int | None = None) -> int:
@@ -938,12 +971,15 @@ class SQLiteStore:
             [(r.item_id, r.at) for r in results if r.ok])
         failed = [r for r in results if not r.ok]
         if failed:
+            # Not an item cancelled meanwhile (see `_follow_callback_urls`): it stays so.
             await db.executemany(
-                "UPDATE outbox SET next_attempt_at = ?, last_error = ? WHERE id = ?",
+                "UPDATE outbox SET next_attempt_at = ?, last_error = ? "
+                "WHERE id = ? AND state = 'pending'",
                 [(r.next_attempt_at, r.detail[:500], r.item_id) for r in failed
                  if r.next_attempt_at is not None])
             await db.executemany(
-                "UPDATE outbox SET state = 'dead', done_at = ?, last_error = ? WHERE id = ?",
+                "UPDATE outbox SET state = 'dead', done_at = ?, last_error = ? "
+                "WHERE id = ? AND state = 'pending'",
                 [(r.at, r.detail[:500], r.item_id) for r in failed
                  if r.next_attempt_at is None])
 
