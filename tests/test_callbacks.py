@@ -18,7 +18,13 @@ from aiohttp import web
 from gateway import cli, ptt
 from gateway.app import own_ports
 from gateway.config import Config
-from gateway.hooks.callbacks import callback_params, callback_url, host_key, target_problem
+from gateway.hooks.callbacks import (
+    callback_params,
+    callback_url,
+    host_key,
+    log_host,
+    target_problem,
+)
 from gateway.hooks.outbox import RetryPolicy, next_attempt_at
 from gateway.hooks.targets import TargetPolicy
 from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
@@ -109,8 +115,9 @@ def test_callback_url_keeps_the_query_it_has() -> None:
 
 
 def test_host_key_shows_no_path_nor_query() -> None:
-    assert host_key("https://user:pw@h.example/cb?token=s3cr3t") == "h.example"
-    # The host alone: its ports share its capacity.
+    assert log_host("https://user:pw@h.example/cb?token=s3cr3t") == "h.example:443"
+    assert log_host("http://127.0.0.1:8000/x") == "127.0.0.1:8000"
+    # The unit of per-host concurrency is the host alone: its ports share its capacity.
     assert host_key("http://127.0.0.1:8000/x") == host_key("http://127.0.0.1:9000/") \
         == "127.0.0.1"
 

@@ -129,13 +129,22 @@ def target_problem(target: str, policy: TargetPolicy | None = None) -> str | Non
 
 
 def host_key(target: str) -> str:
-    """The URL's host: the unit of per-host concurrency and what logs may show of a URL.
+    """The URL's host: the unit of per-host concurrency.
 
     Not host and port: the ports of one host share its capacity, and a customer's URLs on
     many ports of one slow host must not take many hosts' worth of slots.
     """
     try:
         return URL(target).host or "invalid-url"
+    except (ValueError, TypeError):
+        return "invalid-url"
+
+
+def log_host(target: str) -> str:
+    """host:port, what logs may show of a URL (never its path or query)."""
+    try:
+        url = URL(target)
+        return f"{url.host}:{url.port}"
     except (ValueError, TypeError):
         return "invalid-url"
 
@@ -172,7 +181,7 @@ class CallbackHandler:
         return host_key(target)
 
     def log_fields(self, item: OutboxItem) -> dict[str, Any]:
-        return {"message_id": item.message_id, "host": host_key(item.target),
+        return {"message_id": item.message_id, "host": log_host(item.target),
                 "ptt": item.payload.get("ptt")}
 
     def observe(self, item: OutboxItem, result: Result) -> None:
