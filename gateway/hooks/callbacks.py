@@ -128,6 +128,9 @@ def target_problem(target: str, policy: TargetPolicy | None = None) -> str | Non
     return None
 
 
+# Cached: a claim keys every due item it looks at (up to 4 per free slot), under the store's
+# write lock, and the same few URLs come back.
+@lru_cache(maxsize=4096)
 def host_key(target: str) -> str:
     """The URL's host: the unit of per-host concurrency.
 
@@ -140,6 +143,7 @@ def host_key(target: str) -> str:
         return "invalid-url"
 
 
+@lru_cache(maxsize=4096)
 def log_host(target: str) -> str:
     """host:port, what logs may show of a URL (never its path or query)."""
     try:
