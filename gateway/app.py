@@ -157,10 +157,11 @@ def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metri
     """
     cb = config.callbacks
     callbacks = OutboxWorker(
-        store, clock, CallbackHandler(cb, tz, metrics=metrics),
+        store, clock, CallbackHandler(cb, tz, metrics=metrics, own_ports=own_ports(config)),
         RetryPolicy(first_retry=cb.first_retry_seconds, max_retry=cb.max_retry_seconds,
                     give_up_after=cb.give_up_after_hours * 3600.0, jitter=cb.jitter_ratio),
         max_concurrency=cb.max_concurrency, per_key=cb.per_host_concurrency,
+        account_share=cb.account_share,
         # Longer than any attempt can take, or a slow one would be claimed twice.
         lease=cb.lease_seconds or 3 * cb.timeout_seconds + 60.0, name="callbacks")
     return callbacks, _dispatcher(config, store, clock, metrics, callbacks, follow_store)
@@ -175,6 +176,15 @@ def _dispatcher(config: Config, store: Store, clock: Clock, metrics: Metrics,
                       # process gateway's DeliveryGuard): claims left at its start are a
                       # previous run's.
                       exclusive=True)
+
+
+def own_ports(config: Config) -> frozenset[int]:
+    """The ports this gateway listens on: a callback must never reach them on this machine
+    (a callback to its own send URL would send an SMS per delivery report, in a loop)."""
+    ports = {config.server.port}
+    if config.admin.host and config.admin.port:
+        ports.add(config.admin.port)
+    return frozenset(ports)
 
 
 def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:

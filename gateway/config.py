@@ -26,6 +26,7 @@ In `python -X importtime`, msgspec itself adds 5-17 ms within `import gateway.cl
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -169,6 +170,24 @@ class CallbacksConfig(Section, frozen=True):
     # An attempt cut short by a crash is retried once this long has passed since it began.
     # 0: 3 x timeout_seconds + 60. Shorter than an attempt can take means some run twice.
     lease_seconds: NonNegative = 0.0
+    # Callbacks in flight that an account may always hold; beyond it, an account takes
+    # another only while it holds fewer than are left free, so that one account's slow
+    # endpoints leave slots to the others (alone, an account gets about half of them).
+    account_share: Count = 16
+    # Callbacks reach global unicast addresses only (checked on the address connected to,
+    # after name resolution); true: any unicast address, for an intranet (and the tests).
+    allow_private_targets: bool = False
+    # Networks callbacks may reach besides (CIDR blocks, e.g. "10.1.2.0/24").
+    allowed_target_networks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Raised here, a typo is an error at load naming the setting, not at the first call.
+        for item in self.allowed_target_networks:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"allowed_target_networks: {item!r} is not a network "
+                                 "(address or CIDR block)") from None
 
 
 class SmtpConfig(Section, frozen=True):

@@ -6,7 +6,8 @@ operators and metrics pass them along. Amounts are hundredths of a credit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import ptt
@@ -245,6 +246,26 @@ class OutboxResult:
     ok: bool
     detail: str
     next_attempt_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimBounds:
+    """What an outbox claim may take, given what the claiming worker runs already.
+
+    - At most `per_key` items of one key at once, counting the worker's `key_load`; the key
+      is `key_of(kind, target)` (a callback's host), the target itself without `key_of`.
+    - An account (with `account_load` running) takes a slot while it holds fewer than
+      `account_share`, or fewer than the slots still free: it never holds more than
+      max(share, free slots), so alone it fills about half of them, and an account coming
+      next always finds some free.
+    None: no such bound.
+    """
+
+    per_key: int | None = None
+    key_of: Callable[[str, str], str] | None = None
+    key_load: Mapping[str, int] = field(default_factory=dict)
+    account_share: int | None = None
+    account_load: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import MAX_CREDITS, InvalidAmount, as_number, format_credits, to_cents
 from gateway.hooks.callbacks import target_problem
+from gateway.hooks.targets import TargetPolicy
 from gateway.records import UNSET, Account, AdminToken, User, UserChanges
 from gateway.store import Store
 
@@ -41,6 +42,8 @@ class Management:
         self.store = store
         self.config = config
         self.clock = clock or SystemClock()
+        self._targets = TargetPolicy.from_settings(config.callbacks.allow_private_targets,
+                                                   config.callbacks.allowed_target_networks)
 
     # -- accounts and senders ------------------------------------------------------------
 
@@ -61,13 +64,13 @@ class Management:
     async def update_account(self, name: str, *, callback_url: Any = UNSET,
                              stop_clause: Any = UNSET) -> Account:
         if callback_url is not UNSET:
-            callback_url = _url("callBack", callback_url)
+            callback_url = _url("callBack", callback_url, self._targets)
         if stop_clause is not UNSET and stop_clause is not None and (
                 not isinstance(stop_clause, str) or len(stop_clause) > 40
                 or any(ord(c) < 32 for c in stop_clause)):
             raise ValidationError("stopClause", "a single line of at most 40 characters")
         return await self.store.update_account(name, callback_url=callback_url,
-                                               stop_clause=stop_clause)
+                                               stop_clause=stop_clause, at=self.clock.now())
 
     async def add_sender(self, account: str, sender: str) -> str:
         """Declare a sender; return it as stored (trimmed)."""
@@ -108,7 +111,7 @@ class Management:
             except iprules.InvalidIPRule as exc:
                 raise ValidationError("ipRestrictions", str(exc).split(": ", 1)[-1]) from None
         if "callback_url" in fields:
-            changes.callback_url = _url("callBack", fields["callback_url"])
+            changes.callback_url = _url("callBack", fields["callback_url"], self._targets)
         if "alert_threshold" in fields:
             value = fields["alert_threshold"]
             changes.alert_threshold = None if value is None else _amount("alertThreshold",
@@ -211,12 +214,12 @@ async def _hash(password: str) -> str:
     return await asyncio.to_thread(passwords.hash_password, password)
 
 
-def _url(field: str, value: Any) -> str | None:
+def _url(field: str, value: Any, targets: TargetPolicy) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or len(value) > 2048:
         raise ValidationError(field, "an http or https URL")
-    problem = target_problem(value)
+    problem = target_problem(value, targets)
     if problem is not None:
         # Not quoting the URL: it may carry a password.
         raise ValidationError(field, f"an http or https URL a callback can reach ({problem})")

@@ -61,6 +61,8 @@ def config(tmp_path: Path) -> Config:
     return Config().replace({
         "store.path": str(tmp_path / "gateway.sqlite3"),
         "server.allow_private_ips": True,
+        # The tests' callback receivers listen on 127.0.0.1.
+        "callbacks.allow_private_targets": True,
         "log.format": "json",
         "admin.token": "test-admin-token-0123456789",
         # Tests drive delivery explicitly; a real network's delays would only slow them.

@@ -40,6 +40,8 @@ BASE_ENV = {
     "HTTP2SMS_OPERATOR_MIN_DELAY": "0",
     "HTTP2SMS_OPERATOR_MAX_DELAY": "0.05",
     "HTTP2SMS_SERVER_ALLOW_PRIVATE_IPS": "1",
+    # The tests' callback receivers listen on 127.0.0.1.
+    "HTTP2SMS_CALLBACKS_ALLOW_PRIVATE_TARGETS": "1",
 }
 
 
@@ -58,7 +60,8 @@ def demo_params(**extra: str) -> dict[str, str]:
 
 async def prepare_store(db: Path, *, credits: int = 0, callback: str | None = None) -> None:
     """The demo account and user (as `serve --demo` makes them), topped up, with a callback."""
-    config = Config().replace({"store.path": str(db), "server.allow_private_ips": True})
+    config = Config().replace({"store.path": str(db), "server.allow_private_ips": True,
+                               "callbacks.allow_private_targets": True})
     await ensure_demo(config)
     store = open_store(db, "cli")
     await store.open()

@@ -256,9 +256,9 @@ class AlertHandler:
     async def close(self) -> None:
         pass
 
-    def key(self, item: OutboxItem) -> str:
+    def key(self, kind: str, target: str) -> str:
         # Every mail goes to the one SMTP server: its key bounds the open SMTP sessions.
-        return "smtp" if item.kind == KIND_MAIL else "sms"
+        return "smtp" if kind == KIND_MAIL else "sms"
 
     def log_fields(self, item: OutboxItem) -> dict[str, Any]:
         # Never the target: an address or a phone number is personal data.

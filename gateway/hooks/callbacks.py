@@ -31,6 +31,7 @@ from gateway.hooks.http_client import (
     origin_of,
 )
 from gateway.hooks.outbox import AttemptFailed, Result
+from gateway.hooks.targets import TargetPolicy, literal_address
 from gateway.metrics import Metrics
 from gateway.records import OutboxItem
 
@@ -101,27 +102,50 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
 _SAMPLE = {"id": 1, "ptt": 4, "dlr": 1, "at": 0.0, "tag": "t"}
 
 
-def target_problem(target: str) -> str | None:
+def target_problem(target: str, policy: TargetPolicy | None = None) -> str | None:
     """Why no callback could ever be sent to `target`, or None.
 
     Checked when a callback URL is set: at send time such a URL fails at once and for
-    good, so every delivery report to it would be lost.
+    good, so every delivery report to it would be lost. With a `policy`, a host that is
+    an address (or `localhost`) the policy refuses is refused here already; a name that
+    resolves to one is only known at connect time, where `HttpClient` refuses it.
     """
     try:
         url = callback_url(target, _SAMPLE, ZoneInfo("UTC"))
         origin_of(url)
     except (ValueError, TypeError, InvalidUrl) as exc:
         return str(exc) or type(exc).__name__
+    host = url.raw_host or ""
     try:
-        ipaddress.ip_address(url.raw_host or "")
+        ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
-        if not _HOST_NAME.fullmatch(url.raw_host or ""):
+        if not _HOST_NAME.fullmatch(host):
             return f"not a host name: {url.host!r}"
+    if policy is not None:
+        ip = literal_address(host)
+        if ip is not None:
+            return policy.problem(ip)
     return None
 
 
+# Cached: a claim keys every due item it looks at (up to 4 per free slot), under the store's
+# write lock, and the same few URLs come back.
+@lru_cache(maxsize=4096)
 def host_key(target: str) -> str:
-    """host:port, the unit of per-host concurrency and what logs may show of a URL."""
+    """The URL's host: the unit of per-host concurrency.
+
+    Not host and port: the ports of one host share its capacity, and a customer's URLs on
+    many ports of one slow host must not take many hosts' worth of slots.
+    """
+    try:
+        return URL(target).host or "invalid-url"
+    except (ValueError, TypeError):
+        return "invalid-url"
+
+
+@lru_cache(maxsize=4096)
+def log_host(target: str) -> str:
+    """host:port, what logs may show of a URL (never its path or query)."""
     try:
         url = URL(target)
         return f"{url.host}:{url.port}"
@@ -133,9 +157,14 @@ class CallbackHandler:
     kinds = (KIND,)
 
     def __init__(self, config: CallbacksConfig, tz: ZoneInfo, *,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 own_ports: frozenset[int] = frozenset()) -> None:
+        """`own_ports`: the gateway's listeners, never called back on this machine."""
         self._config = config
         self._tz = tz
+        self._policy = TargetPolicy.from_settings(config.allow_private_targets,
+                                                  config.allowed_target_networks)
+        self._own_ports = own_ports
         self._client: HttpClient | None = None
         attempts = (metrics or Metrics()).callback_attempts
         # Resolved once: the label lookup would otherwise run for every attempt.
@@ -144,18 +173,19 @@ class CallbackHandler:
     async def open(self) -> None:
         self._client = HttpClient(timeout=self._config.timeout_seconds,
                                   max_idle_per_origin=self._config.per_host_concurrency,
-                                  user_agent="http2sms-gateway")
+                                  user_agent="http2sms-gateway",
+                                  policy=self._policy.problem, own_ports=self._own_ports)
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
 
-    def key(self, item: OutboxItem) -> str:
-        return host_key(item.target)
+    def key(self, kind: str, target: str) -> str:
+        return host_key(target)
 
     def log_fields(self, item: OutboxItem) -> dict[str, Any]:
-        return {"message_id": item.message_id, "host": host_key(item.target),
+        return {"message_id": item.message_id, "host": log_host(item.target),
                 "ptt": item.payload.get("ptt")}
 
     def observe(self, item: OutboxItem, result: Result) -> None:

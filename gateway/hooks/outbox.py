@@ -4,8 +4,11 @@ Items are written to the store's outbox in the same transaction as the change th
 so nothing is lost if the gateway stops. The worker claims due items under a lease (a crash
 mid-attempt makes the item due again when the lease ends), runs a `Handler` on each with a
 global and a per-key concurrency bound (the key is typically the destination host, so one
-slow host only ever ties up its own slots), and records the results in batches: done, or a
-retry after an exponential backoff with jitter, or dead once the retry window is over.
+slow host only ever ties up its own slots) and, when given an `account_share`, a fair share
+per account (one customer's many slow endpoints leave slots to the others: see
+`ClaimBounds`), and records the results in batches: done, or a retry after an exponential
+backoff with jitter, or dead once the retry window is over. The bounds are applied when
+items are claimed, so a claimed item starts at once rather than waiting in a slot.
 
 Each attempt's result (ok, retry, dead) goes to the handler's `observe` (its metrics) and to
 the log with the handler's `log_fields` (e.g. the message id and host of a callback): a
@@ -26,8 +29,8 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from gateway.clock import Clock, sleep_until
-from gateway.records import OutboxItem, OutboxResult
-from gateway.store import OutboxStore
+from gateway.records import ClaimBounds, OutboxItem, OutboxResult
+from gateway.store import OutboxStore, rules
 
 log = structlog.get_logger("gateway.outbox")
 
@@ -54,8 +57,10 @@ class Handler(Protocol):
     def kinds(self) -> Sequence[str]:
         """The outbox kinds it takes (read only: a tuple class attribute will do)."""
 
-    def key(self, item: OutboxItem) -> str:
-        """Items with the same key share a concurrency bound (e.g. the target host)."""
+    def key(self, kind: str, target: str) -> str:
+        """Items with the same key share a concurrency bound (e.g. the target host).
+
+        Of the kind and target alone: a claim judges due items by them."""
 
     def log_fields(self, item: OutboxItem) -> dict[str, Any]:
         """What identifies the item in logs (a message id, a host), never a secret or URL."""
@@ -109,7 +114,8 @@ class WorkerStats:
 
 class OutboxWorker:
     def __init__(self, store: OutboxStore, clock: Clock, handler: Handler, policy: RetryPolicy,
-                 *, max_concurrency: int = 256, per_key: int = 8, lease: float = 90.0,
+                 *, max_concurrency: int = 256, per_key: int = 8,
+                 account_share: int | None = None, lease: float = 90.0,
                  stop_grace: float = 5.0, poll_seconds: float = 30.0,
                  rng: random.Random | None = None, name: str = "outbox") -> None:
         self._store = store
@@ -119,6 +125,7 @@ class OutboxWorker:
         self._policy = policy
         self._max = max(1, max_concurrency)
         self._per_key = max(1, per_key)
+        self._account_share = None if account_share is None else max(1, account_share)
         self._lease = lease
         self._stop_grace = stop_grace
         self._poll = poll_seconds
@@ -126,6 +133,7 @@ class OutboxWorker:
         self._name = name
         self._running: dict[int, _Running] = {}
         self._key_load: Counter[str] = Counter()
+        self._account_load: Counter[int] = Counter()
         self._key_slots: dict[str, asyncio.Semaphore] = {}
         self._results: list[OutboxResult] = []
         self._wake = asyncio.Event()
@@ -183,16 +191,21 @@ class OutboxWorker:
         now = self._clock.now()
         free = self._max - len(self._running)
         busy = self._busy_targets()
-        # Reading past a busy target's backlog costs a scan of it: at most once a second,
-        # so that other targets' items behind it still get their turn.
-        deep = bool(busy) and now >= self._next_deep
+        bounds = ClaimBounds(per_key=self._per_key, key_of=self.handler.key,
+                             key_load=dict(self._key_load),
+                             account_share=self._account_share,
+                             account_load=dict(self._account_load))
+        full = rules.accounts_at_their_share(bounds, free)
+        # Reading past a busy target's (or a full account's) backlog costs a scan of it: at
+        # most once a second, so that other items behind it still get their turn.
+        deep = bool(busy or full) and now >= self._next_deep
         if deep:
             self._next_deep = now + DEEP_CLAIM_SECONDS
         results, self._results = self._results, []
         try:
             items = await self._store.claim_outbox(
-                self._kinds, now=now, lease=self._lease, limit=max(free, 0),
-                per_target=self._per_key, skip_targets=busy, deep=deep, results=results)
+                self._kinds, now=now, lease=self._lease, limit=max(free, 0), bounds=bounds,
+                skip_targets=busy, skip_accounts=full, deep=deep, results=results)
         except BaseException:
             # Kept for the next pass; if the gateway stops first, the leases expire and
             # the items are tried again.
@@ -219,10 +232,11 @@ class OutboxWorker:
 
     def _launch(self, item: OutboxItem) -> None:
         try:
-            key = self.handler.key(item)
+            key = self.handler.key(item.kind, item.target)
         except Exception:
             key = "?"
         self._key_load[key] += 1
+        self._account_load[item.account_id] += 1
         task = asyncio.create_task(self._attempt(item, key), name=f"{self._name}-{item.id}")
         self._running[item.id] = _Running(task, key, item.target)
 
@@ -248,6 +262,9 @@ class OutboxWorker:
             if self._key_load[key] <= 0:
                 del self._key_load[key]
                 self._key_slots.pop(key, None)
+            self._account_load[item.account_id] -= 1
+            if self._account_load[item.account_id] <= 0:
+                del self._account_load[item.account_id]
             self._wake.set()
 
     def _fields(self, item: OutboxItem) -> dict[str, Any]:

@@ -18,6 +18,8 @@ loopback are all loopback), and:
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,3 +51,24 @@ class TargetPolicy:
             return None
         return (f"{ip} is not a public address (callbacks.allow_private_targets or "
                 "callbacks.allowed_target_networks allow it)")
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address a URL's host names without asking DNS, or None for a name to resolve.
+
+    As the resolver reads it: `127.1`, `2130706433` and `0x7f000001` are IPv4 in the forms
+    inet_aton takes, a zone id (`fe80::1%lo`) is dropped, and `localhost` (with its
+    subdomains, RFC 6761) is loopback whatever the hosts file says.
+    """
+    host = host.strip("[]").partition("%")[0]
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return ipaddress.IPv4Address("127.0.0.1")
+    try:
+        return iprules.fold_mapped(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None

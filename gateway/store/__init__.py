@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # for annotations only: callers import the records from gatew
         Account,
         AdminToken,
         AppliedUpdates,
+        ClaimBounds,
         LedgerEntry,
         Message,
         MessageEvent,
@@ -177,11 +178,15 @@ class OutboxStore(StoreLifecycle, Protocol):
       any other process) returns the same item. When the lease ends unanswered, the
       item is due again: nothing claimed is lost.
     - Results and the next claim commit together when given together.
+    - A pending callback goes to the URL its message's next callback would get: the
+      transaction that changes a user's or an account's callback URL (or deletes a user)
+      re-points them, and cancels them (dead) when no URL is left.
     """
 
     async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
-                           limit: int, per_target: int | None = None,
-                           skip_targets: Sequence[str] = (), deep: bool = False,
+                           limit: int, bounds: ClaimBounds | None = None,
+                           skip_targets: Sequence[str] = (),
+                           skip_accounts: Sequence[int] = (), deep: bool = False,
                            results: Sequence[OutboxResult] = ()) -> list[OutboxItem]: ...
     async def next_outbox_at(self, kinds: Sequence[str], *,
                              skip_targets: Sequence[str] = ()) -> float | None: ...
@@ -213,7 +218,9 @@ class ManagementStore(StoreLifecycle, Protocol):
     async def list_accounts(self) -> list[str]: ...
     async def credit_account(self, name: str, amount: int, *, at: float) -> Account: ...
     async def update_account(self, name: str, *, callback_url: Any = UNSET,
-                             stop_clause: Any = UNSET) -> Account: ...
+                             stop_clause: Any = UNSET, at: float | None = None) -> Account:
+        """A new or cleared `callback_url` applies to the pending callbacks too (see
+        `OutboxStore`); `at` (default: now) is when those cleared are cancelled."""
     async def add_sender(self, account: str, sender: str) -> None: ...
     async def remove_sender(self, account: str, sender: str) -> None: ...
     async def create_user(self, account: str, login: str, password_hash: str, *,

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from gateway.credits import OverLimit, checked_add, format_credits
-from gateway.records import FinalState, OutgoingMessage, SendOrder, SendOutcome, StateUpdate
+from gateway.records import (
+    ClaimBounds,
+    FinalState,
+    OutgoingMessage,
+    SendOrder,
+    SendOutcome,
+    StateUpdate,
+)
 from gateway.store import NotEnoughCredits, OverCreditLimit
 
 # Where an accepted send's credits came from, and where a refund goes back to.
@@ -387,26 +394,46 @@ def armed_on_new_threshold(spendable: int, threshold: int | None) -> bool:
 # -- outbox claims -------------------------------------------------------------------------
 
 
-def choose_claims(due: Iterable[tuple[int, str]], *, limit: int, per_target: int | None,
-                  skip: Collection[str] = ()) -> list[int]:
-    """Ids to claim among `due` (id, target) pairs, oldest first: at most `limit`, at most
-    `per_target` per target, none for a target in `skip`.
+def choose_claims(due: Iterable[tuple[int, str, str, int]], *, limit: int,
+                  bounds: ClaimBounds | None = None, skip: Collection[str] = ()) -> list[int]:
+    """Ids to claim among `due` (id, kind, target, account id) rows, oldest first: at most
+    `limit` (the claiming worker's free slots), within `bounds`, none for a target in `skip`.
 
-    The caps keep one slow endpoint's backlog from filling a claim and starving the
-    others' callbacks.
+    The bounds keep one slow endpoint's backlog, or one account's, from filling a claim
+    and starving the others' callbacks.
     """
     chosen: list[int] = []
     if limit <= 0:
         return chosen
-    taken: dict[str, int] = {}
-    for item_id, target in due:
+    bounds = bounds or ClaimBounds()
+    per_key, key_of, share = bounds.per_key, bounds.key_of, bounds.account_share
+    keys = dict(bounds.key_load)
+    accounts = dict(bounds.account_load)
+    key = ""
+    for item_id, kind, target, account_id in due:
         if target in skip:
             continue
-        if per_target is not None:
-            if taken.get(target, 0) >= per_target:
+        if per_key is not None:
+            key = target if key_of is None else key_of(kind, target)
+            if keys.get(key, 0) >= per_key:
                 continue
-            taken[target] = taken.get(target, 0) + 1
+        if share is not None:
+            held = accounts.get(account_id, 0)
+            if held >= share and held >= limit - len(chosen):
+                continue
+            accounts[account_id] = held + 1
+        if per_key is not None:
+            keys[key] = keys.get(key, 0) + 1
         chosen.append(item_id)
         if len(chosen) == limit:
             break
     return chosen
+
+
+def accounts_at_their_share(bounds: ClaimBounds, free: int) -> list[int]:
+    """The accounts a claim with `free` slots would take nothing of (see `ClaimBounds`)."""
+    share = bounds.account_share
+    if share is None:
+        return []
+    return sorted(account for account, held in bounds.account_load.items()
+                  if held >= share and held >= free)

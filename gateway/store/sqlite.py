@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -37,6 +38,7 @@ from gateway.records import (
     Account,
     AdminToken,
     AppliedUpdates,
+    ClaimBounds,
     LedgerEntry,
     Message,
     MessageEvent,
@@ -538,12 +540,14 @@ class SQLiteStore:
         return await self.get_account(name)
 
     async def update_account(self, name: str, *, callback_url: Any = UNSET,
-                             stop_clause: Any = UNSET) -> Account:
+                             stop_clause: Any = UNSET, at: float | None = None) -> Account:
         async with self._tx() as db:
             account_id = await self._account_id(db, name)
             if callback_url is not UNSET:
                 await db.execute("UPDATE accounts SET callback_url = ? WHERE id = ?",
                                  (callback_url, account_id))
+                await self._follow_callback_urls(db, account_id,
+                                                 time.time() if at is None else at)
             if stop_clause is not UNSET:
                 await db.execute("UPDATE accounts SET stop_clause = ? WHERE id = ?",
                                  (stop_clause, account_id))
@@ -623,6 +627,8 @@ class SQLiteStore:
             if "ip_restrictions" in given:
                 await db.execute("UPDATE users SET ip_restrictions = ? WHERE id = ?",
                                  (json.dumps(list(given["ip_restrictions"])), user.id))
+            if "callback_url" in given:
+                await self._follow_callback_urls(db, user.account_id, at)
             threshold = given.get("alert_threshold", user.alert_threshold)
             if threshold != user.alert_threshold:
                 # The same threshold sent back (a GET body PUT back) changes nothing.
@@ -671,6 +677,8 @@ class SQLiteStore:
             # keep pointing at this one (its messages keep their login).
             await db.execute("UPDATE messages SET user_id = NULL WHERE user_id = ?", (user.id,))
             await db.execute("UPDATE outbox SET user_id = NULL WHERE user_id = ?", (user.id,))
+            # Its pending callbacks now go where its messages' next ones would: the account's.
+            await self._follow_callback_urls(db, user.account_id, at)
             await self._evaluate_alerts(db, [user.account_id], at)
 
     # -- the send path ---------------------------------------------------------------
@@ -1018,6 +1026,32 @@ class SQLiteStore:
 
     # -- outbox ----------------------------------------------------------------------
 
+    @staticmethod
+    async def _follow_callback_urls(db: Conn, account_id: int, at: float) -> None:
+        """Point the account's pending callbacks at the URL a new one would get (its user's,
+        else the account's), or cancel them (dead) when there is none any more.
+
+        Run in the transaction that changes a callback URL: queued retries must not go on
+        calling a URL that was replaced or cleared, perhaps because it leaked a secret.
+        An attempt already under way finishes with the URL it started with.
+        """
+        await db.execute(
+            "UPDATE outbox SET target = v.url FROM (SELECT o.id, COALESCE("
+            "NULLIF(u.callback_url, ''), NULLIF(a.callback_url, ''), '') AS url "
+            "FROM outbox o JOIN accounts a ON a.id = o.account_id "
+            "LEFT JOIN users u ON u.id = o.user_id AND u.account_id = o.account_id "
+            "WHERE o.kind = 'callback' AND o.state = 'pending' AND o.account_id = ?) AS v "
+            "WHERE outbox.id = v.id AND outbox.target <> v.url", (account_id,))
+        cancelled = "cancelled: no callback URL any more"
+        await db.execute(
+            "INSERT INTO outbox_attempts (outbox_id, at, ok, detail) SELECT id, ?, 0, ? "
+            "FROM outbox WHERE kind = 'callback' AND state = 'pending' AND account_id = ? "
+            "AND target = ''", (at, cancelled, account_id))
+        await db.execute(
+            "UPDATE outbox SET state = 'dead', done_at = ?, last_error = ? "
+            "WHERE kind = 'callback' AND state = 'pending' AND account_id = ? "
+            "AND target = ''", (at, cancelled, account_id))
+
     async def enqueue_outbox(self, kind: str, *, account_id: int, user_id: int | None,
                              target: str, payload: dict[str, Any], at: float,
                              message_id: int | None = None) -> int:
@@ -1029,8 +1063,9 @@ class SQLiteStore:
             return int(cur.lastrowid or 0)
 
     async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
-                           limit: int, per_target: int | None = None,
-                           skip_targets: Sequence[str] = (), deep: bool = False,
+                           limit: int, bounds: ClaimBounds | None = None,
+                           skip_targets: Sequence[str] = (),
+                           skip_accounts: Sequence[int] = (), deep: bool = False,
                            results: Sequence[OutboxResult] = ()) -> list[OutboxItem]:
         """Record `results`, then take due items and push their next attempt past a lease.
 
@@ -1038,17 +1073,18 @@ class SQLiteStore:
         takes the write lock once per step, not twice.
 
         If the gateway dies mid-attempt, the item becomes due again when the lease ends,
-        so nothing claimed is ever lost. `per_target` caps the items taken per target and
-        `skip_targets` leaves out targets the caller is already busy with, so one slow
-        endpoint's backlog cannot fill a claim and starve the others.
+        so nothing claimed is ever lost. `bounds` caps the items taken per key (a host)
+        and per account, and `skip_targets` and `skip_accounts` leave out those the
+        caller is already full of, so one slow endpoint's or one account's backlog cannot
+        fill a claim and starve the others.
 
         Only the first `CLAIM_WINDOW` times `limit` due items (oldest first) are looked at:
         ranking every pending item by target made a claim cost grow with the backlog
         (25 ms per claim at 7,700 pending callbacks, 2.6 ms at 130), and a slow claim holds
         the write lock that every send waits for. For the same reason skipped targets are
         left out of the window in Python: left to SQL, they made it read past the whole
-        backlog of a busy target. `deep` does read past them, for the odd claim that must
-        find other targets' items behind a busy target's backlog.
+        backlog of a busy target. `deep` does read past them (and past skipped accounts),
+        for the odd claim that must find other items behind a busy backlog.
         """
         where = (f"state = 'pending' AND kind IN ({_marks(len(kinds))}) "
                  "AND next_attempt_at <= ?")
@@ -1056,6 +1092,10 @@ class SQLiteStore:
         if deep and skip_targets:
             marks, skip = _in(skip_targets)
             where += f" AND target NOT IN ({marks})"
+            params.extend(skip)
+        if deep and skip_accounts:
+            marks, skip = _in(skip_accounts)
+            where += f" AND account_id NOT IN ({marks})"
             params.extend(skip)
         params.append(limit * CLAIM_WINDOW)
         skipped = set(skip_targets)
@@ -1065,10 +1105,9 @@ class SQLiteStore:
             if limit <= 0:
                 return []
             due = await db.execute_fetchall(
-                f"SELECT id, target FROM outbox WHERE {where} "
+                f"SELECT id, kind, target, account_id FROM outbox WHERE {where} "
                 "ORDER BY next_attempt_at, id LIMIT ?", params)
-            chosen = rules.choose_claims(due, limit=limit, per_target=per_target,
-                                         skip=skipped)
+            chosen = rules.choose_claims(due, limit=limit, bounds=bounds, skip=skipped)
             if not chosen:
                 return []
             marks, chosen = _in(chosen)
@@ -1129,12 +1168,15 @@ class SQLiteStore:
             [(r.item_id, r.at) for r in results if r.ok])
         failed = [r for r in results if not r.ok]
         if failed:
+            # Not an item cancelled meanwhile (see `_follow_callback_urls`): it stays so.
             await db.executemany(
-                "UPDATE outbox SET next_attempt_at = ?, last_error = ? WHERE id = ?",
+                "UPDATE outbox SET next_attempt_at = ?, last_error = ? "
+                "WHERE id = ? AND state = 'pending'",
                 [(r.next_attempt_at, r.detail[:500], r.item_id) for r in failed
                  if r.next_attempt_at is not None])
             await db.executemany(
-                "UPDATE outbox SET state = 'dead', done_at = ?, last_error = ? WHERE id = ?",
+                "UPDATE outbox SET state = 'dead', done_at = ?, last_error = ? "
+                "WHERE id = ? AND state = 'pending'",
                 [(r.at, r.detail[:500], r.item_id) for r in failed
                  if r.next_attempt_at is None])
 

@@ -16,9 +16,17 @@ import structlog
 from aiohttp import web
 
 from gateway import cli, ptt
+from gateway.app import own_ports
 from gateway.config import Config
-from gateway.hooks.callbacks import callback_params, callback_url, host_key
+from gateway.hooks.callbacks import (
+    callback_params,
+    callback_url,
+    host_key,
+    log_host,
+    target_problem,
+)
 from gateway.hooks.outbox import RetryPolicy, next_attempt_at
+from gateway.hooks.targets import TargetPolicy
 from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC, 23:13:20 in Paris
@@ -107,8 +115,53 @@ def test_callback_url_keeps_the_query_it_has() -> None:
 
 
 def test_host_key_shows_no_path_nor_query() -> None:
-    assert host_key("https://user:pw@h.example/cb?token=s3cr3t") == "h.example:443"
-    assert host_key("http://127.0.0.1:8000/x") == "127.0.0.1:8000"
+    assert log_host("https://user:pw@h.example/cb?token=s3cr3t") == "h.example:443"
+    assert log_host("http://127.0.0.1:8000/x") == "127.0.0.1:8000"
+    # The unit of per-host concurrency is the host alone: its ports share its capacity.
+    assert host_key("http://127.0.0.1:8000/x") == host_key("http://127.0.0.1:9000/") \
+        == "127.0.0.1"
+
+
+# Elsewhere no customer may reach: this machine in disguise, link-local, the cloud's
+# metadata, an intranet. (Names resolving to them are refused at connect time.)
+REFUSED = ["127.0.0.1", "localhost", "127.1", "2130706433", "0x7f000001",
+           "[::ffff:127.0.0.1]", "017700000001", "0.0.0.0", "[::1]", "169.254.169.254",
+           "[fe80::1%25lo]", "10.1.2.3", "a.localhost"]
+
+
+@pytest.mark.parametrize("host", REFUSED)
+def test_a_url_naming_a_refused_address_is_refused_when_set(host: str) -> None:
+    problem = target_problem(f"http://{host}:8080/dlr?token=s3cr3t", TargetPolicy())
+    assert problem is not None and "s3cr3t" not in problem
+
+
+def test_a_refusal_names_the_settings_that_allow_it() -> None:
+    assert target_problem("http://127.1/dlr", TargetPolicy()) == (
+        "127.0.0.1 is not a public address (callbacks.allow_private_targets or "
+        "callbacks.allowed_target_networks allow it)")
+
+
+def test_public_addresses_and_names_pass_the_set_time_check() -> None:
+    for url in ("https://dlr.example.com/cb", "http://8.8.8.8/cb",
+                "http://[2a00:1450:4007:80e::200e]/cb",
+                # a name is judged on the address it resolves to, when the callback connects
+                "http://intranet.corp/cb"):
+        assert target_problem(url, TargetPolicy()) is None, url
+
+
+def test_private_targets_and_allowed_networks_open_the_way_but_not_to_nowhere() -> None:
+    private = TargetPolicy(allow_private=True)
+    assert target_problem("http://127.0.0.1:9/cb", private) is None
+    assert target_problem("http://0.0.0.0:9/cb", private) is not None
+    intranet = TargetPolicy.from_settings(False, ["10.1.2.0/24"])
+    assert target_problem("http://10.1.2.3/cb", intranet) is None
+    assert target_problem("http://10.1.3.3/cb", intranet) is not None
+
+
+def test_the_gateway_s_own_listeners_are_its_port_and_the_admin_one() -> None:
+    config = Config().replace({"server.port": 8080, "admin.port": 8081})
+    assert own_ports(config) == {8080}  # the admin API shares the public listener
+    assert own_ports(config.replace({"admin.host": "127.0.0.1"})) == {8080, 8081}
 
 
 def test_backoff_doubles_from_the_first_retry_up_to_the_cap() -> None:
@@ -144,6 +197,23 @@ def test_giving_up_after_the_retry_window() -> None:
 
 
 # -- through the gateway -------------------------------------------------------------------
+
+async def test_the_admin_api_refuses_a_callback_to_this_machine(make_harness: Any,
+                                                                config: Config) -> None:
+    h: Harness = await make_harness(cfg=config.replace(
+        {"callbacks.allow_private_targets": False}))
+    auth = {"Authorization": f"Bearer {config.admin.token}"}
+    path = f"/1.0/sms/{ACCOUNT}/users/{LOGIN}"
+    for host in ("127.0.0.1:8080", "[::ffff:127.0.0.1]", "169.254.169.254"):
+        resp = await h.client.put(path, json={"callBack": f"http://{host}/latest/meta-data"},
+                                  headers=auth)
+        assert resp.status == 400, await resp.text()
+        assert "callbacks.allow_private_targets" in (await resp.json())["message"]
+    assert (await h.gateway.store.get_user(ACCOUNT, LOGIN)).callback_url is None
+    resp = await h.client.put(path, json={"callBack": "https://dlr.example.com/cb"},
+                              headers=auth)
+    assert resp.status == 200, await resp.text()
+
 
 @pytest.fixture
 async def receiver(aiohttp_server: Any) -> tuple[Receiver, str]:
@@ -308,13 +378,14 @@ async def test_a_slow_host_does_not_hold_up_other_users(
     slow, fast = Receiver(), Receiver()
     slow.gate = asyncio.Event()
     slow_server = await aiohttp_server(slow.app())
-    fast_server = await aiohttp_server(fast.app())
+    # Another host (the per-host limit is per host, whatever the port).
+    fast_server = await aiohttp_server(fast.app(), host="127.0.0.2")
     h: Harness = await make_harness(cfg=config)
     await h.manage.update_user(ACCOUNT, LOGIN,
                                callback_url=f"http://127.0.0.1:{slow_server.port}/cb")
     await h.manage.create_user(ACCOUNT, "bob", "secret456")
     await h.manage.update_user(ACCOUNT, "bob",
-                               callback_url=f"http://127.0.0.1:{fast_server.port}/cb")
+                               callback_url=f"http://127.0.0.2:{fast_server.port}/cb")
     alice_ids = ids_of((await h.send(to=",".join(f"+3361234560{n}" for n in range(5))))[1])
     await eventually(lambda: slow.in_flight == 2)
 
@@ -329,6 +400,110 @@ async def test_a_slow_host_does_not_hold_up_other_users(
     await eventually(lambda: len(slow.calls) == 10)
     assert {c["id"] for c in slow.calls} == {str(i) for i in alice_ids}
     assert slow.most_in_flight == 2
+
+
+async def slow_and_fast_accounts(make_harness: Any, config: Config, aiohttp_server: Any,
+                                  slow_hosts: list[str], **settings: Any) -> tuple[float, int]:
+    """Five users of one account call back to `slow_hosts` (one each, in turn), which hang;
+    then another account's user sends once: how long its first callback took to arrive,
+    and the most callbacks the slow hosts held at once."""
+    config = config.replace({"callbacks.per_host_concurrency": 2,
+                             "callbacks.max_concurrency": 8,
+                             "callbacks.timeout_seconds": 20, **settings})
+    slow, fast = Receiver(), Receiver()
+    slow.gate = asyncio.Event()
+    h: Harness = await make_harness(cfg=config)
+    for n in range(5):
+        server = await aiohttp_server(slow.app(), host=slow_hosts[n % len(slow_hosts)])
+        await h.manage.create_user(ACCOUNT, f"user{n}", "secret456")
+        await h.manage.update_user(ACCOUNT, f"user{n}",
+                                   callback_url=f"http://{server.host}:{server.port}/cb")
+        ids_of((await h.send(login=f"user{n}", password="secret456",
+                             to="+33612345601,+33612345602"))[1])
+    fast_server = await aiohttp_server(fast.app(), host="127.0.0.2")
+    await h.manage.create_account("other", 100)
+    await h.manage.add_sender("other", "OTHER")
+    await h.manage.create_user("other", "bob", "secret456")
+    await h.manage.update_user("other", "bob",
+                               callback_url=f"http://127.0.0.2:{fast_server.port}/cb")
+    await eventually(lambda: slow.in_flight >= 2)
+    await settle()
+    started = time.monotonic()
+    ids_of((await h.send(account="other", login="bob", password="secret456",
+                         **{"from": "OTHER"}))[1])
+    await eventually(lambda: len(fast.calls) >= 1, timeout=30)
+    took = time.monotonic() - started
+    slow.gate.set()
+    await eventually(lambda: len(slow.calls) == 20)
+    return took, slow.most_in_flight
+
+
+async def test_a_slow_host_holds_its_own_slots_whatever_its_ports(
+        make_harness: Any, config: Config, aiohttp_server: Any) -> None:
+    # Five ports of one host: 2 slots in all, not 2 per port (which filled all 8).
+    took, most = await slow_and_fast_accounts(make_harness, config, aiohttp_server,
+                                              ["127.0.0.1"])
+    # Before: the first callback of the other account waited for the timeout (20 s).
+    assert took < 5.0, f"the other account's first callback waited {took:.1f} s"
+    assert most == 2
+
+
+async def test_an_account_s_slow_hosts_leave_slots_to_other_accounts(
+        make_harness: Any, config: Config, aiohttp_server: Any) -> None:
+    # Five hosts, 2 slots each, would take all 8; the account gets at most half of them.
+    took, most = await slow_and_fast_accounts(
+        make_harness, config, aiohttp_server,
+        [f"127.0.0.{n}" for n in range(3, 8)], **{"callbacks.account_share": 2})
+    # About a second: found by the claim that reads past the busy backlog, once a second.
+    assert took < 5.0, f"the other account's first callback waited {took:.1f} s"
+    assert most == 4  # max(share, free slots): half of the 8 when alone
+
+
+async def test_pending_callbacks_follow_a_changed_url_and_are_cancelled_when_cleared(
+        make_harness: Any, receiver: tuple[Receiver, str], capsys: Any) -> None:
+    from gateway.clock import ManualClock
+
+    rec, url = receiver
+    clock = ManualClock(T0)
+    h: Harness = await make_harness(clock=clock)
+
+    async def failing_send() -> int:
+        rec.statuses.update({"3": [500], "4": [500]})
+        (message_id,) = ids_of((await h.send())[1])
+        await attempted(h, message_id, 2)  # both callbacks failed: their retries wait
+        return message_id
+
+    def seen(message_id: int) -> list[str]:
+        return [c["v"] for c in rec.calls if c["id"] == str(message_id)]
+
+    # Changed (a leaked token rotated): the retries go to the new URL only.
+    await h.manage.update_user(ACCOUNT, LOGIN, callback_url=f"{url}?v=old&token=leaked")
+    first = await failing_send()
+    await h.manage.update_user(ACCOUNT, LOGIN, callback_url=f"{url}?v=new")
+    clock.advance(6.1)
+    await attempted(h, first, 4)
+    assert seen(first) == ["old", "old", "new", "new"]
+
+    # The user's cleared: they go where a new callback would, to the account's URL.
+    await h.manage.update_account(ACCOUNT, callback_url=f"{url}?v=account")
+    second = await failing_send()
+    await h.manage.update_user(ACCOUNT, LOGIN, callback_url="")
+    clock.advance(6.1)
+    await attempted(h, second, 4)
+    assert seen(second) == ["new", "new", "account", "account"]
+
+    # No URL left: they are cancelled, and say so.
+    third = await failing_send()
+    await h.manage.update_account(ACCOUNT, callback_url="")
+    assert (await h.gateway.store.counts())["outbox_pending"] == 0
+    clock.advance(24 * 3600)
+    await settle()
+    assert seen(third) == ["account", "account"]
+    attempts = await h.gateway.store.message_attempts(third)
+    assert [(a.ok, a.detail, a.state) for a in attempts] == \
+        [(False, "HTTP 500", "dead")] * 2 + \
+        [(False, "cancelled: no callback URL any more", "dead")] * 2
+    assert "leaked" not in capsys.readouterr().out
 
 
 async def test_a_callback_is_dead_after_the_retry_window(

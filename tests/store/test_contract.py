@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.records import SendOrder, SendOutcome, StateUpdate, User, UserChanges
+from gateway.records import (
+    ClaimBounds,
+    SendOrder,
+    SendOutcome,
+    StateUpdate,
+    User,
+    UserChanges,
+)
 from gateway.store import Conflict, NotEnoughCredits, NotFound, Role, Store, Taken, open_store
 from tests.conftest import ledger_identity
 
@@ -240,12 +247,33 @@ async def test_two_stores_claiming_at_once_never_share_an_item(stores: Opener) -
 
     async def claim_until_empty(store: Store) -> None:
         while items := await store.claim_outbox(("callback",), now=T0 + 1, lease=3600,
-                                                limit=7, per_target=3):
+                                                limit=7, bounds=ClaimBounds(per_key=3)):
             claimed.extend(item.id for item in items)
 
     await asyncio.gather(*(claim_until_empty(s) for s in (a, b, a, b)))
     assert len(claimed) == len(set(claimed)) == 300
     assert set(claimed) == ids
+
+
+async def test_pending_callbacks_follow_their_url_and_die_without_one(stores: Opener) -> None:
+    a, b = await two(stores)
+    user = await account_with_user(a, 0)
+    old = await a.enqueue_outbox("callback", account_id=user.account_id, user_id=user.id,
+                                 target="https://old.test/?k=leaked", payload={}, at=T0)
+    alert = await a.enqueue_outbox("alert_mail", account_id=user.account_id,
+                                   user_id=user.id, target="x@example.com", payload={}, at=T0)
+    await b.update_user(user.account_name, user.login,
+                        UserChanges(callback_url="https://new.test/"), at=T0)
+    targets = {i.id: i.target for i in await a.claim_outbox(
+        ("callback", "alert_mail"), now=T0, lease=1, limit=10)}
+    assert targets == {old: "https://new.test/", alert: "x@example.com"}
+    await b.update_account(user.account_name, callback_url="https://account.test/", at=T0)
+    await b.update_user(user.account_name, user.login, UserChanges(callback_url=None), at=T0)
+    (item,) = await a.claim_outbox(("callback",), now=T0 + 2, lease=1, limit=10)
+    assert item.target == "https://account.test/"
+    await b.update_account(user.account_name, callback_url=None, at=T0 + 3)
+    assert await a.claim_outbox(("callback",), now=T0 + 4, lease=1, limit=10) == []
+    assert await a.outbox_status(old) == ("dead", 2, "cancelled: no callback URL any more")
 
 
 async def test_a_claim_whose_lease_ran_out_is_due_again(stores: Opener) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.records import SendOrder, StateUpdate
+from gateway.records import ClaimBounds, SendOrder, StateUpdate
 from gateway.store import NotEnoughCredits, rules
 from gateway.store.rules import Funds, Pending, Watch
 
@@ -211,10 +211,52 @@ def test_a_new_threshold_is_armed_unless_already_crossed() -> None:
 
 
 def test_claims_cap_each_target_and_skip_busy_ones() -> None:
-    due = [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "c"), (6, "b")]
-    assert rules.choose_claims(due, limit=10, per_target=2, skip={"c"}) == [1, 2, 3, 6]
-    assert rules.choose_claims(due, limit=3, per_target=None) == [1, 2, 3]
-    assert rules.choose_claims(due, limit=0, per_target=None) == []
+    due = [(i, "callback", t, 1) for i, t in
+           [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "c"), (6, "b")]]
+    assert rules.choose_claims(due, limit=10, bounds=ClaimBounds(per_key=2),
+                               skip={"c"}) == [1, 2, 3, 6]
+    assert rules.choose_claims(due, limit=3) == [1, 2, 3]
+    assert rules.choose_claims(due, limit=0) == []
+
+
+def test_claims_cap_each_key_counting_what_runs_already() -> None:
+    # Every target differs (by its port); the key, its host, groups them.
+    due = [(i, "callback", f"http://h{i % 2}.test:{8000 + i}/", 1) for i in range(1, 9)]
+    bounds = ClaimBounds(per_key=2, key_of=lambda kind, target: target.rsplit(":", 1)[0],
+                         key_load={"http://h0.test": 1})
+    # h0 (even ids) has one running: one more of it; h1 (odd ids) two.
+    assert rules.choose_claims(due, limit=10, bounds=bounds) == [1, 2, 3]
+
+
+def test_an_account_holds_at_most_its_share_or_the_free_slots() -> None:
+    due = [(i, "callback", f"https://h{i}.test/", 7) for i in range(1, 20)] + \
+        [(20, "callback", "https://other.test/", 8)]
+    alone = ClaimBounds(account_share=2)
+    # Alone with 8 free slots: while it holds fewer than are left free, so half of them.
+    assert rules.choose_claims(due, limit=8, bounds=alone) == [1, 2, 3, 4, 20]
+    # Its share whatever the free slots; none beyond it once it holds as many as are free.
+    assert rules.choose_claims(due, limit=2, bounds=alone) == [1, 2]
+    busy = ClaimBounds(account_share=2, account_load={7: 4})
+    assert rules.choose_claims(due, limit=4, bounds=busy) == [20]
+    assert rules.accounts_at_their_share(busy, 4) == [7]
+    assert rules.accounts_at_their_share(busy, 5) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2)), max_size=40),
+       st.integers(0, 12), st.integers(1, 4), st.dictionaries(st.integers(0, 2),
+                                                                st.integers(0, 6)))
+def test_no_account_holds_more_than_its_share_or_the_free_slots(
+        rows: list[tuple[int, int]], limit: int, share: int, load: dict[int, int]) -> None:
+    due = [(i, "callback", f"h{host}", account) for i, (host, account) in enumerate(rows)]
+    chosen = rules.choose_claims(due, limit=limit, bounds=ClaimBounds(
+        account_share=share, account_load=load))
+    held = dict(load)
+    for n, item_id in enumerate(chosen):
+        account = due[item_id][3]
+        free = limit - n  # before taking this one
+        assert held.get(account, 0) < max(share, free)
+        held[account] = held.get(account, 0) + 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -222,15 +264,16 @@ def test_claims_cap_each_target_and_skip_busy_ones() -> None:
        st.one_of(st.none(), st.integers(1, 4)), st.sets(st.sampled_from("abcde")))
 def test_a_claim_takes_the_oldest_it_may_and_nothing_it_may_not(
         targets: list[str], limit: int, per_target: int | None, skip: set[str]) -> None:
-    due = list(enumerate(targets))
-    chosen = rules.choose_claims(due, limit=limit, per_target=per_target, skip=skip)
+    due = [(i, "callback", target, 1) for i, target in enumerate(targets)]
+    chosen = rules.choose_claims(due, limit=limit, bounds=ClaimBounds(per_key=per_target),
+                                 skip=skip)
     assert chosen == sorted(chosen) and len(chosen) <= limit
     picked = [targets[i] for i in chosen]
     assert not set(picked) & skip
     if per_target is not None:
         assert all(picked.count(t) <= per_target for t in set(picked))
     if len(chosen) < limit:  # nothing left out that it could have taken
-        for i, target in due:
+        for i, _, target, _ in due:
             if i not in chosen:
                 assert target in skip or (per_target is not None
                                           and picked.count(target) >= per_target)
