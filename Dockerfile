@@ -1,6 +1,9 @@
 # http2sms-gateway: the gateway on its embedded SQLite store.
 #   docker build -t http2sms-gateway .
-#   docker run -p 8080:8080 -v http2sms-data:/data http2sms-gateway
+#   docker run -p 8080:8080 -v http2sms-data:/data --ulimit nofile=65536:65536 http2sms-gateway
+# Each client connection holds a file descriptor: give the gateway room (`--ulimit`, or
+# `ulimits: nofile:` in compose). It raises its soft limit to the hard one at start, and
+# warns (`low_file_limit`) when that stays under twice server.max_connections_per_address.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -71,12 +71,12 @@ class InflightLimit:
                 # Refused by the handler's own read, in the app's own words (the admin
                 # API's JSON), after at most the limit's worth of bytes; not counted, and
                 # under the guard's body deadline meanwhile.
-                return await handler(request)
+                try:
+                    return await handler(request)
+                except ConnectionError:
+                    return _cut_off()
             if not await self._read_body(request):
-                # The guard closed the connection at its deadline (or the client left).
-                response = web.Response(status=408)
-                response.force_close()
-                return response
+                return _cut_off()
         if conn is not None:
             conn.body_read()
         if request.path in self.unlimited:
@@ -128,6 +128,14 @@ class InflightLimit:
         except TimeoutError:
             return False
         return True
+
+
+def _cut_off() -> web.Response:
+    """The answer to a request whose body never came: the guard closed the connection at its
+    deadline (or the client left), so nobody reads it, and aiohttp logs nothing."""
+    response = web.Response(status=408)
+    response.force_close()
+    return response
 
 
 def inflight_limit(limit: int, metrics: Metrics | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -130,6 +131,47 @@ async def test_slow_bodies_from_one_address_starve_neither_health_nor_others(
                             phase="body") == cap
         assert await metric(server, "http2sms_address_limit_rejections_total",
                             limit="connections") == held - cap + 1
+        assert await server.stop() == 0
+
+
+async def test_one_address_gets_429_past_its_requests_in_flight_and_others_do_not(
+        tmp_path: Path) -> None:
+    """Sends held in flight (their commit waits for the store's write lock, held here):
+    the third from one address is answered 429, while another address's send is taken."""
+    db = tmp_path / "perip.sqlite3"
+    await prepare_store(db, credits=100)
+    async with servers() as started:
+        server = await ServerProcess.start(db, env={
+            "HTTP2SMS_ADMIN_TOKEN": ADMIN_TOKEN,
+            "HTTP2SMS_SERVER_MAX_INFLIGHT_PER_ADDRESS": "2",
+            "HTTP2SMS_STORE_BUSY_TIMEOUT_SECONDS": "30"})
+        started.append(server)
+        holder = sqlite3.connect(db, isolation_level=None)
+        held: list[asyncio.Future[tuple[int, str]]] = []
+        async with session_from("127.0.0.1") as mine, session_from(OTHER) as other:
+            async def send(session: aiohttp.ClientSession, text: str) -> tuple[int, str]:
+                async with session.get(server.send_url,
+                                       params=demo_params(message=text)) as resp:
+                    return resp.status, await resp.text()
+
+            try:
+                holder.execute("BEGIN IMMEDIATE")
+                held = [asyncio.ensure_future(send(mine, f"held {i}")) for i in range(2)]
+                held.append(asyncio.ensure_future(send(other, "another address")))
+
+                async def in_flight() -> bool:
+                    return await metric(server, "http2sms_inflight_requests") >= 3
+
+                await wait_for(in_flight, timeout=10, what="3 sends in flight")
+                status, body = await send(mine, "one too many from this address")
+                assert status == 429 and "your address" in body, (status, body)
+            finally:
+                holder.rollback()
+                holder.close()
+            answers = await asyncio.gather(*held)
+        assert all(s == 200 and b.startswith("OK\n") for s, b in answers), answers
+        assert await metric(server, "http2sms_address_limit_rejections_total",
+                            limit="requests") == 1
         assert await server.stop() == 0
 
 
