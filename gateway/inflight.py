@@ -64,20 +64,18 @@ class InflightLimit:
                 headers={"Retry-After": "1"})
             response.force_close()
             return response
+        oversize = False
         if request.can_read_body:
             if conn is not None:
                 conn.request_began(body=True)
             if (request.content_length or 0) > request.client_max_size:
                 # Refused by the handler's own read, in the app's own words (the admin
-                # API's JSON), after at most the limit's worth of bytes; not counted, and
-                # under the guard's body deadline meanwhile.
-                try:
-                    return await handler(request)
-                except ConnectionError:
-                    return _cut_off()
-            if not await self._read_body(request):
+                # API's JSON), after at most the limit's worth of bytes and under the
+                # guard's body deadline; counted like any request meanwhile.
+                oversize = True
+            elif not await self._read_body(request):
                 return _cut_off()
-        if conn is not None:
+        if conn is not None and not oversize:
             conn.body_read()
         if request.path in self.unlimited:
             return await handler(request)
@@ -94,6 +92,10 @@ class InflightLimit:
         self._metrics.inflight.inc()
         try:
             return await handler(request)
+        except ConnectionError:
+            if not oversize:
+                raise
+            return _cut_off()
         finally:
             self.inflight -= 1
             self._metrics.inflight.dec()
