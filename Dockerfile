@@ -1,9 +1,6 @@
 # http2sms-gateway: the gateway on its embedded SQLite store.
 #   docker build -t http2sms-gateway .
-#   docker run -p 8080:8080 -v http2sms-data:/data --ulimit nofile=65536:65536 http2sms-gateway
-# Each client connection holds a file descriptor: give the gateway room (`--ulimit`, or
-# `ulimits: nofile:` in compose). It raises its soft limit to the hard one at start, and
-# warns (`low_file_limit`) when that stays under twice server.max_connections_per_address.
+#   docker run -p 8080:8080 -v http2sms-data:/data http2sms-gateway
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -27,5 +24,9 @@ EXPOSE 8080
 # SIGTERM lets the gateway finish in-flight requests and flush before exiting; the grace
 # above stays under `docker stop`'s default 10 s before SIGKILL.
 STOPSIGNAL SIGTERM
+# Each client connection holds a file descriptor: give the gateway room with
+# `docker run --ulimit nofile=65536:65536 ...` (compose: `ulimits: nofile: 65536`). It raises
+# its soft limit to the hard one at start, and warns (`low_file_limit`) when that stays
+# under twice server.max_connections_per_address.
 ENTRYPOINT ["http2sms"]
 CMD ["serve"]

@@ -97,12 +97,12 @@ async def start_admin_listener(gateway: Gateway, guard: ConnectionGuard | None =
     if not config.admin.token:
         log.warning("admin_disabled", reason="admin.host is set but admin.token is empty")
         return None
-    guard = guard or ConnectionGuard.from_config(config, gateway.metrics)
     runner = web.AppRunner(create_admin_app(gateway), access_log=None, handle_signals=False,
                            shutdown_timeout=config.server.shutdown_grace_seconds,
                            keepalive_timeout=backstop_idle_timeout(config))
     await runner.setup()
-    site = GuardedSite(runner, config.admin.host, config.admin.port, guard,
+    site = GuardedSite(runner, config.admin.host, config.admin.port,
+                       guard or ConnectionGuard.from_config(config, gateway.metrics),
                        ssl_context=ssl_context(config))
     try:
         await site.start()
