@@ -32,5 +32,9 @@ EXPOSE 8080 8081
 # SIGTERM lets the gateway finish in-flight requests and flush before exiting; the grace
 # above stays under `docker stop`'s default 10 s before SIGKILL.
 STOPSIGNAL SIGTERM
+# Each client connection holds a file descriptor: give the gateway room with
+# `docker run --ulimit nofile=65536:65536 ...` (compose: `ulimits: nofile: 65536`). It raises
+# its soft limit to the hard one at start, and warns (`low_file_limit`) when that stays
+# under twice server.max_connections_per_address.
 ENTRYPOINT ["http2sms"]
 CMD ["serve"]

@@ -55,6 +55,8 @@ NonNegativeInt = Annotated[int, Meta(ge=0)]
 Seconds = Annotated[float, Meta(gt=0)]
 NonNegative = Annotated[float, Meta(ge=0)]
 Ratio = Annotated[float, Meta(ge=0, le=1)]
+# A deadline on a client: longer than nothing, at most an hour.
+Timeout = Annotated[float, Meta(gt=0, le=3600)]
 
 
 class Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -78,8 +80,18 @@ class ServerConfig(Section, frozen=True):
     # Longest URL (path and query), in bytes; longer gets HTTP 400. The default lets a GET
     # carry the largest valid send: 500 recipients and a 6-part percent-encoded text.
     max_url_bytes: Count = 16 * 1024
-    # Requests being served at once before new ones get 503 + Retry-After.
+    # Requests being served at once before new ones get 503 + Retry-After. A request counts
+    # once its body is in; /healthz, /readyz and /metrics never count.
     max_inflight: Count = 2048
+    # Per client address (the TCP peer; trusted_proxies have no cap), 0: no cap. Beyond
+    # them a connection, or a request, is answered 429 with Retry-After.
+    max_connections_per_address: Annotated[int, Meta(ge=0, le=1_000_000)] = 1024
+    max_inflight_per_address: Annotated[int, Meta(ge=0, le=1_000_000)] = 512
+    # Deadlines after which a connection is closed: a request's head from the connection or
+    # its first byte, its body from the end of its head, and the wait between requests.
+    header_timeout_seconds: Timeout = 10.0
+    body_timeout_seconds: Timeout = 30.0
+    idle_timeout_seconds: Timeout = 75.0
     # On SIGTERM the gateway has exited within this long: in-flight requests, then the flush.
     shutdown_grace_seconds: NonNegative = 10.0
     # Run the operator, its delivery reports and the callbacks in a second process, so that

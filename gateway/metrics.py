@@ -59,6 +59,21 @@ class Metrics:
         self.overloaded = Counter(
             "http2sms_overload_rejections", "Requests answered 503 by the in-flight limit.",
             registry=r)
+        self.reading = Gauge(
+            "http2sms_requests_reading", "HTTP requests whose body is still arriving (not "
+            "yet in flight).", registry=r)
+        self.connections = Gauge(
+            "http2sms_connections", "Open client connections on the listeners.", registry=r)
+        self.address_rejections = Counter(
+            "http2sms_address_limit_rejections", "Connections (answered 429 and closed) and "
+            "requests (answered 429) over their client address's cap, by limit.", ["limit"],
+            registry=r)
+        self.connection_timeouts = Counter(
+            "http2sms_connection_timeouts", "Connections closed for a missed deadline, by "
+            "what they were waiting for (head, body, idle).", ["phase"], registry=r)
+        self.readiness_checks = Counter(
+            "http2sms_readiness_checks", "Readiness checks run (probes within about a "
+            "second share one).", registry=r)
         self.commit_seconds = Histogram(
             "http2sms_store_commit_seconds", "Time to commit one group of sends.",
             buckets=_LATENCY, registry=r)

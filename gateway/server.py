@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import ssl
+import sys
 from collections.abc import Callable
 from contextlib import suppress
 
@@ -21,10 +23,17 @@ from gateway import http_parser
 from gateway.admin.api import PREFIX, create_admin_app
 from gateway.app import Gateway, build
 from gateway.config import Config
+from gateway.connections import ConnectionGuard
 from gateway.inflight import INFLIGHT
 from gateway.webapp import create_app
 
+if sys.platform != "win32":
+    import resource
+
 log = structlog.get_logger("gateway.server")
+
+# The host that means "every address": with it the listener takes IPv4 clients too.
+ANY_IPV6 = ("::", "[::]")
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -35,20 +44,63 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-async def start_admin_listener(gateway: Gateway) -> web.AppRunner | None:
+class GuardedSite(web.TCPSite):
+    """A TCP listener whose connections go through the connection guard.
+
+    `::` (any IPv6 address) listens on IPv4 too, as users expect of "every address": asyncio
+    makes its IPv6 sockets IPv6-only, which refused every IPv4 client. IPv4 peers then show
+    as `::ffff:a.b.c.d`, which `iprules.parse_ip` folds back to IPv4 everywhere.
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard,
+                 *, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        self._guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; TCPSite.start would listen
+        server = self._runner.server
+        assert server is not None
+        factory = self._guard.factory(server)
+        loop = asyncio.get_running_loop()
+        if self._host in ANY_IPV6 and socket.has_dualstack_ipv6():
+            sock = socket.create_server(("::", self._port), family=socket.AF_INET6,
+                                        backlog=self._backlog, dualstack_ipv6=True)
+            sock.setblocking(False)
+            self._server = await loop.create_server(factory, sock=sock, ssl=self._ssl_context,
+                                                    backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(
+                factory, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+                reuse_address=True)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+def backstop_idle_timeout(config: Config) -> float:
+    """aiohttp's own idle timeout (about an hour unless set): a second line, a little past
+    the guard's, which does the closing (and counts it)."""
+    return config.server.idle_timeout_seconds + 1.0
+
+
+async def start_admin_listener(gateway: Gateway, guard: ConnectionGuard | None = None
+                               ) -> web.AppRunner | None:
     """Start the admin listener when `admin.host` is set; the caller cleans the runner up.
 
     The gateway itself is started and stopped by the public app, so this app has no
-    lifecycle of its own and must be cleaned up before the public one.
+    lifecycle of its own and must be cleaned up before the public one. `guard`: the public
+    listener's, so that a client's connections to both count together.
     """
     config = gateway.config
     if not config.admin.host:
         return None
     runner = web.AppRunner(create_admin_app(gateway), access_log=None, handle_signals=False,
-                           shutdown_timeout=config.server.shutdown_grace_seconds)
+                           shutdown_timeout=config.server.shutdown_grace_seconds,
+                           keepalive_timeout=backstop_idle_timeout(config))
     await runner.setup()
-    site = web.TCPSite(runner, config.admin.host, config.admin.port,
-                       ssl_context=ssl_context(config), reuse_address=True)
+    site = GuardedSite(runner, config.admin.host, config.admin.port,
+                       guard or ConnectionGuard.from_config(config, gateway.metrics),
+                       ssl_context=ssl_context(config))
     try:
         await site.start()
     except OSError:
@@ -73,6 +125,29 @@ def spare_the_start_up_heap() -> None:
     gc.freeze()
 
 
+def raise_file_limit(config: Config) -> int:
+    """Raise the soft limit on open files to the hard one, as Go's runtime does; warn when
+    it stays low. Every connection holds a descriptor: at the usual soft limit of 1,024,
+    one client's connections could leave none for anyone else (or for the store)."""
+    if sys.platform == "win32":
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    cap = config.server.max_connections_per_address
+    wanted = 2 * cap + 64 if cap else 4096
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("low_file_limit", open_files=soft, wanted=wanted,
+                    hint="raise it (systemd LimitNOFILE=, docker run --ulimit nofile=), or "
+                         "lower server.max_connections_per_address")
+    return soft
+
+
 def install_uvloop() -> None:
     """uvloop when installed (the `fast` extra): a faster event loop, same behaviour."""
     try:
@@ -94,20 +169,24 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     # Raw non-ASCII bytes in the send URL, as OVH takes them: for every connection this
     # process serves, so here rather than where the app is built.
     http_parser.install(always=config.server.raw_url_bytes_always)
+    raise_file_limit(config)
     gateway = build(config, delivery_worker=config.server.delivery_worker)
     app = create_app(gateway)
     # `shut_down` drains the requests itself; aiohttp then only cancels what is left.
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=min(1.0, grace / 4),
-                           max_line_size=config.server.max_url_bytes)
+                           max_line_size=config.server.max_url_bytes,
+                           keepalive_timeout=backstop_idle_timeout(config))
     await runner.setup()
     admin_runner: web.AppRunner | None = None
+    # One guard for both listeners: descriptors are the process's, whichever port.
+    guard = ConnectionGuard.from_config(config, gateway.metrics)
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port,
-                           ssl_context=ssl_context(config), reuse_address=True)
+        site = GuardedSite(runner, config.server.host, config.server.port, guard,
+                           ssl_context=ssl_context(config))
         await site.start()
         # Its own listener when admin.host is set; None when the admin API shares this one.
-        admin_runner = await start_admin_listener(gateway)
+        admin_runner = await start_admin_listener(gateway, guard)
     except BaseException:
         await runner.cleanup()
         raise

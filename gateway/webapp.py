@@ -19,7 +19,8 @@ from gateway.send import handler as send_handler
 def create_app(gateway: Gateway) -> web.Application:
     """The public web app: the send URL (and, unless split off, the admin API)."""
     config = gateway.config
-    limiter = InflightLimit(config.server.max_inflight, gateway.metrics)
+    limiter = InflightLimit(config.server.max_inflight, gateway.metrics,
+                            unlimited=health.PATHS)
     app = web.Application(client_max_size=config.server.max_request_bytes,
                           middlewares=[limiter.middleware])
     app[INFLIGHT] = limiter

@@ -99,7 +99,7 @@ class ServerProcess:
     @classmethod
     async def start(cls, db: Path, *, env: Mapping[str, str] | None = None,
                     port: int | None = None, wait_ready: bool = True,
-                    ready_timeout: float = 30.0,
+                    ready_timeout: float = 30.0, host: str = "127.0.0.1",
                     preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
         port = port or free_port()
         # The developer's own HTTP2SMS_* settings must not leak into a test; the suite's
@@ -109,7 +109,7 @@ class ServerProcess:
         full_env.update(BASE_ENV)
         full_env.update(env or {})
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "--db", str(db), "serve", "--host", "127.0.0.1",
+            sys.executable, "-m", "gateway", "--db", str(db), "serve", "--host", host,
             "--port", str(port), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec_fn)
         server = cls(db, port, proc)

@@ -30,7 +30,7 @@ async def read_params(request: web.Request) -> dict[str, str]:
     # The raw query, not aiohttp's decoded one: values may be Latin-1 percent-encoded.
     raw_query = request.raw_path.partition("?")[2]
     params = url_params.parse(raw_query.encode("utf-8", "surrogateescape"))
-    if request.method == "POST" and request.can_read_body:
+    if request.method == "POST" and request.body_exists:
         ctype = request.content_type
         if ctype in ("", "application/x-www-form-urlencoded", "application/octet-stream",
                      "text/plain"):

@@ -90,6 +90,7 @@ async def test_health_and_readiness(harness: Harness, config: Any,
 
     monkeypatch.setattr(health, "READY_TIMEOUT", 0.3)
     monkeypatch.setattr(health, "PROBE_REUSE_SECONDS", 0.0)
+    monkeypatch.setattr(health, "RESULT_REUSE_SECONDS", 0.0)
     blocker = sqlite3.connect(config.store.path, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
@@ -258,7 +259,9 @@ async def test_time_to_final_counts_from_the_deferred_time(make_harness: Any) ->
     assert m[key("http2sms_time_to_final_seconds_sum")] == 0
 
 
-async def test_readiness_fails_while_the_operator_is_down(harness: Harness) -> None:
+async def test_readiness_fails_while_the_operator_is_down(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(health, "RESULT_REUSE_SECONDS", 0.0)  # the next probe checks again
     assert (await harness.client.get("/readyz")).status == 200
     assert harness.gateway.dispatcher is not None
     operator = harness.gateway.dispatcher.operator

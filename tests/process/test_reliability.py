@@ -51,7 +51,7 @@ ADMIN_TOKEN = "reliability-admin-token-0123456789"
 # -- helpers ---------------------------------------------------------------------------------
 
 class SlowPost:
-    """A send by POST whose body arrives in two halves: in flight on the gateway between."""
+    """A send by POST whose body arrives in two halves: being read by the gateway between."""
 
     def __init__(self, port: int, params: dict[str, str]) -> None:
         self.port = port
@@ -94,13 +94,17 @@ def parse_response(raw: bytes) -> tuple[int, dict[str, str], str]:
 
 
 async def inflight(server: ServerProcess, session: aiohttp.ClientSession) -> int:
-    """Requests the gateway is serving, not counting this one (from /metrics)."""
+    """Requests the gateway is serving or reading the body of (from /metrics, which is not
+    counted itself)."""
     async with session.get(server.base + "/metrics",
                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
         text = await resp.text()
-    match = re.search(r"^http2sms_inflight_requests (\S+)$", text, re.MULTILINE)
-    assert match, text[:500]
-    return int(float(match.group(1))) - 1
+    total = 0
+    for name in ("http2sms_inflight_requests", "http2sms_requests_reading"):
+        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert match, text[:500]
+        total += int(float(match.group(1)))
+    return total
 
 
 async def wait_inflight(server: ServerProcess, count: int) -> None:
@@ -437,24 +441,30 @@ async def test_past_the_inflight_limit_the_answer_is_503_with_retry_after(
     db = tmp_path / "busy.sqlite3"
     await prepare_store(db)
     async with servers() as started, aiohttp.ClientSession() as session:
-        server = await ServerProcess.start(db, env={"HTTP2SMS_SERVER_MAX_INFLIGHT": "3"})
+        server = await ServerProcess.start(db, env={
+            "HTTP2SMS_SERVER_MAX_INFLIGHT": "3", "HTTP2SMS_ADMIN_TOKEN": ADMIN_TOKEN,
+            "HTTP2SMS_STORE_BUSY_TIMEOUT_SECONDS": "30"})
         started.append(server)
-        slows = [await SlowPost(server.port, demo_params(message=f"slow {i}")).begin()
-                 for i in range(3)]
+        # Sends count once their body is in: these three stay in flight while their commit
+        # waits for the store's write lock, held here.
+        holder = sqlite3.connect(db, isolation_level=None)
+        held: list[asyncio.Future[tuple[int, dict[str, str], str]]] = []
         try:
-            async def full() -> bool:
-                async with session.get(server.base + "/healthz") as resp:
-                    return resp.status == 503
-
-            await wait_for(full, timeout=10, what="the in-flight limit")
+            holder.execute("BEGIN IMMEDIATE")
+            held = [asyncio.ensure_future(get(session, server, message=f"held {i}"))
+                    for i in range(3)]
+            await wait_inflight(server, 3)
             status, headers, body = await get(session, server, message="one too many")
             assert status == 503 and int(headers["Retry-After"]) >= 1, (status, headers)
             assert "overloaded" in body
+            # The health endpoints are outside the limit.
+            async with session.get(server.base + "/healthz") as resp:
+                assert resp.status == 200
             assert message_count(server.db) == 0
-            answers = [await slow.finish() for slow in slows]
         finally:
-            for slow in slows:
-                slow.close()
+            holder.rollback()
+            holder.close()
+        answers = await asyncio.gather(*held)
         assert all(s == 200 and b.startswith("OK\n") for s, _, b in answers), answers
         status, _, body = await get(session, server, message="room again")
         assert status == 200 and body.startswith("OK\n"), body
