@@ -112,7 +112,7 @@ def test_the_settings_the_deployment_files_set_exist_and_load(where: str) -> Non
 
 def test_the_unit_has_the_hardening_options() -> None:
     text = UNIT.read_text()
-    for option in ("DynamicUser=yes", "ProtectSystem=strict", "ReadWritePaths=/var/lib/http2sms",
+    for option in ("User=http2sms", "ProtectSystem=strict", "ReadWritePaths=/var/lib/http2sms",
                    "NoNewPrivileges=yes", "LimitNOFILE=", "KillSignal=SIGTERM"):
         assert option in text, option
     store = environment(next(line for line in text.splitlines()
