@@ -53,10 +53,12 @@ WORKDIR /app
 COPY config ./config
 
 # The root filesystem can be read-only (`--read-only`): the store and its WAL live in
-# /data, bytecode was compiled at build time, logs go to stdout. The admin API listens on
-# its own port on loopback only (reach it with `docker exec`, or publish it with
-# HTTP2SMS_ADMIN_HOST=0.0.0.0 and `-p 127.0.0.1:8081:8081`); it stays off until
-# HTTP2SMS_ADMIN_TOKEN is set.
+# /data, bytecode was compiled at build time, logs go to stdout.
+# The admin API has its own listener, on the container's loopback: the public port 8080
+# serves no admin route. To manage from the host, publish it on the host's loopback only:
+#   docker run ... -p 127.0.0.1:8081:8081 -e HTTP2SMS_ADMIN_HOST=0.0.0.0 -e HTTP2SMS_ADMIN_TOKEN
+# (HTTP2SMS_ADMIN_TOKEN: at least 24 characters, for every account; tokens for some accounts:
+#  `docker exec <container> http2sms token create NAME --account ACCOUNT`.)
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -70,7 +72,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 USER 10001:10001
 VOLUME ["/data"]
-EXPOSE 8080
+EXPOSE 8080 8081
 # /healthz answers 200 while the process serves; no curl in the slim image, so Python asks.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['HTTP2SMS_SERVER_PORT'] + '/healthz', timeout=4)"]
