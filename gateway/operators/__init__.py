@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from gateway.clock import Clock
-from gateway.config import ConfigError, OperatorConfig, SimulatedOperatorConfig
+from gateway.config import (
+    ConfigError,
+    OperatorConfig,
+    SimulatedOperatorConfig,
+    SmppOperatorConfig,
+)
 from gateway.operators.base import Operator
 
 
@@ -15,5 +20,9 @@ def create(config: OperatorConfig, clock: Clock) -> Operator:
         from gateway.operators.simulated import SimulatedOperator
 
         return SimulatedOperator(config, clock)
+    if isinstance(config, SmppOperatorConfig):
+        from gateway.operators.smpp.connector import SmppOperator
+
+        return SmppOperator(config.smpp, clock)
     raise ConfigError(f"setting operator.kind: unknown operator {config.kind!r} "
-                      "(available: simulated)")
+                      "(available: simulated, smpp)")
