@@ -523,6 +523,40 @@ async def _alert_test(m: Management, account: str, login: str, wait: float) -> A
     return result if all(r.ok for r in reports) else Failed(result)
 
 
+# -- operator --------------------------------------------------------------------------------
+
+@http2sms.group("operator", help="the operator connection (SMSC)")
+@json_option
+def operator_commands() -> None:
+    pass
+
+
+@operator_commands.command("check", help="bind to the SMSC with the settings and say how it went "
+                           "(exit 0: bound, 1: not)")
+@click.option("--timeout", type=float, default=None,
+              help="seconds to wait for each answer (default operator.smpp."
+                   "response_timeout_seconds)")
+@json_option
+@click.pass_context
+def _operator_check(ctx: click.Context, timeout: float | None) -> None:
+    tool: Globals = ctx.obj
+    config = load_config(tool.config, tool.db)
+    operator = config.operator
+    if not isinstance(operator, config_module.SmppOperatorConfig):
+        line = f"operator.kind is {operator.kind!r}: nothing to check (always up)"
+        click.echo(json.dumps({"bound": True, "detail": line}) if wants_json() else line)
+        ctx.exit(0)
+    # Imported here, as gateway.operators.create does: smpplib is loaded only when used.
+    from gateway.operators.smpp.connector import check
+
+    ok, line = asyncio.run(check(operator.smpp, timeout))
+    if wants_json():
+        click.echo(json.dumps({"bound": ok, "detail": line}))
+    else:
+        click.echo(line if ok else f"not bound: {line}")
+    ctx.exit(0 if ok else 1)
+
+
 # -- serve -----------------------------------------------------------------------------------
 
 DEMO_ACCOUNT = "sms-demo-1"

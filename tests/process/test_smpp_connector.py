@@ -15,6 +15,7 @@ from gateway.encoding import Coding, segment
 from gateway.operators.base import Acknowledgement, Inbound, Later, Refused, Taken
 from gateway.operators.smpp.connector import SmppOperator, check
 from gateway.records import OperatorReport, OutgoingMessage
+from tests.cli_in_process import invoke
 from tests.smsc import Smsc
 
 
@@ -359,3 +360,53 @@ async def test_check_says_what_happened(smsc: Smsc, tmp_path: Any) -> None:
     await smsc.stop()
     ok, line = await check(settings(smsc))
     assert not ok and "connection refused" in line
+
+
+def smpp_config(tmp_path: Any, smsc: Smsc, password_line: str = "") -> str:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"""[store]
+path = "{tmp_path / 'gw.sqlite3'}"
+[operator]
+kind = "smpp"
+[operator.smpp]
+host = "127.0.0.1"
+port = {smsc.port}
+system_id = "gateway"
+{password_line}
+response_timeout_seconds = 2.0
+""")
+    return str(path)
+
+
+async def test_operator_check_command(smsc: Smsc, tmp_path: Any) -> None:
+    config = smpp_config(tmp_path, smsc)
+    ok = await asyncio.to_thread(invoke, "--config", config, "operator", "check",
+                                 env={"HTTP2SMS_OPERATOR_SMPP_PASSWORD": "secret"})
+    assert ok.exit_code == 0 and ok.stdout.startswith("bound as 'gateway'"), ok.output
+    wrong = await asyncio.to_thread(invoke, "--config", config, "operator", "check",
+                                    env={"HTTP2SMS_OPERATOR_SMPP_PASSWORD": "guess"})
+    assert wrong.exit_code == 1
+    assert wrong.stdout.strip() == "not bound: wrong password (ESME_RINVPASWD)"
+    assert "guess" not in wrong.output
+    await smsc.stop()
+    refused = await asyncio.to_thread(invoke, "--config", config, "operator", "check")
+    assert refused.exit_code == 1 and "connection refused" in refused.stdout
+
+
+async def test_check_tls_failure_and_timeout(tmp_path: Any) -> None:
+    # A listener that never answers: the bind times out; TLS to a plain listener fails.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        base = dict(host="127.0.0.1", port=port, system_id="g", password="p")
+        ok, line = await check(SmppSettings(**base), 0.3)  # type: ignore[arg-type]
+        assert not ok and "no answer to bind_transceiver within 0.3 s" in line
+        ok, line = await check(SmppSettings(**base, tls=True), 0.3)  # type: ignore[arg-type]
+        assert not ok and ("TLS failure" in line or "timeout" in line), line
+    finally:
+        server.close()
