@@ -63,6 +63,8 @@ class Smsc:
         self.hold = False
         self.auto_receipt: str | None = None
         self.receipt_first = False
+        # An automatic receipt after the answer comes this much later (a real SMSC: seconds).
+        self.receipt_delay = 0.05
         self.receipt_decimal = False  # the receipt's text id in decimal (message_ids hex)
         self.connections: list[Connection] = []
         self.submitted: list[Submitted] = []
@@ -198,6 +200,7 @@ class Smsc:
         with contextlib.suppress(Exception):
             conn.writer.write(frame(SUBMIT_SM | RESP, status, sequence, body))
         if status == 0 and self.auto_receipt and not self.receipt_first:
+            await asyncio.sleep(self.receipt_delay)
             await self._auto_receipt(message_id)
 
     async def _auto_receipt(self, message_id: str) -> None:

@@ -18,13 +18,17 @@ from gateway.records import OperatorReport, OutgoingMessage
 from tests.cli_in_process import invoke
 from tests.smsc import Smsc
 
+ACCEPTANCE = "Accepted by the operator"
+
 
 class Sink:
-    """Records what the connector hands over; acknowledges at once unless `hold`."""
+    """Records what the connector hands over; acknowledges at once unless `hold`.
+    `receipts` leaves out the acceptance reported with each message taken."""
 
     def __init__(self) -> None:
         self.reports: list[OperatorReport] = []
         self.inbounds: list[Inbound] = []
+        self.accepted: list[OperatorReport] = []
         self.hold = False
         self.held: list[Acknowledgement] = []
 
@@ -37,12 +41,20 @@ class Sink:
         return done
 
     def reports_(self, reports: Sequence[OperatorReport]) -> Acknowledgement:
-        self.reports.extend(reports)
-        return self._ack()
+        receipts = [r for r in reports if r.note != ACCEPTANCE]
+        self.reports.extend(receipts)
+        self.accepted.extend(r for r in reports if r.note == ACCEPTANCE)
+        return self._ack() if receipts else _done()
 
     def inbound(self, messages: Sequence[Inbound]) -> Acknowledgement:
         self.inbounds.extend(messages)
         return self._ack()
+
+
+def _done() -> Acknowledgement:
+    done: Acknowledgement = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
 
 
 Sink.reports = Sink.reports_  # type: ignore[assignment]  # the attribute holds the list
@@ -100,6 +112,7 @@ async def test_gsm_text_with_extension_characters_arrives_as_the_exact_bytes(
     try:
         [result] = await operator.submit([message(1, "Prix: 5€ [ok] @home", sender="SHOP")])
         assert isinstance(result, Taken) and result.references == (smsc.submitted[0].message_id,)
+        assert [(r.reference, r.ptt) for r in sink.accepted] == [(result.references[0], 3)]
         pdu = smsc.submitted[0].pdu
         assert pdu.short_message == (b"Prix: 5\x1b\x65 \x1b\x3cok\x1b\x3e \x00home")
         assert (pdu.data_coding, pdu.esm_class) == (0, 0)

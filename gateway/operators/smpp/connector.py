@@ -64,6 +64,7 @@ log = structlog.get_logger("gateway.operators.smpp")
 
 # How long a message waits before it is tried again after a "try later" answer.
 RETRY_SECONDS = 1.0
+ACCEPTED = 3
 LINK_DOWN_RETRY_SECONDS = 5.0
 
 
@@ -270,6 +271,12 @@ class SmppOperator:
         if len(references) < message.parts:
             # One message_payload for all parts: its id stands for each of them.
             references += [f"{references[0]}#{n}" for n in range(2, message.parts + 1)]
+        if self._sink is not None:
+            # The SMSC took it: "accepted by the operator" (ptt 3) in its history, as the
+            # simulator reports it. Not awaited: nothing sends it again. A receipt that came
+            # first (a fast SMSC) is final already, and this is then ignored.
+            self._sink.reports([OperatorReport.from_ptt(references[0], ACCEPTED,
+                                                        self._clock.now())])
         return Taken(message.id, tuple(references))
 
     def _next_bind(self) -> _Bind | None:
