@@ -74,3 +74,34 @@ async def test_wrong_password_messages_wait(make_harness: Any, config: Config,
     assert message.state != "final" and not smsc.submitted
     smsc.password = "secret"  # fixed on the SMSC's side: the waiting message goes out
     await eventually(lambda: len(smsc.submitted) == 1, timeout=10)
+
+
+async def test_a_long_message_is_delivered_when_all_parts_are_failed_when_one_fails(
+        make_harness: Any, config: Config, smsc: Smsc) -> None:
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    body = "x" * 200  # two parts
+    (delivered,) = ids_of((await h.send(message=body, noStop="1"))[1])
+    await eventually(lambda: len(smsc.submitted) == 2)
+    first, second = (s.message_id for s in smsc.submitted)
+
+    async def sent() -> bool:
+        return (await h.gateway.store.get_message(delivered)).ptt == 3
+    await eventually(sent)
+    assert await smsc.receipt(first, "DELIVRD") == 0
+    assert (await h.gateway.store.get_message(delivered)).state == "sent"
+    assert await smsc.receipt(second, "DELIVRD") == 0
+    await final(h, delivered)
+    assert (await h.gateway.store.get_message(delivered)).ptt == 4
+
+    (failed,) = ids_of((await h.send(message=body, noStop="1"))[1])
+    await eventually(lambda: len(smsc.submitted) == 4)
+    third, fourth = (s.message_id for s in smsc.submitted[2:])
+
+    async def sent_too() -> bool:
+        return (await h.gateway.store.get_message(failed)).ptt == 3
+    await eventually(sent_too)
+    assert await smsc.receipt(fourth, "UNDELIV") == 0
+    await final(h, failed)
+    assert (await h.gateway.store.get_message(failed)).ptt == 5
+    assert await smsc.receipt(third, "DELIVRD") == 0  # late: the message stays failed
+    assert (await h.gateway.store.get_message(failed)).ptt == 5
