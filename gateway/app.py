@@ -21,6 +21,7 @@ from gateway.delivery import Dispatcher
 from gateway.hooks.alerts import AlertService
 from gateway.hooks.callbacks import CallbackHandler
 from gateway.hooks.outbox import OutboxWorker, RetryPolicy
+from gateway.incoming import IncomingKeeper
 from gateway.metrics import Metrics
 from gateway.operators import create as create_operator
 from gateway.passwords import VerificationCache
@@ -157,7 +158,7 @@ def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metri
                             metrics=metrics, follow_store=follow_store,
                             # A SQLite store has one delivering process (the worker holds a
                             # lock for it): claims left at its start are a previous run's.
-                            exclusive=True)
+                            exclusive=True, on_inbound=IncomingKeeper(store))
     return callbacks, dispatcher
 
 

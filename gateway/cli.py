@@ -491,6 +491,19 @@ async def _message_list(m: Management, account: str, login: str | None, tag: str
              "tag": r.tag} for r in rows]
 
 
+@message_commands.command("incoming", help="list the messages handsets sent to an account "
+                          "(replies, STOP), newest first")
+@click.argument("account")
+@click.option("--limit", type=int, default=50,
+              help="messages listed at most, up to 1000 (default 50)")
+@json_option
+@manages
+async def _message_incoming(m: Management, account: str, limit: int) -> Any:
+    rows = await m.store.list_incoming(account, limit=max(1, min(limit, 1000)))
+    return [{"id": r.id, "created": _when(r.created_at), "sender": r.sender,
+             "receiver": r.receiver, "tag": r.tag, "message": r.body} for r in rows]
+
+
 # -- alerts ----------------------------------------------------------------------------------
 
 @http2sms.group("alert", help="low-credit alerts")

@@ -34,6 +34,7 @@ from gateway.records import (
     UNSET,
     Account,
     AppliedUpdates,
+    IncomingMessage,
     LedgerEntry,
     Message,
     MessageEvent,
@@ -89,6 +90,8 @@ def _part_rows(sent: Sequence[SentMessage]) -> list[tuple[str, int, int]]:
 
 # The ptt of a delivered message (or part).
 DELIVERED = 4
+# How many of the newest messages an incoming one may answer (see add_incoming).
+INCOMING_LOOKBACK = 1_000_000
 
 # What a user can spend: its quota while active, else its account's balance.
 _SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
@@ -960,6 +963,50 @@ class SQLiteStore:
         ignored = sorted(set(applied.ignored).union(unmatched, left_out))
         return AppliedUpdates(applied.callbacks, applied.finals, tuple(ignored), unmatched,
                               tuple(owners.get(r.reference, 0) for r in reports))
+
+    # -- incoming messages -----------------------------------------------------------
+
+    async def add_incoming(self, messages: Sequence[IncomingMessage]) -> list[int]:
+        """See DeliveryStore. The reply lookup reads messages newest first by id, at most
+        INCOMING_LOOKBACK of them: no index on recipients, which every send would pay."""
+        if not messages:
+            return []
+
+        async def body(db: Conn) -> list[int]:
+            ids: list[int] = []
+            newest = (await db.execute_fetchall("SELECT max(id) FROM messages"))[0][0] or 0
+            for message in messages:
+                answered = await db.execute_fetchall(
+                    "SELECT account_id, tag FROM messages WHERE id > ? AND receiver = ? "
+                    "AND sender = ? ORDER BY id DESC LIMIT 1",
+                    (newest - INCOMING_LOOKBACK, message.sender, message.receiver))
+                if not answered:
+                    answered = await db.execute_fetchall(
+                        "SELECT account_id, '' FROM senders WHERE sender = ? "
+                        "ORDER BY account_id LIMIT 1", (message.receiver,))
+                if not answered:
+                    ids.append(0)
+                    continue
+                account_id, tag = answered[0]
+                cursor = await db.execute(
+                    "INSERT INTO incoming_messages (account_id, reference, sender, receiver, "
+                    "body, tag, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (account_id, message.reference, message.sender, message.receiver,
+                     message.body, tag, message.created_at))
+                ids.append(int(cursor.lastrowid or 0))
+            return ids
+
+        return await self._transaction(body)
+
+    async def list_incoming(self, account: str, *, limit: int,
+                            before_id: int | None = None) -> list[IncomingMessage]:
+        assert self._reader is not None
+        account_id = await self._account_id(self._reader, account)
+        rows = await self._read(
+            "SELECT id, account_id, reference, sender, receiver, body, tag, created_at "
+            "FROM incoming_messages WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (account_id, before_id if before_id is not None else 1 << 62, limit))
+        return [IncomingMessage(*row) for row in rows]
 
     # -- outbox ----------------------------------------------------------------------
 

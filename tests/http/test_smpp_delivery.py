@@ -3,13 +3,16 @@ submit_sm, its answer and receipts reach the message (states, refunds)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from gateway.config import Config
-from tests.conftest import Harness, eventually
+from tests.cli_in_process import invoke
+from tests.conftest import ACCOUNT, Harness, eventually
 from tests.http.test_delivery import final, history, ids_of
 from tests.smsc import Smsc
 
@@ -105,3 +108,37 @@ async def test_a_long_message_is_delivered_when_all_parts_are_failed_when_one_fa
     assert (await h.gateway.store.get_message(failed)).ptt == 5
     assert await smsc.receipt(third, "DELIVRD") == 0  # late: the message stays failed
     assert (await h.gateway.store.get_message(failed)).ptt == 5
+
+
+AUTH = {"Authorization": "Bearer test-admin-token-0123456789"}
+
+
+async def test_inbound_replies_are_kept_for_the_account_and_listed(
+        make_harness: Any, config: Config, smsc: Smsc) -> None:
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    await h.send(senderForResponse="1", tag="promo", to="+33612345678")
+    await eventually(lambda: len(smsc.submitted) == 1)
+    assert smsc.submitted[0].pdu.source_addr == "33700000000"  # send.reply_sender
+    # A reply to the reply number, in UCS-2; a message to a declared sender; one to no one.
+    assert await smsc.inbound("33612345678", "33700000000", "STOP ça".encode("utf-16-be"),
+                              data_coding=8) == 0
+    assert await smsc.inbound("33699999999", "ACME", b"hello") == 0
+    assert await smsc.inbound("33699999999", "NOBODY", b"lost") == 0
+
+    resp = await h.client.get(f"/1.0/sms/{ACCOUNT}/incoming", headers=AUTH)
+    assert resp.status == 200
+    ids = await resp.json()
+    assert len(ids) == 2 and ids[0] > ids[1]
+    resp = await h.client.get(f"/1.0/sms/{ACCOUNT}/incoming/{ids[1]}", headers=AUTH)
+    reply = await resp.json()
+    assert {k: reply[k] for k in ("sender", "message", "tag")} == \
+        {"sender": "+33612345678", "message": "STOP ça", "tag": "promo"}
+    assert set(reply) == {"id", "creationDatetime", "sender", "message", "tag"}
+    resp = await h.client.get(f"/1.0/sms/{ACCOUNT}/incoming/{ids[0]}", headers=AUTH)
+    assert (await resp.json())["message"] == "hello"
+    resp = await h.client.get(f"/1.0/sms/{ACCOUNT}/incoming/{ids[0] + 1}", headers=AUTH)
+    assert resp.status == 404
+
+    listed = await asyncio.to_thread(invoke, "--db", config.store.path, "--json", "message",
+                                     "incoming", ACCOUNT)
+    assert [m["message"] for m in json.loads(listed.stdout)] == ["hello", "STOP ça"]

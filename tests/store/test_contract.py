@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.records import (
+    IncomingMessage,
     OperatorReport,
     SendOrder,
     SendOutcome,
@@ -400,6 +401,35 @@ async def test_parts_carried_by_one_submit_are_delivered_with_it(stores: Opener)
     applied = await store.apply_reports([report("p", 4)])
     assert len(applied.finals) == 1
     assert (await store.get_message(message_id)).ptt == 4
+
+
+def incoming(sender: str, receiver: str, body: str) -> IncomingMessage:
+    return IncomingMessage(0, 0, "ref", sender, receiver, body, "", T0 + 5)
+
+
+async def test_incoming_messages_go_to_the_account_they_answer(stores: Opener) -> None:
+    store = await stores("delivery")
+    alice = await account_with_user(store, 1000)
+    bob = await account_with_user(store, 1000, name="bob", login="bob")
+    await store.add_sender("bob", "BOBSHOP")
+    tagged = replace(order(alice, 1), sender="+33700000000", tag="promo")
+    await store.commit_sends([tagged], at=T0 + 1)
+    ids = await store.add_incoming([
+        incoming("+33612300000", "+33700000000", "STOP"),   # answers alice's message
+        incoming("+33699999999", "BOBSHOP", "hi bob"),      # to bob's declared sender
+        incoming("+33699999999", "+33700000000", "who?"),   # answers nothing
+    ])
+    assert ids[0] and ids[1] and ids[2] == 0
+    (stop,) = await store.list_incoming("acme", limit=10)
+    assert (stop.id, stop.account_id, stop.body, stop.tag) == (ids[0], alice.account_id,
+                                                               "STOP", "promo")
+    assert [m.body for m in await store.list_incoming("bob", limit=10)] == ["hi bob"]
+    assert bob.account_id != alice.account_id
+    more = await store.add_incoming([incoming("+33612300000", "+33700000000", "again")])
+    newest_first = await store.list_incoming("acme", limit=10)
+    assert [m.id for m in newest_first] == [more[0], ids[0]]
+    assert [m.id for m in await store.list_incoming("acme", limit=10,
+                                                    before_id=more[0])] == [ids[0]]
 
 
 async def test_refunds_racing_sends_keep_every_credit(stores: Opener) -> None:
