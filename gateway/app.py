@@ -153,7 +153,7 @@ def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metri
         max_concurrency=cb.max_concurrency, per_key=cb.per_host_concurrency,
         # Longer than any attempt can take, or a slow one would be claimed twice.
         lease=cb.lease_seconds or 3 * cb.timeout_seconds + 60.0, name="callbacks")
-    dispatcher = Dispatcher(store, clock, create_operator(config.operator, clock),
+    dispatcher = Dispatcher(store, clock, create_operator(config.operator, clock, metrics),
                             max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
                             metrics=metrics, follow_store=follow_store,
                             # A SQLite store has one delivering process (the worker holds a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.clock import Clock
+from gateway.metrics import Metrics
 from gateway.config import (
     ConfigError,
     OperatorConfig,
@@ -12,7 +13,7 @@ from gateway.config import (
 from gateway.operators.base import Operator
 
 
-def create(config: OperatorConfig, clock: Clock) -> Operator:
+def create(config: OperatorConfig, clock: Clock, metrics: Metrics | None = None) -> Operator:
     """The operator named by `operator.kind`."""
     if isinstance(config, SimulatedOperatorConfig):
         # Imported when picked, as uvicorn picks its loops: a connector's dependencies
@@ -23,6 +24,6 @@ def create(config: OperatorConfig, clock: Clock) -> Operator:
     if isinstance(config, SmppOperatorConfig):
         from gateway.operators.smpp.connector import SmppOperator
 
-        return SmppOperator(config.smpp, clock)
+        return SmppOperator(config.smpp, clock, metrics)
     raise ConfigError(f"setting operator.kind: unknown operator {config.kind!r} "
                       "(available: simulated, smpp)")

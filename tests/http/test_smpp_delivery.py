@@ -17,6 +17,9 @@ from tests.http.test_delivery import final, history, ids_of
 from tests.smsc import Smsc
 
 
+AUTH = {"Authorization": "Bearer test-admin-token-0123456789"}
+
+
 @pytest.fixture
 async def smsc() -> AsyncIterator[Smsc]:
     server = Smsc()
@@ -49,6 +52,10 @@ async def test_sent_then_delivered_by_receipt(make_harness: Any, config: Config,
         assert steps[-1] == (4, 1) and (3, 4) not in steps[steps.index((4, 1)):]
     else:
         assert steps == [(None, 0), (3, 4), (4, 1)]
+    metrics = await (await h.client.get("/metrics", headers=AUTH)).text()
+    assert "http2sms_smpp_binds_up 1.0" in metrics
+    assert 'http2sms_smpp_receipts_total{stat="DELIVRD"} 1.0' in metrics
+    assert "http2sms_smpp_submit_seconds_count 1.0" in metrics
     assert smsc.submitted[0].pdu.short_message.startswith(b"Hello")
 
 
@@ -108,9 +115,6 @@ async def test_a_long_message_is_delivered_when_all_parts_are_failed_when_one_fa
     assert (await h.gateway.store.get_message(failed)).ptt == 5
     assert await smsc.receipt(third, "DELIVRD") == 0  # late: the message stays failed
     assert (await h.gateway.store.get_message(failed)).ptt == 5
-
-
-AUTH = {"Authorization": "Bearer test-admin-token-0123456789"}
 
 
 async def test_inbound_replies_are_kept_for_the_account_and_listed(

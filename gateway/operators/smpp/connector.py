@@ -39,6 +39,7 @@ import structlog
 
 from gateway.clock import Clock
 from gateway.config import SmppSettings
+from gateway.metrics import Metrics
 from gateway.operators.base import (
     Inbound,
     Later,
@@ -50,6 +51,7 @@ from gateway.operators.base import (
 )
 from gateway.operators.smpp import pdus
 from gateway.operators.smpp.errors import (
+    DEFAULT_STATS,
     ESME_ROK,
     ESME_RX_T_APPN,
     SLOW_DOWN,
@@ -124,9 +126,14 @@ class _Bind:
 
 
 class SmppOperator:
-    def __init__(self, settings: SmppSettings, clock: Clock) -> None:
+    def __init__(self, settings: SmppSettings, clock: Clock,
+                 metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._clock = clock
+        self._metrics = metrics or Metrics()
+        self._metrics.smpp_binds_up.set_function(
+            lambda: sum(1 for bind in self._binds if bind.transmitter is not None))
+        self._metrics.smpp_window_in_use.set_function(lambda: self.window_in_use)
         self._errors = ErrorTable.from_settings(settings.errors)
         self._password = password(settings)
         self._tls = tls_context(settings.tls_ca_file) if settings.tls else None
@@ -302,10 +309,12 @@ class SmppOperator:
             pdu = session.make("submit_sm", esm_class=part.esm_class,
                                data_coding=part.data_coding,
                                short_message=part.short_message, **fields, **part.tlvs)
+            started = time.perf_counter()
             try:
                 resp = await session.request(pdu)
             except LinkError as exc:
                 return Later(message_id, RETRY_SECONDS, exc.reason)
+            self._metrics.smpp_submit_seconds.observe(time.perf_counter() - started)
             status = resp.status
             if resp.command == "generic_nack" and status == ESME_ROK:
                 status = 0x08
@@ -315,6 +324,7 @@ class SmppOperator:
             if status in SLOW_DOWN:
                 slow = True
                 self.throttled += 1
+                self._metrics.smpp_throttled.inc()
                 bind.pace.slow_down()
                 self._pace.slow_down()
             if status in TRY_LATER:
@@ -359,6 +369,8 @@ class SmppOperator:
             log.warning("smpp_receipt_without_id", text=text[:80])
             return ESME_ROK  # cannot be matched ever: answered, not redelivered for ever
         self.receipts[receipt.stat] = self.receipts.get(receipt.stat, 0) + 1
+        self._metrics.smpp_receipts.labels(
+            receipt.stat if receipt.stat in DEFAULT_STATS else "OTHER").inc()
         code = self._errors.receipt(receipt.stat, receipt.err)
         note = f"{receipt.stat}" + (f" err:{receipt.err}" if receipt.err else "")
         report = OperatorReport.from_ptt(receipt.reference, code, self._clock.now(), note)
