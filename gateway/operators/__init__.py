@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from gateway.clock import Clock
-from gateway.metrics import Metrics
 from gateway.config import (
     ConfigError,
     OperatorConfig,
     SimulatedOperatorConfig,
     SmppOperatorConfig,
 )
+from gateway.metrics import Metrics
 from gateway.operators.base import Operator
 
 

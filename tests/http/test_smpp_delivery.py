@@ -16,7 +16,6 @@ from tests.conftest import ACCOUNT, Harness, eventually
 from tests.http.test_delivery import final, history, ids_of
 from tests.smsc import Smsc
 
-
 AUTH = {"Authorization": "Bearer test-admin-token-0123456789"}
 
 
