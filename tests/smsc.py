@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import itertools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import smpp34
 
@@ -66,6 +67,9 @@ class Smsc:
         # An automatic receipt after the answer comes this much later (a real SMSC: seconds).
         self.receipt_delay = 0.05
         self.receipt_decimal = False  # the receipt's text id in decimal (message_ids hex)
+        # Receipts sent and not yet acknowledged (message_id -> stat): sent again at each
+        # bind, as an SMSC redelivers what was not answered.
+        self.pending_receipts: dict[str, str] = {}
         self.connections: list[Connection] = []
         self.submitted: list[Submitted] = []
         self.binds = 0
@@ -183,6 +187,8 @@ class Smsc:
         conn.mode, conn.system_id = command_id, system_id.decode()
         self.binds += 1
         conn.writer.write(frame(command_id | RESP, 0, sequence, b"SMSC\0"))
+        if conn.receives:
+            self._redeliver()
 
     async def _submit(self, conn: Connection, pdu: smpp34.SubmitSm, sequence: int) -> None:
         answer = self.answer(pdu) if self.answer is not None else 0
@@ -200,18 +206,27 @@ class Smsc:
         with contextlib.suppress(Exception):
             conn.writer.write(frame(SUBMIT_SM | RESP, status, sequence, body))
         if status == 0 and self.auto_receipt and not self.receipt_first:
+            # Owed from the answer on, even if the link drops meanwhile.
+            self.pending_receipts[message_id] = self.auto_receipt
             await asyncio.sleep(self.receipt_delay)
             await self._auto_receipt(message_id)
 
     async def _auto_receipt(self, message_id: str) -> None:
         assert self.auto_receipt is not None
-        text_id = str(int(message_id, 16)) if self.receipt_decimal else None
-        task = asyncio.create_task(self._quiet(self.receipt(message_id, self.auto_receipt,
-                                                            text_id=text_id)))
+        self.pending_receipts[message_id] = self.auto_receipt
+        self._spawn(self._send_pending(message_id, self.auto_receipt))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    @staticmethod
-    async def _quiet(coro: object) -> None:
+    async def _send_pending(self, message_id: str, stat: str) -> None:
+        text_id = str(int(message_id, 16)) if self.receipt_decimal else None
         with contextlib.suppress(Exception):
-            await coro  # type: ignore[misc]
+            if await self.receipt(message_id, stat, text_id=text_id) == 0:
+                self.pending_receipts.pop(message_id, None)
+
+    def _redeliver(self) -> None:
+        for message_id, stat in list(self.pending_receipts.items()):
+            self._spawn(self._send_pending(message_id, stat))

@@ -32,7 +32,8 @@ def smpp(config: Config, smsc: Smsc) -> Config:
                            "operator.smpp.port": smsc.port,
                            "operator.smpp.system_id": "gateway",
                            "operator.smpp.password": "secret",
-                           "operator.smpp.reconnect_first_seconds": 0.05})
+                           "operator.smpp.reconnect_first_seconds": 0.05,
+                           "operator.smpp.reconnect_max_seconds": 0.5})
 
 
 @pytest.mark.parametrize("receipt_first", [False, True])
@@ -145,3 +146,43 @@ async def test_inbound_replies_are_kept_for_the_account_and_listed(
     listed = await asyncio.to_thread(invoke, "--db", config.store.path, "--json", "message",
                                      "incoming", ACCOUNT)
     assert [m["message"] for m in json.loads(listed.stdout)] == ["hello", "STOP ça"]
+
+
+async def test_the_smsc_restarted_in_the_middle(make_harness: Any, config: Config,
+                                                smsc: Smsc) -> None:
+    """Drop every link with submits in flight and receipts unanswered, refuse connections
+    a while, come back: every message ends delivered; the SMS sent twice are counted."""
+    smsc.auto_receipt, smsc.delay = "DELIVRD", 0.01
+    h: Harness = await make_harness(cfg=smpp(config, smsc).replace(
+        {"send.max_recipients": 500}), credits=10_000)
+    recipients = ",".join(f"+336123{n:05d}" for n in range(300))
+    ids = ids_of((await h.send(to=recipients, noStop="1"))[1])
+    await eventually(lambda: len(smsc.submitted) >= 100, timeout=20)
+    port = smsc.port
+    await smsc.stop()
+    await asyncio.sleep(0.5)
+    await smsc.start(port)
+    try:
+        await final_all(h, ids, timeout=20)
+    except AssertionError:
+        raise AssertionError(await _debug_state(h, ids, smsc)) from None
+    for message_id in ids:
+        assert (await h.gateway.store.get_message(message_id)).ptt == 4
+    sent = [s.pdu.destination_addr for s in smsc.submitted]
+    twice = len(sent) - len(set(sent))
+    assert len(set(sent)) == 300
+    print(f"SMSC restart: {len(sent)} submit_sm for 300 messages ({twice} sent twice)")
+
+
+async def final_all(h: Harness, ids: list[int], timeout: float) -> None:
+    async def done() -> bool:
+        return all([(await h.gateway.store.get_message(i)).state == "final" for i in ids])
+    await eventually(done, timeout=timeout)
+
+
+async def _debug_state(h: Harness, ids: list[int], smsc: Smsc) -> str:
+    states: dict[tuple[str, int | None], int] = {}
+    for i in ids:
+        m = await h.gateway.store.get_message(i)
+        states[(m.state, m.ptt)] = states.get((m.state, m.ptt), 0) + 1
+    return f"{states} submitted={len(smsc.submitted)} pending={len(smsc.pending_receipts)}"
