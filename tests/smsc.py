@@ -53,6 +53,7 @@ class Submitted:
     pdu: smpp34.SubmitSm
     message_id: str
     status: int
+    at: float = 0.0  # loop time it arrived
 
 
 class Smsc:
@@ -73,6 +74,9 @@ class Smsc:
         self.connections: list[Connection] = []
         self.submitted: list[Submitted] = []
         self.binds = 0
+        # submit_sm received and not answered yet, now and at most.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.bind_refusals = 0
         self._ids = itertools.count(0x1000)
         self._seq = itertools.count(1)
@@ -195,16 +199,22 @@ class Smsc:
         status, message_id = (answer, "") if isinstance(answer, int) else (0, answer)
         if status == 0 and not message_id:
             message_id = format(next(self._ids), "x")
-        self.submitted.append(Submitted(pdu, message_id, status))
+        self.submitted.append(Submitted(pdu, message_id, status,
+                                        asyncio.get_running_loop().time()))
         if self.hold:
             return
         if status == 0 and self.auto_receipt and self.receipt_first:
             await self._auto_receipt(message_id)
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        body = (message_id.encode() + b"\0") if status == 0 else b"\0"
-        with contextlib.suppress(Exception):
-            conn.writer.write(frame(SUBMIT_SM | RESP, status, sequence, body))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            body = (message_id.encode() + b"\0") if status == 0 else b"\0"
+            with contextlib.suppress(Exception):
+                conn.writer.write(frame(SUBMIT_SM | RESP, status, sequence, body))
+        finally:
+            self.in_flight -= 1
         if status == 0 and self.auto_receipt and not self.receipt_first:
             # Owed from the answer on, even if the link drops meanwhile.
             self.pending_receipts[message_id] = self.auto_receipt
