@@ -73,11 +73,14 @@ async def readyz(request: web.Request) -> web.Response:
         status = await gateway.worker.status()
         connected = status is not None and status.operator_connected
         checks["operator"] = "connected" if connected else (
-            "disconnected" if status is not None else "delivery worker not answering")
+            _disconnected(status.operator_detail) if status is not None
+            else "delivery worker not answering")
     else:
         # No delivery in this process (and no worker): nothing to wait for.
-        connected = gateway.dispatcher is None or gateway.dispatcher.operator.link_status().up
-        checks["operator"] = "connected" if connected else "disconnected"
+        link = gateway.dispatcher.operator.link_status() if gateway.dispatcher else None
+        connected = link is None or link.up
+        checks["operator"] = "connected" if connected else _disconnected(
+            link.detail if link else "")
     ready = ready and bool(connected)
     try:
         counts = await gateway.store.counts()
@@ -92,6 +95,11 @@ async def readyz(request: web.Request) -> web.Response:
         ready = False
     return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
                              status=200 if ready else 503)
+
+
+def _disconnected(detail: str) -> str:
+    """The operator link down, with its reason (SMPP: "wrong password (ESME_RINVPASWD)")."""
+    return f"disconnected: {detail}" if detail else "disconnected"
 
 
 def _ignore_result(task: asyncio.Future[None]) -> None:

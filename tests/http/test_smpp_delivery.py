@@ -80,6 +80,9 @@ async def test_wrong_password_messages_wait(make_harness: Any, config: Config,
     await eventually(lambda: smsc.bind_refusals > 0)
     resp = await h.client.get("/readyz")
     assert resp.status == 503
+    assert (await resp.json())["checks"]["operator"] == \
+        "disconnected: wrong password (ESME_RINVPASWD)"
+    assert await h.balance() == 100_000 - 100  # charged (hundredths), waiting, not refunded
     message = await h.gateway.store.get_message(message_id)
     assert message.state != "final" and not smsc.submitted
     smsc.password = "secret"  # fixed on the SMSC's side: the waiting message goes out
