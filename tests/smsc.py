@@ -221,6 +221,11 @@ class Smsc:
             await asyncio.sleep(self.receipt_delay)
             await self._auto_receipt(message_id)
 
+    def owe_receipt(self, message_id: str, stat: str) -> None:
+        """Send a receipt now, and again at each bind until the gateway acknowledges it."""
+        self.pending_receipts[message_id] = stat
+        self._spawn(self._send_pending(message_id, stat))
+
     async def _auto_receipt(self, message_id: str) -> None:
         assert self.auto_receipt is not None
         self.pending_receipts[message_id] = self.auto_receipt
