@@ -4,7 +4,9 @@ implementation): binds, coding, answers, receipts, inbound, link status, `check`
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from gateway.operators.base import Acknowledgement, Inbound, Later, Refused, Tak
 from gateway.operators.smpp.connector import SmppOperator, check
 from gateway.records import OperatorReport, OutgoingMessage
 from tests.cli_in_process import invoke
+from tests.process.test_tls import self_signed
 from tests.smsc import Smsc
 
 ACCEPTANCE = "Accepted by the operator"
@@ -275,6 +278,16 @@ async def test_receipt_stats_become_reports(smsc: Smsc, sink: Sink, stat: str,
         await operator.stop()
 
 
+async def test_receipt_as_data_sm(smsc: Smsc, sink: Sink) -> None:
+    operator = await connected(smsc, sink)
+    try:
+        assert await smsc.data_sm_receipt("77ab", 5) == 0  # UNDELIVERABLE
+        [report] = sink.reports
+        assert (report.reference, report.ptt) == ("77ab", 5)
+    finally:
+        await operator.stop()
+
+
 async def test_receipt_answered_only_after_commit(smsc: Smsc, sink: Sink) -> None:
     operator = await connected(smsc, sink)
     sink.hold = True
@@ -406,8 +419,31 @@ async def test_operator_check_command(smsc: Smsc, tmp_path: Any) -> None:
     assert refused.exit_code == 1 and "connection refused" in refused.stdout
 
 
+async def test_tls_bound_with_the_ca_and_refused_without(tmp_path: Path, sink: Sink) -> None:
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = Smsc()
+    await server.start(tls=context)
+    try:
+        ok, line = await check(settings(server, tls=True, tls_ca_file=str(cert)))
+        assert ok and line.endswith("ms") and "over TLS" in line, line
+        operator = await connected(server, sink, tls=True, tls_ca_file=str(cert))
+        try:
+            [result] = await operator.submit([message(1, "over TLS")])
+            assert isinstance(result, Taken)
+            assert server.submitted[0].pdu.short_message == b"over TLS"
+        finally:
+            await operator.stop()
+        ok, line = await check(settings(server, tls=True))  # the system's CAs: not ours
+        assert not ok and line.startswith("TLS failure") and "CERTIFICATE_VERIFY_FAILED" \
+            in line, line
+    finally:
+        await server.stop()
+
+
 async def test_check_tls_failure_and_timeout(tmp_path: Any) -> None:
-    # A listener that never answers: the bind times out; TLS to a plain listener fails.
+    # A listener that never answers: the bind times out; so does a TLS handshake with it.
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1 << 16)
         await asyncio.sleep(5)

@@ -355,7 +355,7 @@ class SmppOperator:
 
     def _body(self, pdu: Pdu) -> bytes:
         payload = getattr(pdu, "message_payload", None)
-        data = pdu.short_message or payload or b""
+        data = getattr(pdu, "short_message", None) or payload or b""  # data_sm: payload only
         return data if isinstance(data, bytes) else str(data).encode("latin-1")
 
     async def _receipt(self, pdu: Pdu) -> int:
@@ -383,7 +383,7 @@ class SmppOperator:
     async def _inbound(self, pdu: Pdu, esm_class: int) -> int:
         assert self._sink is not None
         data = self._body(pdu)
-        dc = int(pdu.data_coding or 0)
+        dc = int(getattr(pdu, "data_coding", 0) or 0)
         sender, receiver = _text(pdu.source_addr), _text(pdu.destination_addr)
         concat: pdus.Concatenation | None = None
         if esm_class & pdus.ESM_UDHI:
