@@ -383,6 +383,8 @@ async def test_check_says_what_happened(smsc: Smsc, tmp_path: Any) -> None:
     (tmp_path / "pw").write_text("nope\n")
     ok, line = await check(settings(smsc, password="", password_file=str(tmp_path / "pw")))
     assert not ok and "wrong password" in line
+    ok, line = await check(settings(smsc, password="", password_file=str(tmp_path / "no")))
+    assert not ok and line.startswith("setting operator.smpp.password_file: cannot read")
     await smsc.stop()
     ok, line = await check(settings(smsc))
     assert not ok and "connection refused" in line

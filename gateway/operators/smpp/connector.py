@@ -38,7 +38,7 @@ from pathlib import Path
 import structlog
 
 from gateway.clock import Clock
-from gateway.config import SmppSettings
+from gateway.config import ConfigError, SmppSettings
 from gateway.metrics import Metrics
 from gateway.operators.base import (
     Inbound,
@@ -68,13 +68,20 @@ log = structlog.get_logger("gateway.operators.smpp")
 RETRY_SECONDS = 1.0
 ACCEPTED = 3
 LINK_DOWN_RETRY_SECONDS = 5.0
+# Long inbound messages being reassembled at once; past it the oldest is dropped (its parts
+# were answered: a part lost by the network would otherwise keep it for ever).
+MAX_LONG_INBOUND = 1000
 
 
 def password(settings: SmppSettings) -> str:
     """The password: the setting (or its environment variable), else password_file."""
     if settings.password or not settings.password_file:
         return settings.password
-    lines = Path(settings.password_file).read_text().splitlines()
+    try:
+        lines = Path(settings.password_file).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"setting operator.smpp.password_file: cannot read "
+                          f"{settings.password_file}: {exc.strerror or exc}") from None
     return lines[0].strip() if lines else ""
 
 
@@ -395,6 +402,10 @@ class SmppOperator:
         text = pdus.decode_text(data, dc)
         if concat is not None and concat.total > 1:
             key = (sender, concat.reference)
+            if key not in self._long_inbound and len(self._long_inbound) >= MAX_LONG_INBOUND:
+                oldest = next(iter(self._long_inbound))
+                del self._long_inbound[oldest]
+                log.warning("smpp_inbound_parts_dropped", sender=oldest[0])
             got = self._long_inbound.setdefault(key, {})
             got[concat.seq] = text
             if len(got) < concat.total:
@@ -416,7 +427,10 @@ def _number(addr: str) -> str:
 
 async def check(settings: SmppSettings, timeout: float | None = None) -> tuple[bool, str]:
     """Bind once with the settings and unbind: (bound, one line saying what happened)."""
-    pwd = password(settings)
+    try:
+        pwd = password(settings)
+    except ConfigError as exc:
+        return False, str(exc)
 
     async def no_request(session: Session, pdu: Pdu) -> None:
         await session.respond(pdu, "generic_nack", status=0x03)
