@@ -185,6 +185,7 @@ async def test_throttled_is_later_and_slows_down_refusal_is_mapped(
         assert "ESME_RTHROTTLED" in results[0].reason  # type: ignore[union-attr]
         assert results[2].ptt == 23  # type: ignore[union-attr]
         assert operator.throttled == 2
+        assert operator.window_limit < 10  # halved twice, grown back by the OK answers
     finally:
         await operator.stop()
 

@@ -189,6 +189,11 @@ class SmppOperator:
     def window_in_use(self) -> int:
         return sum(bind.window.used for bind in self._binds)
 
+    @property
+    def window_limit(self) -> int:
+        """submit_sm allowed in flight now, in all: less than the setting after slow-downs."""
+        return sum(bind.window.limit for bind in self._binds)
+
     async def wait_bound(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._bound_event.wait(), timeout)
