@@ -190,6 +190,21 @@ async def test_throttled_is_later_and_slows_down_refusal_is_mapped(
         await operator.stop()
 
 
+async def test_a_throttled_later_part_is_retried_without_resending_the_first(
+        smsc: Smsc, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.operators.smpp.connector.RETRY_SECONDS", 0.05)
+    operator = await connected(smsc, sink)
+    answers = iter([0, 0x58, 0x58, 0])  # part 1 OK, part 2 throttled twice, then OK
+    smsc.answer = lambda pdu: next(answers)
+    try:
+        [result] = await operator.submit([message(1, "x" * 200)])
+        assert isinstance(result, Taken) and len(result.references) == 2
+        seqs = [s.pdu.short_message[5] for s in smsc.submitted]
+        assert seqs == [1, 2, 2, 2]  # part 1 sent once
+    finally:
+        await operator.stop()
+
+
 async def test_wrong_password_link_down_with_reason_messages_wait(smsc: Smsc,
                                                                    sink: Sink) -> None:
     operator = SmppOperator(settings(smsc, password="nope"), SystemClock())

@@ -11,7 +11,8 @@
   the link dropping with submits in flight, answers `Later`: the message is sent again
   once a link is up. At least once: a submit that reached the SMSC but whose answer was
   lost is sent twice, as in every SMPP gateway; so may the parts of a long message
-  answered before another part was throttled.
+  answered before another part could not be sent (a later part told to try later is
+  first tried again, PART_RETRIES times).
 - Receipts (deliver_sm or data_sm with the receipt flag) become reports naming the part's
   message_id; the deliver_sm is answered only after the report is committed (the sink's
   acknowledgement), so a crash loses none: the SMSC sends it again. A report not
@@ -68,6 +69,9 @@ log = structlog.get_logger("gateway.operators.smpp")
 RETRY_SECONDS = 1.0
 ACCEPTED = 3
 LINK_DOWN_RETRY_SECONDS = 5.0
+# Times a part after the first is tried again, a second apart, when the SMSC says to try
+# later (throttled, queue full...; not a lost link): see _submit_one.
+PART_RETRIES = 5
 # Long inbound messages being reassembled at once; past it the oldest is dropped (its parts
 # were answered: a part lost by the network would otherwise keep it for ever).
 MAX_LONG_INBOUND = 1000
@@ -283,6 +287,15 @@ class SmppOperator:
         references: list[str] = []
         for part in parts:
             result = await self._submit_part(message.id, part, fields)
+            # A later part told to wait is retried here a few times: answering `Later`
+            # would send the parts already taken again (and the handset would get them
+            # twice).
+            for _ in range(PART_RETRIES if references else 0):
+                if not isinstance(result, Later) or \
+                        not result.reason.startswith(("throttled", "try later")):
+                    break
+                await asyncio.sleep(result.retry_after)
+                result = await self._submit_part(message.id, part, fields)
             if isinstance(result, str):
                 references.append(result)
             else:
