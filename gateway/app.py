@@ -23,6 +23,7 @@ from gateway.delivery_guard import DeliveryGuard
 from gateway.hooks.alerts import AlertService
 from gateway.hooks.callbacks import CallbackHandler
 from gateway.hooks.outbox import OutboxWorker, RetryPolicy
+from gateway.incoming import IncomingKeeper
 from gateway.metrics import Metrics
 from gateway.operators import create as create_operator
 from gateway.passwords import VerificationCache
@@ -169,13 +170,13 @@ def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metri
 
 def _dispatcher(config: Config, store: Store, clock: Clock, metrics: Metrics,
                 callbacks: OutboxWorker, follow_store: bool) -> Dispatcher:
-    return Dispatcher(store, clock, create_operator(config.operator, clock),
+    return Dispatcher(store, clock, create_operator(config.operator, clock, metrics),
                       max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
                       metrics=metrics, follow_store=follow_store,
                       # One delivering process per store (the worker's lock, or the one-
                       # process gateway's DeliveryGuard): claims left at its start are a
                       # previous run's.
-                      exclusive=True)
+                      exclusive=True, on_inbound=IncomingKeeper(store))
 
 
 def own_ports(config: Config) -> frozenset[int]:

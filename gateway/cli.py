@@ -522,6 +522,19 @@ async def _message_list(m: Management, account: str, login: str | None, tag: str
              "tag": r.tag} for r in rows]
 
 
+@message_commands.command("incoming", help="list the messages handsets sent to an account "
+                          "(replies, STOP), newest first")
+@click.argument("account")
+@click.option("--limit", type=int, default=50,
+              help="messages listed at most, up to 1000 (default 50)")
+@json_option
+@manages
+async def _message_incoming(m: Management, account: str, limit: int) -> Any:
+    rows = await m.store.list_incoming(account, limit=max(1, min(limit, 1000)))
+    return [{"id": r.id, "created": _when(r.created_at), "sender": r.sender,
+             "receiver": r.receiver, "tag": r.tag, "message": r.body} for r in rows]
+
+
 # -- alerts ----------------------------------------------------------------------------------
 
 @http2sms.group("alert", help="low-credit alerts")
@@ -605,6 +618,40 @@ def token_view(token: AdminToken) -> dict[str, Any]:
     return {"name": token.name, "key": token.key,
             "accounts": "all" if token.accounts is None else list(token.accounts),
             "created": _when(token.created_at), "last_used": _when(token.last_used_at)}
+
+
+# -- operator --------------------------------------------------------------------------------
+
+@http2sms.group("operator", help="the operator connection (SMSC)")
+@json_option
+def operator_commands() -> None:
+    pass
+
+
+@operator_commands.command("check", help="bind to the SMSC with the settings and say how it went "
+                           "(exit 0: bound, 1: not)")
+@click.option("--timeout", type=float, default=None,
+              help="seconds to wait for each answer (default operator.smpp."
+                   "response_timeout_seconds)")
+@json_option
+@click.pass_context
+def _operator_check(ctx: click.Context, timeout: float | None) -> None:
+    tool: Globals = ctx.obj
+    config = load_config(tool.config, tool.db)
+    operator = config.operator
+    if not isinstance(operator, config_module.SmppOperatorConfig):
+        line = f"operator.kind is {operator.kind!r}: nothing to check (always up)"
+        click.echo(json.dumps({"bound": True, "detail": line}) if wants_json() else line)
+        ctx.exit(0)
+    # Imported here, as gateway.operators.create does: smpplib is loaded only when used.
+    from gateway.operators.smpp.connector import check
+
+    ok, line = asyncio.run(check(operator.smpp, timeout))
+    if wants_json():
+        click.echo(json.dumps({"bound": ok, "detail": line}))
+    else:
+        click.echo(line if ok else f"not bound: {line}")
+    ctx.exit(0 if ok else 1)
 
 
 # -- serve -----------------------------------------------------------------------------------

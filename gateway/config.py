@@ -163,9 +163,70 @@ class SimulatedOperatorConfig(OperatorConfig, frozen=True, tag="simulated"):
     validity_hours: Seconds = 48.0
 
 
+class SmppSettings(Section, frozen=True):
+    """`[operator.smpp]`: the link to an SMSC (gateway/operators/smpp/, README "SMPP")."""
+
+    host: str = "localhost"
+    port: Port = 2775
+    tls: bool = False
+    # CA bundle the SMSC's certificate is checked against; empty: the system's.
+    tls_ca_file: str = ""
+    system_id: str = ""
+    # Better from HTTP2SMS_OPERATOR_SMPP_PASSWORD or password_file than in this file.
+    password: str = ""
+    # A file holding the password (its first line); used when password is empty.
+    password_file: str = ""
+    system_type: str = ""
+    # "transceiver": one bind does both; "transmitter_receiver": a pair per bind.
+    bind_mode: Literal["transceiver", "transmitter_receiver"] = "transceiver"
+    binds: Annotated[int, Meta(ge=1, le=64)] = 1
+    # submit_sm sent and not yet answered, per bind.
+    window: Annotated[int, Meta(ge=1, le=1000)] = 10
+    # Messages (submit_sm) per second, per bind and in all; 0: no cap.
+    throughput_per_bind: NonNegative = 0.0
+    throughput_total: NonNegative = 0.0
+    enquire_link_seconds: Seconds = 30.0
+    # A bind, submit_sm or enquire_link without an answer this long counts as lost.
+    response_timeout_seconds: Seconds = 10.0
+    # Reconnection: first delay, doubling up to the max, each stretched by up to jitter.
+    reconnect_first_seconds: Seconds = 1.0
+    reconnect_max_seconds: Seconds = 60.0
+    reconnect_jitter: Ratio = 0.2
+    # Source TON/NPI of an alphanumeric sender ("MyShop") and of a number.
+    source_ton_alphanumeric: Annotated[int, Meta(ge=0, le=6)] = 5
+    source_npi_alphanumeric: Annotated[int, Meta(ge=0, le=18)] = 0
+    source_ton_numeric: Annotated[int, Meta(ge=0, le=6)] = 1
+    source_npi_numeric: Annotated[int, Meta(ge=0, le=18)] = 1
+    dest_ton: Annotated[int, Meta(ge=0, le=6)] = 1
+    dest_npi: Annotated[int, Meta(ge=0, le=18)] = 1
+    # 1: a receipt for every final state; 0: none (messages stay at ptt 3 until they expire).
+    registered_delivery: Annotated[int, Meta(ge=0, le=31)] = 1
+    service_type: Annotated[str, Meta(max_length=5)] = ""
+    # validity_period of each submit_sm, in hours; 0: the SMSC's default.
+    validity_hours: NonNegative = 48.0
+    # data_coding of GSM 03.38 text: 0 (SMSC default alphabet), or 1 / 3 for SMSCs that
+    # want IA5 / Latin-1 octets (then only the characters Latin-1 has are sent as such).
+    gsm_data_coding: Literal[0, 1, 3] = 0
+    # Long messages: "udh" (concatenation header in each part), "sar" (SAR TLVs) or
+    # "payload" (one submit_sm with message_payload: one reference for all parts).
+    long_messages: Literal["udh", "sar", "payload"] = "udh"
+    # How the `id:` of a receipt's text is written compared with submit_sm_resp's
+    # message_id: "same", "decimal" (a hex message_id written in decimal) or "hex" (a
+    # decimal message_id written in hex). receipted_message_id, when sent, is used as is.
+    receipt_id: Literal["same", "decimal", "hex"] = "same"
+    # command_status (hex "0x0000000B" or decimal) -> ptt, over the default table in
+    # gateway/operators/smpp/errors.py.
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class SmppOperatorConfig(OperatorConfig, frozen=True, tag="smpp"):
+    smpp: SmppSettings = field(default_factory=SmppSettings)
+
+
 # `[operator] kind` -> the struct of that kind's keys. A kind with many keys of its own gives
 # them a table named after it, a Section-typed field (`smpp: SmppConfig` -> [operator.smpp]).
-OPERATOR_KINDS: dict[str, type[OperatorConfig]] = {"simulated": SimulatedOperatorConfig}
+OPERATOR_KINDS: dict[str, type[OperatorConfig]] = {"simulated": SimulatedOperatorConfig,
+                                                   "smpp": SmppOperatorConfig}
 
 
 class CallbacksConfig(Section, frozen=True):

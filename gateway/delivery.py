@@ -37,8 +37,8 @@ committed send side:
   after that belongs to no message the store knows: it is logged, and acknowledged (the
   network would otherwise redeliver it for ever).
 
-Inbound messages (replies, STOP) go to `on_inbound` and are acknowledged once it returns;
-until the gateway stores them (a later issue), the default logs each one.
+Inbound messages (replies, STOP) go to `on_inbound` and are acknowledged once it returns
+(the assembly keeps them: `gateway.incoming`); without one, each is logged.
 
 Delivery is at least once: a crash between the operator taking a message and `mark_sent`
 committing hands it over again once its claim is freed. Several dispatchers on one store

@@ -115,11 +115,14 @@ async def check_readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
         status = await gateway.worker.status()
         connected = status is not None and status.operator_connected
         checks["operator"] = "connected" if connected else (
-            "disconnected" if status is not None else "delivery worker not answering")
+            _disconnected(status.operator_detail) if status is not None
+            else "delivery worker not answering")
     else:
         # No delivery in this process (and no worker): nothing to wait for.
-        connected = gateway.dispatcher is None or gateway.dispatcher.operator.link_status().up
-        checks["operator"] = "connected" if connected else "disconnected"
+        link = gateway.dispatcher.operator.link_status() if gateway.dispatcher else None
+        connected = link is None or link.up
+        checks["operator"] = "connected" if connected else _disconnected(
+            link.detail if link else "")
     ready = ready and bool(connected)
     guard = gateway.delivery_guard
     if guard is not None and not guard.delivering:
@@ -137,6 +140,11 @@ async def check_readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
         checks["backlog"] = f"unknown: {exc}"
         ready = False
     return ready, checks
+
+
+def _disconnected(detail: str) -> str:
+    """The operator link down, with its reason (SMPP: "wrong password (ESME_RINVPASWD)")."""
+    return f"disconnected: {detail}" if detail else "disconnected"
 
 
 def _ignore_result(task: asyncio.Future[None]) -> None:

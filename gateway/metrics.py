@@ -100,6 +100,21 @@ class Metrics:
             "http2sms_backlog", "Work waiting: queued, deferred and sent (not final) "
             "messages, pending and dead outbox items in the store; handover and reports "
             "waiting in memory for the operator and for the store.", ["queue"], registry=r)
+        # The SMPP connector's (gateway/operators/smpp/); zero with another operator.
+        self.smpp_binds_up = Gauge(
+            "http2sms_smpp_binds_up", "SMPP binds up (a transceiver or a transmitter and "
+            "receiver pair counts one).", registry=r)
+        self.smpp_window_in_use = Gauge(
+            "http2sms_smpp_window_in_use", "submit_sm sent and not yet answered.", registry=r)
+        self.smpp_submit_seconds = Histogram(
+            "http2sms_smpp_submit_seconds", "From sending a submit_sm to its answer.",
+            buckets=_LATENCY, registry=r)
+        self.smpp_throttled = Counter(
+            "http2sms_smpp_throttled", "submit_sm answered throttled or queue full.",
+            registry=r)
+        self.smpp_receipts = Counter(
+            "http2sms_smpp_receipts", "Delivery receipts by stat (DELIVRD, UNDELIV...; "
+            "OTHER for a stat outside SMPP 3.4's).", ["stat"], registry=r)
         self._sent_children: dict[tuple[int, str], tuple[Counter, Counter, Counter]] = {}
 
     def account(self, name: str) -> tuple[str, ...]:

@@ -294,6 +294,20 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A message from a handset, kept for the account it answers (`add_incoming`)."""
+
+    id: int
+    account_id: int
+    reference: str   # the operator's
+    sender: str      # the handset's number
+    receiver: str    # the gateway's number or sender it was sent to
+    body: str
+    tag: str         # the tag of the message it answers, if it answers one
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class MessageEvent:
     at: float
     ptt: int | None

@@ -50,6 +50,8 @@ class WorkerStatus:
     waiting_hand_over: int
     waiting_reports: int
     metrics: str
+    # Why the operator is not connected (SMPP: "wrong password (ESME_RINVPASWD)"...).
+    operator_detail: str = ""
 
 
 class DeliveryWorker:
@@ -165,7 +167,8 @@ class DeliveryWorker:
                     data = json.loads(line)
                     status = WorkerStatus(bool(data["operator_connected"]),
                                           int(data["waiting_hand_over"]),
-                                          int(data["waiting_reports"]), str(data["metrics"]))
+                                          int(data["waiting_reports"]), str(data["metrics"]),
+                                          str(data.get("operator_detail", "")))
                 except (ValueError, KeyError, TypeError) as exc:
                     if not answer.done():
                         answer.set_exception(WorkerGone(f"bad status: {exc}"))

@@ -61,8 +61,10 @@ async def run(config: Config, commands: asyncio.StreamReader,
                 if POKE in chunk:
                     dispatcher.poke()
                 for _ in range(chunk.count(STATUS)):
+                    link = dispatcher.operator.link_status()
                     answers.write(json.dumps({
-                        "operator_connected": dispatcher.operator.link_status().up,
+                        "operator_connected": link.up,
+                        "operator_detail": link.detail,
                         "waiting_hand_over": dispatcher.waiting_hand_over,
                         "waiting_reports": dispatcher.waiting_reports,
                         "metrics": metrics.exposition().decode(),

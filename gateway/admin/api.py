@@ -25,7 +25,14 @@ from gateway.admin.openapi import document
 from gateway.admin_auth import AdminAuth, Denied
 from gateway.credits import as_number
 from gateway.inflight import inflight_limit
-from gateway.records import LedgerEntry, Message, MessageEvent, MessageFilter, User
+from gateway.records import (
+    IncomingMessage,
+    LedgerEntry,
+    Message,
+    MessageEvent,
+    MessageFilter,
+    User,
+)
 from gateway.service import Management, ValidationError, account_view, user_view
 from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable
 from gateway.tokens import Access
@@ -571,6 +578,34 @@ async def get_outgoing(request: web.Request) -> web.Response:
     return web.json_response(outgoing_view(message, await store.message_events(message.id)))
 
 
+async def list_incoming(request: web.Request) -> web.Response:
+    query = _query(request, frozenset({"limit", "before"}))
+    limit = _limit(query)
+    before = int_param("before", query.get("before"), None, 1)
+    store = _manage(request).store
+    messages = await store.list_incoming(request.match_info["account"], limit=limit + 1,
+                                         before_id=before)
+    messages, headers = page(request, messages, lambda m: m.id, limit, "before")
+    return web.json_response([m.id for m in messages], headers=headers)
+
+
+async def get_incoming(request: web.Request) -> web.Response:
+    _query(request, frozenset())
+    message_id = int_param("id", request.match_info["id"], None, 1)
+    assert message_id is not None
+    found = await _manage(request).store.list_incoming(
+        request.match_info["account"], limit=1, before_id=message_id + 1)
+    if not found or found[0].id != message_id:
+        raise ApiError(404, f"unknown incoming message {message_id}")
+    return web.json_response(incoming_view(found[0]))
+
+
+def incoming_view(message: IncomingMessage) -> dict[str, Any]:
+    """`sms.Incoming` (OVH's fields; `credits` left out: receiving costs nothing here)."""
+    return {"id": message.id, "creationDatetime": iso(message.created_at),
+            "sender": message.sender, "message": message.body, "tag": message.tag}
+
+
 def outgoing_view(message: Message, events: list[MessageEvent]) -> dict[str, Any]:
     """`sms.Outgoing`, with the state history the gateway keeps."""
     return {
@@ -614,6 +649,8 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/sms/{account}/users/{login}", get_user),
     ("PUT", "/sms/{account}/users/{login}", update_user),
     ("DELETE", "/sms/{account}/users/{login}", delete_user),
+    ("GET", "/sms/{account}/incoming", list_incoming),
+    ("GET", "/sms/{account}/incoming/{id}", get_incoming),
     ("GET", "/sms/{account}/users/{login}/outgoing", list_outgoing),
     ("GET", "/sms/{account}/users/{login}/outgoing/{id}", get_outgoing),
 )

@@ -231,6 +231,18 @@ _SCHEMAS: dict[str, Any] = {
             "history": {"type": "array", "items": _ref("HistoryEntry")},
         },
     },
+    "Incoming": {
+        "type": "object", "additionalProperties": False,
+        "required": ["id", "creationDatetime", "sender", "message", "tag"],
+        "properties": {
+            "id": {"type": "integer"},
+            "creationDatetime": {"type": "string", "format": "date-time"},
+            "sender": {"type": "string", "description": "The handset's number."},
+            "message": {"type": "string"},
+            "tag": {"type": "string",
+                    "description": "The tag of the message it answers, if any."},
+        },
+    },
     "LedgerEntry": {
         "type": "object", "additionalProperties": False,
         "required": ["id", "date", "kind", "login", "from", "to", "amount", "reference"],
@@ -382,6 +394,32 @@ def _paths() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "array",
                                                 "items": {"type": "integer"}},
                                                "One page of ids.", _PAGE_HEADERS),
+                                  **_errors("400")}},
+        },
+        "/1.0/sms/{account}/incoming": {
+            "parameters": account,
+            "get": {"operationId": "listIncoming",
+                    "summary": "Ids of the messages handsets sent to the account, newest "
+                               "first.",
+                    "tags": ["messages"],
+                    "parameters": [
+                        _LIMIT,
+                        _query("before", "Cursor: messages with a smaller id "
+                                         "(X-Next-Cursor).", {"type": "integer",
+                                                              "minimum": 1}),
+                    ],
+                    "responses": {"200": _json({"type": "array",
+                                                "items": {"type": "integer"}},
+                                               "One page of ids.", _PAGE_HEADERS),
+                                  **_errors("400")}},
+        },
+        "/1.0/sms/{account}/incoming/{id}": {
+            "parameters": [*account, {"name": "id", "in": "path", "required": True,
+                                      "schema": {"type": "integer", "minimum": 1}}],
+            "get": {"operationId": "getIncoming",
+                    "summary": "One incoming message (sms.Incoming).",
+                    "tags": ["messages"],
+                    "responses": {"200": _json(_ref("Incoming"), "The message."),
                                   **_errors("400")}},
         },
         "/1.0/sms/{account}/users/{login}/outgoing/{id}": {

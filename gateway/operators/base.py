@@ -20,9 +20,11 @@ interface. Its shape is a real network's:
 - What the network says on its own goes to the `OperatorSink` given to `start`:
   - `reports`: delivery reports, each naming the operator's reference of one part. The
     gateway finds the message by that reference (any part finds it). A message follows
-    its parts' reports in the order they arrive, and the first final one settles it:
-    merging the parts' states (delivered only when every part is) is left to the first
-    connector whose network reports each part.
+    its parts' reports in the order they arrive, and the first final one settles it,
+    except "delivered": a message of several parts is delivered when every part is
+    reported delivered (the store counts them), so a failed part fails it. A reference
+    `<ref>#<n>` names a part carried by the submit of `<ref>` (SMPP's message_payload):
+    it is delivered with `<ref>`.
   - `inbound`: messages sent by a handset to the gateway's numbers (replies, STOP).
   Both only buffer, so a connector may call them from any callback, and both return an
   `Acknowledgement`: a future that completes once what it was given is committed to the

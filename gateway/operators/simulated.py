@@ -11,8 +11,9 @@ that ptt, so clients can test their handling of any outcome.
 
 On the interface (`gateway.operators.base`): it takes every message it is given, naming
 each part `<message id>.<part>`, and reports a message's states under its first part's
-reference (a real network reports each part; the gateway finds the message by any of
-them). Its link is up from `start` to `stop`. It produces inbound messages only when asked
+reference (the gateway finds the message by any of them), except "delivered", reported
+for each part as a real network does: the store counts a long message delivered when
+every part is. Its link is up from `start` to `stop`. It produces inbound messages only when asked
 (`receive`), for tests and development.
 """
 
@@ -198,6 +199,11 @@ class SimulatedOperator:
             name = f"{message.id}.1"  # see `reference`
             for at, code, dlr in timeline(steps, now, deadline):
                 heapq.heappush(self._events, (at, next(self._seq), name, code, dlr))
+                if code == DELIVERED:
+                    # A long message is delivered when every part is (the store merges).
+                    for part in range(2, message.parts + 1):
+                        heapq.heappush(self._events, (at, next(self._seq),
+                                                      reference(message.id, part), code, dlr))
         if messages:
             self._wake.set()
 

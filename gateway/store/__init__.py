@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # for annotations only: callers import the records from gatew
         AdminToken,
         AppliedUpdates,
         ClaimBounds,
+        IncomingMessage,
         LedgerEntry,
         Message,
         MessageEvent,
@@ -168,6 +169,13 @@ class DeliveryStore(StoreLifecycle, Protocol):
     async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
         """`apply_updates` for reports that name the operator's reference of a part."""
         ...
+    async def add_incoming(self, messages: Sequence[IncomingMessage]) -> list[int]:
+        """Keep messages from handsets for the account each one answers (their
+        `account_id` and `id` are ignored): the account of the newest message sent to
+        that handset from the number it wrote to (among the last INCOMING_LOOKBACK
+        messages), else the account that declared that number as a sender. Returns each
+        one's new id, 0 for one no account claims (not kept)."""
+        ...
 
 
 class OutboxStore(StoreLifecycle, Protocol):
@@ -245,6 +253,10 @@ class ReadStore(StoreLifecycle, Protocol):
                             before_id: int | None = None) -> list[Message]: ...
     async def list_ledger(self, account: str, *, limit: int,
                           after_id: int = 0) -> list[LedgerEntry]: ...
+    async def list_incoming(self, account: str, *, limit: int,
+                            before_id: int | None = None) -> list[IncomingMessage]:
+        """The account's incoming messages, newest first."""
+        ...
     async def ledger_totals(self) -> dict[str, int]: ...
     async def counts(self) -> dict[str, int]: ...
 

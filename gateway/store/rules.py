@@ -273,6 +273,17 @@ def refund_pool(charged_to: str, quota_active: int | None) -> Pool:
     return "quota" if charged_to == "quota" and quota_active else "account"
 
 
+def part_delivery_stands(parts: int, delivered_parts: int, new: bool) -> bool:
+    """Whether a "delivered" report of one part stands for its message.
+
+    A message of several parts is delivered when every part is: a part's first "delivered"
+    counts it (`delivered_parts`: the message's count after it), and stands for the message
+    only when it is the last one; a repeated one never does. Any other report of a part
+    (a failure fails the message; an intermediate state) stands as it is.
+    """
+    return new and delivered_parts >= parts
+
+
 def plan_updates(updates: Sequence[StateUpdate], current: Mapping[int, Pending]
                  ) -> UpdatePlan:
     """Apply `updates` in order to the messages in `current`.

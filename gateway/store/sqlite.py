@@ -39,6 +39,7 @@ from gateway.records import (
     AdminToken,
     AppliedUpdates,
     ClaimBounds,
+    IncomingMessage,
     LedgerEntry,
     Message,
     MessageEvent,
@@ -99,6 +100,11 @@ def _part_rows(sent: Sequence[SentMessage]) -> list[tuple[str, int, int]]:
     return [(reference, m.message_id, part)
             for m in sent for part, reference in enumerate(m.references, 1)]
 
+
+# The ptt of a delivered message (or part).
+DELIVERED = 4
+# How many of the newest messages an incoming one may answer (see add_incoming).
+INCOMING_LOOKBACK = 1_000_000
 
 # What a user can spend: its quota while active, else its account's balance.
 _SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
@@ -877,48 +883,56 @@ class SQLiteStore:
         """
         if not updates:
             return AppliedUpdates()
-        marks, params = _in(sorted({u.message_id for u in updates}))
+
         async def body(db: Conn) -> Any:
-            rows = await db.execute_fetchall(
-                "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
-                "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
-                "COALESCE(m.deferred_until, m.created_at) "
-                "FROM messages m JOIN accounts a ON a.id = m.account_id "
-                "LEFT JOIN users u ON u.id = m.user_id AND u.account_id = m.account_id "
-                f"WHERE m.id IN ({marks})", params)
-            plan = rules.plan_updates(updates, {r[0]: rules.Pending._make(r) for r in rows})
-            await _update(
-                db, "UPDATE messages SET ptt = v.column2, dlr = v.column3, state = v.column4, "
-                "sent_at = COALESCE(sent_at, v.column5), "
-                "delivered_at = COALESCE(delivered_at, v.column6), updated_at = v.column7 "
-                "FROM (VALUES {}) AS v WHERE messages.id = v.column1",
-                "(?,?,?,?,?,?,?)", plan.changes)
-            await _insert(db, "INSERT INTO message_events (message_id, at, ptt, dlr, note)",
-                          "(?,?,?,?,?)",
-                          [(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied])
-            await _insert(
-                db, "INSERT INTO outbox (kind, message_id, account_id, user_id, target, "
-                "payload, created_at, next_attempt_at)", "(?,?,?,?,?,?,?,?)",
-                [("callback", c.message_id, c.account_id, c.user_id, c.target,
-                  json.dumps(c.payload), c.at, c.at) for c in plan.callbacks])
-            refunds = plan.refunds
-            if refunds:
-                await db.executemany(
-                    "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
-                    "amount, reference) VALUES (?, ?, ?, ?, 'refund', 'spent', ?, ?, ?)",
-                    [(r.at, r.account_id, r.user_id, r.login, r.pool, r.amount, r.reference)
-                     for r in refunds])
-                await db.executemany("UPDATE accounts SET balance = balance + ? WHERE id = ?",
-                                     [(v, k) for k, v in plan.account_refunds().items()])
-                await db.executemany("UPDATE users SET quota_left = quota_left + ? "
-                                     "WHERE id = ?",
-                                     [(v, k) for k, v in plan.quota_refunds().items()])
-                await _check_integers(db, plan)
-                await self._evaluate_alerts(db, sorted({r.account_id for r in refunds}),
-                                            refunds[-1].at)
-            return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
+            return await self._apply_updates(db, updates)
 
         return await self._transaction(body)
+
+    async def _apply_updates(self, db: Conn, updates: Sequence[StateUpdate]
+                             ) -> AppliedUpdates:
+        """`apply_updates` inside the caller's transaction."""
+        if not updates:
+            return AppliedUpdates()
+        marks, params = _in(sorted({u.message_id for u in updates}))
+        rows = await db.execute_fetchall(
+            "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
+            "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
+            "COALESCE(m.deferred_until, m.created_at) "
+            "FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "LEFT JOIN users u ON u.id = m.user_id AND u.account_id = m.account_id "
+            f"WHERE m.id IN ({marks})", params)
+        plan = rules.plan_updates(updates, {r[0]: rules.Pending._make(r) for r in rows})
+        await _update(
+            db, "UPDATE messages SET ptt = v.column2, dlr = v.column3, state = v.column4, "
+            "sent_at = COALESCE(sent_at, v.column5), "
+            "delivered_at = COALESCE(delivered_at, v.column6), updated_at = v.column7 "
+            "FROM (VALUES {}) AS v WHERE messages.id = v.column1",
+            "(?,?,?,?,?,?,?)", plan.changes)
+        await _insert(db, "INSERT INTO message_events (message_id, at, ptt, dlr, note)",
+                      "(?,?,?,?,?)",
+                      [(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied])
+        await _insert(
+            db, "INSERT INTO outbox (kind, message_id, account_id, user_id, target, "
+            "payload, created_at, next_attempt_at)", "(?,?,?,?,?,?,?,?)",
+            [("callback", c.message_id, c.account_id, c.user_id, c.target,
+              json.dumps(c.payload), c.at, c.at) for c in plan.callbacks])
+        refunds = plan.refunds
+        if refunds:
+            await db.executemany(
+                "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
+                "amount, reference) VALUES (?, ?, ?, ?, 'refund', 'spent', ?, ?, ?)",
+                [(r.at, r.account_id, r.user_id, r.login, r.pool, r.amount, r.reference)
+                 for r in refunds])
+            await db.executemany("UPDATE accounts SET balance = balance + ? WHERE id = ?",
+                                 [(v, k) for k, v in plan.account_refunds().items()])
+            await db.executemany("UPDATE users SET quota_left = quota_left + ? "
+                                 "WHERE id = ?",
+                                 [(v, k) for k, v in plan.quota_refunds().items()])
+            await _check_integers(db, plan)
+            await self._evaluate_alerts(db, sorted({r.account_id for r in refunds}),
+                                        refunds[-1].at)
+        return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
 
     # -- delivery by claims ----------------------------------------------------------
     #
@@ -1009,20 +1023,100 @@ class SQLiteStore:
         if not reports:
             return AppliedUpdates()
         owners: dict[str, int] = {}
+        parts: dict[int, int] = {}
         names = sorted({r.reference for r in reports})
         for start in range(0, len(names), _IN_MAX):
             marks, chunk = _in(names[start:start + _IN_MAX])
-            owners.update(await self._read(
-                "SELECT reference, message_id FROM message_parts "
-                f"WHERE reference IN ({marks})", chunk))
+            for reference, message_id, count in await self._read(
+                    "SELECT p.reference, p.message_id, m.parts FROM message_parts p "
+                    f"JOIN messages m ON m.id = p.message_id WHERE p.reference IN ({marks})",
+                    chunk):
+                owners[reference] = message_id
+                parts[message_id] = count
         known = [p for p, r in enumerate(reports) if r.reference in owners]
-        applied = await self.apply_updates([
-            StateUpdate(owners[r.reference], r.ptt, r.dlr, r.final, r.billed, r.at, r.note)
-            for r in map(reports.__getitem__, known)])
+        # A part's "delivered" of a long message: counted, and standing for the message
+        # only as its last part's (rules.part_delivery_stands); in the same transaction.
+        merged = [p for p in known if reports[p].ptt == DELIVERED and reports[p].final
+                  and parts[owners[reports[p].reference]] > 1]
+
+        async def body(db: Conn) -> tuple[AppliedUpdates, list[int]]:
+            left_out: list[int] = []
+            for position in merged:
+                report = reports[position]
+                message_id = owners[report.reference]
+                # `<reference>#<n>` names a part carried by the submit of `<reference>`
+                # (SMPP's message_payload): delivered with it.
+                cursor = await db.execute(
+                    "UPDATE message_parts SET delivered = 1 WHERE (reference = ? OR "
+                    "reference BETWEEN ? AND ?) AND delivered = 0",
+                    (report.reference, f"{report.reference}#", f"{report.reference}#\uffff"))
+                new = cursor.rowcount > 0
+                count = parts[message_id]
+                if new:
+                    rows = await db.execute_fetchall(
+                        "UPDATE messages SET parts_delivered = parts_delivered + ? "
+                        "WHERE id = ? RETURNING parts_delivered",
+                        (cursor.rowcount, message_id))
+                    count = int(rows[0][0]) if rows else 0
+                if not rules.part_delivery_stands(parts[message_id], count, new):
+                    left_out.append(position)
+            standing = [p for p in known if p not in set(left_out)] if left_out else known
+            applied = await self._apply_updates(db, [
+                StateUpdate(owners[r.reference], r.ptt, r.dlr, r.final, r.billed, r.at,
+                            r.note)
+                for r in map(reports.__getitem__, standing)])
+            return AppliedUpdates(applied.callbacks, applied.finals,
+                                  tuple(standing[p] for p in applied.ignored)), left_out
+
+        applied, left_out = await self._transaction(body)
         unmatched = tuple(p for p, r in enumerate(reports) if r.reference not in owners)
-        ignored = sorted({known[p] for p in applied.ignored}.union(unmatched))
+        ignored = sorted(set(applied.ignored).union(unmatched, left_out))
         return AppliedUpdates(applied.callbacks, applied.finals, tuple(ignored), unmatched,
                               tuple(owners.get(r.reference, 0) for r in reports))
+
+    # -- incoming messages -----------------------------------------------------------
+
+    async def add_incoming(self, messages: Sequence[IncomingMessage]) -> list[int]:
+        """See DeliveryStore. The reply lookup reads messages newest first by id, at most
+        INCOMING_LOOKBACK of them: no index on recipients, which every send would pay."""
+        if not messages:
+            return []
+
+        async def body(db: Conn) -> list[int]:
+            ids: list[int] = []
+            newest = (await db.execute_fetchall("SELECT max(id) FROM messages"))[0][0] or 0
+            for message in messages:
+                answered = await db.execute_fetchall(
+                    "SELECT account_id, tag FROM messages WHERE id > ? AND receiver = ? "
+                    "AND sender = ? ORDER BY id DESC LIMIT 1",
+                    (newest - INCOMING_LOOKBACK, message.sender, message.receiver))
+                if not answered:
+                    answered = await db.execute_fetchall(
+                        "SELECT account_id, '' FROM senders WHERE sender = ? "
+                        "ORDER BY account_id LIMIT 1", (message.receiver,))
+                if not answered:
+                    ids.append(0)
+                    continue
+                account_id, tag = answered[0]
+                cursor = await db.execute(
+                    "INSERT INTO incoming_messages (account_id, reference, sender, receiver, "
+                    "body, tag, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (account_id, message.reference, message.sender, message.receiver,
+                     message.body, tag, message.created_at))
+                ids.append(int(cursor.lastrowid or 0))
+            return ids
+
+        return await self._transaction(body)
+
+    async def list_incoming(self, account: str, *, limit: int,
+                            before_id: int | None = None) -> list[IncomingMessage]:
+        assert self._reader is not None
+        account_id = await self._account_id(self._reader, account)
+        rows = await self._read(
+            "SELECT id, account_id, reference, sender, receiver, body, tag, created_at "
+            "FROM incoming_messages WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (account_id, before_id if before_id is not None else 1 << 62, limit))
+        return [IncomingMessage(*row) for row in rows]
 
     # -- outbox ----------------------------------------------------------------------
 

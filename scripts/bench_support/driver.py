@@ -455,6 +455,9 @@ class Phase:
     rss_mb: float
     cpu: dict[str, float] = field(default_factory=dict)      # % of one core in the window
     callbacks_per_second: float | None = None
+    # --operator smpp: what the test SMSC received and had acknowledged, per second.
+    submits_per_second: float | None = None
+    receipts_per_second: float | None = None
     backlog: int | None = None
     stored_before: int | None = None
     drain_seconds: float | None = None
@@ -486,6 +489,9 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
         raise BenchError(f"{server.name} died during the warm-up:\n{server.tail()}")
     print(f"  {label}: measuring {args.duration:g} s ...", flush=True)
     before_cb = http_json(f"http://{HOST}:{receiver_port}/count") if receiver else None
+    smsc_url = f"http://{HOST}:{args.smsc_count_port}/count" \
+        if receiver and args.operator == "smpp" else None
+    before_smsc = http_json(smsc_url) if smsc_url else None
     pids = {server.name: server.pid}
     # The gateway's delivery worker (server.delivery_worker): its CPU and memory count too.
     for child in child_pids(server.pid)[:1]:
@@ -498,6 +504,7 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
     load = run_wrk(script, port, args.duration, args, folder)
     t1 = time.monotonic()
     after_cb = http_json(f"http://{HOST}:{receiver_port}/count") if receiver else None
+    after_smsc = http_json(smsc_url) if smsc_url else None
     window = t1 - t0
     cpu = {name: (cpu_seconds(pid) - cpu0[name]) / window * 100 for name, pid in pids.items()}
     cpu["wrk"] = load.cpu_seconds / window * 100
@@ -512,6 +519,9 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
     if receiver and before_cb is not None and after_cb is not None:
         phase.callbacks_per_second = (after_cb["count"] - before_cb["count"]) / window
         phase.malformed_callbacks = after_cb["malformed"]
+    if before_smsc is not None and after_smsc is not None:
+        phase.submits_per_second = (after_smsc["submit_sm"] - before_smsc["submit_sm"]) / window
+        phase.receipts_per_second = (after_smsc["receipts"] - before_smsc["receipts"]) / window
     if db is not None:
         phase.backlog = store_counts(db)["outbox_pending"]
     return phase
@@ -538,6 +548,16 @@ def gateway_env(args: argparse.Namespace) -> dict[str, str]:
         "HTTP2SMS_OPERATOR_MIN_DELAY": str(args.min_delay),
         "HTTP2SMS_OPERATOR_MAX_DELAY": str(args.max_delay),
     })
+    if args.operator == "smpp":
+        # The test SMSC on loopback, no throughput cap: what the connector itself makes.
+        env.update({
+            "HTTP2SMS_OPERATOR_KIND": "smpp",
+            "HTTP2SMS_OPERATOR_SMPP_HOST": HOST,
+            "HTTP2SMS_OPERATOR_SMPP_PORT": str(args.smsc_port),
+            "HTTP2SMS_OPERATOR_SMPP_SYSTEM_ID": "gateway",
+            "HTTP2SMS_OPERATOR_SMPP_PASSWORD": "secret",
+            "HTTP2SMS_OPERATOR_SMPP_WINDOW": str(args.smpp_window),
+        })
     env.pop("HTTP2SMS_ADMIN_TOKEN", None)
     return env
 
@@ -577,6 +597,11 @@ def run(args: argparse.Namespace, folder: Path, procs: Processes) -> tuple[list[
     receiver = procs.start("receiver", [PYTHON, str(HERE / "receiver.py"),
                                         str(receiver_port)])
     wait_listening(receiver, receiver_port)
+    if args.operator == "smpp":
+        args.smsc_port, args.smsc_count_port = free_port(), free_port()
+        smsc = procs.start("smsc", [PYTHON, str(HERE / "smsc.py"), str(args.smsc_port),
+                                    str(args.smsc_count_port)])
+        wait_listening(smsc, args.smsc_count_port)
 
     print("Preparing the store (accounts, API users) ...", flush=True)
     db = folder / "gateway.sqlite3"
@@ -682,6 +707,12 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
         elif p.callbacks_per_second is not None:
             extra = f"; not drained within {args.drain:g} s"
         print(f"  {p.label:<26} {parts}{extra}")
+    if any(p.submits_per_second is not None for p in phases):
+        print("SMPP (the test SMSC, in the measured window):")
+        for p in phases:
+            if p.submits_per_second is not None:
+                print(f"  {p.label:<26} submit_sm/s {p.submits_per_second:,.0f}, "
+                      f"receipts/s {fmt(p.receipts_per_second, ',.0f')}")
     if "prefill_seconds" in info:
         print(f"  pre-fill of {args.prefill:,} messages: {info['prefill_seconds']:.1f} s, "
               f"store file {info['db_mb']:.0f} MB")
@@ -828,6 +859,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run the gateway's delivery worker under SCHED_IDLE (Linux), so "
                         "that it gets only CPU nothing else wants: what the send process "
                         "makes when delivery and callbacks cost it nothing (a diagnostic)")
+    parser.add_argument("--operator", choices=["simulated", "smpp"], default="simulated",
+                        help="the network: the built-in simulator (default), or the SMPP "
+                        "connector bound to the tests' SMSC (tests/smsc.py) in its own "
+                        "process, which answers at once and sends a receipt for each "
+                        "message; adds submit_sm/s and receipts/s")
+    parser.add_argument("--smpp-window", type=int, default=50,
+                        help="--operator smpp: operator.smpp.window (50)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     quick = {"duration": 3.0, "warmup": 1.0, "prefill": 20_000, "drain": 20.0}
@@ -900,7 +938,8 @@ def write_json(path: Path, phases: list[Phase], info: dict[str, Any],
          "callbacks_per_second": p.callbacks_per_second, "callback_backlog": p.backlog,
          "peak_rss_mb": p.rss_mb, "cpu_percent": p.cpu,
          "server_cpu_ms_per_request": p.server_cpu_ms(), "stored_before": p.stored_before,
-         "drain_seconds": p.drain_seconds} for p in phases]}, indent=2))
+         "drain_seconds": p.drain_seconds, "submits_per_second": p.submits_per_second,
+         "receipts_per_second": p.receipts_per_second} for p in phases]}, indent=2))
 
 
 if __name__ == "__main__":

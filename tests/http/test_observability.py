@@ -269,7 +269,8 @@ async def test_readiness_fails_while_the_operator_is_down(
     await operator.stop()
     resp = await harness.client.get("/readyz")
     assert resp.status == 503
-    assert (await resp.json())["checks"]["operator"] == "disconnected"
+    # With the operator's reason (issue 21: an SMSC refusing the bind says why).
+    assert (await resp.json())["checks"]["operator"] == "disconnected: stopped"
 
 
 async def test_metrics_move_to_the_admin_listener(make_harness: Any, config: Config,

@@ -17,8 +17,11 @@ import pytest
 
 from gateway.records import (
     ClaimBounds,
+    IncomingMessage,
+    OperatorReport,
     SendOrder,
     SendOutcome,
+    SentMessage,
     StateUpdate,
     User,
     UserChanges,
@@ -397,6 +400,83 @@ async def test_a_final_report_refunds_once_and_settles_the_message(stores: Opene
     assert message.state == "final" and message.ptt == 23
     assert (await a.get_account("acme")).balance == 1000
     ledger_identity(await b.ledger_totals())
+
+
+async def long_message_sent(store: Store, user: User, references: tuple[str, ...]) -> int:
+    (outcome,) = await store.commit_sends([replace(order(user, 300), parts=3)], at=T0 + 1)
+    (message_id,) = outcome.ids
+    await store.mark_sent([message_id], at=T0 + 2,
+                          references=[SentMessage(message_id, references)])
+    return message_id
+
+
+def report(reference: str, code: int, at: float = T0 + 3) -> OperatorReport:
+    return OperatorReport.from_ptt(reference, code, at)
+
+
+async def test_a_long_message_is_delivered_when_every_part_is(stores: Opener) -> None:
+    a, b = await stores("delivery"), await stores("delivery")
+    user = await account_with_user(a, 1000)
+    message_id = await long_message_sent(a, user, ("r1", "r2", "r3"))
+    first = await a.apply_reports([report("r1", 4), report("r1", 4)])  # and a repeat
+    assert first.ignored == (0, 1) and not first.unmatched and not first.finals
+    assert (await a.get_message(message_id)).state == "sent"
+    # The last two parts' receipts from two stores at once: it ends delivered, once.
+    results = await asyncio.gather(a.apply_reports([report("r2", 4)]),
+                                   b.apply_reports([report("r3", 4)]))
+    assert sum(len(r.finals) for r in results) == 1
+    message = await a.get_message(message_id)
+    assert (message.state, message.ptt) == ("final", 4)
+
+
+async def test_a_long_message_fails_when_one_part_fails(stores: Opener) -> None:
+    store = await stores("delivery")
+    user = await account_with_user(store, 1000)
+    message_id = await long_message_sent(store, user, ("f1", "f2", "f3"))
+    await store.apply_reports([report("f1", 4), report("f2", 23)])
+    message = await store.get_message(message_id)
+    assert (message.state, message.ptt) == ("final", 23)
+    assert (await store.get_account("acme")).balance == 1000  # not billed: refunded
+    late = await store.apply_reports([report("f3", 4)])
+    assert late.ignored == (0,) and (await store.get_message(message_id)).ptt == 23
+
+
+async def test_parts_carried_by_one_submit_are_delivered_with_it(stores: Opener) -> None:
+    store = await stores("delivery")
+    user = await account_with_user(store, 1000)
+    message_id = await long_message_sent(store, user, ("p", "p#2", "p#3"))
+    applied = await store.apply_reports([report("p", 4)])
+    assert len(applied.finals) == 1
+    assert (await store.get_message(message_id)).ptt == 4
+
+
+def incoming(sender: str, receiver: str, body: str) -> IncomingMessage:
+    return IncomingMessage(0, 0, "ref", sender, receiver, body, "", T0 + 5)
+
+
+async def test_incoming_messages_go_to_the_account_they_answer(stores: Opener) -> None:
+    store = await stores("delivery")
+    alice = await account_with_user(store, 1000)
+    bob = await account_with_user(store, 1000, name="bob", login="bob")
+    await store.add_sender("bob", "BOBSHOP")
+    tagged = replace(order(alice, 1), sender="+33700000000", tag="promo")
+    await store.commit_sends([tagged], at=T0 + 1)
+    ids = await store.add_incoming([
+        incoming("+33612300000", "+33700000000", "STOP"),   # answers alice's message
+        incoming("+33699999999", "BOBSHOP", "hi bob"),      # to bob's declared sender
+        incoming("+33699999999", "+33700000000", "who?"),   # answers nothing
+    ])
+    assert ids[0] and ids[1] and ids[2] == 0
+    (stop,) = await store.list_incoming("acme", limit=10)
+    assert (stop.id, stop.account_id, stop.body, stop.tag) == (ids[0], alice.account_id,
+                                                               "STOP", "promo")
+    assert [m.body for m in await store.list_incoming("bob", limit=10)] == ["hi bob"]
+    assert bob.account_id != alice.account_id
+    more = await store.add_incoming([incoming("+33612300000", "+33700000000", "again")])
+    newest_first = await store.list_incoming("acme", limit=10)
+    assert [m.id for m in newest_first] == [more[0], ids[0]]
+    assert [m.id for m in await store.list_incoming("acme", limit=10,
+                                                    before_id=more[0])] == [ids[0]]
 
 
 async def test_refunds_racing_sends_keep_every_credit(stores: Opener) -> None:

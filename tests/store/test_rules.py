@@ -277,3 +277,9 @@ def test_a_claim_takes_the_oldest_it_may_and_nothing_it_may_not(
             if i not in chosen:
                 assert target in skip or (per_target is not None
                                           and picked.count(target) >= per_target)
+
+
+def test_a_part_delivery_stands_for_its_message_only_as_the_last_one() -> None:
+    assert rules.part_delivery_stands(3, 3, True)
+    assert not rules.part_delivery_stands(3, 2, True)
+    assert not rules.part_delivery_stands(3, 3, False)  # a repeated receipt

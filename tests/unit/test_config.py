@@ -34,6 +34,27 @@ def test_example_documents_every_setting_with_its_default() -> None:
     assert config_module.load(EXAMPLE) == defaults
 
 
+def test_example_documents_every_smpp_setting_with_its_default() -> None:
+    """The [operator.smpp] table is commented out in the example (the simulator is the
+    default): uncommented, it loads, and it names every key with its default."""
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index("# [operator.smpp]")
+    table: list[str] = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        if not line.startswith("# # "):
+            table.append(line[2:])
+    data = tomllib.loads("\n".join(table))["operator"]["smpp"]
+    defaults = config_module.SmppSettings()
+    for item in msgspec.structs.fields(defaults):
+        assert item.name in data, f"operator.smpp.{item.name} undocumented"
+        assert data[item.name] == getattr(defaults, item.name), item.name
+    cfg = config_module.from_dict({"operator": {"kind": "smpp", "smpp": data}})
+    assert isinstance(cfg.operator, config_module.SmppOperatorConfig)
+    assert cfg.operator.smpp == defaults
+
+
 def test_environment_overrides() -> None:
     cfg = config_module.load(EXAMPLE, env={
         "HTTP2SMS_SERVER_PORT": "9000", "HTTP2SMS_SERVER_ALLOW_PRIVATE_IPS": "true",
@@ -62,7 +83,8 @@ def test_environment_overrides() -> None:
     ("[smtp]\nsecurity = 'ssl'\n", r"setting smtp.security: one of none, starttls, tls"),
     ("[server]\ntrusted_proxies = [1]\n", r"setting server.trusted_proxies\[0\]"),
     ("[rates]\n'+33' = true\n", r"setting rates.\+33"),
-    ("[operator]\nkind = 'smpp'\n", r"setting operator.kind: one of simulated \(got 'smpp'\)"),
+    ("[operator]\nkind = 'kannel'\n",
+     r"setting operator.kind: one of simulated, smpp \(got 'kannel'\)"),
     ("[operator.smpp]\nhost = 'x'\n", "unknown setting operator.smpp"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
@@ -83,7 +105,7 @@ def test_bad_environment_value(tmp_path: Path) -> None:
     ({"HTTP2SMS_LOG_FORMAT": "xml"}, r"setting log.format \(HTTP2SMS_LOG_FORMAT\): one of"),
     ({"HTTP2SMS_SERVER_DELIVERY_WORKER": "maybe"},
      r"setting server.delivery_worker \(HTTP2SMS_SERVER_DELIVERY_WORKER\): expected true"),
-    ({"HTTP2SMS_OPERATOR_KIND": "smpp"}, r"setting operator.kind \(HTTP2SMS_OPERATOR_KIND\)"),
+    ({"HTTP2SMS_OPERATOR_KIND": "kannel"}, r"setting operator.kind \(HTTP2SMS_OPERATOR_KIND\)"),
 ])
 def test_environment_values_are_checked_too(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,38 @@
+"""Messages from handsets (replies, STOP): kept for the account they answer.
+
+The operator hands them to the dispatcher (`Operator` sink `inbound`), which calls
+`IncomingKeeper` and acknowledges them to the network once it returns: a failure here
+leaves them unacknowledged, and the network sends them again. The account is the store's
+decision (`DeliveryStore.add_incoming`): the sender of the newest message sent to that
+handset from the number it wrote to, else the account that declared that number. One no
+account claims is logged and dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from gateway.operators.base import Inbound
+from gateway.records import IncomingMessage
+from gateway.store import DeliveryStore
+
+log = structlog.get_logger("gateway.incoming")
+
+
+class IncomingKeeper:
+    def __init__(self, store: DeliveryStore) -> None:
+        self._store = store
+
+    async def __call__(self, messages: Sequence[Inbound]) -> None:
+        ids = await self._store.add_incoming([
+            IncomingMessage(0, 0, m.reference, m.sender, m.receiver, m.body, "", m.at)
+            for m in messages])
+        for message, new_id in zip(messages, ids, strict=True):
+            if new_id:
+                log.info("incoming_kept", id=new_id, sender=message.sender,
+                         receiver=message.receiver, length=len(message.body))
+            else:
+                log.warning("incoming_unclaimed", sender=message.sender,
+                            receiver=message.receiver, reference=message.reference)

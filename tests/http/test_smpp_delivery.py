@@ -1,0 +1,229 @@
+"""The gateway with `[operator] kind = "smpp"` against the test SMSC: a send goes out as
+submit_sm, its answer and receipts reach the message (states, refunds)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.config import Config
+from tests.cli_in_process import invoke
+from tests.conftest import ACCOUNT, Harness, eventually
+from tests.http.test_delivery import final, history, ids_of
+from tests.smsc import Smsc
+
+AUTH = {"Authorization": "Bearer test-admin-token-0123456789"}
+
+
+@pytest.fixture
+async def smsc() -> AsyncIterator[Smsc]:
+    server = Smsc()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def smpp(config: Config, smsc: Smsc) -> Config:
+    return config.replace({"operator.kind": "smpp", "operator.smpp.host": "127.0.0.1",
+                           "operator.smpp.port": smsc.port,
+                           "operator.smpp.system_id": "gateway",
+                           "operator.smpp.password": "secret",
+                           "operator.smpp.reconnect_first_seconds": 0.05,
+                           "operator.smpp.reconnect_max_seconds": 0.5})
+
+
+@pytest.mark.parametrize("receipt_first", [False, True])
+async def test_sent_then_delivered_by_receipt(make_harness: Any, config: Config, smsc: Smsc,
+                                              receipt_first: bool) -> None:
+    smsc.auto_receipt, smsc.receipt_first = "DELIVRD", receipt_first
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    (message_id,) = ids_of((await h.send())[1])
+    await final(h, message_id)
+    message = await h.gateway.store.get_message(message_id)
+    assert (message.ptt, message.dlr) == (4, 1)
+    # A receipt before submit_sm_resp is kept and applied; the acceptance may then come
+    # after it, and is ignored (a final state is not left).
+    steps = await history(h, message_id)
+    if receipt_first:
+        assert steps[-1] == (4, 1) and (3, 4) not in steps[steps.index((4, 1)):]
+    else:
+        assert steps == [(None, 0), (3, 4), (4, 1)]
+    metrics = await (await h.client.get("/metrics", headers=AUTH)).text()
+    assert "http2sms_smpp_binds_up 1.0" in metrics
+    assert 'http2sms_smpp_receipts_total{stat="DELIVRD"} 1.0' in metrics
+    assert "http2sms_smpp_submit_seconds_count 1.0" in metrics
+    assert smsc.submitted[0].pdu.short_message.startswith(b"Hello")
+
+
+async def test_a_refusal_is_final_and_refunded(make_harness: Any, config: Config,
+                                               smsc: Smsc) -> None:
+    smsc.answer = lambda pdu: 0x0B  # ESME_RINVDSTADR -> ptt 23, not billed
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    before = await h.balance()
+    (message_id,) = ids_of((await h.send())[1])
+    await final(h, message_id)
+    message = await h.gateway.store.get_message(message_id)
+    assert message.ptt == 23
+    await eventually(lambda: True)
+    assert await h.balance() == before
+
+
+async def test_wrong_password_messages_wait(make_harness: Any, config: Config,
+                                            smsc: Smsc) -> None:
+    smsc.password = "other"
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    (message_id,) = ids_of((await h.send())[1])
+    await eventually(lambda: smsc.bind_refusals > 0)
+    resp = await h.client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["checks"]["operator"] == \
+        "disconnected: wrong password (ESME_RINVPASWD)"
+    assert await h.balance() == 100_000 - 100  # charged (hundredths), waiting, not refunded
+    message = await h.gateway.store.get_message(message_id)
+    assert message.state != "final" and not smsc.submitted
+    smsc.password = "secret"  # fixed on the SMSC's side: the waiting message goes out
+    await eventually(lambda: len(smsc.submitted) == 1, timeout=10)
+
+
+async def test_a_long_message_is_delivered_when_all_parts_are_failed_when_one_fails(
+        make_harness: Any, config: Config, smsc: Smsc) -> None:
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    body = "x" * 200  # two parts
+    (delivered,) = ids_of((await h.send(message=body, noStop="1"))[1])
+    await eventually(lambda: len(smsc.submitted) == 2)
+    first, second = (s.message_id for s in smsc.submitted)
+
+    async def sent() -> bool:
+        return (await h.gateway.store.get_message(delivered)).ptt == 3
+    await eventually(sent)
+    assert await smsc.receipt(first, "DELIVRD") == 0
+    assert (await h.gateway.store.get_message(delivered)).state == "sent"
+    assert await smsc.receipt(second, "DELIVRD") == 0
+    await final(h, delivered)
+    assert (await h.gateway.store.get_message(delivered)).ptt == 4
+
+    (failed,) = ids_of((await h.send(message=body, noStop="1"))[1])
+    await eventually(lambda: len(smsc.submitted) == 4)
+    third, fourth = (s.message_id for s in smsc.submitted[2:])
+
+    async def sent_too() -> bool:
+        return (await h.gateway.store.get_message(failed)).ptt == 3
+    await eventually(sent_too)
+    assert await smsc.receipt(fourth, "UNDELIV") == 0
+    await final(h, failed)
+    assert (await h.gateway.store.get_message(failed)).ptt == 5
+    assert await smsc.receipt(third, "DELIVRD") == 0  # late: the message stays failed
+    assert (await h.gateway.store.get_message(failed)).ptt == 5
+
+
+async def test_inbound_replies_are_kept_for_the_account_and_listed(
+        make_harness: Any, config: Config, smsc: Smsc) -> None:
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    await h.send(senderForResponse="1", tag="promo", to="+33612345678")
+    await eventually(lambda: len(smsc.submitted) == 1)
+    assert smsc.submitted[0].pdu.source_addr == "33700000000"  # send.reply_sender
+    # A reply to the reply number, in UCS-2; a message to a declared sender; one to no one.
+    assert await smsc.inbound("33612345678", "33700000000", "STOP ça".encode("utf-16-be"),
+                              data_coding=8) == 0
+    assert await smsc.inbound("33699999999", "ACME", b"hello") == 0
+    assert await smsc.inbound("33699999999", "NOBODY", b"lost") == 0
+
+    resp = await h.client.get(f"/1.0/sms/{ACCOUNT}/incoming", headers=AUTH)
+    assert resp.status == 200
+    ids = await resp.json()
+    assert len(ids) == 2 and ids[0] > ids[1]
+    resp = await h.client.get(f"/1.0/sms/{ACCOUNT}/incoming/{ids[1]}", headers=AUTH)
+    reply = await resp.json()
+    assert {k: reply[k] for k in ("sender", "message", "tag")} == \
+        {"sender": "+33612345678", "message": "STOP ça", "tag": "promo"}
+    assert set(reply) == {"id", "creationDatetime", "sender", "message", "tag"}
+    resp = await h.client.get(f"/1.0/sms/{ACCOUNT}/incoming/{ids[0]}", headers=AUTH)
+    assert (await resp.json())["message"] == "hello"
+    resp = await h.client.get(f"/1.0/sms/{ACCOUNT}/incoming/{ids[0] + 1}", headers=AUTH)
+    assert resp.status == 404
+
+    listed = await asyncio.to_thread(invoke, "--db", config.store.path, "--json", "message",
+                                     "incoming", ACCOUNT)
+    assert [m["message"] for m in json.loads(listed.stdout)] == ["hello", "STOP ça"]
+
+
+async def test_the_smsc_restarted_in_the_middle(make_harness: Any, config: Config,
+                                                smsc: Smsc) -> None:
+    """Drop every link with submits in flight and receipts unanswered, refuse connections
+    a while, come back: every message ends delivered; the SMS sent twice are counted."""
+    smsc.auto_receipt, smsc.delay = "DELIVRD", 0.01
+    h: Harness = await make_harness(cfg=smpp(config, smsc).replace(
+        {"send.max_recipients": 500}), credits=10_000)
+    recipients = ",".join(f"+336123{n:05d}" for n in range(300))
+    ids = ids_of((await h.send(to=recipients, noStop="1"))[1])
+    await eventually(lambda: len(smsc.submitted) >= 100, timeout=20)
+    port = smsc.port
+    await smsc.stop()
+    await asyncio.sleep(0.5)
+    await smsc.start(port)
+    try:
+        await final_all(h, ids, timeout=20)
+    except AssertionError:
+        raise AssertionError(await _debug_state(h, ids, smsc)) from None
+    for message_id in ids:
+        assert (await h.gateway.store.get_message(message_id)).ptt == 4
+    sent = [s.pdu.destination_addr for s in smsc.submitted]
+    twice = len(sent) - len(set(sent))
+    assert len(set(sent)) == 300
+    print(f"SMSC restart: {len(sent)} submit_sm for 300 messages ({twice} sent twice)")
+
+
+async def final_all(h: Harness, ids: list[int], timeout: float) -> None:
+    async def done() -> bool:
+        return all([(await h.gateway.store.get_message(i)).state == "final" for i in ids])
+    await eventually(done, timeout=timeout)
+
+
+async def _debug_state(h: Harness, ids: list[int], smsc: Smsc) -> str:
+    states: dict[tuple[str, int | None], int] = {}
+    for i in ids:
+        m = await h.gateway.store.get_message(i)
+        states[(m.state, m.ptt)] = states.get((m.state, m.ptt), 0) + 1
+    return f"{states} submitted={len(smsc.submitted)} pending={len(smsc.pending_receipts)}"
+
+
+@pytest.mark.soak
+async def test_a_burst_of_10000_within_the_window_and_the_cap(make_harness: Any,
+                                                               config: Config,
+                                                               smsc: Smsc) -> None:
+    """10,000 messages, window 50, cap 500/s: the cap holds within 10%, the window is
+    never exceeded, every message ends delivered, none is sent twice (no link trouble)."""
+    smsc.auto_receipt, smsc.delay = "DELIVRD", 0.05  # 50 in flight could do 1,000/s
+    cfg = smpp(config, smsc).replace({"send.max_recipients": 500,
+                                      "operator.smpp.window": 50,
+                                      "operator.smpp.throughput_total": 500.0})
+    h: Harness = await make_harness(cfg=cfg, credits=20_000)
+    ids: list[int] = []
+    for batch in range(20):
+        to = ",".join(f"+3361{batch:02d}{n:05d}" for n in range(500))
+        ids += ids_of((await h.send(to=to, noStop="1"))[1])
+    assert len(ids) == 10_000
+    await final_all(h, ids, timeout=120)
+    delivered = 0
+    for message_id in ids:
+        delivered += (await h.gateway.store.get_message(message_id)).ptt == 4
+    times = sorted(s.at for s in smsc.submitted)
+    mean = (len(times) - 1) / (times[-1] - times[0])
+    # The busiest second: the cap is what must hold; the mean also pays the dispatcher's
+    # pauses between batches (recording one, claiming the next).
+    busiest, start = 0, 0
+    for end, at in enumerate(times):
+        while times[start] <= at - 1.0:
+            start += 1
+        busiest = max(busiest, end - start + 1)
+    sent = [s.pdu.destination_addr for s in smsc.submitted]
+    print(f"burst: {len(sent)} submit_sm for 10000 messages, {len(sent) - len(set(sent))} "
+          f"twice, busiest second {busiest}, mean {mean:.0f}/s (cap 500), at most "
+          f"{smsc.max_in_flight} in flight (window 50)")
+    assert delivered == 10_000 and len(set(sent)) == 10_000 and len(sent) == 10_000
+    assert busiest <= 550 and mean >= 300
+    assert smsc.max_in_flight <= 50

@@ -1,0 +1,108 @@
+"""The SMPP connector's pure rules: parts as the send path counts them, codings, UDH,
+receipts, answers -> ptt."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import ptt
+from gateway.config import SmppSettings
+from gateway.encoding import Coding, segment
+from gateway.operators.smpp import errors, pdus
+from gateway.operators.smpp.connector import backoff, validity_period
+
+GSM_CHARS = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCXYZÄÖÑÜ§¿" \
+            "abcxyzäöñüà\f^{}\\[~]|€"
+
+
+@given(st.text(alphabet=GSM_CHARS, max_size=1000))
+def test_gsm_parts_are_the_parts_counted(text: str) -> None:
+    parts = pdus.split_text(text, int(Coding.GSM7))
+    assert "".join(parts) == text
+    assert len(parts) == segment(text, Coding.GSM7).parts
+    assert pdus.gsm_decode(pdus.gsm_encode(text)) == text
+    if len(parts) > 1:
+        assert all(len(pdus.gsm_encode(p)) <= 153 for p in parts)
+
+
+@given(st.text(max_size=400))
+def test_ucs2_parts_are_the_parts_counted(text: str) -> None:
+    parts = pdus.split_text(text, int(Coding.UCS2))
+    assert "".join(parts) == text
+    assert len(parts) == segment(text, Coding.UCS2).parts
+    if len(parts) > 1:
+        assert all(len(p.encode("utf-16-be", "surrogatepass")) <= 134 for p in parts)
+
+
+def test_build_parts_codings_and_headers() -> None:
+    [single] = pdus.build_parts("Hi €", 1, 1)
+    assert (single.short_message, single.data_coding, single.esm_class) == \
+        (b"Hi\x20\x1b\x65", 0, 0)
+    [flash] = pdus.build_parts("Hi", 1, 0)
+    assert flash.data_coding == 0x10
+    [ucs2] = pdus.build_parts("Ж", 2, 1)
+    assert (ucs2.short_message, ucs2.data_coding) == (b"\x04\x16", 8)
+    first, second = pdus.build_parts("x" * 161, 1, 1, reference=300)
+    assert first.short_message[:6] == bytes([5, 0, 3, 300 & 0xFF, 2, 1])
+    assert second.esm_class == pdus.ESM_UDHI
+    [payload] = pdus.build_parts("x" * 161, 1, 1, long_messages="payload")
+    assert payload.tlvs == {"message_payload": b"x" * 161}
+
+
+def test_receipts() -> None:
+    text = "id:0A1B sub:001 dlvrd:001 submit date:2612070800 done date:2612070801 " \
+           "stat:DELIVRD err:000 text:Hello"
+    receipt = pdus.parse_receipt(text)
+    assert receipt is not None and (receipt.reference, receipt.stat, receipt.err) == \
+        ("0A1B", "DELIVRD", "000")
+    assert pdus.parse_receipt("id:2587 stat:UNDELIV", receipt_id="decimal").reference == \
+        "a1b"  # type: ignore[union-attr]
+    assert pdus.normalize_reference("0A1B", "decimal") == "a1b"
+    assert pdus.parse_receipt("id:a1b stat:EXPIRED", receipt_id="hex").reference == \
+        "2587"  # type: ignore[union-attr]
+    assert pdus.parse_receipt("stat:DELIVRD", receipted_message_id="x1",
+                              message_state=2).reference == "x1"  # type: ignore[union-attr]
+    assert pdus.parse_receipt("", receipted_message_id="x1",
+                              message_state=5).stat == "UNDELIV"  # type: ignore[union-attr]
+    assert pdus.parse_receipt("nothing here") is None
+    assert pdus.is_receipt(0x04) and pdus.is_receipt(0x44) and not pdus.is_receipt(0x40)
+
+
+def test_udh_and_inbound_decoding() -> None:
+    concat, rest = pdus.split_udh(bytes([6, 8, 4, 1, 2, 3, 1]) + b"abc")
+    assert concat == pdus.Concatenation(0x0102, 3, 1) and rest == b"abc"
+    assert pdus.decode_text("é".encode("latin-1"), 3) == "é"
+    assert pdus.decode_text("Ж".encode("utf-16-be"), 8) == "Ж"
+    assert pdus.decode_text(b"\x1b\x65\x00", 0) == "€@"
+
+
+def test_error_tables() -> None:
+    table = errors.ErrorTable.from_settings({})
+    assert table.refusal(errors.ESME_RINVDSTADR) == 23
+    assert table.refusal(0x1234) == errors.UNKNOWN_REFUSAL == 20
+    assert not ptt.PTTS[20].billed  # an unknown refusal is refunded
+    assert table.receipt("DELIVRD", "000") == 4 and table.receipt("weird", "") == 6
+    custom = errors.ErrorTable.from_settings({"0x0000000B": 29, "11": 28, "err:0042": 27})
+    assert custom.refusal(11) == 28
+    assert custom.receipt("UNDELIV", "042") == 27 and custom.receipt("UNDELIV", "43") == 5
+    with pytest.raises(ValueError, match="unknown ptt 999"):
+        errors.ErrorTable.from_settings({"11": 999})
+    assert errors.SLOW_DOWN <= errors.TRY_LATER
+    for status in errors.TRY_LATER:
+        assert status not in errors.DEFAULT_REFUSALS
+
+
+def test_backoff_and_validity() -> None:
+    s = SmppSettings(reconnect_first_seconds=1, reconnect_max_seconds=10,
+                     reconnect_jitter=0.5)
+    rng = random.Random(1)
+    delays = [backoff(n, s, rng) for n in range(1, 8)]
+    assert 1 <= delays[0] <= 1.5 and 2 <= delays[1] <= 3
+    assert all(10 <= d <= 15 for d in delays[4:])
+    assert validity_period(48) == "000002000000000R"
+    assert validity_period(1.5) == "000000013000000R"
+    assert validity_period(0) == ""
