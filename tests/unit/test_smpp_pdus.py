@@ -106,3 +106,19 @@ def test_backoff_and_validity() -> None:
     assert validity_period(48) == "000002000000000R"
     assert validity_period(1.5) == "000000013000000R"
     assert validity_period(0) == ""
+
+
+@pytest.mark.parametrize(("text", "reference"), [
+    # What the SMS said, copied into `text:`, never names the message.
+    ("id:123 sub:001 dlvrd:001 submit date:2401011200 done date:2401011201 stat:DELIVRD "
+     "err:000 text:paid:99 id:77", "123"),
+    ("stat:DELIVRD err:000 text:your id:55", None),
+    ("id:9 stat:DELIVRD err:000 text:stat:UNDELIV", "9"),
+    ("xid:5 paid:7 id:8 stat:DELIVRD", "8"),          # a field starts a word
+    ("id:8 id:9 stat:DELIVRD", "8"),                  # the first one stands
+])
+def test_a_receipt_s_fields_come_before_its_text(text: str, reference: str | None) -> None:
+    receipt = pdus.parse_receipt(text)
+    assert (receipt.reference if receipt else None) == reference
+    if receipt is not None:
+        assert receipt.stat == "DELIVRD"

@@ -167,8 +167,12 @@ class Receipt:
     text: str
 
 
-_FIELD = re.compile(r"(id|sub|dlvrd|submit date|done date|stat|err|text):\s*(\S*)",
+# A field starts the text or follows white space: `paid:99` holds no `id:`.
+_FIELD = re.compile(r"(?:^|(?<=\s))(id|sub|dlvrd|submit date|done date|stat|err):\s*(\S*)",
                     re.IGNORECASE)
+# `text:` is the message's first characters, written by whoever sent it: nothing after it
+# is a field (an SMS reading "your id:99" must not name another message).
+_TEXT = re.compile(r"(?:^|(?<=\s))text:", re.IGNORECASE)
 # message_state TLV -> the stat of a receipt's text (SMPP 3.4, 5.2.28)
 MESSAGE_STATES = {1: "ENROUTE", 2: "DELIVRD", 3: "EXPIRED", 4: "DELETED", 5: "UNDELIV",
                   6: "ACCEPTD", 7: "UNKNOWN", 8: "REJECTD"}
@@ -209,7 +213,11 @@ def normalize_reference(message_id: str, receipt_id: ReceiptId) -> str:
 def parse_receipt(text: str, *, receipted_message_id: str | None = None,
                   message_state: int | None = None, receipt_id: ReceiptId = "same"
                   ) -> Receipt | None:
-    fields = {name.lower(): value for name, value in _FIELD.findall(text)}
+    text_starts = _TEXT.search(text)
+    head = text[:text_starts.start()] if text_starts else text
+    fields: dict[str, str] = {}
+    for name, value in _FIELD.findall(head):
+        fields.setdefault(name.lower(), value)  # the first: a repeated field is no override
     if receipted_message_id:
         reference = normalize_reference(receipted_message_id, receipt_id)
     elif fields.get("id"):
