@@ -55,6 +55,10 @@ NonNegativeInt = Annotated[int, Meta(ge=0)]
 Seconds = Annotated[float, Meta(gt=0)]
 NonNegative = Annotated[float, Meta(ge=0)]
 Ratio = Annotated[float, Meta(ge=0, le=1)]
+# SMPP's C-Octet strings of bind_transmitter & co. (SMPP 3.4, 4.1.1), without their NUL.
+SmppText15 = Annotated[str, Meta(max_length=15, pattern=r"^[\x20-\x7e]*$")]
+SmppText12 = Annotated[str, Meta(max_length=12, pattern=r"^[\x20-\x7e]*$")]
+SmppText8 = Annotated[str, Meta(max_length=8, pattern=r"^[\x20-\x7e]*$")]
 # A deadline on a client: longer than nothing, at most an hour.
 Timeout = Annotated[float, Meta(gt=0, le=3600)]
 
@@ -171,12 +175,14 @@ class SmppSettings(Section, frozen=True):
     tls: bool = False
     # CA bundle the SMSC's certificate is checked against; empty: the system's.
     tls_ca_file: str = ""
-    system_id: str = ""
+    # SMPP 3.4 caps these (15, 8 and 12 characters, printable ASCII): a longer password
+    # would be cut by the PDU and refused as wrong, with no hint why.
+    system_id: SmppText15 = ""
     # Better from HTTP2SMS_OPERATOR_SMPP_PASSWORD or password_file than in this file.
-    password: str = ""
+    password: SmppText8 = ""
     # A file holding the password (its first line); used when password is empty.
     password_file: str = ""
-    system_type: str = ""
+    system_type: SmppText12 = ""
     # "transceiver": one bind does both; "transmitter_receiver": a pair per bind.
     bind_mode: Literal["transceiver", "transmitter_receiver"] = "transceiver"
     binds: Annotated[int, Meta(ge=1, le=64)] = 1
@@ -501,7 +507,7 @@ def _from_env(name: str, kind: Any, raw: str) -> Any:
     if base is bool:
         lowered = raw.strip().lower()
         if lowered not in _TRUE + _FALSE:
-            raise ConfigError(f"setting {name}: expected true or false (got {raw!r})")
+            raise ConfigError(f"setting {name}: expected true or false{_got(name, raw)}")
         value = lowered in _TRUE
     elif base == list[str]:
         try:
@@ -512,7 +518,8 @@ def _from_env(name: str, kind: Any, raw: str) -> Any:
     try:
         return msgspec.convert(value, kind, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"setting {name}: {_what(kind, str(exc))} (got {raw!r})") from None
+        raise ConfigError(f"setting {name}: {_what(kind, str(exc))}{_got(name, raw)}") \
+            from None
 
 
 _AT = re.compile(r" - at `\$(?P<where>[^`]*)`$")
@@ -540,7 +547,17 @@ def _error(path: str, struct: type[Section], exc: msgspec.ValidationError,
             kind = None
         else:
             return ConfigError(f"setting {path}{where}: {_what(None, what)}")
-    return ConfigError(f"setting {path}{where}: {_what(kind, what)} (got {value!r})")
+    return ConfigError(f"setting {path}{where}: {_what(kind, what)}"
+                       f"{_got(path + where, value)}")
+
+
+# Settings whose value is a secret: an error about them never quotes it (it would reach a
+# terminal, a journal or a container's log).
+_SECRET = re.compile(r"password|token|secret", re.IGNORECASE)
+
+
+def _got(name: str, value: Any) -> str:
+    return "" if _SECRET.search(name) else f" (got {value!r})"
 
 
 def _what(kind: Any, message: str) -> str:

@@ -4,6 +4,7 @@ receipts, answers -> ptt."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -122,3 +123,27 @@ def test_a_receipt_s_fields_come_before_its_text(text: str, reference: str | Non
     assert (receipt.reference if receipt else None) == reference
     if receipt is not None:
         assert receipt.stat == "DELIVRD"
+
+
+@pytest.mark.parametrize("secret", ["abcdefghijkl", "p\u20acss"])
+def test_a_password_smpp_cannot_carry_is_refused_without_being_quoted(
+        secret: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """smpplib cut a 12-character password to 8 (the SMSC then said "wrong password"), and
+    a non-Latin-1 one crashed the bind with the password in the exception's arguments."""
+    from gateway import config
+    from gateway.operators.smpp.connector import password
+
+    monkeypatch.setenv("HTTP2SMS_OPERATOR_KIND", "smpp")
+    monkeypatch.setenv("HTTP2SMS_OPERATOR_SMPP_PASSWORD", secret)
+    with pytest.raises(config.ConfigError, match=r"operator\.smpp\.password") as refused:
+        config.load(None)
+    assert secret not in str(refused.value)
+    monkeypatch.delenv("HTTP2SMS_OPERATOR_SMPP_PASSWORD")
+    path = tmp_path / "password"
+    path.write_text(secret + "\n")
+    monkeypatch.setenv("HTTP2SMS_OPERATOR_SMPP_PASSWORD_FILE", str(path))
+    settings = config.load(None).operator
+    assert isinstance(settings, config.SmppOperatorConfig)
+    with pytest.raises(config.ConfigError, match="password_file") as refused:
+        password(settings.smpp)
+    assert secret not in str(refused.value)

@@ -86,7 +86,14 @@ def password(settings: SmppSettings) -> str:
     except OSError as exc:
         raise ConfigError(f"setting operator.smpp.password_file: cannot read "
                           f"{settings.password_file}: {exc.strerror or exc}") from None
-    return lines[0].strip() if lines else ""
+    secret = lines[0].strip() if lines else ""
+    # The same bounds as the setting's (SMPP 3.4: at most 8 printable ASCII characters);
+    # the message never quotes the password.
+    if len(secret) > 8 or not all(" " <= c <= "~" for c in secret):
+        raise ConfigError(f"setting operator.smpp.password_file: the password in "
+                          f"{settings.password_file} is not at most 8 printable ASCII "
+                          "characters (SMPP 3.4 caps it)")
+    return secret
 
 
 def backoff(attempt: int, settings: SmppSettings, rng: random.Random) -> float:
