@@ -65,6 +65,8 @@ class Smsc:
         self.answer: Callable[[smpp34.SubmitSm], int | str] | None = None
         self.delay = 0.0
         self.hold = False
+        # Accept each bind, then close the connection at once (a flapping SMSC).
+        self.drop_after_bind = False
         self.auto_receipt: str | None = None
         self.receipt_first = False
         # An automatic receipt after the answer comes this much later (a real SMSC: seconds).
@@ -211,6 +213,9 @@ class Smsc:
         conn.mode, conn.system_id = command_id, system_id.decode()
         self.binds += 1
         conn.writer.write(frame(command_id | RESP, 0, sequence, b"SMSC\0"))
+        if self.drop_after_bind:
+            conn.writer.close()
+            return
         if conn.receives:
             self._redeliver()
 

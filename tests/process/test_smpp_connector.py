@@ -267,6 +267,42 @@ async def test_unbind_by_the_smsc_reconnects(smsc: Smsc, sink: Sink) -> None:
         await operator.stop()
 
 
+async def test_an_smsc_that_drops_each_bind_at_once_gets_a_growing_backoff(
+        smsc: Smsc, sink: Sink) -> None:
+    """The backoff restarted at every accepted bind: a flapping SMSC was rebound every
+    first delay, forever (30 binds in 3 s in review). It restarts only after a link that
+    held for reconnect_max_seconds."""
+    smsc.drop_after_bind = True
+    operator = SmppOperator(settings(smsc, reconnect_first_seconds=0.05,
+                                     reconnect_max_seconds=0.4, reconnect_jitter=0.0),
+                            SystemClock())
+    await operator.start(_SinkAdapter(sink))
+    try:
+        await asyncio.sleep(1.5)  # delays 0.05, 0.1, 0.2, 0.4, 0.4...: about 6 binds
+        assert 3 <= smsc.binds <= 8, smsc.binds
+    finally:
+        await operator.stop()
+
+
+async def test_not_bound_answers_make_the_connector_bind_again(smsc: Smsc, sink: Sink) -> None:
+    """ESME_RINVBNDSTS (the SMSC lost our bind) was a mere "try later" on the same session:
+    retried every second, forever. Now the session is closed and the bind made again."""
+    operator = await connected(smsc, sink)
+    refused = [0x04]
+    smsc.answer = lambda pdu: refused.pop() if refused else 0
+    try:
+        [result] = await operator.submit([message(1, "x")])
+        assert isinstance(result, Later) and "ESME_RINVBNDSTS" in result.reason
+        for _ in range(250):
+            if smsc.binds >= 2 and operator.link_status().up:
+                break
+            await asyncio.sleep(0.02)
+        assert smsc.binds >= 2 and operator.link_status().up
+        assert isinstance((await operator.submit([message(1, "x")]))[0], Taken)
+    finally:
+        await operator.stop()
+
+
 async def test_enquire_link_is_sent_when_idle(smsc: Smsc, sink: Sink) -> None:
     operator = await connected(smsc, sink, enquire_link_seconds=0.1)
     try:

@@ -53,6 +53,7 @@ from gateway.operators.base import (
 from gateway.operators.smpp import pdus
 from gateway.operators.smpp.errors import (
     DEFAULT_STATS,
+    ESME_RINVBNDSTS,
     ESME_ROK,
     ESME_RX_T_APPN,
     SLOW_DOWN,
@@ -242,7 +243,7 @@ class SmppOperator:
                             retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
                 continue
-            attempt = 0
+            bound_at = asyncio.get_running_loop().time()
             bind.reason = "bound"
             self._bound_event.set()
             log.info("smpp_bound", bind=bind.index, host=self._settings.host,
@@ -258,6 +259,11 @@ class SmppOperator:
                 self._bound_event.clear()
             if self._stopping:
                 return
+            # The backoff starts over only after a link that held: an SMSC that accepts
+            # the bind and drops it at once must not be rebound every first delay, forever.
+            if asyncio.get_running_loop().time() - bound_at >= \
+                    self._settings.reconnect_max_seconds:
+                attempt = 0
             attempt += 1
             delay = backoff(attempt, self._settings, self._rng)
             log.warning("smpp_link_down", bind=bind.index, reason=reason,
@@ -359,6 +365,10 @@ class SmppOperator:
                 self._metrics.smpp_throttled.inc()
                 bind.pace.slow_down()
                 self._pace.slow_down()
+            if status == ESME_RINVBNDSTS:
+                # The SMSC no longer counts us as bound: only a new bind helps. Closing
+                # the session makes the bind's keeper bind again (with its backoff).
+                await session.close("not bound (ESME_RINVBNDSTS)")
             if status in TRY_LATER:
                 return Later(message_id, RETRY_SECONDS,
                              f"{'throttled' if slow else 'try later'} ({status_name(status)})")
