@@ -303,6 +303,20 @@ async def test_not_bound_answers_make_the_connector_bind_again(smsc: Smsc, sink:
         await operator.stop()
 
 
+async def test_one_message_that_cannot_be_sent_leaves_the_others_taken(
+        smsc: Smsc, sink: Sink) -> None:
+    """One message raising made `submit` raise: the dispatcher took the whole batch as not
+    taken, and sent the others again on every retry."""
+    operator = await connected(smsc, sink)
+    try:
+        results = await operator.submit([message(1, "x"), message(2, "y", sender="\u20acSHOP"),
+                                         message(3, "z")])
+        assert [type(r) for r in results] == [Taken, Later, Taken]
+        assert len(smsc.submitted) == 2
+    finally:
+        await operator.stop()
+
+
 async def test_enquire_link_is_sent_when_idle(smsc: Smsc, sink: Sink) -> None:
     operator = await connected(smsc, sink, enquire_link_seconds=0.1)
     try:

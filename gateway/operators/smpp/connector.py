@@ -276,7 +276,16 @@ class SmppOperator:
         if not any(bind.transmitter for bind in self._binds):
             reason = self.link_status().detail or "link down"
             return [Later(m.id, LINK_DOWN_RETRY_SECONDS, reason) for m in messages]
-        return await asyncio.gather(*(self._submit_one(m) for m in messages))
+        return await asyncio.gather(*(self._submit_guarded(m) for m in messages))
+
+    async def _submit_guarded(self, message: OutgoingMessage) -> SubmitResult:
+        """One message's answer, whatever goes wrong with it: had `submit` raised, the
+        dispatcher would take the whole batch as not taken, and send the others again."""
+        try:
+            return await self._submit_one(message)
+        except Exception as exc:  # its type is logged; its text may quote the message
+            log.error("smpp_submit_failed", message_id=message.id, error=type(exc).__name__)
+            return Later(message.id, RETRY_SECONDS, f"submit failed: {type(exc).__name__}")
 
     async def resume(self, messages: Sequence[OutgoingMessage]) -> None:
         """Nothing to do: the SMSC sends the receipts still pending once bound again."""
