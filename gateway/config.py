@@ -38,6 +38,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 from msgspec import Meta, Struct, field
 
+from gateway import ptt
+
 ENV_PREFIX = "HTTP2SMS_"
 
 
@@ -218,11 +220,26 @@ class SmppSettings(Section, frozen=True):
     long_messages: Literal["udh", "sar", "payload"] = "udh"
     # How the `id:` of a receipt's text is written compared with submit_sm_resp's
     # message_id: "same", "decimal" (a hex message_id written in decimal) or "hex" (a
-    # decimal message_id written in hex). receipted_message_id, when sent, is used as is.
+    # decimal message_id written in hex). receipted_message_id, when sent, is normalized the
+    # same way as submit_sm_resp's message_id.
     receipt_id: Literal["same", "decimal", "hex"] = "same"
-    # command_status (hex "0x0000000B" or decimal) -> ptt, over the default table in
-    # gateway/operators/smpp/errors.py.
+    # command_status (hex "0x0000000B" or decimal) or a receipt's "err:NNN" -> ptt, over
+    # the default table in gateway/operators/smpp/errors.py. From the environment: JSON,
+    # HTTP2SMS_OPERATOR_SMPP_ERRORS='{"0x0000000B": 23}'.
     errors: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Checked at load, not when the worker builds its table: a wrong key or code must
+        # stop the start with the setting named, not crash the worker later.
+        for key, code in self.errors.items():
+            if ptt.lookup(code) is None:
+                raise ValueError(f"errors.{key}: unknown ptt {code}")
+            if not key.lower().startswith("err:"):
+                try:
+                    int(key, 0)
+                except ValueError:
+                    raise ValueError(f"errors.{key}: a command_status (0x0000000B or 11) "
+                                     "or err:NNN") from None
 
 
 class SmppOperatorConfig(OperatorConfig, frozen=True, tag="smpp"):
@@ -515,6 +532,11 @@ def _from_env(name: str, kind: Any, raw: str) -> Any:
         except json.JSONDecodeError:
             value = raw
         value = _lenient(kind, value if isinstance(value, list) else raw)
+    elif get_origin(base) is dict:
+        try:
+            value = json.loads(raw)  # a table from the environment is written as JSON
+        except json.JSONDecodeError:
+            value = raw
     try:
         return msgspec.convert(value, kind, strict=False)
     except msgspec.ValidationError as exc:

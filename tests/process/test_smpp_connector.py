@@ -451,6 +451,8 @@ async def test_check_says_what_happened(smsc: Smsc, tmp_path: Any) -> None:
     assert not ok and "wrong password" in line
     ok, line = await check(settings(smsc, password="", password_file=str(tmp_path / "no")))
     assert not ok and line.startswith("setting operator.smpp.password_file: cannot read")
+    ok, line = await check(settings(smsc, tls=True, tls_ca_file=str(tmp_path / "no-ca.pem")))
+    assert not ok and line.startswith("TLS failure: setting operator.smpp.tls_ca_file")
     await smsc.stop()
     ok, line = await check(settings(smsc))
     assert not ok and "connection refused" in line

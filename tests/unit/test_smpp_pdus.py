@@ -147,3 +147,21 @@ def test_a_password_smpp_cannot_carry_is_refused_without_being_quoted(
     with pytest.raises(config.ConfigError, match="password_file") as refused:
         password(settings.smpp)
     assert secret not in str(refused.value)
+
+
+def test_the_errors_table_is_checked_at_load_and_read_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong key or ptt crashed the worker with a raw ValueError, and the table could not
+    be given in the environment at all ("expected object")."""
+    from gateway import config
+
+    monkeypatch.setenv("HTTP2SMS_OPERATOR_KIND", "smpp")
+    monkeypatch.setenv("HTTP2SMS_OPERATOR_SMPP_ERRORS", '{"0x0000000B": 24, "err:042": 21}')
+    settings = config.load(None).operator
+    assert isinstance(settings, config.SmppOperatorConfig)
+    table = errors.ErrorTable.from_settings(settings.smpp.errors)
+    assert table.refusal(0x0B) == 24 and table.receipt("UNDELIV", "042") == 21
+    for bad in ('{"0x0B": 999}', '{"eleven": 24}'):
+        monkeypatch.setenv("HTTP2SMS_OPERATOR_SMPP_ERRORS", bad)
+        with pytest.raises(config.ConfigError, match=r"operator\.smpp"):
+            config.load(None)

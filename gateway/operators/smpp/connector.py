@@ -480,8 +480,11 @@ async def check(settings: SmppSettings, timeout: float | None = None) -> tuple[b
         await session.respond(pdu, "generic_nack", status=0x03)
 
     mode = "transceiver" if settings.bind_mode == "transceiver" else "transmitter"
-    session = Session(host=settings.host, port=settings.port,
-                      tls=tls_context(settings.tls_ca_file) if settings.tls else None,
+    try:
+        tls = tls_context(settings.tls_ca_file) if settings.tls else None
+    except ConfigError as exc:
+        return False, f"TLS failure: {exc}"
+    session = Session(host=settings.host, port=settings.port, tls=tls,
                       mode=mode, system_id=settings.system_id, password=pwd,
                       system_type=settings.system_type,
                       timeout=timeout or settings.response_timeout_seconds,

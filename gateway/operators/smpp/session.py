@@ -22,6 +22,7 @@ import smpplib.command
 import smpplib.exceptions
 import smpplib.smpp
 
+from gateway.config import ConfigError
 from gateway.operators.smpp.errors import ESME_ROK, status_name
 
 HEADER = struct.Struct(">LLLL")
@@ -54,8 +55,11 @@ class _Sequence:
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=ca_file or None)
-    return context
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"setting operator.smpp.tls_ca_file: cannot use {ca_file}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 class Session:
