@@ -67,6 +67,8 @@ class Smsc:
         self.hold = False
         # Accept each bind, then close the connection at once (a flapping SMSC).
         self.drop_after_bind = False
+        # What was written, in order (submit_sm_resp, deliver_sm): the tests' proof of order.
+        self.wire: list[str] = []
         self.auto_receipt: str | None = None
         self.receipt_first = False
         # An automatic receipt after the answer comes this much later (a real SMSC: seconds).
@@ -133,6 +135,7 @@ class Smsc:
         conn.pending[sequence] = answer
         data = pdu.encode()
         conn.writer.write(data[:12] + struct.pack(">L", sequence) + data[16:])
+        self.wire.append("deliver_sm")
         return await asyncio.wait_for(answer, 10)
 
     async def receipt(self, message_id: str, stat: str, *, err: str = "000",
@@ -232,6 +235,7 @@ class Smsc:
             return
         if status == 0 and self.auto_receipt and self.receipt_first:
             await self._auto_receipt(message_id)
+            await asyncio.sleep(0)  # the receipt's task writes its deliver_sm first
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -240,6 +244,7 @@ class Smsc:
             body = (message_id.encode() + b"\0") if status == 0 else b"\0"
             with contextlib.suppress(Exception):
                 conn.writer.write(frame(SUBMIT_SM | RESP, status, sequence, body))
+                self.wire.append("submit_sm_resp")
         finally:
             self.in_flight -= 1
         if status == 0 and self.auto_receipt and not self.receipt_first:

@@ -49,6 +49,7 @@ async def test_sent_then_delivered_by_receipt(make_harness: Any, config: Config,
     # after it, and is ignored (a final state is not left).
     steps = await history(h, message_id)
     if receipt_first:
+        assert smsc.wire[:2] == ["deliver_sm", "submit_sm_resp"]  # as the test says
         assert steps[-1] == (4, 1) and (3, 4) not in steps[steps.index((4, 1)):]
     else:
         assert steps == [(None, 0), (3, 4), (4, 1)]
