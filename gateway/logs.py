@@ -114,9 +114,25 @@ def _escaped(event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if event.get("exc_info"):
         event = structlog.processors.format_exc_info(None, "", event)
     for key, value in event.items():
-        if isinstance(value, str):
+        if not isinstance(value, str):
+            continue
+        if key in _ELSEWHERE or key == "event":
             event[key] = escape(value, keep="\n" if key in _ELSEWHERE else "")
+        elif not value.isprintable():
+            event[key] = _AsRepr(value)  # as the lean path shows it: repr, quotes and all
     return event
+
+
+class _AsRepr:
+    """A text structlog's renderer writes as its repr (escaped, in quotes)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
