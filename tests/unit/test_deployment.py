@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config as config_module
+from gateway.store.sqlite import exposed
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -75,6 +76,29 @@ def test_the_image_runs_from_the_lock_as_a_user_with_a_health_check() -> None:
     assert any(w == "HEALTHCHECK" and "/healthz" in a for w, a in found)
     assert [a for w, a in found if w == "STOPSIGNAL"] == ["SIGTERM"]
     assert sum(w == "FROM" for w, _ in found) == 2  # build, then the image without pip's work
+
+
+def made_folder(runs: str, folder: str) -> tuple[int, str]:
+    """(mode, owner) a RUN gives `folder`: `install -d -m MODE -o UID ...` or `mkdir` (0755
+    under the default umask 022) then `chown`."""
+    installed = re.search(rf"install -d -m ([0-7]+) -o (\S+) -g \S+ {folder}(\s|$)", runs)
+    if installed:
+        return int(installed[1], 8), installed[2]
+    assert re.search(rf"mkdir (-p )?{folder}(\s|$)", runs), f"nothing makes {folder}"
+    owner = re.search(rf"chown (\S+?):\S+ {folder}(\s|$)", runs)
+    return 0o755, owner[1] if owner else "root"
+
+
+def test_the_image_data_folder_is_the_users_alone(tmp_path: Path) -> None:
+    """The store warns (store_open_to_others) when its folder is open to others: the
+    folder the image makes must not make it warn at every start."""
+    runs = " ".join(a for w, a in instructions(DOCKERFILE) if w == "RUN")
+    mode, owner = made_folder(runs, "/data")
+    assert owner in ("10001", "http2sms")
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(mode)
+    assert exposed(data / "gateway.sqlite3") == []
 
 
 def known_variable(name: str) -> bool:
