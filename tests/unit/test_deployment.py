@@ -127,10 +127,10 @@ def test_the_settings_the_deployment_files_set_exist_and_load(where: str) -> Non
     for name in ours:
         assert known_variable(name), f"{where} sets {name}, which is no setting"
     config = config_module.from_dict({}, ours)
+    # The admin API is on its own listener, on loopback unless the operator opens it.
+    assert config.admin.host == "127.0.0.1" and config.admin.port != config.server.port
     if where == "Dockerfile":
-        # The admin API is on its own listener, on loopback unless the operator opens it;
-        # the grace period stays under `docker stop`'s 10 s.
-        assert config.admin.host == "127.0.0.1" and config.admin.port != config.server.port
+        # The grace period stays under `docker stop`'s 10 s.
         assert config.server.shutdown_grace_seconds < 10
 
 
