@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import socket
 import ssl
 import sys
@@ -159,8 +160,6 @@ def install_uvloop() -> None:
 
 async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM; the access log stays off because URLs carry passwords."""
-    import signal
-
     grace = config.server.shutdown_grace_seconds
     signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
