@@ -101,12 +101,14 @@ async def check_readiness(gateway: Gateway, probe: asyncio.Future[None]
         ready = False
     else:
         checks["store"] = "writable"
+    delivering_elsewhere = False
     if gateway.worker is not None:
         status = await gateway.worker.status()
         connected = status is not None and status.operator_connected
         checks["operator"] = "connected" if connected else (
             _disconnected(status.operator_detail) if status is not None
             else "delivery worker not answering")
+        delivering_elsewhere = status is not None and not status.delivering
     else:
         # No delivery in this process (and no worker): nothing to wait for.
         link = gateway.dispatcher.operator.link_status() if gateway.dispatcher else None
@@ -115,7 +117,7 @@ async def check_readiness(gateway: Gateway, probe: asyncio.Future[None]
             link.detail if link else "")
     ready = ready and bool(connected)
     guard = gateway.delivery_guard
-    if guard is not None and not guard.delivering:
+    if delivering_elsewhere or (guard is not None and not guard.delivering):
         checks["delivery"] = "another gateway delivers from this store"
         ready = False
     try:
