@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from gateway import iprules
 from gateway.admin_auth import Denied
 from gateway.metrics import CONTENT_TYPE, merge_expositions
 from gateway.store import StoreError
+from gateway.web_ip import caller_ip
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -152,7 +152,7 @@ async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
     # The admin API's own check, so that guesses here count there too (and are throttled).
     try:
         access = await gateway.admin_auth.check(request.headers.get("Authorization", ""),
-                                                _caller(request, gateway))
+                                                caller_ip(request))
     except Denied as denied:
         headers = {"WWW-Authenticate": "Bearer"} if denied.status == 401 else \
             {"Retry-After": str(denied.retry_after)} if denied.retry_after else None
@@ -211,12 +211,3 @@ def _bound(gateway: Gateway) -> Callable[[web.Request], Awaitable[web.Response]]
         return await scrape(request, gateway)
 
     return handler
-
-
-def _caller(request: web.Request, gateway: Gateway) -> iprules.IPAddress | None:
-    """The caller's address, as the admin API sees it (`server.trusted_proxies`)."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    host = peer[0] if isinstance(peer, tuple) and peer else None
-    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
-    return iprules.client_ip(host, forwarded,
-                             iprules.parse_networks(gateway.config.server.trusted_proxies))
