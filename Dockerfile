@@ -41,12 +41,14 @@ LABEL org.opencontainers.image.title="http2sms-gateway" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# A fixed uid, so that a bind-mounted /data can be given to it (`chown 10001:10001`).
+# A fixed uid, so that a bind-mounted /data can be given to it (`chown 10001:10001`,
+# `chmod 700`). /data is the user's alone (0700): the store warns at every start
+# (store_open_to_others) when its folder is open to others, and a new named volume takes
+# the folder's mode and owner.
 RUN groupadd --system --gid 10001 http2sms \
     && useradd --system --uid 10001 --gid http2sms --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin http2sms \
-    && mkdir /data \
-    && chown http2sms:http2sms /data
+    && install -d -m 0700 -o 10001 -g 10001 /data
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app

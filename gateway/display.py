@@ -42,7 +42,8 @@ def _escaped(ch: str) -> str:
 def redact_url(url: str) -> str:
     """`url` with its password and query values replaced by `***`:
     `https://user:***@host/path?key=***`. The user, host, path and query keys stay: enough
-    to tell which endpoint it is, nothing that lets one call it as its owner.
+    to tell which endpoint it is, nothing that lets one call it as its owner. A user
+    without a password goes too (`https://***@host/`): many hooks take their token there.
 
     A fragment goes too (no server sees it, but it is the URL's owner's text). A text that
     is not a URL at all is hidden whole rather than guessed at.
@@ -56,7 +57,10 @@ def redact_url(url: str) -> str:
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:{REDACTED}@{host}" if has_password else f"{user}@{host}"
+        if has_password:
+            netloc = f"{user}:{REDACTED}@{host}"
+        else:
+            netloc = f"{REDACTED if user else ''}@{host}"
     query = "&".join(_redact_pair(pair) for pair in parts.query.split("&")) \
         if parts.query else ""
     return urlunsplit(SplitResult(parts.scheme, netloc, parts.path, query,

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from gateway import iprules
 from gateway.admin_auth import Denied
 from gateway.metrics import CONTENT_TYPE, merge_expositions
 from gateway.store import StoreError
+from gateway.web_ip import caller_ip
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -29,18 +29,14 @@ log = structlog.get_logger("gateway.health")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 
 READY_TIMEOUT = 5.0
-# A write probe is shared by the readiness checks that arrive while it runs and reused for
-# this long: probes are unauthenticated, and each one is a committed write.
-PROBE_REUSE_SECONDS = 1.0
 
 # A readiness answer is shared by the probes that arrive while it is worked out and reused
 # for this long: probes are unauthenticated, and 64 at once, each with its own checks, took
-# about 40% of the sends away.
+# about 40% of the sends away. Each answer's write probe is a committed write: this bounds
+# them too.
 RESULT_REUSE_SECONDS = 1.0
 # The monitoring endpoints, which the in-flight limit neither counts nor refuses.
 PATHS = ("/healthz", "/readyz", "/metrics")
-
-_PROBES: dict[int, tuple[asyncio.Future[None], float]] = {}
 
 
 class Readiness:
@@ -50,6 +46,9 @@ class Readiness:
         self.gateway = gateway
         self._current: asyncio.Future[tuple[bool, dict[str, Any]]] | None = None
         self._at = 0.0
+        # The store's write probe: one at a time, as a write stuck on a lock outlives the
+        # answer that gave up waiting for it; the next answer waits for that one again.
+        self._probe: asyncio.Future[None] | None = None
 
     async def result(self) -> tuple[bool, dict[str, Any]]:
         now = asyncio.get_running_loop().time()
@@ -62,25 +61,16 @@ class Readiness:
 
     async def _check(self) -> tuple[bool, dict[str, Any]]:
         self.gateway.metrics.readiness_checks.inc()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self.gateway.store.check_writable())
+            self._probe.add_done_callback(_ignore_result)
         try:
-            return await check_readiness(self.gateway)
+            return await check_readiness(self.gateway, self._probe)
         finally:
             self._at = asyncio.get_running_loop().time()
 
 
 READINESS = web.AppKey("readiness", Readiness)
-
-
-def _write_probe(gateway: Gateway) -> asyncio.Future[None]:
-    now = asyncio.get_running_loop().time()
-    current = _PROBES.get(id(gateway.store))
-    if current is not None and (not current[0].done()
-                                or now - current[1] < PROBE_REUSE_SECONDS):
-        return current[0]
-    probe = asyncio.ensure_future(gateway.store.check_writable())
-    probe.add_done_callback(_ignore_result)
-    _PROBES[id(gateway.store)] = (probe, now)
-    return probe
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -95,13 +85,13 @@ async def readyz(request: web.Request) -> web.Response:
                              status=200 if ready else 503)
 
 
-async def check_readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
-    """(ready, what was checked)."""
+async def check_readiness(gateway: Gateway, probe: asyncio.Future[None]
+                          ) -> tuple[bool, dict[str, Any]]:
+    """(ready, what was checked); `probe`: the store's write probe (`check_writable`)."""
     checks: dict[str, Any] = {}
     ready = True
     # Not wait_for: a write stuck on a lock must finish (and roll back) on its own time,
     # while the probe answers now.
-    probe = _write_probe(gateway)
     done, _ = await asyncio.wait({probe}, timeout=READY_TIMEOUT)
     if not done:
         checks["store"] = f"not writable: no write lock within {READY_TIMEOUT:g} s"
@@ -111,12 +101,14 @@ async def check_readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
         ready = False
     else:
         checks["store"] = "writable"
+    delivering_elsewhere = False
     if gateway.worker is not None:
         status = await gateway.worker.status()
         connected = status is not None and status.operator_connected
         checks["operator"] = "connected" if connected else (
             _disconnected(status.operator_detail) if status is not None
             else "delivery worker not answering")
+        delivering_elsewhere = status is not None and not status.delivering
     else:
         # No delivery in this process (and no worker): nothing to wait for.
         link = gateway.dispatcher.operator.link_status() if gateway.dispatcher else None
@@ -125,7 +117,7 @@ async def check_readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
             link.detail if link else "")
     ready = ready and bool(connected)
     guard = gateway.delivery_guard
-    if guard is not None and not guard.delivering:
+    if delivering_elsewhere or (guard is not None and not guard.delivering):
         checks["delivery"] = "another gateway delivers from this store"
         ready = False
     try:
@@ -160,7 +152,7 @@ async def scrape(request: web.Request, gateway: Gateway) -> web.Response:
     # The admin API's own check, so that guesses here count there too (and are throttled).
     try:
         access = await gateway.admin_auth.check(request.headers.get("Authorization", ""),
-                                                _caller(request, gateway))
+                                                caller_ip(request))
     except Denied as denied:
         headers = {"WWW-Authenticate": "Bearer"} if denied.status == 401 else \
             {"Retry-After": str(denied.retry_after)} if denied.retry_after else None
@@ -219,12 +211,3 @@ def _bound(gateway: Gateway) -> Callable[[web.Request], Awaitable[web.Response]]
         return await scrape(request, gateway)
 
     return handler
-
-
-def _caller(request: web.Request, gateway: Gateway) -> iprules.IPAddress | None:
-    """The caller's address, as the admin API sees it (`server.trusted_proxies`)."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    host = peer[0] if isinstance(peer, tuple) and peer else None
-    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
-    return iprules.client_ip(host, forwarded,
-                             iprules.parse_networks(gateway.config.server.trusted_proxies))

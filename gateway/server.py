@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import socket
 import ssl
 import sys
@@ -58,6 +59,8 @@ class GuardedSite(web.TCPSite):
         self._guard = guard
 
     async def start(self) -> None:
+        # TCPSite.start's own work with its private attributes, every option passed on
+        # (tests/unit/test_canaries.py checks that aiohttp still keeps them there).
         await web.BaseSite.start(self)  # registers the site; TCPSite.start would listen
         server = self._runner.server
         assert server is not None
@@ -65,14 +68,15 @@ class GuardedSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         if self._host in ANY_IPV6 and socket.has_dualstack_ipv6():
             sock = socket.create_server(("::", self._port), family=socket.AF_INET6,
-                                        backlog=self._backlog, dualstack_ipv6=True)
+                                        backlog=self._backlog, dualstack_ipv6=True,
+                                        reuse_port=bool(self._reuse_port))
             sock.setblocking(False)
             self._server = await loop.create_server(factory, sock=sock, ssl=self._ssl_context,
                                                     backlog=self._backlog)
         else:
             self._server = await loop.create_server(
                 factory, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-                reuse_address=True)
+                reuse_address=self._reuse_address, reuse_port=self._reuse_port)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
@@ -159,8 +163,6 @@ def install_uvloop() -> None:
 
 async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM; the access log stays off because URLs carry passwords."""
-    import signal
-
     grace = config.server.shutdown_grace_seconds
     signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import admin, health, iprules
+from gateway import admin, health, web_ip
 from gateway.app import Gateway
 from gateway.inflight import INFLIGHT, InflightLimit
 from gateway.send import handler as send_handler
@@ -25,7 +25,7 @@ def create_app(gateway: Gateway) -> web.Application:
                           middlewares=[limiter.middleware])
     app[INFLIGHT] = limiter
     app[send_handler.PIPELINE] = gateway.pipeline
-    app[send_handler.TRUSTED_PROXIES] = iprules.parse_networks(config.server.trusted_proxies)
+    web_ip.trust(app, config.server.trusted_proxies)  # the send URL's, /1.0's, /metrics'
     send_handler.setup(app)
     health.setup(app, gateway)
     admin.setup(app, gateway)  # /1.0: the admin API, or only its public routes

@@ -15,8 +15,9 @@ secret on a command line:
   (pokes: sends were committed, look in the store now) and `s` (a status request).
   End of file means the parent is gone or stopping: the worker finishes what it holds and
   exits. So a parent killed with SIGKILL does not leave a worker behind.
-- stdout, child to parent: one JSON line per status request: the operator's link status, the
-  reports and messages waiting in memory, and the worker's metrics (Prometheus text).
+- stdout, child to parent: one JSON line per status request: whether it delivers (not
+  while another worker holds the store), the operator's link status, the reports and
+  messages waiting in memory, and the worker's metrics (Prometheus text).
 
 The parent side, `DeliveryWorker`, is one of the gateway's services: it starts the child,
 pokes it after each commit, asks its status for `/readyz` and `/metrics`, starts it again
@@ -52,6 +53,9 @@ class WorkerStatus:
     metrics: str
     # Why the operator is not connected (SMPP: "wrong password (ESME_RINVPASWD)"...).
     operator_detail: str = ""
+    # False while the worker waits for another one (another gateway's) to let go of the
+    # store: this gateway does not deliver.
+    delivering: bool = True
 
 
 class DeliveryWorker:
@@ -168,7 +172,8 @@ class DeliveryWorker:
                     status = WorkerStatus(bool(data["operator_connected"]),
                                           int(data["waiting_hand_over"]),
                                           int(data["waiting_reports"]), str(data["metrics"]),
-                                          str(data.get("operator_detail", "")))
+                                          str(data.get("operator_detail", "")),
+                                          bool(data.get("delivering", True)))
                 except (ValueError, KeyError, TypeError) as exc:
                     if not answer.done():
                         answer.set_exception(WorkerGone(f"bad status: {exc}"))

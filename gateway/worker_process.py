@@ -19,6 +19,7 @@ from gateway import logs
 from gateway.app import delivery_services
 from gateway.clock import SystemClock
 from gateway.config import Config, from_dict
+from gateway.delivery import Dispatcher
 from gateway.metrics import Metrics
 from gateway.server import install_uvloop, spare_the_start_up_heap
 from gateway.store import StoreLifecycle, Taken, open_store
@@ -29,7 +30,12 @@ log = structlog.get_logger("gateway.worker")
 
 async def run(config: Config, commands: asyncio.StreamReader,
               answers: asyncio.WriteTransport) -> None:
-    """Deliver until `commands` ends (or SIGTERM), then stop cleanly."""
+    """Deliver until `commands` ends (or SIGTERM), then stop cleanly.
+
+    Status requests are answered from the start, while this worker still waits for another
+    one to let go of the store (`delivering` false): a gateway whose worker waits is
+    not ready, and says why at once.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Ctrl-C in a terminal reaches the whole process group: the parent decides when we
@@ -41,46 +47,64 @@ async def run(config: Config, commands: asyncio.StreamReader,
     store = open_store(config.store, "delivery")
     metrics = Metrics(per_account_labels=config.metrics.per_account_labels)
     await store.open()
+    delivering: Dispatcher | None = None
+
+    async def listen() -> None:
+        while chunk := await commands.read(4096):
+            if POKE in chunk and delivering is not None:
+                delivering.poke()
+            for _ in range(chunk.count(STATUS)):
+                answers.write(json.dumps(_status(delivering, metrics)).encode() + b"\n")
+
+    listening = asyncio.create_task(listen())
+    stopping = asyncio.create_task(stop.wait())
     only = contextlib.AsyncExitStack()
     try:
-        await _only_worker(store, only)
-    except BaseException:
-        await store.close()
-        raise
-    callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
-                                              ZoneInfo(config.send.timezone),
-                                              follow_store=True)
-    try:
-        await callbacks.start()
-        await dispatcher.start()
-        log.info("delivery_worker_ready")
-        spare_the_start_up_heap()  # full collections paused this process up to 30 ms too
-
-        async def listen() -> None:
-            while chunk := await commands.read(4096):
-                if POKE in chunk:
-                    dispatcher.poke()
-                for _ in range(chunk.count(STATUS)):
-                    link = dispatcher.operator.link_status()
-                    answers.write(json.dumps({
-                        "operator_connected": link.up,
-                        "operator_detail": link.detail,
-                        "waiting_hand_over": dispatcher.waiting_hand_over,
-                        "waiting_reports": dispatcher.waiting_reports,
-                        "metrics": metrics.exposition().decode(),
-                    }).encode() + b"\n")
-
-        listening = asyncio.create_task(listen())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        holding = asyncio.create_task(_only_worker(store, only))
+        await asyncio.wait({holding, listening, stopping},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not holding.done():
+            # Told to stop while another worker delivers: nothing of ours to finish.
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding
+            return
+        holding.result()
+        callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
+                                                  ZoneInfo(config.send.timezone),
+                                                  follow_store=True)
+        try:
+            await callbacks.start()
+            await dispatcher.start()
+            delivering = dispatcher
+            # Pokes read while it started went nowhere: look in the store once more.
+            dispatcher.poke()
+            log.info("delivery_worker_ready")
+            spare_the_start_up_heap()  # full collections paused this process up to 30 ms too
+            await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await dispatcher.stop()
+            await callbacks.stop()
+    finally:
         for task in (listening, stopping):
             task.cancel()
-    finally:
-        await dispatcher.stop()
-        await callbacks.stop()
         await store.close()
         await only.aclose()
         log.info("delivery_worker_stopped")
+
+
+def _status(dispatcher: Dispatcher | None, metrics: Metrics) -> dict[str, object]:
+    """The answer to a status request (`gateway.worker.WorkerStatus`)."""
+    if dispatcher is None:
+        return {"delivering": False, "operator_connected": False,
+                "operator_detail": "this gateway does not deliver", "waiting_hand_over": 0,
+                "waiting_reports": 0, "metrics": metrics.exposition().decode()}
+    link = dispatcher.operator.link_status()
+    return {"delivering": True, "operator_connected": link.up,
+            "operator_detail": link.detail,
+            "waiting_hand_over": dispatcher.waiting_hand_over,
+            "waiting_reports": dispatcher.waiting_reports,
+            "metrics": metrics.exposition().decode()}
 
 
 async def _only_worker(store: StoreLifecycle, holder: contextlib.AsyncExitStack) -> None:
@@ -91,13 +115,18 @@ async def _only_worker(store: StoreLifecycle, holder: contextlib.AsyncExitStack)
     Had both run at once, the old one could mark sent a message the new one had already
     passed over, and that message would wait for the next restart. The store's
     `exclusive("delivery")` lock, held until this worker stops (or dies), makes the new
-    worker wait instead.
+    worker wait instead. So does a second gateway's worker on the same store, for as
+    long as the first gateway runs.
     """
     try:
         await holder.enter_async_context(store.exclusive("delivery"))
     except Taken:
-        log.info("delivery_worker_waiting", reason="another worker is stopping")
+        log.warning("delivery_elsewhere", reason="another gateway's delivery worker (or this "
+                    "gateway's previous one, finishing) delivers from this store; this one "
+                    "waits to take over and is not ready meanwhile")
         await holder.enter_async_context(store.exclusive("delivery", wait=True))
+        log.warning("delivery_taken_over", reason="the delivery worker that held this store "
+                    "stopped; this one delivers now")
 
 
 async def _main() -> int:

@@ -20,7 +20,7 @@ from urllib.parse import quote, urlencode
 import structlog
 from aiohttp import web
 
-from gateway import health, iprules, phones, ptt
+from gateway import health, phones, ptt, web_ip
 from gateway.admin.openapi import document
 from gateway.admin_auth import AdminAuth, Denied
 from gateway.credits import as_number
@@ -36,6 +36,7 @@ from gateway.records import (
 from gateway.service import Management, ValidationError, account_view, user_view
 from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable
 from gateway.tokens import Access
+from gateway.web_ip import caller_ip
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -140,18 +141,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 _UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="http2sms-admin"'}
-TRUSTED_PROXIES: web.AppKey[tuple[iprules.IPNetwork, ...]] = web.AppKey(
-    "admin_trusted_proxies")
 AUTH = web.AppKey("admin_auth", AdminAuth)
-
-
-def caller(request: web.Request) -> iprules.IPAddress | None:
-    """The caller's address, as the send URL sees it (`server.trusted_proxies`)."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    host = peer[0] if isinstance(peer, tuple) and peer else None
-    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
-    trusted = request.app[TRUSTED_PROXIES]
-    return iprules.client_ip(host, forwarded, trusted)
 
 
 @web.middleware
@@ -161,7 +151,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     try:
         access = await request.app[AUTH].check(request.headers.get("Authorization", ""),
-                                               caller(request))
+                                               caller_ip(request))
     except Denied as denied:
         headers = _UNAUTHORIZED if denied.status == 401 else \
             {"Retry-After": str(denied.retry_after)} if denied.retry_after else None
@@ -668,7 +658,6 @@ def build_api(gateway: Gateway, *, admin: bool = True) -> web.Application:
                           middlewares=[errors, auth] if admin else [errors])
     api[MANAGE] = Management(gateway.store, config, gateway.clock)
     api[AUTH] = gateway.admin_auth
-    api[TRUSTED_PROXIES] = iprules.parse_networks(config.server.trusted_proxies)
     for method, path, handler in ROUTES:
         if admin or handler in PUBLIC_LISTENER:
             api.router.add_route(method, path, handler)
@@ -685,6 +674,7 @@ def create_admin_app(gateway: Gateway) -> web.Application:
     app = web.Application(client_max_size=gateway.config.server.max_request_bytes,
                           middlewares=[inflight_limit(gateway.config.server.max_inflight,
                                                          gateway.metrics)])
+    web_ip.trust(app, gateway.config.server.trusted_proxies)
     app.add_subapp(PREFIX, build_api(gateway, admin=True))
     health.setup_admin(app, gateway)  # the public listener then has no /metrics
     return app

@@ -9,10 +9,10 @@ import time
 import structlog
 from aiohttp import web
 
-from gateway import iprules
 from gateway.send import params as url_params
 from gateway.send import responses
 from gateway.send.pipeline import Answer, SendPipeline
+from gateway.web_ip import caller_ip
 
 PATH = "/cgi-bin/sms/http2sms.cgi"
 
@@ -23,7 +23,6 @@ _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
 
 PIPELINE = web.AppKey("send_pipeline", SendPipeline)
-TRUSTED_PROXIES: web.AppKey[tuple[iprules.IPNetwork, ...]] = web.AppKey("trusted_proxies", tuple)
 
 
 async def read_params(request: web.Request) -> dict[str, str]:
@@ -36,14 +35,6 @@ async def read_params(request: web.Request) -> dict[str, str]:
                      "text/plain"):
             url_params.parse(await request.read(), into=params)
     return params
-
-
-def caller_ip(request: web.Request) -> iprules.IPAddress | None:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    host = peer[0] if isinstance(peer, tuple) and peer else None
-    forwarded = ",".join(request.headers.getall("X-Forwarded-For", [])) or None
-    trusted_proxies = request.app[TRUSTED_PROXIES]
-    return iprules.client_ip(host, forwarded, trusted_proxies)
 
 
 def connected(request: web.Request) -> bool:

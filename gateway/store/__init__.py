@@ -294,7 +294,9 @@ def parse_url(url: str) -> tuple[str, str]:
     """(scheme, location) of a store URL; a bare path is an SQLite file.
 
     As SQLAlchemy spells them: `sqlite:///var/g.sqlite3` is relative to the working
-    folder, `sqlite:////srv/g.sqlite3` absolute, `sqlite:///:memory:` in memory.
+    folder, `sqlite:////srv/g.sqlite3` absolute, `sqlite:///:memory:` in memory. A
+    malformed URL is StoreUnavailable, a store error every caller already answers with
+    one clear line.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -302,10 +304,12 @@ def parse_url(url: str) -> tuple[str, str]:
     scheme = scheme.lower().split("+", 1)[0]
     if scheme == "sqlite":
         if not rest.startswith("/"):
-            raise ValueError(f"a sqlite URL names a file after three slashes: {url!r}")
+            raise StoreUnavailable(
+                f"a sqlite URL names a file after three slashes (sqlite:///relative.db, "
+                f"sqlite:////absolute.db): {url!r}")
         rest = rest[1:]
         if not rest:
-            raise ValueError(f"a sqlite URL needs a file: {url!r}")
+            raise StoreUnavailable(f"a sqlite URL needs a file: {url!r}")
     return scheme, rest
 
 

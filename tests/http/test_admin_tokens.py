@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import tokens
+from gateway.admin import api as admin_api
 from gateway.clock import ManualClock
 from gateway.config import Config
 from tests.cli_in_process import invoke
@@ -68,6 +69,27 @@ async def test_the_lock_holds_for_lockout_seconds_then_lifts(make_harness: Any,
                  401)
     clock.advance(61)
     assert (await call(h, "GET", "/1.0/sms", headers={**attacker, **AUTH})).status == 200
+
+
+async def test_metrics_and_the_admin_api_see_the_same_caller(make_harness: Any,
+                                                              config: Config,
+                                                              aiohttp_client: Any) -> None:
+    """One caller address (gateway/web_ip.py) for every edge, on either listener: guesses
+    at /metrics and at /1.0 from one forwarded address count together."""
+    cfg = config.replace({"security.max_failures": 4,
+                          "server.trusted_proxies": ["127.0.0.1"]})
+    h: Harness = await make_harness(cfg=cfg)
+    admin = await aiohttp_client(admin_api.create_admin_app(h.gateway))
+    attacker = {"X-Forwarded-For": "203.0.113.9"}
+    for n, (client, path) in enumerate([(h.client, "/metrics"), (h.client, "/1.0/sms"),
+                                        (admin, "/metrics"), (admin, "/1.0/sms")]):
+        resp = await client.get(path, headers={**attacker, **bearer(f"x{n}")})
+        assert resp.status == 401, (path, await resp.text())
+    for client, path in [(h.client, "/metrics"), (h.client, "/1.0/sms"), (admin, "/metrics"),
+                         (admin, "/1.0/sms")]:
+        assert (await client.get(path, headers={**attacker, **AUTH})).status == 429, path
+        assert (await client.get(path, headers={"X-Forwarded-For": "198.51.100.7",
+                                                **AUTH})).status == 200, path
 
 
 async def test_a_right_token_does_not_clear_the_count(make_harness: Any,

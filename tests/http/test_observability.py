@@ -23,6 +23,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.operators.simulated import reference
 from gateway.records import OperatorReport
+from gateway.store import StoreUnavailable
 from tests.conftest import ACCOUNT, LOGIN, Harness, deferred_ahead, eventually
 
 TOKEN = {"Authorization": "Bearer test-admin-token-0123456789"}
@@ -89,7 +90,6 @@ async def test_health_and_readiness(harness: Harness, config: Any,
     assert body["checks"]["store"] == "writable"
 
     monkeypatch.setattr(health, "READY_TIMEOUT", 0.3)
-    monkeypatch.setattr(health, "PROBE_REUSE_SECONDS", 0.0)
     monkeypatch.setattr(health, "RESULT_REUSE_SECONDS", 0.0)
     blocker = sqlite3.connect(config.store.path, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
@@ -104,6 +104,26 @@ async def test_health_and_readiness(harness: Harness, config: Any,
     # The store recovers, and a cancelled check left no transaction open behind it.
     assert (await harness.client.get("/readyz")).status == 200
     assert (await harness.send())[1].startswith("OK")
+
+
+async def test_readiness_has_one_reuse_period(harness: Harness,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer's reuse period is the only one: with it at 0, the check right after the
+    store comes back says writable (a second cache kept the failed probe for a second)."""
+    monkeypatch.setattr(health, "RESULT_REUSE_SECONDS", 0.0)
+    store = harness.gateway.store
+
+    async def locked() -> None:
+        raise StoreUnavailable("database is locked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "check_writable", locked)
+        resp = await harness.client.get("/readyz")
+        assert resp.status == 503
+        assert (await resp.json())["checks"]["store"] == "not writable: database is locked"
+    resp = await harness.client.get("/readyz")
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["checks"]["store"] == "writable"
 
 
 async def test_readiness_fails_over_the_backlog_bound(make_harness: Any, config: Any) -> None:

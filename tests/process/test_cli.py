@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -168,6 +169,22 @@ def test_main_returns_the_exit_status(seeded: Path, tmp_path: Path,
         assert "Missing argument 'AMOUNT'" in capsys.readouterr().err
         assert cli.main(["--help"]) == 0
         assert "usage: http2sms" in capsys.readouterr().out
+
+
+def test_a_malformed_store_url_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Two slashes where three are needed: a command and the server each say so and exit."""
+    result = invoke("--db", "sqlite://x.db", "account", "list")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: a sqlite URL names a file after three slashes")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    served = subprocess.run([*PYTHON, "serve"], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path, check=False,
+                            env={**os.environ, "HTTP2SMS_STORE_PATH": "sqlite://x.db"})
+    assert served.returncode == 1
+    assert "Traceback" not in served.stderr, served.stderr
+    assert re.search(r"^error: a sqlite URL names a file after three slashes",
+                     served.stderr, re.MULTILINE), served.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_every_command_has_help() -> None:

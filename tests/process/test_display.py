@@ -43,7 +43,9 @@ def test_escape_keeps_what_it_is_told_to() -> None:
     ("https://user:pa55@host.example/path?key=s3cr3t&x=1",
      "https://user:***@host.example/path?key=***&x=***"),
     ("https://host.example/dlr", "https://host.example/dlr"),
-    ("https://user@host.example:8443/dlr", "https://user@host.example:8443/dlr"),
+    ("https://user@host.example:8443/dlr", "https://***@host.example:8443/dlr"),
+    ("https://TOKEN@hooks.example/", "https://***@hooks.example/"),   # a token as the user
+    ("https://@host.example/", "https://@host.example/"),
     ("https://:pa55@host.example/", "https://:***@host.example/"),
     ("http://h.example/cb?token", "http://h.example/cb?***"),
     ("http://h.example/cb?a=1&&b=", "http://h.example/cb?a=***&&b=***"),
@@ -58,6 +60,7 @@ def test_redact_url(url: str, shown: str) -> None:
 def test_redaction_never_shows_a_password_or_a_query_value() -> None:
     url = "https://al:Zq9-secret@h.example/x;p?k1=Zq9-one&k2=Zq9-two"
     assert "Zq9" not in redact_url(url)
+    assert "Zq9" not in redact_url("https://Zq9-token@h.example/x")
 
 
 # -- the command line ----------------------------------------------------------------------

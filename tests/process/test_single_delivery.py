@@ -1,5 +1,6 @@
-"""Two gateways on one store, without delivery workers: one delivers, the other waits
-(issue 19, point 21). Each submitted every message left queued, so each SMS went twice."""
+"""Two gateways on one store, with and without delivery workers: one delivers, the other
+waits (issue 19, point 21). Each submitted every message left queued, so each SMS went
+twice."""
 
 from __future__ import annotations
 
@@ -117,3 +118,57 @@ async def test_two_gateways_on_one_store_submit_each_message_once(tmp_path: Path
         await wait_for(all_final, timeout=30, what="the new message to be final")
         assert handed_over(waiting) == Counter({new_id: 1})
         assert await waiting.stop() == 0
+
+
+async def test_two_gateways_with_delivery_workers_one_delivers_the_other_says_why(
+        tmp_path: Path) -> None:
+    """The default mode: the second gateway's worker waits for the store's delivery lock,
+    says so as a warning, and its gateway answers /readyz at once with the reason (it
+    read no status request while it waited: each probe took the 2 s status timeout and
+    said "delivery worker not answering")."""
+    db = tmp_path / "shared.sqlite3"
+    await prepare_store(db, credits=1000)
+    worker_mode = {"HTTP2SMS_SERVER_DELIVERY_WORKER": "1"}
+    async with servers() as started:
+        first = await ServerProcess.start(db, env=worker_mode)
+        started.append(first)
+
+        async def first_ready() -> bool:
+            return (await readyz(first))[0] == 200
+        await wait_for(first_ready, timeout=20, what="the first gateway to be ready")
+        second = await ServerProcess.start(db, env=worker_mode)
+        started.append(second)
+
+        async def second_waits() -> bool:
+            return bool(second.events("delivery_elsewhere"))
+        await wait_for(second_waits, timeout=20, what="the second worker to wait")
+        (line,) = second.events("delivery_elsewhere")
+        assert json.loads(line)["level"] == "warning"
+        assert not second.events("delivery_worker_waiting")
+        began = time.monotonic()
+        status, checks = await readyz(second)
+        assert time.monotonic() - began < 1.5
+        assert status == 503 and checks["delivery"] == \
+            "another gateway delivers from this store", checks
+        assert checks["operator"] != "delivery worker not answering", checks
+        assert (await readyz(first))[0] == 200
+
+        # A send to the second one is stored, and delivered by the first one's worker.
+        async with aiohttp.ClientSession() as session, \
+                session.get(second.send_url, params=demo_params()) as resp:
+            assert (await resp.text()).startswith("OK")
+
+        async def all_final() -> bool:
+            (pending,), = read_db(db, "SELECT COUNT(*) FROM messages WHERE state <> 'final'")
+            return pending == 0
+        await wait_for(all_final, timeout=30, what="the message to be final")
+
+        # The first one stops: the second one's worker takes over.
+        assert await first.stop() == 0
+
+        async def second_ready() -> bool:
+            return (await readyz(second))[0] == 200
+        await wait_for(second_ready, timeout=20, what="the second gateway to take over")
+        assert second.events("delivery_taken_over")
+        assert await second.stop() == 0
+        assert not second.events("delivery_worker_killed")

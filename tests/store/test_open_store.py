@@ -25,7 +25,7 @@ def test_urls_and_bare_paths(url: str, parsed: tuple[str, str]) -> None:
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite://host/g.db"])
 def test_a_sqlite_url_without_a_file_is_refused(url: str) -> None:
-    with pytest.raises(ValueError, match="sqlite URL"):
+    with pytest.raises(StoreUnavailable, match="sqlite URL"):
         parse_url(url)
 
 

@@ -9,6 +9,7 @@ libraries to the versions the canaries have passed; raising a bound is an edit t
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import inspect
 import math
@@ -24,6 +25,8 @@ from aiohttp import http_parser as aiohttp_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import http_parser, logs, phones
+from gateway.connections import ConnectionGuard, GuardedConnection, Limits, connection_of
+from gateway.server import GuardedSite
 
 HTTP_PARSER = "gateway/http_parser.py"
 
@@ -126,6 +129,69 @@ def test_aiohttp_handle_error_takes_what_generic_errors_passes() -> None:
     error = http_exceptions.InvalidURLError("Invalid char in url query: b'\\xc3'")
     assert http_parser.error_reason(error) == "Invalid char in url query", aiohttp_broken(
         "HttpProcessingError.message holding the parser's reason before a colon")
+
+
+SITE = "gateway/server.py (GuardedSite)"
+CONNECTIONS = "gateway/connections.py (connection_of, GuardedConnection.close)"
+
+
+def test_aiohttp_tcp_site_takes_the_options_guarded_site_passes_on() -> None:
+    names = set(inspect.signature(web.TCPSite.__init__).parameters)
+    assert names == {"self", "runner", "host", "port", "shutdown_timeout", "ssl_context",
+                     "backlog", "reuse_address", "reuse_port"}, broken(
+        SITE, "aiohttp", "TCPSite taking these options alone: GuardedSite.start listens "
+        f"itself and passes each one on (now {sorted(names)})")
+
+
+async def test_aiohttp_site_and_protocol_internals_the_guard_uses() -> None:
+    """A GuardedSite started, asked once, stopped: what it reads of TCPSite's private
+    attributes, and what the guard's connection expects of aiohttp's protocol."""
+    seen: list[GuardedConnection | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(connection_of(request))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = GuardedSite(runner, "127.0.0.1", 0, ConnectionGuard(Limits()))
+    try:
+        try:
+            await site.start()
+        except AttributeError as exc:
+            pytest.fail(broken(SITE, "aiohttp", "BaseSite and TCPSite keeping `_runner` "
+                               "(its `server`), `_host`, `_port`, `_ssl_context`, `_backlog`, "
+                               f"`_reuse_address`, `_reuse_port` ({exc})"))
+        assert site in runner.sites, broken(
+            SITE, "aiohttp", "BaseSite.start registering the site with its runner")
+        server = getattr(site, "_server", None)
+        assert isinstance(server, asyncio.AbstractServer) and server.sockets, broken(
+            SITE, "aiohttp", "BaseSite keeping its listening server in `_server`")
+        port = server.sockets[0].getsockname()[1]
+        assert site.port == port and site.name == f"http://127.0.0.1:{port}", broken(
+            SITE, "aiohttp", "TCPSite.port and .name reading the bound port from "
+            f"`_bound_port` (now {site.port}, {site.name})")
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{port}/") as response:
+            assert await response.text() == "ok"
+            connection = seen[0]
+            assert isinstance(connection, GuardedConnection), broken(
+                CONNECTIONS, "aiohttp", "request.transport.get_protocol() returning the "
+                "listener's protocol (the guard's), not the RequestHandler it serves through")
+            assert isinstance(connection.inner, web.RequestHandler) and callable(
+                getattr(connection.inner, "force_close", None)), broken(
+                CONNECTIONS, "aiohttp", "web.RequestHandler being the protocol web.Server "
+                "builds, with a force_close method")
+            assert connection.transport is not None
+            connection.close()
+            assert connection.transport.is_closing(), broken(
+                CONNECTIONS, "aiohttp", "RequestHandler.force_close closing the connection")
+    finally:
+        await runner.cleanup()
+    assert not server.is_serving(), broken(
+        SITE, "aiohttp", "BaseSite.stop closing the server in `_server`")
 
 
 def test_prometheus_client_helpers_metrics_merge_uses() -> None:

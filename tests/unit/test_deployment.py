@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config as config_module
+from gateway.store.sqlite import exposed
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -77,6 +78,29 @@ def test_the_image_runs_from_the_lock_as_a_user_with_a_health_check() -> None:
     assert sum(w == "FROM" for w, _ in found) == 2  # build, then the image without pip's work
 
 
+def made_folder(runs: str, folder: str) -> tuple[int, str]:
+    """(mode, owner) a RUN gives `folder`: `install -d -m MODE -o UID ...` or `mkdir` (0755
+    under the default umask 022) then `chown`."""
+    installed = re.search(rf"install -d -m ([0-7]+) -o (\S+) -g \S+ {folder}(\s|$)", runs)
+    if installed:
+        return int(installed[1], 8), installed[2]
+    assert re.search(rf"mkdir (-p )?{folder}(\s|$)", runs), f"nothing makes {folder}"
+    owner = re.search(rf"chown (\S+?):\S+ {folder}(\s|$)", runs)
+    return 0o755, owner[1] if owner else "root"
+
+
+def test_the_image_data_folder_is_the_users_alone(tmp_path: Path) -> None:
+    """The store warns (store_open_to_others) when its folder is open to others: the
+    folder the image makes must not make it warn at every start."""
+    runs = " ".join(a for w, a in instructions(DOCKERFILE) if w == "RUN")
+    mode, owner = made_folder(runs, "/data")
+    assert owner in ("10001", "http2sms")
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(mode)
+    assert exposed(data / "gateway.sqlite3") == []
+
+
 def known_variable(name: str) -> bool:
     settings = config_module.to_dict(config_module.Config())
     for section, values in settings.items():
@@ -103,10 +127,10 @@ def test_the_settings_the_deployment_files_set_exist_and_load(where: str) -> Non
     for name in ours:
         assert known_variable(name), f"{where} sets {name}, which is no setting"
     config = config_module.from_dict({}, ours)
+    # The admin API is on its own listener, on loopback unless the operator opens it.
+    assert config.admin.host == "127.0.0.1" and config.admin.port != config.server.port
     if where == "Dockerfile":
-        # The admin API is on its own listener, on loopback unless the operator opens it;
-        # the grace period stays under `docker stop`'s 10 s.
-        assert config.admin.host == "127.0.0.1" and config.admin.port != config.server.port
+        # The grace period stays under `docker stop`'s 10 s.
         assert config.server.shutdown_grace_seconds < 10
 
 
