@@ -121,9 +121,7 @@ class LoginGuard:
         `known`: the account and login exist. `allowlisted`: the caller is on the user's
         own allowlist (never slowed by the login's budget)."""
         address = self.address(ip)
-        lockable: list[tuple[Key, float]] = [
-            (("user", account, login, address), 1.0),
-            (("ip", address), 1.0 if known else UNKNOWN_WEIGHT)]
+        lockable = self._lockable(account, login, address, known)
         for key, _ in lockable:
             entry = self._live(key, now)
             if entry is not None and (entry.locked_until > now
@@ -149,10 +147,12 @@ class LoginGuard:
         half = self.max_failures // 2
         return 0.0 if worst <= half else min(0.25 * (worst - half), 2.0)
 
-    def failed(self, account: str, login: str, ip: IPAddress | None, now: float) -> bool:
-        """Count a failure that reserved nothing (tests, the lock's own bookkeeping)."""
-        weights = tuple((key, 1.0) for key in
-                        [*self._keys(account, login, ip), ("login", account, login)])
+    def failed(self, account: str, login: str, ip: IPAddress | None, now: float, *,
+               known: bool = True) -> bool:
+        """Count a failure that reserved nothing (a guess that joined an identical check
+        under way, tests), weighed as a reserved one would be: `known` as in `begin`."""
+        weights = (*self._lockable(account, login, self.address(ip), known),
+                   (("login", account, login), 1.0))
         for key, weight in weights:
             entry = self._live(key, now) or self._by_key.setdefault(key, _Failures(0.0, now))
             entry.pending += weight
@@ -224,6 +224,13 @@ class LoginGuard:
             seen.users.clear()
             return True
         return False
+
+    @staticmethod
+    def _lockable(account: str, login: str, address: object,
+                  known: bool) -> tuple[tuple[Key, float], ...]:
+        """The keys a failure can lock, with what it weighs on each."""
+        return ((("user", account, login, address), 1.0),
+                (("ip", address), 1.0 if known else UNKNOWN_WEIGHT))
 
     def _keys(self, account: str, login: str, ip: IPAddress | None) -> list[Key]:
         address = self.address(ip)

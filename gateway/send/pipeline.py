@@ -260,7 +260,7 @@ class SendPipeline:
                 raise SendRefused(status, message, account=request.account)
             self._metrics.auth_failures.labels("password").inc()
             delay = guard.delay(request.account, request.login, client_ip, now)
-            if check.settle_failure():
+            if check.settle_failure(known=context is not None):
                 self._metrics.lockouts.inc()
                 log.warning("login_locked", account=request.account[:64],
                             login=request.login[:64], client_ip=str(client_ip),
@@ -364,10 +364,10 @@ class _PasswordCheck:
             self._pipeline._guard.refused_address(self._request.account, self._request.login,
                                                   self._ip, self._now)
 
-    def settle_failure(self) -> bool:
+    def settle_failure(self, *, known: bool) -> bool:
         if self._attempt is None:  # a guess that joined the same guess's check
             return self._pipeline._guard.failed(self._request.account, self._request.login,
-                                                self._ip, self._now)
+                                                self._ip, self._now, known=known)
         return self._attempt.failed(self._now)
 
     def release(self) -> None:

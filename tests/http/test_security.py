@@ -261,6 +261,20 @@ async def test_failures_against_made_up_accounts_do_not_lock_an_address_for_all(
     assert answers.count(WRONG) == 40 and answers[40:] == [LOCKED] * 5
 
 
+async def test_concurrent_failures_against_made_up_accounts_weigh_a_quarter_too(
+        make_harness: Any, config: Any) -> None:
+    """Identical guesses at once share one check: those that joined it counted a whole
+    failure on the address, so 4 rounds of 4 locked every user behind a NAT (not 40)."""
+    config = behind_proxy(config, max_failures=10)
+    h: Harness = await make_harness(cfg=config)
+    for round_ in range(9):
+        answers = await asyncio.gather(*(
+            send_from(h, "198.51.100.11", account=f"sms-nobody-{round_}-{i}",
+                      password="Same1234") for i in range(4)))
+        assert answers == [WRONG] * 4
+    assert (await send_from(h, "198.51.100.11")).startswith("OK")
+
+
 async def test_an_address_many_users_share_is_reported(make_harness: Any,
                                                        config: Any) -> None:
     config = behind_proxy(config, shared_address_users=3)
