@@ -343,6 +343,10 @@ class _PasswordCheck:
                 known=context is not None,
                 allowlisted=bool(restrictions) and iprules.allowed(self._ip, restrictions))
         except Refused as refused:
+            if str(refused) == "busy":
+                # Counted and answered as the verification queue's own "busy": 429 and
+                # Retry-After, never a 401 (bad credentials, to OVH scripts).
+                raise VerificationBusy from None
             self._pipeline._metrics.auth_failures.labels(str(refused)).inc()
             raise SendRefused(rules.UNAUTHORIZED, _LOCKED) from None
 
