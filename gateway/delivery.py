@@ -33,7 +33,8 @@ committed send side:
   `Acknowledgement` returned to the operator for a call completes once all of that call's
   reports are committed. A report can arrive before the `mark_sent` recording its
   reference has committed (the network answers fast); while a hand-over is being recorded
-  such reports are held back, in order, and applied after it. A reference still unknown
+  such reports are held back, in order, and applied after it (or after the claim, when it
+  found nothing to hand over). A reference still unknown
   after that belongs to no message the store knows: it is logged, and acknowledged (the
   network would otherwise redeliver it for ever).
 
@@ -312,6 +313,10 @@ class Dispatcher:
             finally:
                 self._handing -= 1
                 self._in_hand = 0
+                if not self._handing:
+                    # A claim that came back empty (or failed) records nothing: the reports
+                    # held back for it would otherwise wait, unacknowledged, for ever.
+                    self._requeue_held()
             if self._follow:
                 polled = self._clock.now() + self._poll
                 due_at = polled if due_at is None else min(due_at, polled)

@@ -554,6 +554,45 @@ async def test_reports_find_their_message_by_reference_and_are_acknowledged_afte
         assert await history_of(store, a) == [(None, 0), (4, 1)]
 
 
+class SlowClaimStore:
+    """The real store, its claims held until `gate` is set; counts the reports applied."""
+
+    def __init__(self, path: str) -> None:
+        self._store = open_store(path, "delivery")
+        self.gate = asyncio.Event()
+        self.claiming = asyncio.Event()
+        self.applies = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim_messages(self, **kwargs: Any) -> Sequence[OutgoingMessage]:
+        self.claiming.set()
+        await self.gate.wait()
+        return cast(Sequence[OutgoingMessage], await self._store.claim_messages(**kwargs))
+
+    async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
+        self.applies += 1
+        return await self._store.apply_reports(reports)
+
+
+async def test_a_stray_report_during_an_empty_claim_is_still_acknowledged(
+        config: Config) -> None:
+    """A report naming no known reference, arriving while a claim ran, was held for the
+    hand-over's recording; the claim found nothing, so nothing ever let it go: never
+    acknowledged (an SMPP window stalls on it), whatever the claims after."""
+    operator = ScriptedOperator(take)
+    slow = SlowClaimStore(config.store.path)
+    async with dispatching(config, operator, store=cast(Store, slow)) as (dispatcher, _):
+        assert operator.sink is not None
+        await asyncio.wait_for(slow.claiming.wait(), 5)
+        stray = operator.sink.reports([OperatorReport.from_ptt("nobody", 4, T0)])
+        await eventually(lambda: slow.applies == 1)  # applied, unmatched, held back
+        slow.gate.set()  # the claim comes back empty
+        await asyncio.wait_for(stray, 5)
+        assert dispatcher.waiting_reports == 0
+
+
 async def history_of(store: Store, message_id: int) -> list[tuple[int | None, int]]:
     return [(e.ptt, e.dlr) for e in await store.message_events(message_id)]
 
