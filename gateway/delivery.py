@@ -351,12 +351,22 @@ class Dispatcher:
                 later[result.message_id] = now + max(0.0, result.retry_after)
             elif isinstance(result, Refused):
                 try:
-                    refused.append(StateUpdate.from_ptt(result.message_id, result.ptt, now,
-                                                        result.note))
+                    update = StateUpdate.from_ptt(result.message_id, result.ptt, now,
+                                                  result.note)
                 except ValueError as exc:
                     log.error("operator_refusal_unknown", error=str(exc),
                               message_id=result.message_id)
                     later[result.message_id] = now + self._retry_seconds
+                    continue
+                if not update.final:
+                    # Recorded, it would leave the message sent with no reference: never
+                    # claimed again, nor settled, its credits held. A connector's mistake,
+                    # read as "try later".
+                    log.error("operator_refusal_not_final", ptt=result.ptt,
+                              message_id=result.message_id)
+                    later[result.message_id] = now + self._retry_seconds
+                    continue
+                refused.append(update)
         # Not answered (the batch failed half-way, or at once): tried again, and only them.
         for message_id in claimed:
             later[message_id] = now + self._retry_seconds

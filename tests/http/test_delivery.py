@@ -479,6 +479,35 @@ async def test_each_message_is_taken_tried_later_or_refused(config: Config) -> N
         await eventually(all_sent)
 
 
+async def test_a_refusal_at_a_ptt_that_is_not_final_is_tried_again_later(
+        config: Config) -> None:
+    """A connector's Refused at a non-final ptt (1: retrying) left the message sent with no
+    reference, never claimed again, its credits held: it is taken as "try later"."""
+    (a,) = await seed_queued(config, 1, per_order=1)
+    refused: set[int] = set()
+
+    def answer(message: OutgoingMessage) -> SubmitResult:
+        if not refused:
+            refused.add(message.id)
+            return Refused(message.id, 1)
+        return take(message)
+
+    operator = ScriptedOperator(answer)
+    clock = ManualClock(T0)
+    async with dispatching(config, operator, clock=clock) as (_, store):
+        async def released() -> bool:  # queued again, due after retry_seconds
+            return await store.next_due_at() == T0 + 5
+        await eventually(released)
+        assert await states(store, [a]) == ["queued"]
+        assert (await store.get_message(a)).ptt is None
+        clock.advance(5)
+        await eventually(lambda: operator.calls == [[a], [a]])
+
+        async def sent() -> bool:
+            return await states(store, [a]) == ["sent"]
+        await eventually(sent)
+
+
 async def balance(config: Config) -> int:
     store = open_store(config.store.path, "send")
     await store.open()
