@@ -22,11 +22,12 @@ committed send side:
   The loop sleeps until the store's next due time (`next_due_at`: a deferred time, a
   "try later", a lease running out), or until woken: by `on_commit` (the send path's
   after-commit hook, in the same process; it only sets an event, so the send path never
-  waits), by `poke` (another process committed, `follow_store` mode), and in
-  `follow_store` mode at least every `poll_seconds` (a commit by a process that pokes no
-  one, the command-line tool). The committed messages themselves are not handed over from
-  memory any more: they would still need a claim, which is a write, and the claim returns
-  them for the same price.
+  waits), by `poke` (another process committed, `follow_store` mode), and it reads the
+  store's next due time every `poll_seconds` (a commit by a process that pokes no one: the
+  command-line tool, or another gateway on the store, a standby in one-process mode, whose
+  accepted sends would otherwise wait for this one's next commit). The committed messages
+  themselves are not handed over from memory any more: they would still need a claim,
+  which is a write, and the claim returns them for the same price.
 - reports: the operator's reports name its references; they are buffered and applied with
   one `apply_reports` transaction per batch (a batch is whatever arrived while the
   previous one committed); when that queued callbacks, the callback worker is woken. The
@@ -317,10 +318,26 @@ class Dispatcher:
                     # A claim that came back empty (or failed) records nothing: the reports
                     # held back for it would otherwise wait, unacknowledged, for ever.
                     self._requeue_held()
-            if self._follow:
-                polled = self._clock.now() + self._poll
-                due_at = polled if due_at is None else min(due_at, polled)
-            await sleep_until(self._clock, due_at, self._wake)
+            await self._sleep(due_at)
+
+    async def _sleep(self, due_at: float | None) -> None:
+        """Until `due_at` or a wake; meanwhile every `poll_seconds` a read of the store's
+        next due time, for the messages committed by a process that wakes no one: another
+        gateway on the store (a standby in one-process mode), the command-line tool."""
+        while True:
+            polled = self._clock.now() + self._poll
+            if await sleep_until(self._clock,
+                                 polled if due_at is None else min(due_at, polled), self._wake):
+                return
+            if self._stopping.is_set() or (due_at is not None
+                                           and due_at <= self._clock.now()):
+                return
+            try:
+                due_at = await self._store.next_due_at()
+            except Exception:
+                return  # the claim finds out, and logs it
+            if due_at is not None and due_at <= self._clock.now():
+                return
 
     async def _hand_over(self, messages: Sequence[OutgoingMessage]) -> None:
         """Submit claimed messages and record each answer."""

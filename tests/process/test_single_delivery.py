@@ -117,3 +117,31 @@ async def test_two_gateways_on_one_store_submit_each_message_once(tmp_path: Path
         await wait_for(all_final, timeout=30, what="the new message to be final")
         assert handed_over(waiting) == Counter({new_id: 1})
         assert await waiting.stop() == 0
+
+
+async def test_a_send_accepted_by_the_standby_is_delivered_by_the_active_gateway(
+        tmp_path: Path) -> None:
+    """The active gateway's dispatcher slept until its own next commit: a send the standby
+    accepted waited, charged, for as long as nobody sent to the active one."""
+    db = tmp_path / "shared.sqlite3"
+    await prepare_store(db, credits=1000)
+    async with servers() as started:
+        first = await ServerProcess.start(db, env=ONE_PROCESS)
+        started.append(first)
+
+        async def recovered() -> bool:
+            return bool(first.events("delivery_recovered"))
+        await wait_for(recovered, timeout=10, what="the first gateway to deliver")
+        second = await ServerProcess.start(db, env=ONE_PROCESS)
+        started.append(second)
+        assert second.events("delivery_elsewhere") and not first.events("delivery_elsewhere")
+        async with aiohttp.ClientSession() as session, \
+                session.get(second.send_url, params=demo_params()) as resp:
+            body = await resp.text()
+        assert body.startswith("OK"), body
+        (new_id,) = [int(i) for i in body.split("\n")[2:]]
+
+        async def delivered() -> bool:
+            return handed_over(first) == Counter({new_id: 1})
+        await wait_for(delivered, timeout=15, what="the active gateway to deliver it")
+        assert not handed_over(second)
