@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -86,7 +87,7 @@ from gateway.records import (
     SentMessage,
     StateUpdate,
 )
-from gateway.store import DeliveryStore
+from gateway.store import DeliveryStore, StoreError, StoreUnavailable
 
 log = structlog.get_logger("gateway.delivery")
 
@@ -134,6 +135,12 @@ class Dispatcher:
         self._in_hand = 0
         self._reports: list[_Queued] = []
         self._held: list[_Queued] = []
+        # Reports the store refuses for good (not for being unavailable): logged, kept
+        # unacknowledged (the network sends them again after a restart), never retried.
+        self._aside: list[_Queued] = []
+        # How many reports at the head of the queue go one per batch: a batch the store
+        # refused for good is taken apart to find the report(s) it refuses.
+        self._isolating = 0
         self._reports_wake = asyncio.Event()
         # Hand-overs between their claim and the end of their recording, and how many
         # recordings have ended: the report loop decides with them whether an unknown
@@ -242,7 +249,7 @@ class Dispatcher:
         for task in list(self._inbound_tasks):
             task.cancel()
         # Not stored: not acknowledged, so a network that cares sends them again.
-        for _, ticket, _ in (*self._reports, *self._held):
+        for _, ticket, _ in (*self._reports, *self._held, *self._aside):
             ticket.done.cancel()
 
     # -- recovery ----------------------------------------------------------------------
@@ -402,10 +409,7 @@ class Dispatcher:
         self._recorded += 1
         self._requeue_held()
         if refused:
-            applied = await self._record(
-                "refusals", refused, lambda: self._store.apply_updates(refused))
-            if applied is not None:
-                self._settled(applied)
+            await self._settle_refusals(refused)
         if later:
             # Failing this only delays them to the end of their lease.
             await self._record("release", list(later),
@@ -413,20 +417,45 @@ class Dispatcher:
                                tries=1)
         self._in_hand = 0
 
+    async def _settle_refusals(self, refused: Sequence[StateUpdate]) -> None:
+        """Record the operator's refusals; when the store refuses the batch for good (a row
+        it cannot update), each one on its own, so one such row stops no other message."""
+        applied = await self._record("refusals", refused,
+                                     lambda: self._store.apply_updates(refused), lasting=True)
+        if applied is not None:
+            self._settled(applied)
+            return
+        if len(refused) == 1 or self._stopping.is_set():
+            return
+        for update in refused:
+            one = await self._record("refusals", [update],
+                                     functools.partial(self._store.apply_updates, [update]),
+                                     lasting=True)
+            if one is not None:
+                self._settled(one)
+            elif self._stopping.is_set():
+                return
+
     async def _record(self, what: str, items: Sequence[object],
-                      write: Callable[[], Awaitable[T]], *, tries: int | None = None
-                      ) -> T | None:
+                      write: Callable[[], Awaitable[T]], *, tries: int | None = None,
+                      lasting: bool = False) -> T | None:
         """Keep trying a write about what the operator answered rather than hand the
         messages over again; only a stop (or `tries`) gives up, leaving them to their claim's
-        end. Returns the write's result, None if given up."""
+        end, and with `lasting` an error that trying again cannot cure (a StoreError other
+        than StoreUnavailable). Returns the write's result, None if given up."""
         attempt = 0
         while True:
             attempt += 1
             try:
                 return await write()
             except Exception as exc:
-                log.error(f"{what}_failed", error=str(exc), messages=len(items))
-                if (tries is not None and attempt >= tries) or not await self._pause():
+                lasts = lasting and isinstance(exc, StoreError) \
+                    and not isinstance(exc, StoreUnavailable)
+                log.error(f"{what}_failed", error=str(exc), messages=len(items),
+                          **({"ids": id_ranges(_message_ids(items)),
+                              "retry": "at the claim's end"} if lasts else {}))
+                if lasts or (tries is not None and attempt >= tries) \
+                        or not await self._pause():
                     return None
 
     async def _pause(self) -> bool:
@@ -458,19 +487,38 @@ class Dispatcher:
                 await self._reports_wake.wait()
                 self._reports_wake.clear()
                 continue
-            batch = self._reports[: self._max_batch]
-            del self._reports[: self._max_batch]
+            size = 1 if self._isolating else self._max_batch
+            batch = self._reports[:size]
+            del self._reports[:size]
+            self._isolating = max(0, self._isolating - len(batch))
             recorded = self._recorded
             try:
                 applied = await self._store.apply_reports([q[0] for q in batch])
             except Exception as exc:
-                log.error("apply_reports_failed", error=str(exc), reports=len(batch))
                 if self._stopping.is_set():
+                    log.error("apply_reports_failed", error=str(exc), reports=len(batch))
                     # Not lost: not acknowledged, and the messages are not final, so the
                     # next start resumes them.
                     for _, ticket, _ in batch:
                         ticket.done.cancel()
                     return
+                if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
+                    # Refused for good (a row the store cannot update): retrying the batch
+                    # would hold every report behind it for ever.
+                    if len(batch) > 1:
+                        log.error("apply_reports_failed", error=str(exc), reports=len(batch),
+                                  retry="one report at a time")
+                        self._isolating += len(batch)
+                        self._reports[:0] = batch
+                    else:
+                        report = batch[0][0]
+                        log.error("report_set_aside", error=str(exc),
+                                  reference=report.reference, ptt=report.ptt,
+                                  hint="not acknowledged: the network sends it again after "
+                                       "a restart")
+                        self._aside.extend(batch)
+                    continue
+                log.error("apply_reports_failed", error=str(exc), reports=len(batch))
                 self._reports[:0] = batch
                 await self._pause()
                 continue
@@ -507,6 +555,10 @@ async def _log_inbound(messages: Sequence[Inbound]) -> None:
     for message in messages:
         log.info("inbound_received", reference=message.reference, sender=message.sender,
                  receiver=message.receiver, length=len(message.body))
+
+
+def _message_ids(items: Sequence[object]) -> list[int]:
+    return [item.message_id for item in items if isinstance(item, StateUpdate)]
 
 
 def _acknowledge(done: Sequence[_Queued]) -> None:
