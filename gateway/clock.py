@@ -51,8 +51,9 @@ class ManualClock:
                 future.set_result(None)
 
 
-async def sleep_until(clock: Clock, deadline: float | None, wake: asyncio.Event) -> None:
-    """Wait until `deadline` on `clock` (None: no deadline) or until `wake` is set.
+async def sleep_until(clock: Clock, deadline: float | None, wake: asyncio.Event) -> bool:
+    """Wait until `deadline` on `clock` (None: no deadline) or until `wake` is set; True
+    when `wake` was set.
 
     Background loops sleep here so that new work (a nearer deferred time, a new callback)
     can cut their sleep short. `wake` is cleared on return: callers re-examine all their
@@ -60,9 +61,9 @@ async def sleep_until(clock: Clock, deadline: float | None, wake: asyncio.Event)
     """
     if wake.is_set():
         wake.clear()
-        return
+        return True
     if deadline is not None and deadline - clock.now() <= 0:
-        return
+        return False
     pending: set[asyncio.Future[Any]] = {asyncio.ensure_future(wake.wait())}
     if deadline is not None:
         pending.add(asyncio.ensure_future(_sleep_to(clock, deadline)))
@@ -71,7 +72,9 @@ async def sleep_until(clock: Clock, deadline: float | None, wake: asyncio.Event)
     finally:
         for future in pending:
             future.cancel()
+    woken = wake.is_set()
     wake.clear()
+    return woken
 
 
 async def _sleep_to(clock: Clock, deadline: float) -> None:

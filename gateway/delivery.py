@@ -22,18 +22,20 @@ committed send side:
   The loop sleeps until the store's next due time (`next_due_at`: a deferred time, a
   "try later", a lease running out), or until woken: by `on_commit` (the send path's
   after-commit hook, in the same process; it only sets an event, so the send path never
-  waits), by `poke` (another process committed, `follow_store` mode), and in
-  `follow_store` mode at least every `poll_seconds` (a commit by a process that pokes no
-  one, the command-line tool). The committed messages themselves are not handed over from
-  memory any more: they would still need a claim, which is a write, and the claim returns
-  them for the same price.
+  waits), by `poke` (another process committed, `follow_store` mode), and it reads the
+  store's next due time every `poll_seconds` (a commit by a process that pokes no one: the
+  command-line tool, or another gateway on the store, a standby in one-process mode, whose
+  accepted sends would otherwise wait for this one's next commit). The committed messages
+  themselves are not handed over from memory any more: they would still need a claim,
+  which is a write, and the claim returns them for the same price.
 - reports: the operator's reports name its references; they are buffered and applied with
   one `apply_reports` transaction per batch (a batch is whatever arrived while the
   previous one committed); when that queued callbacks, the callback worker is woken. The
   `Acknowledgement` returned to the operator for a call completes once all of that call's
   reports are committed. A report can arrive before the `mark_sent` recording its
   reference has committed (the network answers fast); while a hand-over is being recorded
-  such reports are held back, in order, and applied after it. A reference still unknown
+  such reports are held back, in order, and applied after it (or after the claim, when it
+  found nothing to hand over). A reference still unknown
   after that belongs to no message the store knows: it is logged, and acknowledged (the
   network would otherwise redeliver it for ever).
 
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -84,7 +87,7 @@ from gateway.records import (
     SentMessage,
     StateUpdate,
 )
-from gateway.store import DeliveryStore
+from gateway.store import DeliveryStore, StoreError, StoreUnavailable
 
 log = structlog.get_logger("gateway.delivery")
 
@@ -132,6 +135,12 @@ class Dispatcher:
         self._in_hand = 0
         self._reports: list[_Queued] = []
         self._held: list[_Queued] = []
+        # Reports the store refuses for good (not for being unavailable): logged, kept
+        # unacknowledged (the network sends them again after a restart), never retried.
+        self._aside: list[_Queued] = []
+        # How many reports at the head of the queue go one per batch: a batch the store
+        # refused for good is taken apart to find the report(s) it refuses.
+        self._isolating = 0
         self._reports_wake = asyncio.Event()
         # Hand-overs between their claim and the end of their recording, and how many
         # recordings have ended: the report loop decides with them whether an unknown
@@ -240,7 +249,7 @@ class Dispatcher:
         for task in list(self._inbound_tasks):
             task.cancel()
         # Not stored: not acknowledged, so a network that cares sends them again.
-        for _, ticket, _ in (*self._reports, *self._held):
+        for _, ticket, _ in (*self._reports, *self._held, *self._aside):
             ticket.done.cancel()
 
     # -- recovery ----------------------------------------------------------------------
@@ -312,10 +321,30 @@ class Dispatcher:
             finally:
                 self._handing -= 1
                 self._in_hand = 0
-            if self._follow:
-                polled = self._clock.now() + self._poll
-                due_at = polled if due_at is None else min(due_at, polled)
-            await sleep_until(self._clock, due_at, self._wake)
+                if not self._handing:
+                    # A claim that came back empty (or failed) records nothing: the reports
+                    # held back for it would otherwise wait, unacknowledged, for ever.
+                    self._requeue_held()
+            await self._sleep(due_at)
+
+    async def _sleep(self, due_at: float | None) -> None:
+        """Until `due_at` or a wake; meanwhile every `poll_seconds` a read of the store's
+        next due time, for the messages committed by a process that wakes no one: another
+        gateway on the store (a standby in one-process mode), the command-line tool."""
+        while True:
+            polled = self._clock.now() + self._poll
+            if await sleep_until(self._clock,
+                                 polled if due_at is None else min(due_at, polled), self._wake):
+                return
+            if self._stopping.is_set() or (due_at is not None
+                                           and due_at <= self._clock.now()):
+                return
+            try:
+                due_at = await self._store.next_due_at()
+            except Exception:
+                return  # the claim finds out, and logs it
+            if due_at is not None and due_at <= self._clock.now():
+                return
 
     async def _hand_over(self, messages: Sequence[OutgoingMessage]) -> None:
         """Submit claimed messages and record each answer."""
@@ -346,12 +375,22 @@ class Dispatcher:
                 later[result.message_id] = now + max(0.0, result.retry_after)
             elif isinstance(result, Refused):
                 try:
-                    refused.append(StateUpdate.from_ptt(result.message_id, result.ptt, now,
-                                                        result.note))
+                    update = StateUpdate.from_ptt(result.message_id, result.ptt, now,
+                                                  result.note)
                 except ValueError as exc:
                     log.error("operator_refusal_unknown", error=str(exc),
                               message_id=result.message_id)
                     later[result.message_id] = now + self._retry_seconds
+                    continue
+                if not update.final:
+                    # Recorded, it would leave the message sent with no reference: never
+                    # claimed again, nor settled, its credits held. A connector's mistake,
+                    # read as "try later".
+                    log.error("operator_refusal_not_final", ptt=result.ptt,
+                              message_id=result.message_id)
+                    later[result.message_id] = now + self._retry_seconds
+                    continue
+                refused.append(update)
         # Not answered (the batch failed half-way, or at once): tried again, and only them.
         for message_id in claimed:
             later[message_id] = now + self._retry_seconds
@@ -370,10 +409,7 @@ class Dispatcher:
         self._recorded += 1
         self._requeue_held()
         if refused:
-            applied = await self._record(
-                "refusals", refused, lambda: self._store.apply_updates(refused))
-            if applied is not None:
-                self._settled(applied)
+            await self._settle_refusals(refused)
         if later:
             # Failing this only delays them to the end of their lease.
             await self._record("release", list(later),
@@ -381,20 +417,45 @@ class Dispatcher:
                                tries=1)
         self._in_hand = 0
 
+    async def _settle_refusals(self, refused: Sequence[StateUpdate]) -> None:
+        """Record the operator's refusals; when the store refuses the batch for good (a row
+        it cannot update), each one on its own, so one such row stops no other message."""
+        applied = await self._record("refusals", refused,
+                                     lambda: self._store.apply_updates(refused), lasting=True)
+        if applied is not None:
+            self._settled(applied)
+            return
+        if len(refused) == 1 or self._stopping.is_set():
+            return
+        for update in refused:
+            one = await self._record("refusals", [update],
+                                     functools.partial(self._store.apply_updates, [update]),
+                                     lasting=True)
+            if one is not None:
+                self._settled(one)
+            elif self._stopping.is_set():
+                return
+
     async def _record(self, what: str, items: Sequence[object],
-                      write: Callable[[], Awaitable[T]], *, tries: int | None = None
-                      ) -> T | None:
+                      write: Callable[[], Awaitable[T]], *, tries: int | None = None,
+                      lasting: bool = False) -> T | None:
         """Keep trying a write about what the operator answered rather than hand the
         messages over again; only a stop (or `tries`) gives up, leaving them to their claim's
-        end. Returns the write's result, None if given up."""
+        end, and with `lasting` an error that trying again cannot cure (a StoreError other
+        than StoreUnavailable). Returns the write's result, None if given up."""
         attempt = 0
         while True:
             attempt += 1
             try:
                 return await write()
             except Exception as exc:
-                log.error(f"{what}_failed", error=str(exc), messages=len(items))
-                if (tries is not None and attempt >= tries) or not await self._pause():
+                lasts = lasting and isinstance(exc, StoreError) \
+                    and not isinstance(exc, StoreUnavailable)
+                log.error(f"{what}_failed", error=str(exc), messages=len(items),
+                          **({"ids": id_ranges(_message_ids(items)),
+                              "retry": "at the claim's end"} if lasts else {}))
+                if lasts or (tries is not None and attempt >= tries) \
+                        or not await self._pause():
                     return None
 
     async def _pause(self) -> bool:
@@ -426,19 +487,38 @@ class Dispatcher:
                 await self._reports_wake.wait()
                 self._reports_wake.clear()
                 continue
-            batch = self._reports[: self._max_batch]
-            del self._reports[: self._max_batch]
+            size = 1 if self._isolating else self._max_batch
+            batch = self._reports[:size]
+            del self._reports[:size]
+            self._isolating = max(0, self._isolating - len(batch))
             recorded = self._recorded
             try:
                 applied = await self._store.apply_reports([q[0] for q in batch])
             except Exception as exc:
-                log.error("apply_reports_failed", error=str(exc), reports=len(batch))
                 if self._stopping.is_set():
+                    log.error("apply_reports_failed", error=str(exc), reports=len(batch))
                     # Not lost: not acknowledged, and the messages are not final, so the
                     # next start resumes them.
                     for _, ticket, _ in batch:
                         ticket.done.cancel()
                     return
+                if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
+                    # Refused for good (a row the store cannot update): retrying the batch
+                    # would hold every report behind it for ever.
+                    if len(batch) > 1:
+                        log.error("apply_reports_failed", error=str(exc), reports=len(batch),
+                                  retry="one report at a time")
+                        self._isolating += len(batch)
+                        self._reports[:0] = batch
+                    else:
+                        report = batch[0][0]
+                        log.error("report_set_aside", error=str(exc),
+                                  reference=report.reference, ptt=report.ptt,
+                                  hint="not acknowledged: the network sends it again after "
+                                       "a restart")
+                        self._aside.extend(batch)
+                    continue
+                log.error("apply_reports_failed", error=str(exc), reports=len(batch))
                 self._reports[:0] = batch
                 await self._pause()
                 continue
@@ -475,6 +555,10 @@ async def _log_inbound(messages: Sequence[Inbound]) -> None:
     for message in messages:
         log.info("inbound_received", reference=message.reference, sender=message.sender,
                  receiver=message.receiver, length=len(message.body))
+
+
+def _message_ids(items: Sequence[object]) -> list[int]:
+    return [item.message_id for item in items if isinstance(item, StateUpdate)]
 
 
 def _acknowledge(done: Sequence[_Queued]) -> None:

@@ -9,8 +9,9 @@ once it holds the name.
 
 A gateway that finds the name taken is a standby: it says so in its log and its `/readyz`
 (not ready: a load balancer should send it nothing), and waits for the name. The sends it
-accepts meanwhile are stored and delivered when delivery moves: to it, when the gateway
-delivering stops, or to that gateway's next start. Taking over while requests are served,
+accepts meanwhile are stored; the gateway delivering finds them at its next look at the
+store (every `poll_seconds` of its dispatcher: it is woken by its own commits only). Taking
+over while requests are served,
 it delivers with a dispatcher that follows the store (as the delivery worker does), poked
 at each of its commits: it finds every message queued, its own and the others', and none
 is missed between reading the store and the first commit seen.

@@ -46,8 +46,9 @@ class Metrics:
         self.auth_failures = Counter(
             "http2sms_auth_failures",
             "Refused logins by reason (password, ip, locked, slowed: a login over its "
-            "budget of failures; busy: no place in the password-check queue; abandoned: "
-            "the client hung up before its check ran).", ["reason"], registry=r)
+            "budget of failures; busy: no place in the password-check queue, or checks "
+            "under way hold a key's last places before a lock; abandoned: the client hung "
+            "up before its check ran).", ["reason"], registry=r)
         self.lockouts = Counter(
             "http2sms_lockouts", "Keys locked after repeated failed logins.", registry=r)
         self.shared_addresses = Counter(

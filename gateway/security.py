@@ -10,7 +10,10 @@ password from another address must keep working.
 What else holds, and why:
 - Attempts are counted when they start. A password check reserves its place on each key
   before the (slow) check runs and turns into a failure or is released after it, so at most
-  `max_failures` checks per key are ever decided, however many arrive at once.
+  `max_failures` checks per key are ever decided, however many arrive at once. A check
+  refused only because the places are taken by checks under way is refused as "busy"
+  (retry soon), not "locked": nothing is locked yet, and a right password must not be told
+  its credentials are wrong.
 - A login attacked from many addresses (each under its own limit) has a budget of failures
   per `lockout_seconds` across all of them (`login_failure_budget`). Past it, that login is
   slowed, not locked: one password check per `login_slow_seconds` from addresses outside
@@ -51,7 +54,8 @@ class _Failures:
 
 
 class Refused(Exception):
-    """No password check for this attempt: its key is locked, or its login slowed."""
+    """No password check for this attempt: its key is locked ("locked"), its places all
+    taken by checks under way ("busy"), or its login slowed ("slowed")."""
 
 
 Key = tuple[object, ...]
@@ -121,14 +125,18 @@ class LoginGuard:
         `known`: the account and login exist. `allowlisted`: the caller is on the user's
         own allowlist (never slowed by the login's budget)."""
         address = self.address(ip)
-        lockable: list[tuple[Key, float]] = [
-            (("user", account, login, address), 1.0),
-            (("ip", address), 1.0 if known else UNKNOWN_WEIGHT)]
+        lockable = self._lockable(account, login, address, known)
         for key, _ in lockable:
             entry = self._live(key, now)
             if entry is not None and (entry.locked_until > now
-                                      or entry.count + entry.pending >= self.max_failures):
+                                      or entry.count >= self.max_failures):
                 raise Refused("locked")
+        for key, _ in lockable:
+            entry = self._by_key.get(key)
+            if entry is not None and entry.count + entry.pending >= self.max_failures:
+                # Only checks still under way fill the key: nothing is locked, and may
+                # never be (they may all be right), so the caller is told to come back.
+                raise Refused("busy")
         login_key: Key = ("login", account, login)
         if self.login_failure_budget and not allowlisted:
             entry = self._live(login_key, now)
@@ -149,10 +157,12 @@ class LoginGuard:
         half = self.max_failures // 2
         return 0.0 if worst <= half else min(0.25 * (worst - half), 2.0)
 
-    def failed(self, account: str, login: str, ip: IPAddress | None, now: float) -> bool:
-        """Count a failure that reserved nothing (tests, the lock's own bookkeeping)."""
-        weights = tuple((key, 1.0) for key in
-                        [*self._keys(account, login, ip), ("login", account, login)])
+    def failed(self, account: str, login: str, ip: IPAddress | None, now: float, *,
+               known: bool = True) -> bool:
+        """Count a failure that reserved nothing (a guess that joined an identical check
+        under way, tests), weighed as a reserved one would be: `known` as in `begin`."""
+        weights = (*self._lockable(account, login, self.address(ip), known),
+                   (("login", account, login), 1.0))
         for key, weight in weights:
             entry = self._live(key, now) or self._by_key.setdefault(key, _Failures(0.0, now))
             entry.pending += weight
@@ -224,6 +234,13 @@ class LoginGuard:
             seen.users.clear()
             return True
         return False
+
+    @staticmethod
+    def _lockable(account: str, login: str, address: object,
+                  known: bool) -> tuple[tuple[Key, float], ...]:
+        """The keys a failure can lock, with what it weighs on each."""
+        return ((("user", account, login, address), 1.0),
+                (("ip", address), 1.0 if known else UNKNOWN_WEIGHT))
 
     def _keys(self, account: str, login: str, ip: IPAddress | None) -> list[Key]:
         address = self.address(ip)

@@ -21,7 +21,9 @@ What it does:
 - with a `policy`, the host name is resolved here and only an address the policy allows is
   connected to (the check is on the address connected, so a name that resolves elsewhere
   the second time cannot slip by); a connection that turns out to reach one of `own_ports`
-  on this very machine (its local and remote addresses are the same) is closed unused.
+  on this very machine (its local and remote addresses are the same) is closed unused;
+- every request carries `X-Http2sms-Callback: 1`, which the send URL refuses (a loop
+  through a proxy, where the addresses differ).
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class TargetRefused(ConnectFailed):
 
 
 TargetCheck = Callable[[IPAddress], "str | None"]
+
+# Sent with every request: the send URL refuses a request that carries it, so a callback
+# that reaches the gateway's own send URL by a way `own_ports` cannot see (a TLS reverse
+# proxy, a published container port, NAT: proxies pass headers on) sends no SMS.
+CALLBACK_HEADER = "X-Http2sms-Callback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +224,8 @@ class HttpClient:
         origin = origin_of(url)
         head = (f"GET {url.raw_path_qs or '/'} HTTP/1.1\r\n"
                 f"Host: {url.host_port_subcomponent}\r\n"
-                f"User-Agent: {self._user_agent}\r\nAccept: */*\r\n")
+                f"User-Agent: {self._user_agent}\r\nAccept: */*\r\n"
+                f"{CALLBACK_HEADER}: 1\r\n")
         if url.user is not None:
             secret = f"{url.user}:{url.password or ''}".encode()  # UTF-8, as RFC 7617 says
             head += f"Authorization: Basic {base64.b64encode(secret).decode('ascii')}\r\n"

@@ -9,7 +9,9 @@ import time
 import structlog
 from aiohttp import web
 
+from gateway.hooks.http_client import CALLBACK_HEADER
 from gateway.send import params as url_params
+from gateway.send import request as rules
 from gateway.send import responses
 from gateway.send.pipeline import Answer, SendPipeline
 from gateway.web_ip import caller_ip
@@ -52,11 +54,26 @@ async def http2sms(request: web.Request) -> web.StreamResponse:
     pipeline = request.app[PIPELINE]
     params = await read_params(request)
     client = caller_ip(request)
-    answer = await pipeline.send(params, client, connected=lambda: connected(request))
-    event = log.error if answer.http_status == 503 else log.info
+    looped = CALLBACK_HEADER in request.headers
+    if looped:
+        # One of our callbacks whose URL names this send URL: each report would send an
+        # SMS, whose report would send another. Refused before anything is checked or
+        # charged; answered 200, so the callback is done and not tried again.
+        answer = Answer(rules.UNAUTHORIZED, rules.requested_format(params),
+                        message=_CALLBACK_REFUSED,
+                        log={"outcome": rules.UNAUTHORIZED, "reason": "callback loop",
+                             "account": params.get("account", "")[:64],
+                             "client_ip": str(client) if client else None})
+    else:
+        answer = await pipeline.send(params, client, connected=lambda: connected(request))
+    event = log.error if answer.http_status == 503 else log.warning if looped else log.info
     event("send", request_id=request_id, method=request.method,
           duration_ms=round((time.perf_counter() - started) * 1000, 2), **answer.log)
     return render(answer, request_id)
+
+
+_CALLBACK_REFUSED = ("A callback of this gateway cannot send SMS: a callBack URL names the "
+                     "send URL")
 
 
 def render(answer: Answer, request_id: str) -> web.Response:

@@ -260,7 +260,7 @@ class SendPipeline:
                 raise SendRefused(status, message, account=request.account)
             self._metrics.auth_failures.labels("password").inc()
             delay = guard.delay(request.account, request.login, client_ip, now)
-            if check.settle_failure():
+            if check.settle_failure(known=context is not None):
                 self._metrics.lockouts.inc()
                 log.warning("login_locked", account=request.account[:64],
                             login=request.login[:64], client_ip=str(client_ip),
@@ -343,6 +343,10 @@ class _PasswordCheck:
                 known=context is not None,
                 allowlisted=bool(restrictions) and iprules.allowed(self._ip, restrictions))
         except Refused as refused:
+            if str(refused) == "busy":
+                # Counted and answered as the verification queue's own "busy": 429 and
+                # Retry-After, never a 401 (bad credentials, to OVH scripts).
+                raise VerificationBusy from None
             self._pipeline._metrics.auth_failures.labels(str(refused)).inc()
             raise SendRefused(rules.UNAUTHORIZED, _LOCKED) from None
 
@@ -364,10 +368,10 @@ class _PasswordCheck:
             self._pipeline._guard.refused_address(self._request.account, self._request.login,
                                                   self._ip, self._now)
 
-    def settle_failure(self) -> bool:
+    def settle_failure(self, *, known: bool) -> bool:
         if self._attempt is None:  # a guess that joined the same guess's check
             return self._pipeline._guard.failed(self._request.account, self._request.login,
-                                                self._ip, self._now)
+                                                self._ip, self._now, known=known)
         return self._attempt.failed(self._now)
 
     def release(self) -> None:

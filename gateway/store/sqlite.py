@@ -230,12 +230,16 @@ async def _check_integers(db: Conn, plan: rules.UpdatePlan) -> None:
     marks, params = _in(sorted(accounts))
     user_marks, user_params = _in(sorted(users))
     rows = await db.execute_fetchall(
-        f"SELECT 1 FROM accounts WHERE id IN ({marks or 'NULL'}) "
+        f"SELECT 'account', id FROM accounts WHERE id IN ({marks or 'NULL'}) "
         "AND typeof(balance) <> 'integer' "
-        f"UNION ALL SELECT 1 FROM users WHERE id IN ({user_marks or 'NULL'}) "
+        f"UNION ALL SELECT 'user', id FROM users WHERE id IN ({user_marks or 'NULL'}) "
         "AND typeof(quota_left) <> 'integer'", [*params, *user_params])
     if rows:
-        raise OverCreditLimit("refund: a balance or quota would overflow the store")
+        # Which ones: a store hit by an old overflow holds a balance that is no integer,
+        # and every refund to it fails until an operator corrects it.
+        named = ", ".join(f"{kind} id {row_id}" for kind, row_id in rows)
+        raise OverCreditLimit(f"refund: a balance or quota would overflow the store, or is "
+                              f"no integer ({named})")
 
 
 # How many due outbox items a claim looks at, per item it may take (see claim_outbox).

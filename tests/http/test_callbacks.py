@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from gateway import cli, ptt
 from gateway.app import own_ports
@@ -25,9 +26,11 @@ from gateway.hooks.callbacks import (
     log_host,
     target_problem,
 )
+from gateway.hooks.http_client import HttpClient
 from gateway.hooks.outbox import RetryPolicy, next_attempt_at
 from gateway.hooks.targets import TargetPolicy
-from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
+from gateway.records import MessageFilter
+from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SEND_PATH, SENDER, Harness, eventually
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC, 23:13:20 in Paris
 PARIS = ZoneInfo("Europe/Paris")
@@ -162,6 +165,29 @@ def test_the_gateway_s_own_listeners_are_its_port_and_the_admin_one() -> None:
     config = Config().replace({"server.port": 8080, "admin.port": 8081})
     assert own_ports(config) == {8080}  # the admin API shares the public listener
     assert own_ports(config.replace({"admin.host": "127.0.0.1"})) == {8080, 8081}
+
+
+async def test_a_callback_reaching_the_send_url_another_way_sends_nothing(
+        harness: Harness) -> None:
+    """Behind a TLS proxy, a published container port or NAT, a callback to the gateway's
+    own send URL is not seen as reaching itself (another address, another port): it sent an
+    SMS per report, in a loop. Every callback says what it is, and the send URL refuses it."""
+    server = harness.client.server
+    send_url = URL(f"http://127.0.0.1:{server.port}{SEND_PATH}").with_query(
+        account=ACCOUNT, login=LOGIN, password=PASSWORD, to="+33612345678",
+        message="loop", **{"from": SENDER})
+    before = await harness.balance()
+    http = HttpClient(timeout=5.0, max_idle_per_origin=1, user_agent="http2sms-gateway")
+    try:
+        assert await http.get(send_url) == 200  # answered, with a KO: not tried again
+    finally:
+        await http.close()
+    resp = await harness.client.get(send_url.path_qs, headers={"X-Http2sms-Callback": "1"})
+    assert await resp.text() == ("KO\n401 A callback of this gateway cannot send SMS: "
+                                 "a callBack URL names the send URL")
+    assert await harness.balance() == before
+    account = await harness.gateway.store.get_account(ACCOUNT)
+    assert await harness.gateway.store.list_messages(MessageFilter(account.id), limit=1) == []
 
 
 def test_backoff_doubles_from_the_first_retry_up_to_the_cap() -> None:

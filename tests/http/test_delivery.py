@@ -39,7 +39,7 @@ from gateway.records import (
     StateUpdate,
 )
 from gateway.service import Management
-from gateway.store import Store, open_store
+from gateway.store import OverCreditLimit, Store, open_store
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, eventually, ledger_identity
 
 T0 = 1_700_000_000.0
@@ -479,6 +479,35 @@ async def test_each_message_is_taken_tried_later_or_refused(config: Config) -> N
         await eventually(all_sent)
 
 
+async def test_a_refusal_at_a_ptt_that_is_not_final_is_tried_again_later(
+        config: Config) -> None:
+    """A connector's Refused at a non-final ptt (1: retrying) left the message sent with no
+    reference, never claimed again, its credits held: it is taken as "try later"."""
+    (a,) = await seed_queued(config, 1, per_order=1)
+    refused: set[int] = set()
+
+    def answer(message: OutgoingMessage) -> SubmitResult:
+        if not refused:
+            refused.add(message.id)
+            return Refused(message.id, 1)
+        return take(message)
+
+    operator = ScriptedOperator(answer)
+    clock = ManualClock(T0)
+    async with dispatching(config, operator, clock=clock) as (_, store):
+        async def released() -> bool:  # queued again, due after retry_seconds
+            return await store.next_due_at() == T0 + 5
+        await eventually(released)
+        assert await states(store, [a]) == ["queued"]
+        assert (await store.get_message(a)).ptt is None
+        clock.advance(5)
+        await eventually(lambda: operator.calls == [[a], [a]])
+
+        async def sent() -> bool:
+            return await states(store, [a]) == ["sent"]
+        await eventually(sent)
+
+
 async def balance(config: Config) -> int:
     store = open_store(config.store.path, "send")
     await store.open()
@@ -552,6 +581,125 @@ async def test_reports_find_their_message_by_reference_and_are_acknowledged_afte
         stray = operator.sink.reports([OperatorReport.from_ptt("nobody", 4, T0)])
         await asyncio.wait_for(stray, 5)
         assert await history_of(store, a) == [(None, 0), (4, 1)]
+
+
+class SlowClaimStore:
+    """The real store, its claims held until `gate` is set; counts the reports applied."""
+
+    def __init__(self, path: str) -> None:
+        self._store = open_store(path, "delivery")
+        self.gate = asyncio.Event()
+        self.claiming = asyncio.Event()
+        self.applies = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim_messages(self, **kwargs: Any) -> Sequence[OutgoingMessage]:
+        self.claiming.set()
+        await self.gate.wait()
+        return cast(Sequence[OutgoingMessage], await self._store.claim_messages(**kwargs))
+
+    async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
+        self.applies += 1
+        return await self._store.apply_reports(reports)
+
+
+async def test_a_stray_report_during_an_empty_claim_is_still_acknowledged(
+        config: Config) -> None:
+    """A report naming no known reference, arriving while a claim ran, was held for the
+    hand-over's recording; the claim found nothing, so nothing ever let it go: never
+    acknowledged (an SMPP window stalls on it), whatever the claims after."""
+    operator = ScriptedOperator(take)
+    slow = SlowClaimStore(config.store.path)
+    async with dispatching(config, operator, store=cast(Store, slow)) as (dispatcher, _):
+        assert operator.sink is not None
+        await asyncio.wait_for(slow.claiming.wait(), 5)
+        stray = operator.sink.reports([OperatorReport.from_ptt("nobody", 4, T0)])
+        await eventually(lambda: slow.applies == 1)  # applied, unmatched, held back
+        slow.gate.set()  # the claim comes back empty
+        await asyncio.wait_for(stray, 5)
+        assert dispatcher.waiting_reports == 0
+
+
+class PoisonedStore:
+    """The real store; a batch of reports naming `poison` fails as a store whose balance is
+    no integer does (the old overflow bug), every time."""
+
+    def __init__(self, path: str, poison: str) -> None:
+        self._store = open_store(path, "delivery")
+        self.poison = poison
+        self.applies = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
+        self.applies += 1
+        if any(report.reference == self.poison for report in reports):
+            raise OverCreditLimit("refund: a balance or quota would overflow the store")
+        return await self._store.apply_reports(reports)
+
+    async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates:
+        self.applies += 1
+        if any(f"R{update.message_id}" == self.poison for update in updates):
+            raise OverCreditLimit("refund: a balance or quota would overflow the store")
+        return await self._store.apply_updates(updates)
+
+
+async def test_a_report_the_store_always_refuses_does_not_stop_the_others(
+        config: Config) -> None:
+    """A batch failing for good was put back and tried again for ever: no report of any
+    message was stored after it. The failing one is found and set aside, unacknowledged."""
+    a, b = await seed_queued(config, 2, per_order=2)
+    operator = ScriptedOperator(take)
+    poisoned = PoisonedStore(config.store.path, poison=f"R{a}")
+    async with dispatching(config, operator, store=cast(Store, poisoned)) as (_, store):
+        async def sent() -> bool:
+            return await states(store, [a, b]) == ["sent", "sent"]
+        await eventually(sent)
+        assert operator.sink is not None
+        ok_before = operator.sink.reports([OperatorReport.from_ptt("nobody", 4, T0)])
+        bad = operator.sink.reports([OperatorReport.from_ptt(f"R{a}", 4, T0)])
+        ok_after = operator.sink.reports([OperatorReport.from_ptt(f"R{b}", 4, T0)])
+        await asyncio.wait_for(asyncio.gather(ok_before, ok_after), 5)
+        assert await states(store, [a, b]) == ["sent", "final"]
+        applies = poisoned.applies
+        await stays(lambda: poisoned.applies == applies)  # not tried again in a loop
+        assert not bad.done()  # not stored: not acknowledged
+
+
+async def test_a_refusal_the_store_always_refuses_does_not_stop_delivery(
+        config: Config) -> None:
+    """The operator's refusals were recorded in one write tried again until the gateway
+    stopped: one refund the store refused for good stopped all delivery."""
+    a, b = await seed_queued(config, 2, per_order=2)
+    operator = ScriptedOperator(lambda m: Refused(m.id, 23))
+    poisoned = PoisonedStore(config.store.path, poison=f"R{a}")
+    async with dispatching(config, operator, store=cast(Store, poisoned)) as (_, store):
+        async def b_settled() -> bool:
+            return await states(store, [b]) == ["final"]
+        await eventually(b_settled)
+        assert await states(store, [a]) == ["queued"]  # left to its claim's end
+        applies = poisoned.applies
+        await stays(lambda: poisoned.applies == applies)  # not tried again in a loop
+
+
+async def test_a_refund_to_a_balance_that_is_no_integer_names_the_account(
+        config: Config) -> None:
+    """Stores hit by the old overflow bug hold such balances: the error says which."""
+    (a,) = await seed_queued(config, 1, per_order=1)
+    with sqlite3.connect(config.store.path) as db:
+        (account_id,) = db.execute("SELECT account_id FROM messages WHERE id = ?",
+                                   (a,)).fetchone()
+        db.execute("UPDATE accounts SET balance = 1.5 WHERE id = ?", (account_id,))
+    store = open_store(config.store.path, "delivery")
+    await store.open()
+    try:
+        with pytest.raises(OverCreditLimit, match=f"account id {account_id}"):
+            await store.apply_updates([StateUpdate.from_ptt(a, 23, T0)])
+    finally:
+        await store.close()
 
 
 async def history_of(store: Store, message_id: int) -> list[tuple[int | None, int]]:

@@ -98,6 +98,7 @@ async def test_requests_share_one_kept_connection_and_say_who_they_are() -> None
     assert head.startswith("GET /dlr?id=0 HTTP/1.1\r\n")
     assert f"\r\nHost: 127.0.0.1:{server.port}\r\n" in head
     assert "\r\nUser-Agent: http2sms-gateway\r\n" in head
+    assert "\r\nX-Http2sms-Callback: 1\r\n" in head  # the send URL refuses it: no loop
     assert "Authorization" not in head
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -173,6 +174,9 @@ async def test_at_most_two_scrypt_checks_run_at_once(monkeypatch: pytest.MonkeyP
 
 WRONG = "KO\n401 Invalid account, login or password"
 LOCKED = "KO\n401 Too many failed logins: try again later"
+BUSY = "KO\n429 Too many logins being checked: retry after 1 s"
+SEND = {"account": ACCOUNT, "login": LOGIN, "password": "secret123", "from": "ACME",
+        "to": "+33612345678", "message": "Hello"}
 
 
 async def send_from(h: Harness, address: str, **params: Any) -> str:
@@ -211,8 +215,46 @@ async def test_concurrent_guesses_get_at_most_max_failures_checks(
     answers = await asyncio.gather(*(send_from(h, "198.51.100.7", password=f"Wrong{i:04d}")
                                      for i in range(60)))
     assert answers.count(WRONG) == checks == 4
-    assert answers.count(LOCKED) == 56
+    # Refused while the four checks are under way: busy (retry); once they failed: locked.
+    assert answers.count(LOCKED) + answers.count(BUSY) == 56
     assert await send_from(h, "198.51.100.7") == LOCKED  # the right one too, unchecked
+
+
+async def test_a_right_password_is_not_refused_as_locked_while_checks_are_under_way(
+        make_harness: Any, config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With max_failures - 1 failures counted, a check under way filled the last place and a
+    right password at the same time got 401 "Too many failed logins" though nothing was
+    locked (401 means bad credentials to OVH scripts). Now it is told to retry (429)."""
+    from gateway import passwords
+
+    config = behind_proxy(config, max_failures=4)
+    h: Harness = await make_harness(cfg=config)
+    await h.manage.create_user(ACCOUNT, "bob", "secret456")
+    real_verify = passwords.verify
+
+    def slow(password: str, stored: str) -> bool:
+        time.sleep(0.3)  # both checks are under way at once
+        return real_verify(password, stored)
+
+    for _ in range(3):
+        assert await send_from(h, "198.51.100.8", password="Wrong1234") == WRONG
+    monkeypatch.setattr(passwords, "verify", slow)
+    resp_bob, resp_alice = await asyncio.gather(
+        h.client.get("/cgi-bin/sms/http2sms.cgi", params={**SEND, "login": "bob",
+                     "password": "secret456"}, headers={"X-Forwarded-For": "198.51.100.8"}),
+        h.client.get("/cgi-bin/sms/http2sms.cgi", params=SEND,
+                     headers={"X-Forwarded-For": "198.51.100.8"}))
+    answers = {"bob": (resp_bob, await resp_bob.text()),
+               "alice": (resp_alice, await resp_alice.text())}
+    busy = [login for login, (_, text) in answers.items() if text == BUSY]
+    assert len(busy) == 1, answers
+    assert all(text.startswith("OK") for login, (_, text) in answers.items()
+               if login not in busy), answers
+    resp = answers[busy[0]][0]
+    assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+    # Nothing was locked: the one told to retry gets in.
+    params = {"login": "bob", "password": "secret456"} if busy == ["bob"] else {}
+    assert (await send_from(h, "198.51.100.8", **params)).startswith("OK")
 
 
 async def test_an_ipv6_host_cannot_rotate_through_its_64(make_harness: Any,
@@ -259,6 +301,20 @@ async def test_failures_against_made_up_accounts_do_not_lock_an_address_for_all(
     # Spraying made-up logins is still locked, four times later.
     answers = [await send_from(h, "198.51.100.10", login=f"nobody{i}") for i in range(45)]
     assert answers.count(WRONG) == 40 and answers[40:] == [LOCKED] * 5
+
+
+async def test_concurrent_failures_against_made_up_accounts_weigh_a_quarter_too(
+        make_harness: Any, config: Any) -> None:
+    """Identical guesses at once share one check: those that joined it counted a whole
+    failure on the address, so 4 rounds of 4 locked every user behind a NAT (not 40)."""
+    config = behind_proxy(config, max_failures=10)
+    h: Harness = await make_harness(cfg=config)
+    for round_ in range(9):
+        answers = await asyncio.gather(*(
+            send_from(h, "198.51.100.11", account=f"sms-nobody-{round_}-{i}",
+                      password="Same1234") for i in range(4)))
+        assert answers == [WRONG] * 4
+    assert (await send_from(h, "198.51.100.11")).startswith("OK")
 
 
 async def test_an_address_many_users_share_is_reported(make_harness: Any,
@@ -330,5 +386,5 @@ async def test_a_burst_of_right_credentials_before_the_first_check_is_not_guessi
     assert all(answer.startswith("OK") for answer in answers), set(answers)
     wrong = await asyncio.gather(*(send_from(h, "198.51.100.61", password="Same1234")
                                    for _ in range(64)))
-    assert set(wrong) <= {WRONG, LOCKED} and wrong.count(WRONG) >= 1
+    assert set(wrong) <= {WRONG, LOCKED, BUSY} and wrong.count(WRONG) >= 1
     assert await send_from(h, "198.51.100.61") == LOCKED  # counted afterwards all the same

@@ -172,3 +172,31 @@ async def test_two_gateways_with_delivery_workers_one_delivers_the_other_says_wh
         assert second.events("delivery_taken_over")
         assert await second.stop() == 0
         assert not second.events("delivery_worker_killed")
+
+
+async def test_a_send_accepted_by_the_standby_is_delivered_by_the_active_gateway(
+        tmp_path: Path) -> None:
+    """The active gateway's dispatcher slept until its own next commit: a send the standby
+    accepted waited, charged, for as long as nobody sent to the active one."""
+    db = tmp_path / "shared.sqlite3"
+    await prepare_store(db, credits=1000)
+    async with servers() as started:
+        first = await ServerProcess.start(db, env=ONE_PROCESS)
+        started.append(first)
+
+        async def recovered() -> bool:
+            return bool(first.events("delivery_recovered"))
+        await wait_for(recovered, timeout=10, what="the first gateway to deliver")
+        second = await ServerProcess.start(db, env=ONE_PROCESS)
+        started.append(second)
+        assert second.events("delivery_elsewhere") and not first.events("delivery_elsewhere")
+        async with aiohttp.ClientSession() as session, \
+                session.get(second.send_url, params=demo_params()) as resp:
+            body = await resp.text()
+        assert body.startswith("OK"), body
+        (new_id,) = [int(i) for i in body.split("\n")[2:]]
+
+        async def delivered() -> bool:
+            return handed_over(first) == Counter({new_id: 1})
+        await wait_for(delivered, timeout=15, what="the active gateway to deliver it")
+        assert not handed_over(second)
