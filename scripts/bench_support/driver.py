@@ -307,7 +307,9 @@ def gateway_config() -> Any:
     from gateway import config as config_module
 
     config = config_module.load(None)
-    return config.replace({"server.allow_private_ips": True})  # the allowlists hold 127.0.0.1
+    # The allowlists hold 127.0.0.1 and the callbacks go to a receiver on loopback.
+    return config.replace({"server.allow_private_ips": True,
+                           "callbacks.allow_private_targets": True})
 
 
 async def create_users(db: Path, n_users: int, receiver_port: int) -> list[dict[str, Any]]:
@@ -544,6 +546,7 @@ def gateway_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "HTTP2SMS_SERVER_ALLOW_PRIVATE_IPS": "1",
+        "HTTP2SMS_CALLBACKS_ALLOW_PRIVATE_TARGETS": "1",  # the receiver is on loopback
         "HTTP2SMS_LOG_LEVEL": args.log_level,
         "HTTP2SMS_OPERATOR_MIN_DELAY": str(args.min_delay),
         "HTTP2SMS_OPERATOR_MAX_DELAY": str(args.max_delay),
