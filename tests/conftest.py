@@ -22,6 +22,7 @@ from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.service import Management
 from gateway.store import Store, open_store
+from tests import postgres
 
 SEND_PATH = "/cgi-bin/sms/http2sms.cgi"
 ACCOUNT = "sms-test-1"
@@ -36,6 +37,26 @@ def pytest_configure(config: pytest.Config) -> None:
     Tests about the cost itself ask for `real_hash_cost`. A cost set by the caller is kept,
     e.g. HTTP2SMS_TEST_SCRYPT_N=16384 to run the suite at the real one."""
     os.environ.setdefault(passwords.TEST_N_VARIABLE, "2")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """The URL of the session's throwaway PostgreSQL cluster (tests/postgres.py), started
+    by the first test that needs it; skips that test under HTTP2SMS_TEST_POSTGRES=0."""
+    postgres.skip_unless_enabled()
+    cluster = postgres.Cluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: str) -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped after it."""
+    url = await postgres.fresh_database(postgres_server)
+    yield url
+    await postgres.drop_database(postgres_server, url)
 
 
 @pytest.fixture
