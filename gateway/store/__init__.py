@@ -3,8 +3,8 @@
 A caller depends on the role it uses, never on a backend: the send path on `SendStore`,
 delivery on `DeliveryStore`, the callbacks and alerts on `OutboxStore`, the management
 service on `ManagementStore`, the lists and ledger on `ReadStore`, the admin API's tokens on
-`TokenStore`. `open_store` picks the backend from a URL (SQLite today, PostgreSQL for
-multi-node deployments next) and tunes it for the process that asks (`Role`). The records
+`TokenStore`. `open_store` picks the backend from a URL (SQLite embedded, PostgreSQL for
+multi-node deployments) and tunes it for the process that asks (`Role`). The records
 the roles take and return live in `gateway.records`; the decisions a transaction makes (who
 pays, refunds, which alert fires, which outbox items a claim takes) in `gateway.store.rules`,
 shared by every backend.
@@ -275,7 +275,11 @@ class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, T
 
 # Backends by URL scheme, imported only when asked for (as uvicorn's loops and protocols):
 # a gateway on SQLite never loads a PostgreSQL driver.
-_BACKENDS: dict[str, str] = {"sqlite": "gateway.store.sqlite:SQLiteStore"}
+_BACKENDS: dict[str, str] = {
+    "sqlite": "gateway.store.sqlite:SQLiteStore",
+    "postgresql": "gateway.store.postgresql:PostgreSQLStore",
+    "postgres": "gateway.store.postgresql:PostgreSQLStore",  # libpq's other spelling
+}
 
 
 def parse_url(url: str) -> tuple[str, str]:

@@ -30,8 +30,8 @@ def test_a_sqlite_url_without_a_file_is_refused(url: str) -> None:
 
 
 def test_a_scheme_without_a_backend_is_refused() -> None:
-    with pytest.raises(StoreUnavailable, match="no store backend for 'postgresql'"):
-        open_store("postgresql://u@db/gateway", "send")
+    with pytest.raises(StoreUnavailable, match="no store backend for 'mysql'"):
+        open_store("mysql://u@db/gateway", "send")
 
 
 async def test_the_same_database_by_path_url_or_settings(tmp_path: Path) -> None:
