@@ -51,12 +51,17 @@ def postgres_server() -> Any:
         cluster.stop()
 
 
+# Databases of finished tests, dropped when the next one is made (see fresh_database) or
+# with the throwaway cluster.
+_finished_databases: list[str] = []
+
+
 @pytest.fixture
 async def postgres_url(postgres_server: str) -> AsyncIterator[str]:
-    """A fresh, empty PostgreSQL database for one test, dropped after it."""
-    url = await postgres.fresh_database(postgres_server)
+    """A fresh, empty PostgreSQL database for one test."""
+    url = await postgres.fresh_database(postgres_server, _finished_databases)
     yield url
-    await postgres.drop_database(postgres_server, url)
+    _finished_databases.append(url)
 
 
 @pytest.fixture
@@ -78,9 +83,20 @@ def _parser_as_started() -> Any:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The backend of the `config` fixture's store: SQLite, unless a conftest parametrizes
+    it (tests/http runs on both, see its conftest)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def config(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> Config:
+    if store_backend == "postgresql":
+        store = str(request.getfixturevalue("postgres_url"))
+    else:
+        store = str(tmp_path / "gateway.sqlite3")
     return Config().replace({
-        "store.path": str(tmp_path / "gateway.sqlite3"),
+        "store.path": store,
         "server.allow_private_ips": True,
         # The tests' callback receivers listen on 127.0.0.1.
         "callbacks.allow_private_targets": True,

@@ -52,24 +52,24 @@ def database_url(server: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-async def fresh_database(server: str) -> str:
-    """A new empty database on `server`, by URL; each test gets its own."""
+async def fresh_database(server: str, done: list[str]) -> str:
+    """A new empty database on `server`, by URL; each test gets its own.
+
+    The databases of tests that ended (`done`) are dropped first, here rather than at
+    their test's end: fixtures that stop the gateway (aiohttp's client) may be torn down
+    after the database's, and a database dropped under a running gateway fills the log
+    with its errors.
+    """
     name = f"h2s_{os.getpid()}_{next(_names)}"
     conn = await asyncpg.connect(server)
     try:
+        while done:
+            old = urlsplit(done.pop()).path.lstrip("/")
+            await conn.execute(f'DROP DATABASE IF EXISTS "{old}" WITH (FORCE)')
         await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
     finally:
         await conn.close()
     return database_url(server, name)
-
-
-async def drop_database(server: str, url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 def skip_unless_enabled() -> None:

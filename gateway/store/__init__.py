@@ -86,7 +86,8 @@ class StoreSettings(Protocol):
     """What `open_store` reads of the `[store]` settings."""
 
     @property
-    def path(self) -> str: ...
+    def location(self) -> str:
+        """A URL or a bare path (`store.url`, else `store.path`)."""
     @property
     def busy_timeout_seconds(self) -> float: ...
 
@@ -301,6 +302,15 @@ def parse_url(url: str) -> tuple[str, str]:
     return scheme, rest
 
 
+def shown(url: str) -> str:
+    """A store URL fit for logs and messages: its password, if any, left out."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
 def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Store:
     """The store at `where` (a URL, a bare path, or the `[store]` settings), tuned for
     `role`; call `await store.open()` before use and `close()` after.
@@ -311,7 +321,7 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
     if isinstance(where, str | os.PathLike):
         url, busy_timeout = os.fspath(where), None
     else:
-        url, busy_timeout = where.path, where.busy_timeout_seconds
+        url, busy_timeout = where.location, where.busy_timeout_seconds
     scheme, location = parse_url(url)
     target = _BACKENDS.get(scheme)
     if target is None:
@@ -326,5 +336,5 @@ __all__ = [
     "Conflict", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
     "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
     "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "TokenStore",
-    "open_store", "parse_url",
+    "open_store", "parse_url", "shown",
 ]

@@ -79,6 +79,7 @@ async def test_metrics_need_the_admin_token(harness: Harness) -> None:
     assert resp.status == 401
 
 
+@pytest.mark.sqlite_only  # locks the SQLite file to make the store unwritable
 async def test_health_and_readiness(harness: Harness, config: Any,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     resp = await harness.client.get("/healthz")

@@ -183,6 +183,8 @@ class PostgreSQLStore:
         self._contexts: dict[tuple[str, str], SendContext] = {}
         self._keys_by_account: dict[int, set[tuple[str, str]]] = {}
         self._versions: dict[int, int] = {}
+        self._ids_conn: Any = None  # an asyncpg.Connection, see _message_ids
+        self._ids_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"PostgreSQLStore(role={self._role!r})"  # never the URL: it may hold a password
@@ -202,6 +204,9 @@ class PostgreSQLStore:
             raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}") from exc
 
     async def close(self) -> None:
+        ids, self._ids_conn = self._ids_conn, None
+        if ids is not None:
+            ids.terminate()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -562,36 +567,38 @@ class PostgreSQLStore:
                            at: float) -> list[SendOutcome]:
         """Charge and store a batch of sends in one transaction, its accounts' rows locked
         (by id) from the read of their balances and versions to the commit."""
-        wanted = sum(len(o.recipients) for o in orders)
         account_ids = sorted({o.account_id for o in orders})
         user_ids = sorted({o.user_id for o in orders if o.user_id is not None})
 
         async def body(db: Conn) -> list[SendOutcome]:
-            # Before the send's own transaction (see allocate_message_ids): ids of orders
-            # refused or rolled back are never used, which ids allow.
-            first_id = int(await db.fetchval("SELECT allocate_message_ids($1)", wanted)) \
-                if wanted else 1
-            async with db.transaction():
-                return await self._commit_sends(db, orders, at, first_id, account_ids,
-                                                user_ids)
+            return await self._commit_sends(db, orders, at, account_ids, user_ids)
 
-        for attempt in range(_RETRIES):
-            try:
-                async with self._acquire() as conn:
-                    return await body(conn)
-            except _RETRIED:
-                if attempt == _RETRIES - 1:
-                    raise
-                await asyncio.sleep(0.01 * (attempt + 1))
-            except asyncpg.IntegrityConstraintViolationError as exc:
-                raise Conflict(str(exc)) from exc
-            except _UNAVAILABLE as exc:
-                raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
+        return await self._transaction(body)
+
+    async def _message_ids(self, count: int) -> int:
+        """The first of `count` consecutive new message ids.
+
+        Taken on a connection of its own, in a transaction of its own (see
+        allocate_message_ids, migration 0001): in the send's transaction the counter's row
+        would stay locked until that commit, and every send would wait for the one before.
+        Ids of a send that then rolls back are never used: ids may have gaps, never twins.
+        """
+        async with self._ids_lock:
+            for attempt in (1, 2):
+                if self._ids_conn is None or self._ids_conn.is_closed():
+                    self._ids_conn = await asyncpg.connect(self.dsn, timeout=self._timeout)
+                try:
+                    return int(await self._ids_conn.fetchval(
+                        "SELECT allocate_message_ids($1)", count))
+                except _UNAVAILABLE:
+                    self._ids_conn.terminate()
+                    self._ids_conn = None
+                    if attempt == 2:
+                        raise
         raise AssertionError("unreachable")
 
     async def _commit_sends(self, db: Conn, orders: Sequence[SendOrder], at: float,
-                            first_id: int, account_ids: list[int],
-                            user_ids: list[int]) -> list[SendOutcome]:
+                            account_ids: list[int], user_ids: list[int]) -> list[SendOutcome]:
         balances: dict[int, int] = {}
         versions: dict[int, int] = {}
         for account_id, balance, version in await self._lock_accounts(db, account_ids):
@@ -605,11 +612,16 @@ class PostgreSQLStore:
                     "SELECT id, quota_active, quota_left FROM users WHERE id = ANY($1::bigint[])",
                     user_ids):
                 quotas[uid] = left if active else None
-        decided = rules.decide_sends(orders, rules.Funds(balances, quotas), at=at,
-                                     first_id=first_id, versions=versions)
-        outcomes = decided.outcomes
+        funds = rules.Funds(balances, quotas)
+        decided = rules.decide_sends(orders, funds, at=at, first_id=1, versions=versions)
         if not decided.accepted:
-            return outcomes
+            return decided.outcomes
+        # Ids for the accepted orders only, then the same (pure) decision with them.
+        wanted = sum(len(sent.ids) for sent in decided.accepted)
+        decided = rules.decide_sends(orders, funds, at=at,
+                                     first_id=await self._message_ids(wanted),
+                                     versions=versions)
+        outcomes = decided.outcomes
         messages: list[tuple[Any, ...]] = []
         events: list[tuple[Any, ...]] = []
         ledger: list[tuple[Any, ...]] = []
