@@ -121,11 +121,15 @@ _SERVER_SETTINGS: dict[Role, dict[str, str]] = {
 # A deadlock costs one of its transactions; it runs again, up to this many times.
 _RETRIES = 5
 
-# The database, not the request, is at fault: down, restarting, out of connections.
+# The database, not the request, is at fault: down, restarting, out of connections. The
+# client's errors are in too: a connection the server cut in the middle of an exchange
+# leaves asyncpg's protocol unusable ("cannot switch to state ...", InternalClientError)
+# or closed (InterfaceError); the pool replaces it on release.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError, asyncpg.OperatorInterventionError,
     asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
 )
 _RETRIED: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
