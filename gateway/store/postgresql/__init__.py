@@ -159,6 +159,52 @@ def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
     return OutgoingMessage(*row)
 
 
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """`rows` as `width` columns: arrays for `unnest`."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else \
+        [[] for _ in range(width)]
+
+
+# Everything an accepted batch of sends writes, in one statement (one round trip, where a
+# statement per table cost one each): its messages, their first event, its ledger entries,
+# the new balances and quotas. Rows come as column arrays ($2-$18 messages, $19-$25 ledger,
+# $26-$29 balances and quotas); $1 is the time of the commit.
+_STORE_SENDS = """
+WITH m AS (
+    INSERT INTO messages (id, account_id, user_id, login, kind, sender, receiver, body,
+        coding, parts, class, no_stop, tag, credits, charged_to, created_at, deferred_until,
+        state, dlr, updated_at)
+    SELECT r.id, r.account_id, r.user_id, r.login, r.kind, r.sender, r.receiver, r.body,
+        r.coding, r.parts, r.class, r.no_stop, r.tag, r.credits, r.charged_to, $1,
+        r.deferred_until, r.state, 0, $1
+    FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::text[],
+        $8::text[], $9::text[], $10::int[], $11::int[], $12::int[], $13::bool[], $14::text[],
+        $15::bigint[], $16::text[], $17::float8[], $18::text[])
+        AS r(id, account_id, user_id, login, kind, sender, receiver, body, coding, parts,
+             class, no_stop, tag, credits, charged_to, deferred_until, state)
+    RETURNING id, state
+), e AS (
+    INSERT INTO message_events (message_id, at, ptt, dlr, note)
+    SELECT id, $1, NULL, 0, CASE WHEN state = 'deferred' THEN 'deferred' ELSE 'accepted' END
+    FROM m
+), l AS (
+    INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, amount,
+        reference)
+    SELECT $1, r.account_id, r.user_id, r.login, r.kind, r.source, 'spent', r.amount,
+        r.reference
+    FROM unnest($19::bigint[], $20::bigint[], $21::text[], $22::text[], $23::text[],
+        $24::bigint[], $25::text[]) WITH ORDINALITY
+        AS r(account_id, user_id, login, kind, source, amount, reference, n)
+    ORDER BY r.n
+), b AS (
+    UPDATE accounts SET balance = r.balance
+    FROM unnest($26::bigint[], $27::bigint[]) AS r(id, balance) WHERE accounts.id = r.id
+)
+UPDATE users SET quota_left = r.quota
+FROM unnest($28::bigint[], $29::bigint[]) AS r(id, quota) WHERE users.id = r.id
+"""
+
+
 def _count(status: str) -> int:
     """Rows a command changed, from its status ("UPDATE 3")."""
     return int(status.rsplit(" ", 1)[-1])
@@ -627,38 +673,21 @@ class PostgreSQLStore:
                                      versions=versions)
         outcomes = decided.outcomes
         messages: list[tuple[Any, ...]] = []
-        events: list[tuple[Any, ...]] = []
         ledger: list[tuple[Any, ...]] = []
         for sent in decided.accepted:
             order, deferred, state = sent.order, sent.deferred_until, sent.state
-            event = "deferred" if deferred else "accepted"
             for message_id, receiver, cost in zip(sent.ids, order.recipients, order.costs,
                                                   strict=True):
                 messages.append((
                     message_id, order.account_id, order.user_id, order.login, order.kind,
                     order.sender, receiver, order.body, order.coding, order.parts,
-                    order.klass, bool(order.no_stop), order.tag, cost, sent.charged_to, at,
-                    deferred, state, at))
-                events.append((message_id, at, event))
-            ledger.append((at, order.account_id, order.user_id, order.login,
-                           sent.ledger_kind, sent.charged_to, order.total, sent.reference))
-        await db.executemany(
-            "INSERT INTO messages (id, account_id, user_id, login, kind, sender, receiver, "
-            "body, coding, parts, class, no_stop, tag, credits, charged_to, created_at, "
-            "deferred_until, state, dlr, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
-            "$9, $10, $11, $12, $13, $14, $15, $16, $17, $18, 0, $19)", messages)
-        await db.executemany(
-            "INSERT INTO message_events (message_id, at, ptt, dlr, note) "
-            "VALUES ($1, $2, NULL, 0, $3)", events)
-        await db.executemany(
-            "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, amount, "
-            "reference) VALUES ($1, $2, $3, $4, $5, $6, 'spent', $7, $8)", ledger)
-        if decided.balances:
-            await db.executemany("UPDATE accounts SET balance = $1 WHERE id = $2",
-                                 [(v, k) for k, v in decided.balances.items()])
-        if decided.quotas:
-            await db.executemany("UPDATE users SET quota_left = $1 WHERE id = $2",
-                                 [(v, k) for k, v in decided.quotas.items()])
+                    order.klass, bool(order.no_stop), order.tag, cost, sent.charged_to,
+                    deferred, state))
+            ledger.append((order.account_id, order.user_id, order.login, sent.ledger_kind,
+                           sent.charged_to, order.total, sent.reference))
+        await db.execute(_STORE_SENDS, at, *_columns(messages, 17), *_columns(ledger, 7),
+                         list(decided.balances), list(decided.balances.values()),
+                         list(decided.quotas), list(decided.quotas.values()))
         touched = sorted({sent.order.account_id for sent in decided.accepted})
         if await self._evaluate_alerts(db, touched, at):
             outcomes = [replace(o, alert_queued=True) if o.accepted else o for o in outcomes]
