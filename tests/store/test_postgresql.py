@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from importlib import resources
 
 import asyncpg
 import pytest
@@ -62,3 +63,14 @@ async def test_an_unreachable_database_is_unavailable(postgres_server: str) -> N
     store = open_store(postgres.database_url(postgres_server, "no_such_database"), "cli")
     with pytest.raises(StoreUnavailable):
         await store.open()
+
+
+def test_every_sqlite_migration_has_its_postgresql_dialect() -> None:
+    """A migration added for SQLite alone would leave PostgreSQL stores a schema behind:
+    each number has its file in both folders."""
+    def numbers(package: str) -> list[int]:
+        folder = resources.files(package) / "migrations"
+        return sorted(int(item.name.split("_", 1)[0]) for item in folder.iterdir()
+                      if item.name.endswith(".sql"))
+
+    assert numbers("gateway.store.postgresql") == numbers("gateway.store")
