@@ -39,6 +39,7 @@ from gateway.records import (
     AdminToken,
     AppliedUpdates,
     ClaimBounds,
+    IncomingMessage,
     LedgerEntry,
     Message,
     MessageEvent,
@@ -98,6 +99,11 @@ _OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, def
 _CLAIMABLE = "state IN ('queued', 'deferred')"
 _DUE_DEFERRED = "GREATEST(deferred_until, claimed_until)"
 _SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
+
+# The ptt of a delivered message (or part).
+DELIVERED = 4
+# How many of the newest messages an incoming one may answer (see add_incoming).
+INCOMING_LOOKBACK = 1_000_000
 
 # How many due outbox items a claim looks at (and locks), per item it may take.
 CLAIM_WINDOW = 4
@@ -754,55 +760,73 @@ class PostgreSQLStore:
         rows locked first (by id), then the messages' (by id), as every writer does."""
         if not updates:
             return AppliedUpdates()
-        ids = sorted({u.message_id for u in updates})
 
         async def body(db: Conn) -> AppliedUpdates:
-            accounts = [r[0] for r in await db.fetch(
-                "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])", ids)]
-            await self._lock_accounts(db, accounts)
-            rows = await db.fetch(
-                "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
-                "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
-                "COALESCE(m.deferred_until, m.created_at) "
-                "FROM messages m JOIN accounts a ON a.id = m.account_id "
-                "LEFT JOIN users u ON u.id = m.user_id AND u.account_id = m.account_id "
-                "WHERE m.id = ANY($1::bigint[]) ORDER BY m.id FOR UPDATE OF m", ids)
-            plan = rules.plan_updates(updates,
-                                      {r[0]: rules.Pending._make(tuple(r)) for r in rows})
-            if plan.changes:
-                await db.executemany(
-                    "UPDATE messages SET ptt = $2, dlr = $3, state = $4, "
-                    "sent_at = COALESCE(sent_at, $5), delivered_at = COALESCE(delivered_at, $6),"
-                    " updated_at = $7 WHERE id = $1", plan.changes)
-            if plan.applied:
-                await db.executemany(
-                    "INSERT INTO message_events (message_id, at, ptt, dlr, note) "
-                    "VALUES ($1, $2, $3, $4, $5)",
-                    [(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied])
-            if plan.callbacks:
-                await db.executemany(
-                    "INSERT INTO outbox (kind, message_id, account_id, user_id, target, "
-                    "payload, created_at, next_attempt_at) "
-                    "VALUES ('callback', $1, $2, $3, $4, $5, $6, $6)",
-                    [(c.message_id, c.account_id, c.user_id, c.target, json.dumps(c.payload),
-                      c.at) for c in plan.callbacks])
-            refunds = plan.refunds
-            if refunds:
-                await db.executemany(
-                    "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
-                    "amount, reference) VALUES ($1, $2, $3, $4, 'refund', 'spent', $5, $6, $7)",
-                    [(r.at, r.account_id, r.user_id, r.login, r.pool, r.amount, r.reference)
-                     for r in refunds])
-                await db.executemany("UPDATE accounts SET balance = balance + $1 WHERE id = $2",
-                                     [(v, k) for k, v in plan.account_refunds().items()])
-                await db.executemany("UPDATE users SET quota_left = quota_left + $1 "
-                                     "WHERE id = $2",
-                                     [(v, k) for k, v in plan.quota_refunds().items()])
-                await self._evaluate_alerts(db, {r.account_id for r in refunds},
-                                            refunds[-1].at)
-            return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
+            return await self._apply_updates(db, updates)
 
         return await self._transaction(body)
+
+    @staticmethod
+    async def _lock_messages(db: Conn, ids: Sequence[int]) -> None:
+        """The messages' accounts locked (by id), then the messages (by id)."""
+        accounts = [r[0] for r in await db.fetch(
+            "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])", ids)]
+        await PostgreSQLStore._lock_accounts(db, accounts)
+        await db.execute("SELECT 1 FROM messages WHERE id = ANY($1::bigint[]) ORDER BY id "
+                         "FOR UPDATE", ids)
+
+    async def _apply_updates(self, db: Conn, updates: Sequence[StateUpdate]
+                             ) -> AppliedUpdates:
+        """`apply_updates` inside the caller's transaction (which may hold the locks
+        already: taken again, in the same order, they cost nothing)."""
+        if not updates:
+            return AppliedUpdates()
+        ids = sorted({u.message_id for u in updates})
+        accounts = [r[0] for r in await db.fetch(
+            "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])", ids)]
+        await self._lock_accounts(db, accounts)
+        rows = await db.fetch(
+            "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
+            "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
+            "COALESCE(m.deferred_until, m.created_at) "
+            "FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "LEFT JOIN users u ON u.id = m.user_id AND u.account_id = m.account_id "
+            "WHERE m.id = ANY($1::bigint[]) ORDER BY m.id FOR UPDATE OF m", ids)
+        plan = rules.plan_updates(updates,
+                                  {r[0]: rules.Pending._make(tuple(r)) for r in rows})
+        if plan.changes:
+            await db.executemany(
+                "UPDATE messages SET ptt = $2, dlr = $3, state = $4, "
+                "sent_at = COALESCE(sent_at, $5), delivered_at = COALESCE(delivered_at, $6),"
+                " updated_at = $7 WHERE id = $1", plan.changes)
+        if plan.applied:
+            await db.executemany(
+                "INSERT INTO message_events (message_id, at, ptt, dlr, note) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                [(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied])
+        if plan.callbacks:
+            await db.executemany(
+                "INSERT INTO outbox (kind, message_id, account_id, user_id, target, "
+                "payload, created_at, next_attempt_at) "
+                "VALUES ('callback', $1, $2, $3, $4, $5, $6, $6)",
+                [(c.message_id, c.account_id, c.user_id, c.target, json.dumps(c.payload),
+                  c.at) for c in plan.callbacks])
+        refunds = plan.refunds
+        if refunds:
+            await db.executemany(
+                "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
+                "amount, reference) VALUES ($1, $2, $3, $4, 'refund', 'spent', $5, $6, $7)",
+                [(r.at, r.account_id, r.user_id, r.login, r.pool, r.amount, r.reference)
+                 for r in refunds])
+            await db.executemany("UPDATE accounts SET balance = balance + $1 WHERE id = $2",
+                                 [(v, k) for k, v in plan.account_refunds().items()])
+            await db.executemany("UPDATE users SET quota_left = quota_left + $1 "
+                                 "WHERE id = $2",
+                                 [(v, k) for k, v in plan.quota_refunds().items()])
+            await self._evaluate_alerts(db, {r.account_id for r in refunds},
+                                        refunds[-1].at)
+        return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
+
 
     async def claim_messages(self, *, now: float, lease: float,
                              limit: int) -> list[OutgoingMessage]:
@@ -860,22 +884,114 @@ class PostgreSQLStore:
         return [_outgoing(tuple(r)) for r in rows]
 
     async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
-        """As SQLiteStore.apply_reports: references never change once recorded, so they
-        are read before the write."""
+        """As SQLiteStore.apply_reports: references never change once recorded (nor does a
+        message's count of parts), so they are read before the write. A part's "delivered"
+        of a long message is counted and stands for the message only as the last part's
+        (rules.part_delivery_stands), in one transaction with the state changes: the
+        accounts' rows locked, then the messages' (by id), then their parts are counted,
+        each by one conditional statement (a part counts once, however many report it)."""
         if not reports:
             return AppliedUpdates()
         names = sorted({r.reference for r in reports})
-        owners: dict[str, int] = {r[0]: r[1] for r in await self._read(
-            "SELECT reference, message_id FROM message_parts WHERE reference = ANY($1::text[])",
-            names)}
+        owners: dict[str, int] = {}
+        parts: dict[int, int] = {}
+        for reference, message_id, count in await self._read(
+                "SELECT p.reference, p.message_id, m.parts FROM message_parts p "
+                "JOIN messages m ON m.id = p.message_id WHERE p.reference = ANY($1::text[])",
+                names):
+            owners[reference] = message_id
+            parts[message_id] = count
         known = [p for p, r in enumerate(reports) if r.reference in owners]
-        applied = await self.apply_updates([
-            StateUpdate(owners[r.reference], r.ptt, r.dlr, r.final, r.billed, r.at, r.note)
-            for r in map(reports.__getitem__, known)])
+        merged = [p for p in known if reports[p].ptt == DELIVERED and reports[p].final
+                  and parts[owners[reports[p].reference]] > 1]
+
+        async def body(db: Conn) -> tuple[AppliedUpdates, list[int]]:
+            left_out: list[int] = []
+            if merged:
+                await self._lock_messages(
+                    db, sorted({owners[reports[p].reference] for p in known}))
+            for position in merged:
+                report = reports[position]
+                message_id = owners[report.reference]
+                count = parts[message_id]
+                # `<reference>#<n>` names a part carried by the submit of `<reference>`
+                # (SMPP's message_payload): delivered with it. Exact names, not a range of
+                # them, whose order would hang on the database's collation.
+                named = [report.reference,
+                         *(f"{report.reference}#{n}" for n in range(1, count + 1))]
+                row = await db.fetchrow(
+                    "WITH p AS (UPDATE message_parts SET delivered = true "
+                    "WHERE reference = ANY($1::text[]) AND message_id = $2 "
+                    "AND NOT delivered RETURNING 1) "
+                    "UPDATE messages SET parts_delivered = parts_delivered + "
+                    "(SELECT count(*) FROM p) WHERE id = $2 AND EXISTS (SELECT 1 FROM p) "
+                    "RETURNING parts_delivered", named, message_id)
+                new = row is not None
+                delivered = int(row[0]) if new else 0
+                if not rules.part_delivery_stands(count, delivered, new):
+                    left_out.append(position)
+            dropped = set(left_out)
+            standing = [p for p in known if p not in dropped]
+            applied = await self._apply_updates(db, [
+                StateUpdate(owners[r.reference], r.ptt, r.dlr, r.final, r.billed, r.at,
+                            r.note)
+                for r in map(reports.__getitem__, standing)])
+            return AppliedUpdates(applied.callbacks, applied.finals,
+                                  tuple(standing[p] for p in applied.ignored)), left_out
+
+        applied, left_out = await self._transaction(body)
         unmatched = tuple(p for p, r in enumerate(reports) if r.reference not in owners)
-        ignored = sorted({known[p] for p in applied.ignored}.union(unmatched))
+        ignored = sorted(set(applied.ignored).union(unmatched, left_out))
         return AppliedUpdates(applied.callbacks, applied.finals, tuple(ignored), unmatched,
                               tuple(owners.get(r.reference, 0) for r in reports))
+
+    # -- incoming messages -----------------------------------------------------------
+
+    async def add_incoming(self, messages: Sequence[IncomingMessage]) -> list[int]:
+        """As SQLiteStore.add_incoming: the reply lookup reads messages newest first by id,
+        at most INCOMING_LOOKBACK of them. The accounts found are locked (by id) before
+        anything is written, as every writer does."""
+        if not messages:
+            return []
+
+        async def body(db: Conn) -> list[int]:
+            newest = await db.fetchval("SELECT max(id) FROM messages") or 0
+            found: list[tuple[int, str] | None] = []
+            for message in messages:
+                answered = await db.fetchrow(
+                    "SELECT account_id, tag FROM messages WHERE id > $1 AND receiver = $2 "
+                    "AND sender = $3 ORDER BY id DESC LIMIT 1",
+                    newest - INCOMING_LOOKBACK, message.sender, message.receiver)
+                if answered is None:
+                    answered = await db.fetchrow(
+                        "SELECT account_id, '' FROM senders WHERE sender = $1 "
+                        "ORDER BY account_id LIMIT 1", message.receiver)
+                found.append(None if answered is None else (int(answered[0]), answered[1]))
+            await self._lock_accounts(db, {f[0] for f in found if f is not None})
+            ids: list[int] = []
+            for message, owner in zip(messages, found, strict=True):
+                if owner is None:
+                    ids.append(0)
+                    continue
+                ids.append(int(await db.fetchval(
+                    "INSERT INTO incoming_messages (account_id, reference, sender, receiver, "
+                    "body, tag, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    owner[0], message.reference, message.sender, message.receiver,
+                    message.body, owner[1], message.created_at)))
+            return ids
+
+        return await self._transaction(body)
+
+    async def list_incoming(self, account: str, *, limit: int,
+                            before_id: int | None = None) -> list[IncomingMessage]:
+        rows = await self._read("SELECT id FROM accounts WHERE name = $1", account)
+        if not rows:
+            raise NotFound(f"unknown account {account!r}")
+        found = await self._read(
+            "SELECT id, account_id, reference, sender, receiver, body, tag, created_at "
+            "FROM incoming_messages WHERE account_id = $1 AND id < $2 ORDER BY id DESC "
+            "LIMIT $3", rows[0][0], before_id if before_id is not None else 1 << 62, limit)
+        return [IncomingMessage(*r) for r in found]
 
     # -- outbox ----------------------------------------------------------------------
 
