@@ -31,7 +31,7 @@ from gateway.records import SendOutcome
 from gateway.security import LoginGuard, Throttle
 from gateway.send.batcher import GroupCommitter
 from gateway.send.pipeline import SendPipeline, SendSettings
-from gateway.store import Store, StoreUnavailable, open_store
+from gateway.store import Store, StoreUnavailable, open_store, shown
 from gateway.worker import DeliveryWorker
 
 log = structlog.get_logger("gateway.app")
@@ -74,7 +74,8 @@ class Gateway:
             try:
                 await self.store.check_writable()
             except StoreUnavailable as exc:
-                raise StoreUnavailable(f"cannot start on the store {self.config.store.path}: "
+                raise StoreUnavailable(f"cannot start on the store "
+                                       f"{shown(self.config.store.location)}: "
                                        f"{exc}") from exc
             self.committer.start()
             for service in self.services:

@@ -116,7 +116,8 @@ def wants_json() -> bool:
 def load_config(path: str | None, db: str | None) -> Config:
     config = config_module.load(path)
     if db:
-        config = config.replace({"store.path": db})
+        # Both: `url` wins over `path`, and what reads `path` alone sees --db too.
+        config = config.replace({"store.url": db, "store.path": db})
     return config
 
 
@@ -224,8 +225,9 @@ def _when(at: float | None) -> str | None:
 
 @click.group("http2sms", cls=_Tool, context_settings={"help_option_names": ["-h", "--help"]},
              help="http2sms-gateway: an OVH-compatible SMS gateway and its management tool.")
-@click.option("--db", metavar="PATH", help="SQLite store file (default: store.path of the "
-              "config, var/gateway.sqlite3)")
+@click.option("--db", metavar="URL", help="the store: an SQLite file's path, or a URL "
+              "(sqlite:///PATH, postgresql://USER@HOST/DBNAME); default: store.url, else "
+              "store.path of the config, var/gateway.sqlite3")
 @click.option("--config", metavar="FILE",
               help="TOML config file (see config/gateway.example.toml)")
 @json_option

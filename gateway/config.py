@@ -131,6 +131,14 @@ class StoreConfig(Section, frozen=True):
     # How long a write waits for another process's lock (e.g. a long command-line change)
     # before giving up: a send then answers 503, a start with the store locked fails.
     busy_timeout_seconds: NonNegative = 10.0
+    # The database's URL, in place of `path` when not empty: postgresql://user@host/dbname
+    # for several gateways on one PostgreSQL database (or an sqlite:/// URL).
+    url: str = ""
+
+    @property
+    def location(self) -> str:
+        """Where the store is: `url`, else `path`."""
+        return self.url or self.path
 
 
 class SendConfig(Section, frozen=True):

@@ -22,6 +22,7 @@ from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.service import Management
 from gateway.store import Store, open_store
+from tests import postgres
 
 SEND_PATH = "/cgi-bin/sms/http2sms.cgi"
 ACCOUNT = "sms-test-1"
@@ -36,6 +37,31 @@ def pytest_configure(config: pytest.Config) -> None:
     Tests about the cost itself ask for `real_hash_cost`. A cost set by the caller is kept,
     e.g. HTTP2SMS_TEST_SCRYPT_N=16384 to run the suite at the real one."""
     os.environ.setdefault(passwords.TEST_N_VARIABLE, "2")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """The URL of the session's throwaway PostgreSQL cluster (tests/postgres.py), started
+    by the first test that needs it; skips that test under HTTP2SMS_TEST_POSTGRES=0."""
+    postgres.skip_unless_enabled()
+    cluster = postgres.Cluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+# Databases of finished tests, dropped when the next one is made (see fresh_database) or
+# with the throwaway cluster.
+_finished_databases: list[str] = []
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: str) -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    url = await postgres.fresh_database(postgres_server, _finished_databases)
+    yield url
+    _finished_databases.append(url)
 
 
 @pytest.fixture
@@ -57,9 +83,20 @@ def _parser_as_started() -> Any:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The backend of the `config` fixture's store: SQLite, unless a conftest parametrizes
+    it (tests/http runs on both, see its conftest)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def config(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> Config:
+    if store_backend == "postgresql":
+        store = str(request.getfixturevalue("postgres_url"))
+    else:
+        store = str(tmp_path / "gateway.sqlite3")
     return Config().replace({
-        "store.path": str(tmp_path / "gateway.sqlite3"),
+        "store.path": store,
         "server.allow_private_ips": True,
         # The tests' callback receivers listen on 127.0.0.1.
         "callbacks.allow_private_targets": True,

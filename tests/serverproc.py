@@ -58,7 +58,7 @@ def demo_params(**extra: str) -> dict[str, str]:
     return params
 
 
-async def prepare_store(db: Path, *, credits: int = 0, callback: str | None = None) -> None:
+async def prepare_store(db: Path | str, *, credits: int = 0, callback: str | None = None) -> None:
     """The demo account and user (as `serve --demo` makes them), topped up, with a callback."""
     config = Config().replace({"store.path": str(db), "server.allow_private_ips": True,
                                "callbacks.allow_private_targets": True})
@@ -90,14 +90,14 @@ async def wait_for(check: Callable[[], Awaitable[T | None]], *, timeout: float,
 
 @dataclass
 class ServerProcess:
-    db: Path
+    db: Path | str
     port: int
     proc: asyncio.subprocess.Process
     output: bytearray = field(default_factory=bytearray)
     _reader: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, db: Path, *, env: Mapping[str, str] | None = None,
+    async def start(cls, db: Path | str, *, env: Mapping[str, str] | None = None,
                     port: int | None = None, wait_ready: bool = True,
                     ready_timeout: float = 30.0, host: str = "127.0.0.1",
                     preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
@@ -204,7 +204,7 @@ def read_db(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any,
         conn.close()
 
 
-async def store_totals(db: Path) -> tuple[dict[str, int], dict[str, int]]:
+async def store_totals(db: Path | str) -> tuple[dict[str, int], dict[str, int]]:
     """(ledger_totals, counts) of a store file."""
     store = open_store(db, "cli")
     await store.open()

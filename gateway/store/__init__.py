@@ -3,8 +3,8 @@
 A caller depends on the role it uses, never on a backend: the send path on `SendStore`,
 delivery on `DeliveryStore`, the callbacks and alerts on `OutboxStore`, the management
 service on `ManagementStore`, the lists and ledger on `ReadStore`, the admin API's tokens on
-`TokenStore`. `open_store` picks the backend from a URL (SQLite today, PostgreSQL for
-multi-node deployments next) and tunes it for the process that asks (`Role`). The records
+`TokenStore`. `open_store` picks the backend from a URL (SQLite embedded, PostgreSQL for
+multi-node deployments) and tunes it for the process that asks (`Role`). The records
 the roles take and return live in `gateway.records`; the decisions a transaction makes (who
 pays, refunds, which alert fires, which outbox items a claim takes) in `gateway.store.rules`,
 shared by every backend.
@@ -87,7 +87,8 @@ class StoreSettings(Protocol):
     """What `open_store` reads of the `[store]` settings."""
 
     @property
-    def path(self) -> str: ...
+    def location(self) -> str:
+        """A URL or a bare path (`store.url`, else `store.path`)."""
     @property
     def busy_timeout_seconds(self) -> float: ...
 
@@ -287,7 +288,11 @@ class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, T
 
 # Backends by URL scheme, imported only when asked for (as uvicorn's loops and protocols):
 # a gateway on SQLite never loads a PostgreSQL driver.
-_BACKENDS: dict[str, str] = {"sqlite": "gateway.store.sqlite:SQLiteStore"}
+_BACKENDS: dict[str, str] = {
+    "sqlite": "gateway.store.sqlite:SQLiteStore",
+    "postgresql": "gateway.store.postgresql:PostgreSQLStore",
+    "postgres": "gateway.store.postgresql:PostgreSQLStore",  # libpq's other spelling
+}
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -313,6 +318,15 @@ def parse_url(url: str) -> tuple[str, str]:
     return scheme, rest
 
 
+def shown(url: str) -> str:
+    """A store URL fit for logs and messages: its password, if any, left out."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
 def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Store:
     """The store at `where` (a URL, a bare path, or the `[store]` settings), tuned for
     `role`; call `await store.open()` before use and `close()` after.
@@ -323,7 +337,7 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
     if isinstance(where, str | os.PathLike):
         url, busy_timeout = os.fspath(where), None
     else:
-        url, busy_timeout = where.path, where.busy_timeout_seconds
+        url, busy_timeout = where.location, where.busy_timeout_seconds
     scheme, location = parse_url(url)
     target = _BACKENDS.get(scheme)
     if target is None:
@@ -338,5 +352,5 @@ __all__ = [
     "Conflict", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
     "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
     "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "TokenStore",
-    "open_store", "parse_url",
+    "open_store", "parse_url", "shown",
 ]

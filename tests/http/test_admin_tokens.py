@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway import tokens
 from gateway.admin import api as admin_api
 from gateway.clock import ManualClock
@@ -174,6 +176,7 @@ async def test_a_revoked_token_is_refused_at_once(harness: Harness) -> None:
     assert_error(await call(h, "GET", f"/1.0/sms/{ACCOUNT}", headers=bearer(text)), 401)
 
 
+@pytest.mark.sqlite_only  # reads the store's files
 async def test_tokens_are_stored_as_digests(harness: Harness) -> None:
     h = harness
     token, text = await h.manage.create_token("robot", [ACCOUNT])

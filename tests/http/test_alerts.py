@@ -8,7 +8,6 @@ import email
 import io
 import json
 import socket
-import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from email import policy
 from email.message import EmailMessage
@@ -34,6 +33,7 @@ from gateway.hooks.outbox import AttemptFailed
 from gateway.records import MessageFilter, OutboxItem, SendOrder, StateUpdate, UserChanges
 from gateway.service import ValidationError
 from gateway.store import NotFound, Store, open_store
+from tests import dbrows
 from tests.cli_in_process import invoke
 from tests.conftest import ACCOUNT, LOGIN, Harness, ledger_identity
 
@@ -127,12 +127,10 @@ async def until(check: Callable[[], Any], timeout: float = 5.0) -> None:
 
 
 def outbox(config: Config, kind: str | None = None) -> list[dict[str, Any]]:
-    with sqlite3.connect(config.store.path) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT id, kind, target, payload, state, attempts, last_error FROM outbox "
-            "WHERE kind LIKE 'alert%' ORDER BY id").fetchall()
-    items = [{**dict(r), "payload": json.loads(r["payload"])} for r in rows]
+    rows = dbrows.query(
+        config.store.path, "SELECT id, kind, target, payload, state, attempts, last_error "
+        "FROM outbox WHERE kind LIKE 'alert%' ORDER BY id")
+    items = [{**r, "payload": json.loads(r["payload"])} for r in rows]
     return [i for i in items if kind is None or i["kind"] == kind]
 
 

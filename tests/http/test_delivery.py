@@ -40,6 +40,7 @@ from gateway.records import (
 )
 from gateway.service import Management
 from gateway.store import OverCreditLimit, Store, open_store
+from tests import dbrows
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, eventually, ledger_identity
 
 T0 = 1_700_000_000.0
@@ -243,12 +244,12 @@ async def seed_queued(config: Config, count: int, *, per_order: int = 1000) -> l
 
 def delivery_counts(path: str) -> tuple[int, int, int]:
     """(messages, messages accepted exactly once, messages final)."""
-    with sqlite3.connect(path) as db:
-        return db.execute(
-            "SELECT (SELECT COUNT(*) FROM messages), "
-            "(SELECT COUNT(*) FROM (SELECT message_id FROM message_events WHERE ptt = 3 "
-            "  GROUP BY message_id HAVING COUNT(*) = 1)), "
-            "(SELECT COUNT(*) FROM messages WHERE state = 'final')").fetchone()
+    (row,) = dbrows.query(
+        path, "SELECT (SELECT COUNT(*) FROM messages) AS messages, "
+        "(SELECT COUNT(*) FROM (SELECT message_id FROM message_events WHERE ptt = 3 "
+        "  GROUP BY message_id HAVING COUNT(*) = 1) AS once) AS once, "
+        "(SELECT COUNT(*) FROM messages WHERE state = 'final') AS final")
+    return row["messages"], row["once"], row["final"]
 
 
 async def test_a_10000_message_backlog_drains_in_batches(make_harness: Any,
@@ -791,16 +792,15 @@ async def test_a_lower_id_committed_after_a_higher_one_is_still_delivered(
         config: Config) -> None:
     ids = await seed_queued(config, 10, per_order=10)
     late = ids[4]
-    with contextlib.closing(sqlite3.connect(config.store.path)) as db, db:
-        row = db.execute("SELECT * FROM messages WHERE id = ?", (late,)).fetchone()
-        db.execute("DELETE FROM messages WHERE id = ?", (late,))
+    (row,) = dbrows.query(config.store.path, "SELECT * FROM messages WHERE id = ?", (late,))
+    dbrows.query(config.store.path, "DELETE FROM messages WHERE id = ?", (late,))
     operator = ScriptedOperator(take)
     async with dispatching(config, operator, clock=SystemClock(), follow_store=True,
                            poll_seconds=60) as (dispatcher, _):
         await eventually(lambda: len(operator.submitted) == 9)
         # Its transaction commits only now.
-        with contextlib.closing(sqlite3.connect(config.store.path)) as db, db:
-            db.execute(f"INSERT INTO messages VALUES ({','.join('?' * len(row))})", row)
+        dbrows.query(config.store.path, f"INSERT INTO messages ({', '.join(row)}) "
+                     f"VALUES ({', '.join('?' * len(row))})", list(row.values()))
         dispatcher.poke()
         await eventually(lambda: late in operator.submitted)
     assert sorted(operator.submitted) == ids

@@ -29,7 +29,7 @@ from gateway.records import (
 from gateway.store import Conflict, NotEnoughCredits, NotFound, Role, Store, Taken, open_store
 from tests.conftest import ledger_identity
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 ALERT_KINDS = ("alert_mail", "alert_sms")
 T0 = 1_700_000_000.0
 
@@ -41,6 +41,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty database of the backend under test."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'contract.sqlite3'}"  # absolute: four slashes
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))  # on the throwaway cluster
     raise AssertionError(f"no database for {request.param}")
 
 

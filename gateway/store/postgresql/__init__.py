@@ -1,0 +1,1275 @@
+"""The PostgreSQL backend: several gateway nodes on one database (asyncpg, a pool per store).
+
+SQLite gives serializability for free through its single writer; PostgreSQL at READ
+COMMITTED does not, so every read-decide-write here runs under row locks taken in one
+fixed order:
+
+1. the `accounts` rows the transaction touches, `FOR UPDATE`, by id;
+2. then what hangs off them: users (quotas, alert flags), messages (reports), outbox.
+
+Every transaction that moves an account's credits, quotas, alert flags or send settings
+takes its account's row first (the settings triggers of migration 0005 update that row as
+well), so what a rule in `gateway.store.rules` reads under the lock is what is there when
+its transaction commits: one account's changes are serialized as on SQLite, different
+accounts' run side by side. Claims take rows `FOR UPDATE SKIP LOCKED` with leases; the
+store-wide names of `exclusive` are session advisory locks, let go when their holder's
+connection ends (the holder died). Message ids come in blocks from `allocate_message_ids`
+(migration 0001), consecutive within one order, never `MAX(id) + 1`.
+
+A transaction that loses a deadlock (PostgreSQL aborts one of two) is run again whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
+from importlib import resources
+from typing import Any, Protocol, TypeVar
+
+import asyncpg
+import structlog
+
+from gateway.records import (
+    UNSET,
+    Account,
+    AdminToken,
+    AppliedUpdates,
+    ClaimBounds,
+    IncomingMessage,
+    LedgerEntry,
+    Message,
+    MessageEvent,
+    MessageFilter,
+    OperatorReport,
+    OutboxAttempt,
+    OutboxItem,
+    OutboxResult,
+    OutgoingMessage,
+    SendContext,
+    SendOrder,
+    SendOutcome,
+    SentMessage,
+    StateUpdate,
+    User,
+    UserChanges,
+)
+from gateway.store import (
+    Conflict,
+    NotFound,
+    Role,
+    StoreUnavailable,
+    Taken,
+    rules,
+)
+
+log = structlog.get_logger("gateway.store")
+
+T = TypeVar("T")
+
+
+class Conn(Protocol):
+    """What the store uses of an asyncpg connection (asyncpg ships no type hints)."""
+
+    async def execute(self, query: str, *args: Any) -> str: ...
+    async def executemany(self, command: str, args: Iterable[Sequence[Any]]) -> None: ...
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+    async def fetchrow(self, query: str, *args: Any) -> Any: ...
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+    def transaction(self) -> AbstractAsyncContextManager[Any]: ...
+
+_USER_COLUMNS = """
+    u.id, u.account_id, a.name, u.login, u.password_hash, u.quota_active, u.quota_left,
+    u.alert_threshold, u.alert_support, u.alert_email, u.alert_number, u.alert_armed,
+    u.ip_restrictions, u.callback_url
+"""
+
+_MESSAGE_COLUMNS = """
+    m.id, m.account_id, a.name, m.login, m.kind, m.sender, m.receiver, m.body, m.coding,
+    m.parts, m.class, m.tag, m.credits, m.charged_to, m.created_at, m.deferred_until, m.state,
+    m.ptt, m.dlr, m.sent_at, m.delivered_at
+"""
+
+_OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, deferred_until, "
+                     "sent_at, parts")
+
+_CLAIMABLE = "state IN ('queued', 'deferred')"
+_DUE_DEFERRED = "GREATEST(deferred_until, claimed_until)"
+_SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
+
+# The ptt of a delivered message (or part).
+DELIVERED = 4
+# How many of the newest messages an incoming one may answer (see add_incoming).
+INCOMING_LOOKBACK = 1_000_000
+
+# How many due outbox items a claim looks at (and locks), per item it may take.
+CLAIM_WINDOW = 4
+
+# The first key of every advisory lock the gateway takes (the second: the name's hash),
+# so that other applications' advisory locks on the same database never collide with ours.
+_LOCK_SPACE = 0x48325320  # "H2S "
+_MIGRATION_LOCK = 0
+
+# Connections per store, by role: the send process commits batches from many requests,
+# the delivery worker a few transactions at a time, the CLI one.
+_POOL_SIZES: dict[Role, int] = {"send": 10, "delivery": 4, "cli": 4}
+
+# The delivery worker does not wait for its commits to reach the disk: each is redone if
+# lost (a report not stored leaves its message to be resumed, a callback result not
+# stored sends the callback again), as its SQLite role does not sync its own commits.
+_SERVER_SETTINGS: dict[Role, dict[str, str]] = {
+    "send": {}, "delivery": {"synchronous_commit": "off"}, "cli": {},
+}
+
+# A deadlock costs one of its transactions; it runs again, up to this many times.
+_RETRIES = 5
+
+# The database, not the request, is at fault: down, restarting, out of connections. The
+# client's errors are in too: a connection the server cut in the middle of an exchange
+# leaves asyncpg's protocol unusable ("cannot switch to state ...", InternalClientError)
+# or closed (InterfaceError); the pool replaces it on release.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError, asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError, asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
+)
+_RETRIED: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
+)
+
+
+def _user(row: Sequence[Any]) -> User:
+    return User(
+        id=row[0], account_id=row[1], account_name=row[2], login=row[3], password_hash=row[4],
+        quota_active=bool(row[5]), quota_left=row[6], alert_threshold=row[7],
+        alert_support=row[8], alert_email=row[9], alert_number=row[10],
+        alert_armed=bool(row[11]), ip_restrictions=tuple(json.loads(row[12])),
+        callback_url=row[13],
+    )
+
+
+def _message(row: Sequence[Any]) -> Message:
+    return Message(id=row[0], account_id=row[1], account_name=row[2], login=row[3],
+                   kind=row[4], sender=row[5], receiver=row[6], body=row[7], coding=row[8],
+                   parts=row[9], klass=row[10], tag=row[11], credits=row[12],
+                   charged_to=row[13], created_at=row[14], deferred_until=row[15],
+                   state=row[16], ptt=row[17], dlr=row[18], sent_at=row[19],
+                   delivered_at=row[20])
+
+
+def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
+    return OutgoingMessage(*row)
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """`rows` as `width` columns: arrays for `unnest`."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else \
+        [[] for _ in range(width)]
+
+
+# Everything an accepted batch of sends writes, in one statement (one round trip, where a
+# statement per table cost one each): its messages, their first event, its ledger entries,
+# the new balances and quotas. Rows come as column arrays ($2-$18 messages, $19-$25 ledger,
+# $26-$29 balances and quotas); $1 is the time of the commit.
+_STORE_SENDS = """
+WITH m AS (
+    INSERT INTO messages (id, account_id, user_id, login, kind, sender, receiver, body,
+        coding, parts, class, no_stop, tag, credits, charged_to, created_at, deferred_until,
+        state, dlr, updated_at)
+    SELECT r.id, r.account_id, r.user_id, r.login, r.kind, r.sender, r.receiver, r.body,
+        r.coding, r.parts, r.class, r.no_stop, r.tag, r.credits, r.charged_to, $1,
+        r.deferred_until, r.state, 0, $1
+    FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::text[],
+        $8::text[], $9::text[], $10::int[], $11::int[], $12::int[], $13::bool[], $14::text[],
+        $15::bigint[], $16::text[], $17::float8[], $18::text[])
+        AS r(id, account_id, user_id, login, kind, sender, receiver, body, coding, parts,
+             class, no_stop, tag, credits, charged_to, deferred_until, state)
+    RETURNING id, state
+), e AS (
+    INSERT INTO message_events (message_id, at, ptt, dlr, note)
+    SELECT id, $1, NULL, 0, CASE WHEN state = 'deferred' THEN 'deferred' ELSE 'accepted' END
+    FROM m
+), l AS (
+    INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, amount,
+        reference)
+    SELECT $1, r.account_id, r.user_id, r.login, r.kind, r.source, 'spent', r.amount,
+        r.reference
+    FROM unnest($19::bigint[], $20::bigint[], $21::text[], $22::text[], $23::text[],
+        $24::bigint[], $25::text[]) WITH ORDINALITY
+        AS r(account_id, user_id, login, kind, source, amount, reference, n)
+    ORDER BY r.n
+), b AS (
+    UPDATE accounts SET balance = r.balance
+    FROM unnest($26::bigint[], $27::bigint[]) AS r(id, balance) WHERE accounts.id = r.id
+)
+UPDATE users SET quota_left = r.quota
+FROM unnest($28::bigint[], $29::bigint[]) AS r(id, quota) WHERE users.id = r.id
+"""
+
+
+def _count(status: str) -> int:
+    """Rows a command changed, from its status ("UPDATE 3")."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("gateway.store.postgresql") / "migrations"
+    found = []
+    for item in folder.iterdir():
+        if item.name.endswith(".sql"):
+            found.append((int(item.name.split("_", 1)[0]), item.name,
+                          item.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class PostgreSQLStore:
+    def __init__(self, location: str, *, role: Role = "cli",
+                 busy_timeout: float | None = None) -> None:
+        """Built by `gateway.store.open_store` from a `postgresql://` URL (`location`: what
+        follows the scheme); `busy_timeout` None: 10 seconds to get a connection or a lock.
+        """
+        self.dsn = f"postgresql://{location}"
+        self._role = role
+        self._timeout = 10.0 if busy_timeout is None else busy_timeout
+        self._pool: Any = None  # an asyncpg.Pool
+        self._contexts: dict[tuple[str, str], SendContext] = {}
+        self._keys_by_account: dict[int, set[tuple[str, str]]] = {}
+        self._versions: dict[int, int] = {}
+        self._ids_conn: Any = None  # an asyncpg.Connection, see _message_ids
+        self._ids_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"PostgreSQLStore(role={self._role!r})"  # never the URL: it may hold a password
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=_POOL_SIZES[self._role],
+                timeout=self._timeout, command_timeout=None,
+                server_settings={"application_name": f"http2sms-{self._role}",
+                                 **_SERVER_SETTINGS[self._role]})
+            await self._migrate()
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            await self.close()
+            raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}") from exc
+
+    async def close(self) -> None:
+        ids, self._ids_conn = self._ids_conn, None
+        if ids is not None:
+            ids.terminate()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError):
+                pool.terminate()
+
+    async def _migrate(self) -> None:
+        """Apply the migrations not yet applied, each in its transaction, under an advisory
+        lock: nodes starting at once take turns, and the later ones find nothing to do."""
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1, $2)", _LOCK_SPACE, _MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                    "name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+                done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                for version, name, sql in _migrations():
+                    if version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            version, name)
+                    log.info("store_migrated", version=version, name=name)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_SPACE,
+                                   _MIGRATION_LOCK)
+
+    @asynccontextmanager
+    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[None]:
+        """A session advisory lock on a connection of its own, held for the block: the
+        server lets go of it when the connection ends, so a holder that dies lets go."""
+        if not name.replace("-", "").isalnum():
+            raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=self._timeout)
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise StoreUnavailable(f"cannot lock {name!r}: {exc}") from exc
+        try:
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))",
+                                          _LOCK_SPACE, name):
+                if not wait:
+                    raise Taken(f"{name!r} is held by another process on the store")
+                await asyncio.sleep(0.1)
+            yield
+        finally:
+            # Closing the session releases its locks; no unlock to forget on any path.
+            try:
+                await asyncio.wait_for(conn.close(), self._timeout)
+            except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError):
+                conn.terminate()
+
+    def _acquire(self) -> Any:
+        if self._pool is None:
+            raise StoreUnavailable("the store is closed")
+        return self._pool.acquire(timeout=self._timeout)
+
+    async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+        """Run `body` in one transaction, again whole if it lost a deadlock."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self._acquire() as conn, conn.transaction():
+                    return await body(conn)
+            except _RETRIED:
+                if attempt == _RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise Conflict(str(exc)) from exc
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _read(self, sql: str, *params: Any) -> list[Any]:
+        try:
+            async with self._acquire() as conn:
+                return list(await conn.fetch(sql, *params))
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot read the store: {exc}") from exc
+
+    async def check_writable(self) -> None:
+        async def body(db: Conn) -> None:
+            await db.execute("INSERT INTO meta (key, value) VALUES ('ready', '1') "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+
+        await self._transaction(body)
+
+    # -- accounts and senders --------------------------------------------------------
+
+    @staticmethod
+    async def _lock_account(db: Conn, name: str) -> int:
+        """The account's id, its row locked until the transaction ends (see the module)."""
+        account_id = await db.fetchval("SELECT id FROM accounts WHERE name = $1 FOR UPDATE",
+                                       name)
+        if account_id is None:
+            raise NotFound(f"unknown account {name!r}")
+        return int(account_id)
+
+    @staticmethod
+    async def _lock_accounts(db: Conn, account_ids: Iterable[int]) -> list[Any]:
+        """(id, balance, settings_version) of the accounts, locked in id order."""
+        return list(await db.fetch(
+            "SELECT id, balance, settings_version FROM accounts WHERE id = ANY($1::bigint[]) "
+            "ORDER BY id FOR UPDATE", sorted(set(account_ids))))
+
+    async def create_account(self, name: str, balance: int, *, at: float) -> Account:
+        async def body(db: Conn) -> None:
+            try:
+                account_id = await db.fetchval(
+                    "INSERT INTO accounts (name, balance, created_at) VALUES ($1, $2, $3) "
+                    "RETURNING id", name, balance, at)
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"account {name!r} already exists") from exc
+            if balance:
+                await self._ledger(db, at, account_id, None, None, "purchase", "outside",
+                                   "account", balance, "initial credits")
+
+        await self._transaction(body)
+        return await self.get_account(name)
+
+    async def get_account(self, name: str) -> Account:
+        rows = await self._read(
+            "SELECT a.id, a.name, a.balance, a.callback_url, a.stop_clause, "
+            "(SELECT string_agg(sender, E'\\n' ORDER BY sender) FROM senders "
+            "  WHERE account_id = a.id), "
+            "(SELECT COALESCE(SUM(quota_left), 0)::bigint FROM users WHERE account_id = a.id "
+            "   AND quota_active), "
+            "(SELECT COUNT(*) FROM users WHERE account_id = a.id AND quota_active) "
+            "FROM accounts a WHERE a.name = $1", name)
+        if not rows:
+            raise NotFound(f"unknown account {name!r}")
+        r = rows[0]
+        senders = tuple(r[5].split("\n")) if r[5] else ()
+        return Account(r[0], r[1], r[2], r[3], r[4], senders, r[6], r[7])
+
+    async def list_accounts(self) -> list[str]:
+        return [r[0] for r in await self._read("SELECT name FROM accounts ORDER BY name")]
+
+    async def credit_account(self, name: str, amount: int, *, at: float) -> Account:
+        async def body(db: Conn) -> None:
+            account_id = await self._lock_account(db, name)
+            holdings = await db.fetchval(
+                "SELECT a.balance + (SELECT COALESCE(SUM(quota_left), 0) FROM users "
+                "  WHERE account_id = a.id AND quota_active) "
+                "+ (SELECT COALESCE(SUM(credits), 0) FROM messages "
+                "  WHERE account_id = a.id AND state <> 'final') FROM accounts a WHERE a.id = $1",
+                account_id)
+            rules.top_up(int(holdings), amount)
+            await db.execute("UPDATE accounts SET balance = balance + $1 WHERE id = $2",
+                             amount, account_id)
+            await self._ledger(db, at, account_id, None, None, "purchase", "outside", "account",
+                               amount, "top-up")
+            await self._evaluate_alerts(db, [account_id], at)
+
+        await self._transaction(body)
+        return await self.get_account(name)
+
+    async def update_account(self, name: str, *, callback_url: Any = UNSET,
+                             stop_clause: Any = UNSET, at: float | None = None) -> Account:
+        async def body(db: Conn) -> None:
+            account_id = await self._lock_account(db, name)
+            if callback_url is not UNSET:
+                await db.execute("UPDATE accounts SET callback_url = $1 WHERE id = $2",
+                                 callback_url, account_id)
+                await self._follow_callback_urls(db, account_id,
+                                                 time.time() if at is None else at)
+            if stop_clause is not UNSET:
+                await db.execute("UPDATE accounts SET stop_clause = $1 WHERE id = $2",
+                                 stop_clause, account_id)
+
+        await self._transaction(body)
+        return await self.get_account(name)
+
+    async def add_sender(self, account: str, sender: str) -> None:
+        async def body(db: Conn) -> None:
+            account_id = await self._lock_account(db, account)
+            try:
+                await db.execute("INSERT INTO senders (account_id, sender) VALUES ($1, $2)",
+                                 account_id, sender)
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"sender {sender!r} is already declared") from exc
+
+        await self._transaction(body)
+
+    async def remove_sender(self, account: str, sender: str) -> None:
+        async def body(db: Conn) -> None:
+            account_id = await self._lock_account(db, account)
+            status = await db.execute(
+                "DELETE FROM senders WHERE account_id = $1 AND sender = $2", account_id, sender)
+            if _count(status) == 0:
+                raise NotFound(f"unknown sender {sender!r}")
+
+        await self._transaction(body)
+
+    # -- API users -------------------------------------------------------------------
+
+    async def create_user(self, account: str, login: str, password_hash: str, *,
+                          at: float) -> User:
+        async def body(db: Conn) -> None:
+            account_id = await self._lock_account(db, account)
+            try:
+                await db.execute(
+                    "INSERT INTO users (account_id, login, password_hash, created_at) "
+                    "VALUES ($1, $2, $3, $4)", account_id, login, password_hash, at)
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"user {login!r} already exists in {account!r}") from exc
+
+        await self._transaction(body)
+        return await self.get_user(account, login)
+
+    @staticmethod
+    async def _fetch_user(db: Conn, account: str, login: str) -> User:
+        row = await db.fetchrow(
+            f"SELECT {_USER_COLUMNS} FROM users u JOIN accounts a ON a.id = u.account_id "
+            "WHERE a.name = $1 AND u.login = $2", account, login)
+        if row is None:
+            if await db.fetchval("SELECT id FROM accounts WHERE name = $1", account) is None:
+                raise NotFound(f"unknown account {account!r}")
+            raise NotFound(f"unknown user {login!r} in {account!r}")
+        return _user(row)
+
+    async def get_user(self, account: str, login: str) -> User:
+        try:
+            async with self._acquire() as conn:
+                return await self._fetch_user(conn, account, login)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot read the store: {exc}") from exc
+
+    async def list_users(self, account: str) -> list[str]:
+        rows = await self._read(
+            "SELECT a.id, u.login FROM accounts a LEFT JOIN users u ON u.account_id = a.id "
+            "WHERE a.name = $1 ORDER BY u.login", account)
+        if not rows:
+            raise NotFound(f"unknown account {account!r}")
+        return [r[1] for r in rows if r[1] is not None]
+
+    async def update_user(self, account: str, login: str, changes: UserChanges, *,
+                          at: float, check: Callable[[User], None] | None = None) -> User:
+        given = changes.given()
+
+        async def body(db: Conn) -> User:
+            await self._lock_account(db, account)
+            user = await self._fetch_user(db, account, login)
+            if check is not None:
+                check(user)
+            todo = dict(given)
+            if "quota" in todo:
+                await self._set_quota(db, user, todo.pop("quota"), at)
+            for column in ("password_hash", "callback_url", "alert_threshold",
+                           "alert_support", "alert_email", "alert_number"):
+                if column in todo:
+                    await db.execute(f"UPDATE users SET {column} = $1 WHERE id = $2",
+                                     todo[column], user.id)
+            if "ip_restrictions" in todo:
+                await db.execute("UPDATE users SET ip_restrictions = $1 WHERE id = $2",
+                                 json.dumps(list(todo["ip_restrictions"])), user.id)
+            if "callback_url" in todo:
+                await self._follow_callback_urls(db, user.account_id, at)
+            threshold = todo.get("alert_threshold", user.alert_threshold)
+            if threshold != user.alert_threshold:
+                spendable = await db.fetchval(
+                    f"SELECT {_SPENDABLE} FROM users u JOIN accounts a ON a.id = u.account_id "
+                    "WHERE u.id = $1", user.id)
+                await db.execute("UPDATE users SET alert_armed = $1 WHERE id = $2",
+                                 rules.armed_on_new_threshold(spendable, threshold), user.id)
+            await self._evaluate_alerts(db, [user.account_id], at)
+            return await self._fetch_user(db, account, login)
+
+        return await self._transaction(body)
+
+    async def _set_quota(self, db: Conn, user: User, quota: int | None, at: float) -> None:
+        """Move credits between the account and the user's quota, as OVH does; the
+        account's row is locked by the caller."""
+        balance = await db.fetchval("SELECT balance FROM accounts WHERE id = $1",
+                                    user.account_id)
+        if quota is None:
+            if user.quota_active:
+                await self._move_quota(db, user, -user.quota_left, at)
+                await db.execute(
+                    "UPDATE users SET quota_active = false, quota_left = 0 WHERE id = $1",
+                    user.id)
+            return
+        delta = rules.quota_move(quota, user.quota_left if user.quota_active else 0, balance)
+        await self._move_quota(db, user, delta, at)
+        await db.execute("UPDATE users SET quota_active = true, quota_left = $1 WHERE id = $2",
+                         quota, user.id)
+
+    async def _move_quota(self, db: Conn, user: User, delta: int, at: float) -> None:
+        if delta == 0:
+            return
+        await db.execute("UPDATE accounts SET balance = balance - $1 WHERE id = $2",
+                         delta, user.account_id)
+        source, target = ("account", "quota") if delta > 0 else ("quota", "account")
+        await self._ledger(db, at, user.account_id, user.id, user.login, "quota", source,
+                           target, abs(delta), "quota change")
+
+    async def delete_user(self, account: str, login: str, *, at: float) -> None:
+        async def body(db: Conn) -> None:
+            await self._lock_account(db, account)
+            user = await self._fetch_user(db, account, login)
+            if user.quota_active and user.quota_left:
+                await self._move_quota(db, user, -user.quota_left, at)
+            await db.execute("DELETE FROM users WHERE id = $1", user.id)
+            await db.execute("UPDATE messages SET user_id = NULL WHERE user_id = $1", user.id)
+            await db.execute("UPDATE outbox SET user_id = NULL WHERE user_id = $1", user.id)
+            await self._follow_callback_urls(db, user.account_id, at)
+            await self._evaluate_alerts(db, [user.account_id], at)
+
+        await self._transaction(body)
+
+    # -- the send path ---------------------------------------------------------------
+
+    async def send_context(self, account: str, login: str, *,
+                           fresh: bool = False) -> SendContext | None:
+        """The user's send settings, from memory while its account's version holds (see
+        SQLiteStore.send_context: `commit_sends` refuses orders checked at an old one)."""
+        cached = None if fresh else self._contexts.get((account, login))
+        if cached is not None:
+            return cached
+        rows = await self._read(
+            f"SELECT {_USER_COLUMNS}, a.stop_clause, "
+            "(SELECT string_agg(sender, E'\\n') FROM senders WHERE account_id = a.id), "
+            "a.settings_version "
+            "FROM users u JOIN accounts a ON a.id = u.account_id "
+            "WHERE a.name = $1 AND u.login = $2", account, login)
+        if not rows:
+            return None
+        row = rows[0]
+        senders = frozenset(row[15].split("\n")) if row[15] else frozenset()
+        context = SendContext(_user(row), row[14], senders, int(row[16]))
+        account_id = context.user.account_id
+        if self._note_settings_version(account_id, context.version) \
+                and len(self._contexts) < 100_000:
+            key = (account, login)
+            previous = self._contexts.get(key)
+            if previous is not None and previous.user.account_id != account_id:
+                self._keys_by_account[previous.user.account_id].discard(key)
+            self._contexts[key] = context
+            self._keys_by_account.setdefault(account_id, set()).add(key)
+        return context
+
+    def _note_settings_version(self, account_id: int, version: int | None) -> bool:
+        known = self._versions.get(account_id)
+        if known is not None and version is not None and version <= known:
+            return version == known
+        for key in self._keys_by_account.pop(account_id, ()):
+            del self._contexts[key]
+        if version is None:
+            self._versions.pop(account_id, None)
+            return False
+        self._versions[account_id] = version
+        return True
+
+    async def commit_sends(self, orders: Sequence[SendOrder], *,
+                           at: float) -> list[SendOutcome]:
+        """Charge and store a batch of sends in one transaction, its accounts' rows locked
+        (by id) from the read of their balances and versions to the commit."""
+        account_ids = sorted({o.account_id for o in orders})
+        user_ids = sorted({o.user_id for o in orders if o.user_id is not None})
+
+        async def body(db: Conn) -> list[SendOutcome]:
+            return await self._commit_sends(db, orders, at, account_ids, user_ids)
+
+        return await self._transaction(body)
+
+    async def _message_ids(self, count: int) -> int:
+        """The first of `count` consecutive new message ids.
+
+        Taken on a connection of its own, in a transaction of its own (see
+        allocate_message_ids, migration 0001): in the send's transaction the counter's row
+        would stay locked until that commit, and every send would wait for the one before.
+        Ids of a send that then rolls back are never used: ids may have gaps, never twins.
+        """
+        async with self._ids_lock:
+            for attempt in (1, 2):
+                if self._ids_conn is None or self._ids_conn.is_closed():
+                    self._ids_conn = await asyncpg.connect(self.dsn, timeout=self._timeout)
+                try:
+                    return int(await self._ids_conn.fetchval(
+                        "SELECT allocate_message_ids($1)", count))
+                except _UNAVAILABLE:
+                    self._ids_conn.terminate()
+                    self._ids_conn = None
+                    if attempt == 2:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _commit_sends(self, db: Conn, orders: Sequence[SendOrder], at: float,
+                            account_ids: list[int], user_ids: list[int]) -> list[SendOutcome]:
+        balances: dict[int, int] = {}
+        versions: dict[int, int] = {}
+        for account_id, balance, version in await self._lock_accounts(db, account_ids):
+            balances[account_id] = balance
+            versions[account_id] = version
+        for account_id in account_ids:
+            self._note_settings_version(account_id, versions.get(account_id))
+        quotas: dict[int, int | None] = {}
+        if user_ids:
+            for uid, active, left in await db.fetch(
+                    "SELECT id, quota_active, quota_left FROM users WHERE id = ANY($1::bigint[])",
+                    user_ids):
+                quotas[uid] = left if active else None
+        funds = rules.Funds(balances, quotas)
+        decided = rules.decide_sends(orders, funds, at=at, first_id=1, versions=versions)
+        if not decided.accepted:
+            return decided.outcomes
+        # Ids for the accepted orders only, then the same (pure) decision with them.
+        wanted = sum(len(sent.ids) for sent in decided.accepted)
+        decided = rules.decide_sends(orders, funds, at=at,
+                                     first_id=await self._message_ids(wanted),
+                                     versions=versions)
+        outcomes = decided.outcomes
+        messages: list[tuple[Any, ...]] = []
+        ledger: list[tuple[Any, ...]] = []
+        for sent in decided.accepted:
+            order, deferred, state = sent.order, sent.deferred_until, sent.state
+            for message_id, receiver, cost in zip(sent.ids, order.recipients, order.costs,
+                                                  strict=True):
+                messages.append((
+                    message_id, order.account_id, order.user_id, order.login, order.kind,
+                    order.sender, receiver, order.body, order.coding, order.parts,
+                    order.klass, bool(order.no_stop), order.tag, cost, sent.charged_to,
+                    deferred, state))
+            ledger.append((order.account_id, order.user_id, order.login, sent.ledger_kind,
+                           sent.charged_to, order.total, sent.reference))
+        await db.execute(_STORE_SENDS, at, *_columns(messages, 17), *_columns(ledger, 7),
+                         list(decided.balances), list(decided.balances.values()),
+                         list(decided.quotas), list(decided.quotas.values()))
+        touched = sorted({sent.order.account_id for sent in decided.accepted})
+        if await self._evaluate_alerts(db, touched, at):
+            outcomes = [replace(o, alert_queued=True) if o.accepted else o for o in outcomes]
+        return outcomes
+
+    async def _evaluate_alerts(self, db: Conn, account_ids: Iterable[int], at: float) -> int:
+        """Fire the low-credit alerts crossed by this transaction and re-arm the others
+        (`rules.evaluate_alerts`), the accounts' rows locked by the caller: concurrent
+        crossings, from any node, see one armed flag."""
+        ids = sorted(set(account_ids))
+        if not ids:
+            return 0
+        watched = await db.fetch(
+            f"SELECT u.id, u.account_id, a.name, u.login, u.alert_threshold, u.alert_support, "
+            f"u.alert_email, u.alert_number, u.alert_armed, {_SPENDABLE}, u.quota_active "
+            "FROM users u JOIN accounts a ON a.id = u.account_id "
+            "WHERE u.account_id = ANY($1::bigint[]) AND u.alert_threshold IS NOT NULL", ids)
+        if not watched:
+            return 0
+        plan = rules.evaluate_alerts(rules.Watch._make(tuple(r)) for r in watched)
+        flags = [(False, uid) for uid in plan.disarm] + [(True, uid) for uid in plan.rearm]
+        if flags:
+            await db.executemany("UPDATE users SET alert_armed = $1 WHERE id = $2", flags)
+        if plan.items:
+            await db.executemany(
+                "INSERT INTO outbox (kind, account_id, user_id, target, payload, created_at, "
+                "next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                [(i.kind, i.account_id, i.user_id, i.target, json.dumps(i.payload), at, at)
+                 for i in plan.items])
+        return len(plan.items)
+
+    @staticmethod
+    async def _ledger(db: Conn, at: float, account_id: int, user_id: int | None,
+                      login: str | None, kind: str, source: str, target: str, amount: int,
+                      reference: str) -> None:
+        await db.execute(
+            "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, amount, "
+            "reference) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            at, account_id, user_id, login, kind, source, target, amount, reference)
+
+    # -- delivery --------------------------------------------------------------------
+
+    async def mark_sent(self, ids: Sequence[int], *, at: float,
+                        references: Sequence[SentMessage] = ()) -> None:
+        if not ids:
+            return
+
+        async def body(db: Conn) -> None:
+            await db.execute(
+                "UPDATE messages SET state = 'sent', sent_at = $1, updated_at = $1 "
+                f"WHERE id = ANY($2::bigint[]) AND {_CLAIMABLE}", at, list(ids))
+            parts = [(reference, m.message_id, part)
+                     for m in references for part, reference in enumerate(m.references, 1)]
+            if parts:
+                await db.executemany(
+                    "INSERT INTO message_parts (reference, message_id, part) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (reference) DO UPDATE "
+                    "SET message_id = excluded.message_id, part = excluded.part", parts)
+
+        await self._transaction(body)
+
+    async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates:
+        """State changes, their callbacks and refunds in one transaction; the accounts'
+        rows locked first (by id), then the messages' (by id), as every writer does."""
+        if not updates:
+            return AppliedUpdates()
+
+        async def body(db: Conn) -> AppliedUpdates:
+            return await self._apply_updates(db, updates)
+
+        return await self._transaction(body)
+
+    @staticmethod
+    async def _lock_messages(db: Conn, ids: Sequence[int]) -> None:
+        """The messages' accounts locked (by id), then the messages (by id)."""
+        accounts = [r[0] for r in await db.fetch(
+            "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])", ids)]
+        await PostgreSQLStore._lock_accounts(db, accounts)
+        await db.execute("SELECT 1 FROM messages WHERE id = ANY($1::bigint[]) ORDER BY id "
+                         "FOR UPDATE", ids)
+
+    async def _apply_updates(self, db: Conn, updates: Sequence[StateUpdate]
+                             ) -> AppliedUpdates:
+        """`apply_updates` inside the caller's transaction (which may hold the locks
+        already: taken again, in the same order, they cost nothing)."""
+        if not updates:
+            return AppliedUpdates()
+        ids = sorted({u.message_id for u in updates})
+        accounts = [r[0] for r in await db.fetch(
+            "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])", ids)]
+        await self._lock_accounts(db, accounts)
+        rows = await db.fetch(
+            "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
+            "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
+            "COALESCE(m.deferred_until, m.created_at) "
+            "FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "LEFT JOIN users u ON u.id = m.user_id AND u.account_id = m.account_id "
+            "WHERE m.id = ANY($1::bigint[]) ORDER BY m.id FOR UPDATE OF m", ids)
+        plan = rules.plan_updates(updates,
+                                  {r[0]: rules.Pending._make(tuple(r)) for r in rows})
+        if plan.changes:
+            await db.executemany(
+                "UPDATE messages SET ptt = $2, dlr = $3, state = $4, "
+                "sent_at = COALESCE(sent_at, $5), delivered_at = COALESCE(delivered_at, $6),"
+                " updated_at = $7 WHERE id = $1", plan.changes)
+        if plan.applied:
+            await db.executemany(
+                "INSERT INTO message_events (message_id, at, ptt, dlr, note) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                [(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied])
+        if plan.callbacks:
+            await db.executemany(
+                "INSERT INTO outbox (kind, message_id, account_id, user_id, target, "
+                "payload, created_at, next_attempt_at) "
+                "VALUES ('callback', $1, $2, $3, $4, $5, $6, $6)",
+                [(c.message_id, c.account_id, c.user_id, c.target, json.dumps(c.payload),
+                  c.at) for c in plan.callbacks])
+        refunds = plan.refunds
+        if refunds:
+            await db.executemany(
+                "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
+                "amount, reference) VALUES ($1, $2, $3, $4, 'refund', 'spent', $5, $6, $7)",
+                [(r.at, r.account_id, r.user_id, r.login, r.pool, r.amount, r.reference)
+                 for r in refunds])
+            await db.executemany("UPDATE accounts SET balance = balance + $1 WHERE id = $2",
+                                 [(v, k) for k, v in plan.account_refunds().items()])
+            await db.executemany("UPDATE users SET quota_left = quota_left + $1 "
+                                 "WHERE id = $2",
+                                 [(v, k) for k, v in plan.quota_refunds().items()])
+            await self._evaluate_alerts(db, {r.account_id for r in refunds},
+                                        refunds[-1].at)
+        return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
+
+
+    async def claim_messages(self, *, now: float, lease: float,
+                             limit: int) -> list[OutgoingMessage]:
+        """As SQLiteStore.claim_messages; rows another claimer holds are skipped (SKIP
+        LOCKED), and each row is checked again once locked, so no two claims share one."""
+        if limit <= 0:
+            return []
+        returning = f"RETURNING {_OUTGOING_COLUMNS}"
+
+        async def body(db: Conn) -> list[Any]:
+            deferred = await db.fetch(
+                "UPDATE messages SET claimed_until = $1 WHERE id IN (SELECT id FROM messages "
+                f"WHERE state = 'deferred' AND {_DUE_DEFERRED} <= $2 "
+                f"ORDER BY {_DUE_DEFERRED}, id LIMIT $3 FOR UPDATE SKIP LOCKED) {returning}",
+                now + lease, now, max(1, limit // 2))
+            queued = await db.fetch(
+                "UPDATE messages SET claimed_until = $1 WHERE id IN (SELECT id FROM messages "
+                "WHERE state = 'queued' AND claimed_until <= $2 "
+                f"ORDER BY claimed_until, id LIMIT $3 FOR UPDATE SKIP LOCKED) {returning}",
+                now + lease, now, limit - len(deferred))
+            return [tuple(r) for r in (*deferred, *queued)]
+
+        return [_outgoing(r) for r in sorted(await self._transaction(body))]
+
+    async def release_messages(self, until: Sequence[tuple[int, float]]) -> None:
+        if not until:
+            return
+        rows = sorted({mid: (mid, at) for mid, at in until}.values())
+
+        async def body(db: Conn) -> None:
+            await db.executemany(
+                f"UPDATE messages SET claimed_until = $2 WHERE id = $1 AND {_CLAIMABLE}", rows)
+
+        await self._transaction(body)
+
+    async def free_claims(self) -> int:
+        async def body(db: Conn) -> int:
+            return _count(await db.execute(
+                f"UPDATE messages SET claimed_until = 0 WHERE {_CLAIMABLE} "
+                "AND claimed_until > 0"))
+
+        return await self._transaction(body)
+
+    async def next_due_at(self) -> float | None:
+        rows = await self._read(
+            "SELECT (SELECT MIN(claimed_until) FROM messages WHERE state = 'queued'), "
+            f"(SELECT MIN({_DUE_DEFERRED}) FROM messages WHERE state = 'deferred')")
+        due = [at for at in rows[0] if at is not None] if rows else []
+        return min(due) if due else None
+
+    async def in_flight(self, *, after_id: int, limit: int) -> list[OutgoingMessage]:
+        rows = await self._read(
+            f"SELECT {_OUTGOING_COLUMNS} FROM messages WHERE state = 'sent' "
+            "AND id > $1 ORDER BY id LIMIT $2", after_id, limit)
+        return [_outgoing(tuple(r)) for r in rows]
+
+    async def apply_reports(self, reports: Sequence[OperatorReport]) -> AppliedUpdates:
+        """As SQLiteStore.apply_reports: references never change once recorded (nor does a
+        message's count of parts), so they are read before the write. A part's "delivered"
+        of a long message is counted and stands for the message only as the last part's
+        (rules.part_delivery_stands), in one transaction with the state changes: the
+        accounts' rows locked, then the messages' (by id), then their parts are counted,
+        each by one conditional statement (a part counts once, however many report it)."""
+        if not reports:
+            return AppliedUpdates()
+        names = sorted({r.reference for r in reports})
+        owners: dict[str, int] = {}
+        parts: dict[int, int] = {}
+        for reference, message_id, count in await self._read(
+                "SELECT p.reference, p.message_id, m.parts FROM message_parts p "
+                "JOIN messages m ON m.id = p.message_id WHERE p.reference = ANY($1::text[])",
+                names):
+            owners[reference] = message_id
+            parts[message_id] = count
+        known = [p for p, r in enumerate(reports) if r.reference in owners]
+        merged = [p for p in known if reports[p].ptt == DELIVERED and reports[p].final
+                  and parts[owners[reports[p].reference]] > 1]
+
+        async def body(db: Conn) -> tuple[AppliedUpdates, list[int]]:
+            left_out: list[int] = []
+            if merged:
+                await self._lock_messages(
+                    db, sorted({owners[reports[p].reference] for p in known}))
+            for position in merged:
+                report = reports[position]
+                message_id = owners[report.reference]
+                count = parts[message_id]
+                # `<reference>#<n>` names a part carried by the submit of `<reference>`
+                # (SMPP's message_payload): delivered with it. Exact names, not a range of
+                # them, whose order would hang on the database's collation.
+                named = [report.reference,
+                         *(f"{report.reference}#{n}" for n in range(1, count + 1))]
+                row = await db.fetchrow(
+                    "WITH p AS (UPDATE message_parts SET delivered = true "
+                    "WHERE reference = ANY($1::text[]) AND message_id = $2 "
+                    "AND NOT delivered RETURNING 1) "
+                    "UPDATE messages SET parts_delivered = parts_delivered + "
+                    "(SELECT count(*) FROM p) WHERE id = $2 AND EXISTS (SELECT 1 FROM p) "
+                    "RETURNING parts_delivered", named, message_id)
+                new = row is not None
+                delivered = int(row[0]) if new else 0
+                if not rules.part_delivery_stands(count, delivered, new):
+                    left_out.append(position)
+            dropped = set(left_out)
+            standing = [p for p in known if p not in dropped]
+            applied = await self._apply_updates(db, [
+                StateUpdate(owners[r.reference], r.ptt, r.dlr, r.final, r.billed, r.at,
+                            r.note)
+                for r in map(reports.__getitem__, standing)])
+            return AppliedUpdates(applied.callbacks, applied.finals,
+                                  tuple(standing[p] for p in applied.ignored)), left_out
+
+        applied, left_out = await self._transaction(body)
+        unmatched = tuple(p for p, r in enumerate(reports) if r.reference not in owners)
+        ignored = sorted(set(applied.ignored).union(unmatched, left_out))
+        return AppliedUpdates(applied.callbacks, applied.finals, tuple(ignored), unmatched,
+                              tuple(owners.get(r.reference, 0) for r in reports))
+
+    # -- incoming messages -----------------------------------------------------------
+
+    async def add_incoming(self, messages: Sequence[IncomingMessage]) -> list[int]:
+        """As SQLiteStore.add_incoming: the reply lookup reads messages newest first by id,
+        at most INCOMING_LOOKBACK of them. The accounts found are locked (by id) before
+        anything is written, as every writer does."""
+        if not messages:
+            return []
+
+        async def body(db: Conn) -> list[int]:
+            newest = await db.fetchval("SELECT max(id) FROM messages") or 0
+            found: list[tuple[int, str] | None] = []
+            for message in messages:
+                answered = await db.fetchrow(
+                    "SELECT account_id, tag FROM messages WHERE id > $1 AND receiver = $2 "
+                    "AND sender = $3 ORDER BY id DESC LIMIT 1",
+                    newest - INCOMING_LOOKBACK, message.sender, message.receiver)
+                if answered is None:
+                    answered = await db.fetchrow(
+                        "SELECT account_id, '' FROM senders WHERE sender = $1 "
+                        "ORDER BY account_id LIMIT 1", message.receiver)
+                found.append(None if answered is None else (int(answered[0]), answered[1]))
+            await self._lock_accounts(db, {f[0] for f in found if f is not None})
+            ids: list[int] = []
+            for message, owner in zip(messages, found, strict=True):
+                if owner is None:
+                    ids.append(0)
+                    continue
+                ids.append(int(await db.fetchval(
+                    "INSERT INTO incoming_messages (account_id, reference, sender, receiver, "
+                    "body, tag, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    owner[0], message.reference, message.sender, message.receiver,
+                    message.body, owner[1], message.created_at)))
+            return ids
+
+        return await self._transaction(body)
+
+    async def list_incoming(self, account: str, *, limit: int,
+                            before_id: int | None = None) -> list[IncomingMessage]:
+        rows = await self._read("SELECT id FROM accounts WHERE name = $1", account)
+        if not rows:
+            raise NotFound(f"unknown account {account!r}")
+        found = await self._read(
+            "SELECT id, account_id, reference, sender, receiver, body, tag, created_at "
+            "FROM incoming_messages WHERE account_id = $1 AND id < $2 ORDER BY id DESC "
+            "LIMIT $3", rows[0][0], before_id if before_id is not None else 1 << 62, limit)
+        return [IncomingMessage(*r) for r in found]
+
+    # -- outbox ----------------------------------------------------------------------
+
+    @staticmethod
+    async def _follow_callback_urls(db: Conn, account_id: int, at: float) -> None:
+        """As SQLiteStore._follow_callback_urls, the account's row locked by the caller."""
+        await db.execute(
+            "UPDATE outbox SET target = v.url FROM (SELECT o.id, COALESCE("
+            "NULLIF(u.callback_url, ''), NULLIF(a.callback_url, ''), '') AS url "
+            "FROM outbox o JOIN accounts a ON a.id = o.account_id "
+            "LEFT JOIN users u ON u.id = o.user_id AND u.account_id = o.account_id "
+            "WHERE o.kind = 'callback' AND o.state = 'pending' AND o.account_id = $1) AS v "
+            "WHERE outbox.id = v.id AND outbox.target <> v.url", account_id)
+        cancelled = "cancelled: no callback URL any more"
+        await db.execute(
+            "INSERT INTO outbox_attempts (outbox_id, at, ok, detail) SELECT id, $1, false, $2 "
+            "FROM outbox WHERE kind = 'callback' AND state = 'pending' AND account_id = $3 "
+            "AND target = ''", at, cancelled, account_id)
+        await db.execute(
+            "UPDATE outbox SET state = 'dead', done_at = $1, last_error = $2 "
+            "WHERE kind = 'callback' AND state = 'pending' AND account_id = $3 "
+            "AND target = ''", at, cancelled, account_id)
+
+    async def enqueue_outbox(self, kind: str, *, account_id: int, user_id: int | None,
+                             target: str, payload: dict[str, Any], at: float,
+                             message_id: int | None = None) -> int:
+        async def body(db: Conn) -> int:
+            return int(await db.fetchval(
+                "INSERT INTO outbox (kind, message_id, account_id, user_id, target, payload, "
+                "created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) "
+                "RETURNING id", kind, message_id, account_id, user_id, target,
+                json.dumps(payload), at))
+
+        return await self._transaction(body)
+
+    async def claim_outbox(self, kinds: Sequence[str], *, now: float, lease: float,
+                           limit: int, bounds: ClaimBounds | None = None,
+                           skip_targets: Sequence[str] = (),
+                           skip_accounts: Sequence[int] = (), deep: bool = False,
+                           results: Sequence[OutboxResult] = ()) -> list[OutboxItem]:
+        """As SQLiteStore.claim_outbox. The window of due items is locked (SKIP LOCKED:
+        another node's window is passed over, not waited for) until the claim commits."""
+        where = "state = 'pending' AND kind = ANY($1::text[]) AND next_attempt_at <= $2"
+        params: list[Any] = [list(kinds), now]
+        if deep and skip_targets:
+            params.append(list(skip_targets))
+            where += f" AND NOT (target = ANY(${len(params)}::text[]))"
+        if deep and skip_accounts:
+            params.append(list(skip_accounts))
+            where += f" AND NOT (account_id = ANY(${len(params)}::bigint[]))"
+        params.append(limit * CLAIM_WINDOW)
+        skipped = set(skip_targets)
+
+        async def body(db: Conn) -> list[Any]:
+            if results:
+                await self._record_results(db, results)
+            if limit <= 0:
+                return []
+            due = await db.fetch(
+                f"SELECT id, kind, target, account_id FROM outbox WHERE {where} "
+                f"ORDER BY next_attempt_at, id LIMIT ${len(params)} FOR UPDATE SKIP LOCKED",
+                *params)
+            chosen = rules.choose_claims((tuple(r) for r in due), limit=limit, bounds=bounds,
+                                         skip=skipped)
+            if not chosen:
+                return []
+            return list(await db.fetch(
+                "UPDATE outbox SET next_attempt_at = $1, attempts = attempts + 1 "
+                "WHERE id = ANY($2::bigint[]) "
+                "RETURNING id, kind, message_id, account_id, user_id, target, payload, "
+                "created_at, attempts", now + lease, chosen))
+
+        rows = await self._transaction(body)
+        items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
+                 for r in rows]
+        items.sort(key=lambda item: item.id)
+        return items
+
+    async def outbox_status(self, item_id: int) -> tuple[str, int, str] | None:
+        rows = await self._read(
+            "SELECT o.state, o.attempts, COALESCE((SELECT t.detail FROM outbox_attempts t "
+            "WHERE t.outbox_id = o.id ORDER BY t.id DESC LIMIT 1), '') FROM outbox o "
+            "WHERE o.id = $1", item_id)
+        if not rows:
+            return None
+        state, attempts, detail = rows[0]
+        return str(state), int(attempts), str(detail)
+
+    async def next_outbox_at(self, kinds: Sequence[str], *,
+                             skip_targets: Sequence[str] = ()) -> float | None:
+        rows = await self._read(
+            "SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' "
+            "AND kind = ANY($1::text[]) AND NOT (target = ANY($2::text[]))",
+            list(kinds), list(skip_targets))
+        return rows[0][0] if rows else None
+
+    async def record_outbox_results(self, results: Sequence[OutboxResult]) -> None:
+        if not results:
+            return
+
+        async def body(db: Conn) -> None:
+            await self._record_results(db, results)
+
+        await self._transaction(body)
+
+    @staticmethod
+    async def _record_results(db: Conn, results: Sequence[OutboxResult]) -> None:
+        await db.executemany(
+            "INSERT INTO outbox_attempts (outbox_id, at, ok, detail) VALUES ($1, $2, $3, $4)",
+            [(r.item_id, r.at, r.ok, r.detail[:500]) for r in results])
+        done = [(r.item_id, r.at) for r in results if r.ok]
+        if done:
+            await db.executemany(
+                "UPDATE outbox SET state = 'done', done_at = $2, last_error = '' WHERE id = $1",
+                done)
+        failed = [r for r in results if not r.ok]
+        retry = [(r.next_attempt_at, r.detail[:500], r.item_id) for r in failed
+                 if r.next_attempt_at is not None]
+        dead = [(r.at, r.detail[:500], r.item_id) for r in failed if r.next_attempt_at is None]
+        # Not an item cancelled meanwhile (see `_follow_callback_urls`): it stays so.
+        if retry:
+            await db.executemany(
+                "UPDATE outbox SET next_attempt_at = $1, last_error = $2 "
+                "WHERE id = $3 AND state = 'pending'", retry)
+        if dead:
+            await db.executemany(
+                "UPDATE outbox SET state = 'dead', done_at = $1, last_error = $2 "
+                "WHERE id = $3 AND state = 'pending'", dead)
+
+    # -- reading back ----------------------------------------------------------------
+
+    async def get_message(self, message_id: int) -> Message:
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "WHERE m.id = $1", message_id)
+        if not rows:
+            raise NotFound(f"unknown message {message_id}")
+        return _message(rows[0])
+
+    async def message_events(self, message_id: int) -> list[MessageEvent]:
+        rows = await self._read(
+            "SELECT at, ptt, dlr, note FROM message_events WHERE message_id = $1 ORDER BY id",
+            message_id)
+        return [MessageEvent(*r) for r in rows]
+
+    async def message_attempts(self, message_id: int) -> list[OutboxAttempt]:
+        rows = await self._read(
+            "SELECT o.id, o.kind, o.target, o.state, t.at, t.ok, t.detail FROM outbox o "
+            "JOIN outbox_attempts t ON t.outbox_id = o.id WHERE o.message_id = $1 "
+            "ORDER BY t.id", message_id)
+        return [OutboxAttempt(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows]
+
+    async def list_messages(self, where: MessageFilter, *, limit: int,
+                            before_id: int | None = None) -> list[Message]:
+        params: list[Any] = [where.account_id]
+        clauses = ["m.account_id = $1"]
+
+        def add(condition: str, value: Any) -> None:
+            params.append(value)
+            clauses.append(condition.format(f"${len(params)}"))
+
+        for column, value in (("m.user_id", where.user_id), ("m.login", where.login),
+                              ("m.tag", where.tag), ("m.ptt", where.ptt),
+                              ("m.receiver", where.receiver), ("m.sender", where.sender),
+                              ("m.kind", where.kind)):
+            if value is not None:
+                add(f"{column} = {{}}", value)
+        if where.created_from is not None:
+            add("m.created_at >= {}", float(where.created_from))
+        if where.created_to is not None:
+            add("m.created_at <= {}", float(where.created_to))
+        if before_id is not None:
+            add("m.id < {}", before_id)
+        params.append(limit)
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN accounts a ON a.id = m.account_id "
+            f"WHERE {' AND '.join(clauses)} ORDER BY m.id DESC LIMIT ${len(params)}", *params)
+        return [_message(r) for r in rows]
+
+    async def list_ledger(self, account: str, *, limit: int,
+                          after_id: int = 0) -> list[LedgerEntry]:
+        rows = await self._read("SELECT id FROM accounts WHERE name = $1", account)
+        if not rows:
+            raise NotFound(f"unknown account {account!r}")
+        found = await self._read(
+            "SELECT id, at, account_id, login, kind, source, target, amount, reference "
+            "FROM ledger WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            rows[0][0], after_id, limit)
+        return [LedgerEntry(*r) for r in found]
+
+    async def ledger_totals(self) -> dict[str, int]:
+        rows = await self._read(
+            "SELECT "
+            "(SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE source = 'outside')::bigint, "
+            "(SELECT COALESCE(SUM(CASE WHEN target = 'spent' THEN amount ELSE -amount END), 0)"
+            "   FROM ledger WHERE 'spent' IN (source, target))::bigint, "
+            "(SELECT COALESCE(SUM(balance), 0) FROM accounts)::bigint, "
+            "(SELECT COALESCE(SUM(quota_left), 0) FROM users WHERE quota_active)::bigint, "
+            "(SELECT COALESCE(SUM(CASE WHEN target = 'account' THEN amount ELSE -amount END), 0)"
+            "   FROM ledger WHERE 'account' IN (source, target))::bigint, "
+            "(SELECT COALESCE(SUM(CASE WHEN target = 'quota' THEN amount ELSE -amount END), 0)"
+            "   FROM ledger WHERE 'quota' IN (source, target))::bigint")
+        purchased, spent, balances, quotas, ledger_accounts, ledger_quotas = rows[0]
+        return {"purchased": purchased, "spent": spent, "balances": balances,
+                "quotas": quotas, "ledger_balances": ledger_accounts,
+                "ledger_quotas": ledger_quotas}
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._read(
+            "SELECT "
+            "(SELECT COUNT(*) FROM messages WHERE state = 'queued'), "
+            "(SELECT COUNT(*) FROM messages WHERE state = 'deferred'), "
+            "(SELECT COUNT(*) FROM messages WHERE state = 'sent'), "
+            "(SELECT COUNT(*) FROM outbox WHERE state = 'pending'), "
+            "(SELECT COUNT(*) FROM outbox WHERE state = 'dead')")
+        queued, deferred, sent, pending, dead = rows[0]
+        return {"queued": queued, "deferred": deferred, "sent": sent,
+                "outbox_pending": pending, "outbox_dead": dead}
+
+    # -- admin API tokens ------------------------------------------------------------
+
+    async def create_token(self, name: str, key: str, digest: str,
+                           accounts: Sequence[str] | None, *, at: float) -> AdminToken:
+        async def body(db: Conn) -> None:
+            account_ids = []
+            for account in sorted(set(accounts or ())):
+                account_id = await db.fetchval("SELECT id FROM accounts WHERE name = $1",
+                                               account)
+                if account_id is None:
+                    raise NotFound(f"unknown account {account!r}")
+                account_ids.append(account_id)
+            try:
+                token_id = await db.fetchval(
+                    "INSERT INTO admin_tokens (name, key, digest, all_accounts, created_at) "
+                    "VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                    name, key, digest, accounts is None, at)
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"token {name!r} already exists") from exc
+            if account_ids:
+                await db.executemany(
+                    "INSERT INTO admin_token_accounts (token_id, account_id) VALUES ($1, $2)",
+                    [(token_id, account_id) for account_id in account_ids])
+
+        await self._transaction(body)
+        found = await self._tokens("t.name = $1", name)
+        return found[0]
+
+    async def find_token(self, key: str) -> AdminToken | None:
+        found = await self._tokens("t.key = $1", key)
+        return found[0] if found else None
+
+    async def list_tokens(self) -> list[AdminToken]:
+        return await self._tokens("true")
+
+    async def has_tokens(self) -> bool:
+        return bool(await self._read("SELECT 1 FROM admin_tokens LIMIT 1"))
+
+    async def token_used(self, token_id: int, *, at: float) -> None:
+        async def body(db: Conn) -> None:
+            await db.execute("UPDATE admin_tokens SET last_used_at = $1 WHERE id = $2",
+                             at, token_id)
+
+        await self._transaction(body)
+
+    async def revoke_token(self, name: str) -> None:
+        async def body(db: Conn) -> None:
+            if not _count(await db.execute("DELETE FROM admin_tokens WHERE name = $1", name)):
+                raise NotFound(f"unknown token {name!r}")
+
+        await self._transaction(body)
+
+    async def _tokens(self, where: str, *params: Any) -> list[AdminToken]:
+        rows = await self._read(
+            "SELECT t.id, t.name, t.key, t.digest, t.all_accounts, t.created_at, "
+            "t.last_used_at, (SELECT string_agg(a.name, E'\\n' ORDER BY a.name) "
+            "  FROM admin_token_accounts ta JOIN accounts a ON a.id = ta.account_id "
+            "  WHERE ta.token_id = t.id) "
+            f"FROM admin_tokens t WHERE {where} ORDER BY t.name", *params)
+        return [AdminToken(r[0], r[1], r[2], r[3],
+                           None if r[4] else tuple(r[7].split("\n")) if r[7] else (),
+                           r[5], r[6]) for r in rows]

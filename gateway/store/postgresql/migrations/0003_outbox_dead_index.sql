@@ -1,0 +1,1 @@
+CREATE INDEX outbox_dead ON outbox (kind) WHERE state = 'dead';
