@@ -686,6 +686,7 @@ async def test_a_refusal_the_store_always_refuses_does_not_stop_delivery(
         await stays(lambda: poisoned.applies == applies)  # not tried again in a loop
 
 
+@pytest.mark.sqlite_only  # a balance that is no integer: SQLite's dynamic typing only
 async def test_a_refund_to_a_balance_that_is_no_integer_names_the_account(
         config: Config) -> None:
     """Stores hit by the old overflow bug hold such balances: the error says which."""
