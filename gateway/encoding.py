@@ -36,7 +36,7 @@ MAX_PARTS = 6
 # GSM 03.38 basic table in code-point order (0x00-0x7F). 0x1B (ESC) is the
 # escape to the extension table, never a user character, so it is excluded
 # here; keeping the table positional makes it easy to audit against the spec.
-_GSM_BASIC_TABLE = (
+GSM_BASIC_TABLE = (
     "@£$¥èéùìòÇ\nØø\rÅå"
     "Δ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ"
     " !\"#¤%&'()*+,-./"
@@ -47,15 +47,16 @@ _GSM_BASIC_TABLE = (
     "pqrstuvwxyzäöñüà"
 )
 
-_GSM_BASIC: frozenset[str] = frozenset(_GSM_BASIC_TABLE) - {"\x1b"}
+_GSM_BASIC: frozenset[str] = frozenset(GSM_BASIC_TABLE) - {"\x1b"}
 # Each of these is sent as ESC + code, hence two septets.
-_GSM_EXTENSION: frozenset[str] = frozenset("\f^{}\\[~]|€")
-_GSM_ALL: frozenset[str] = _GSM_BASIC | _GSM_EXTENSION
+GSM_EXTENSION: frozenset[str] = frozenset("\f^{}\\[~]|€")
+_GSM_ALL: frozenset[str] = _GSM_BASIC | GSM_EXTENSION
 
 # (single-message capacity, per-part capacity once a User Data Header for
 # concatenation is needed).
-_GSM_SINGLE, _GSM_PART = 160, 153
-_UCS2_SINGLE, _UCS2_PART = 70, 67
+# Characters (GSM) or code units (UCS-2) in one SMS, and in each part of a longer one.
+GSM_SINGLE, GSM_PART = 160, 153
+UCS2_SINGLE, UCS2_PART = 70, 67
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,26 +96,26 @@ def _segment_gsm(text: str) -> Segmentation:
         raise EncodingError(
             f"character {bad!r} (U+{ord(bad):04X}) is not in the GSM 03.38 alphabet"
         )
-    n_ext = sum(text.count(ch) for ch in _GSM_EXTENSION)
+    n_ext = sum(text.count(ch) for ch in GSM_EXTENSION)
     units = len(text) + n_ext
-    if units <= _GSM_SINGLE:
+    if units <= GSM_SINGLE:
         return Segmentation(Coding.GSM7, units, 1)
     if n_ext == 0:
         # Every char is one septet, so nothing can straddle a boundary.
-        return Segmentation(Coding.GSM7, units, -(-units // _GSM_PART))
-    return Segmentation(Coding.GSM7, units, _pack(text, _GSM_PART, _GSM_EXTENSION))
+        return Segmentation(Coding.GSM7, units, -(-units // GSM_PART))
+    return Segmentation(Coding.GSM7, units, _pack(text, GSM_PART, GSM_EXTENSION))
 
 
 def _segment_ucs2(text: str) -> Segmentation:
     # surrogatepass so a lone surrogate (legal in a Python str) counts as one
     # unit instead of raising.
     units = len(text.encode("utf-16-le", "surrogatepass")) // 2
-    if units <= _UCS2_SINGLE:
+    if units <= UCS2_SINGLE:
         return Segmentation(Coding.UCS2, units, 1)
     if units == len(text):
         # No surrogate pairs, so nothing can straddle a boundary.
-        return Segmentation(Coding.UCS2, units, -(-units // _UCS2_PART))
-    return Segmentation(Coding.UCS2, units, _pack_astral(text, _UCS2_PART))
+        return Segmentation(Coding.UCS2, units, -(-units // UCS2_PART))
+    return Segmentation(Coding.UCS2, units, _pack_astral(text, UCS2_PART))
 
 
 def _pack(text: str, capacity: int, doubles: frozenset[str]) -> int:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import ptt
+from gateway import encoding, ptt
 from gateway.config import SmppSettings
 from gateway.encoding import Coding, segment
 from gateway.operators.smpp import errors, pdus
@@ -165,3 +165,9 @@ def test_the_errors_table_is_checked_at_load_and_read_from_the_environment(
         monkeypatch.setenv("HTTP2SMS_OPERATOR_SMPP_ERRORS", bad)
         with pytest.raises(config.ConfigError, match=r"operator\.smpp"):
             config.load(None)
+
+
+def test_the_gsm_extension_codes_cover_the_send_path_s_extension_characters() -> None:
+    """The connector packs what the send path counted: one table, one set of sizes."""
+    assert set(pdus._GSM_EXTENSION) == set(encoding.GSM_EXTENSION)
+    assert pdus._GSM_BASIC is encoding.GSM_BASIC_TABLE

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gateway import encoding
 from gateway.encoding import Coding
 
 LongMessages = Literal["udh", "sar", "payload"]
@@ -38,19 +39,12 @@ DC_UCS2 = 0x08
 DC_GSM_CLASS0 = 0x10
 DC_UCS2_CLASS0 = 0x18
 
-_GSM_SINGLE, _GSM_PART = 160, 153
-_UCS2_SINGLE, _UCS2_PART = 70, 67
-
-_GSM_BASIC = (
-    "@£$¥èéùìòÇ\nØø\rÅå"
-    "Δ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ"
-    " !\"#¤%&'()*+,-./"
-    "0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNO"
-    "PQRSTUVWXYZÄÖÑÜ§"
-    "¿abcdefghijklmno"
-    "pqrstuvwxyzäöñüà"
-)
+# The same tables and sizes as the send path's (gateway/encoding.py): the parts sent are
+# the parts counted and priced.
+_GSM_SINGLE, _GSM_PART = encoding.GSM_SINGLE, encoding.GSM_PART
+_UCS2_SINGLE, _UCS2_PART = encoding.UCS2_SINGLE, encoding.UCS2_PART
+_GSM_BASIC = encoding.GSM_BASIC_TABLE
+# Each extension character's code after the escape (GSM 03.38, 6.2.1.1).
 _GSM_EXTENSION = {"\f": 0x0A, "^": 0x14, "{": 0x28, "}": 0x29, "\\": 0x2F, "[": 0x3C,
                   "~": 0x3D, "]": 0x3E, "|": 0x40, "€": 0x65}
 _ENCODE_GSM = {ch: bytes([i]) for i, ch in enumerate(_GSM_BASIC) if ch != "\x1b"}
