@@ -53,8 +53,7 @@ GSM_EXTENSION: frozenset[str] = frozenset("\f^{}\\[~]|€")
 _GSM_ALL: frozenset[str] = _GSM_BASIC | GSM_EXTENSION
 
 # (single-message capacity, per-part capacity once a User Data Header for
-# concatenation is needed).
-# Characters (GSM) or code units (UCS-2) in one SMS, and in each part of a longer one.
+# concatenation is needed); the SMPP connector packs parts by the same numbers.
 GSM_SINGLE, GSM_PART = 160, 153
 UCS2_SINGLE, UCS2_PART = 70, 67
 
