@@ -4,6 +4,7 @@ loses nothing (the receipt is answered only once committed, so the SMSC sends it
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
@@ -52,7 +53,11 @@ async def test_a_sigkill_between_a_receipt_and_its_commit_loses_no_receipt(
     db = tmp_path / "kill.sqlite3"
     await prepare_store(db, credits=100)
     async with servers() as started, aiohttp.ClientSession() as session:
-        server = await ServerProcess.start(db, env=smpp_env(smsc))
+        # Its own process group: the SIGKILL below takes the gateway and its delivery worker
+        # (which holds the receipt) at once, as a crash of the machine would. Killing the
+        # gateway alone left the worker to commit the receipt itself once the lock was free,
+        # and to hold the delivery lock while the restarted gateway waited for it.
+        server = await ServerProcess.start(db, env=smpp_env(smsc), preexec_fn=os.setpgrp)
         started.append(server)
         async with session.get(server.send_url, params=demo_params()) as resp:
             body = await resp.text()
@@ -70,7 +75,7 @@ async def test_a_sigkill_between_a_receipt_and_its_commit_loses_no_receipt(
             smsc.owe_receipt(reference, "DELIVRD")
             await asyncio.sleep(0.5)
             assert reference in smsc.pending_receipts  # not answered: not committed
-            server.proc.send_signal(signal.SIGKILL)
+            os.killpg(server.proc.pid, signal.SIGKILL)
             assert await server.wait_exit(10) == -signal.SIGKILL
         finally:
             lock.execute("ROLLBACK")
