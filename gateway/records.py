@@ -141,6 +141,14 @@ class SendOutcome:
     alert_queued: bool = False
 
 
+def _known_ptt(code: int) -> ptt.Ptt:
+    """The ptt table's entry for `code`; ValueError for a code the table does not have."""
+    known = ptt.lookup(code)
+    if known is None:
+        raise ValueError(f"unknown ptt code {code}")
+    return known
+
+
 @dataclass(frozen=True, slots=True)
 class StateUpdate:
     """A message reaching an operator state; build it with `from_ptt`."""
@@ -155,9 +163,7 @@ class StateUpdate:
 
     @classmethod
     def from_ptt(cls, message_id: int, code: int, at: float, note: str = "") -> StateUpdate:
-        known = ptt.lookup(code)
-        if known is None:
-            raise ValueError(f"unknown ptt code {code}")
+        known = _known_ptt(code)
         return cls(message_id, code, int(known.dlr), known.final, known.billed, at,
                    note or known.description)
 
@@ -181,9 +187,7 @@ class OperatorReport:
     @classmethod
     def from_ptt(cls, reference: str, code: int, at: float, note: str = "", *,
                  dlr: int | None = None) -> OperatorReport:
-        known = ptt.lookup(code)
-        if known is None:
-            raise ValueError(f"unknown ptt code {code}")
+        known = _known_ptt(code)
         return cls(reference, code, int(known.dlr) if dlr is None else dlr, known.final,
                    known.billed, at, note or known.description)
 
