@@ -215,11 +215,16 @@ class SmppSettings(Section, frozen=True):
     source_npi_numeric: Annotated[int, Meta(ge=0, le=18)] = 1
     dest_ton: Annotated[int, Meta(ge=0, le=6)] = 1
     dest_npi: Annotated[int, Meta(ge=0, le=18)] = 1
-    # 1: a receipt for every final state; 0: none (messages stay at ptt 3 until they expire).
+    # 1: a receipt for every final state; 0: none (messages stay at ptt 3 until they expire:
+    # receipt_grace_hours).
     registered_delivery: Annotated[int, Meta(ge=0, le=31)] = 1
     service_type: Annotated[str, Meta(max_length=5)] = ""
     # validity_period of each submit_sm, in hours; 0: the SMSC's default.
     validity_hours: NonNegative = 48.0
+    # A message sent with no final receipt this long after its validity period ended (48 h
+    # when validity_hours is 0) ends expired (ptt 8; 6, state unknown, when
+    # registered_delivery does not ask a receipt of every final state).
+    receipt_grace_hours: NonNegative = 1.0
     # data_coding of GSM 03.38 text: 0 (SMSC default alphabet), or 1 / 3 for SMSCs that
     # want IA5 / Latin-1 octets (then only the characters Latin-1 has are sent as such).
     gsm_data_coding: Literal[0, 1, 3] = 0

@@ -19,6 +19,10 @@ committed send side:
   message ids committing in order: with several committers a lower id may commit after a
   higher one, and several dispatchers may share a store without submitting a message
   twice.
+  An operator that paces its submits gives a `batch_hint` (gateway.operators.base): its
+  batches are claimed that big, and the next one while one is on its way (PIPELINE_DEPTH),
+  so that each is recorded (and its reports applied) as soon as it is answered, and the
+  operator's window never drains between two of them.
   The loop sleeps until the store's next due time (`next_due_at`: a deferred time, a
   "try later", a lease running out), or until woken: by `on_commit` (the send path's
   after-commit hook, in the same process; it only sets an event, so the send path never
@@ -38,6 +42,9 @@ committed send side:
   found nothing to hand over). A reference still unknown
   after that belongs to no message the store knows: it is logged, and acknowledged (the
   network would otherwise redeliver it for ever).
+
+Messages an operator took and never settles end at its `expiry` (gateway.expiry), when it
+gives one: an expiry task settles them as it settles refusals.
 
 Inbound messages (replies, STOP) go to `on_inbound` and are acknowledged once it returns
 (the assembly keeps them: `gateway.incoming`); without one, each is logged.
@@ -68,6 +75,7 @@ from typing import TypeVar
 import structlog
 
 from gateway.clock import Clock, sleep_until
+from gateway.expiry import Expirer
 from gateway.logs import id_ranges
 from gateway.metrics import Metrics
 from gateway.operators.base import (
@@ -78,6 +86,8 @@ from gateway.operators.base import (
     Refused,
     SubmitResult,
     Taken,
+    batch_hint,
+    expiry,
 )
 from gateway.records import (
     AppliedUpdates,
@@ -94,8 +104,15 @@ log = structlog.get_logger("gateway.delivery")
 # How long a claim holds a message: longer than a submit can take, or a slow one would be
 # claimed (and submitted) again by another dispatcher.
 LEASE_SECONDS = 60.0
-# Times a report with an unknown reference is held back for a hand-over being recorded.
-UNMATCHED_TRIES = 3
+# Chunks handed over at once to an operator that gives a batch hint, so that the ones
+# before are recorded and the next ones claimed while one is on its way. Two left the SMPP
+# window drained now and then (the 10,000-message burst at a 500/s cap averaged 435-465/s);
+# four keep it within 2% of the cap (488-494/s).
+PIPELINE_DEPTH = 4
+# Times a report with an unknown reference is held back for a hand-over being recorded:
+# each recording that ends tries it again, and as many chunks as are on their way may be
+# recorded before the one that took its message.
+UNMATCHED_TRIES = PIPELINE_DEPTH + 2
 
 T = TypeVar("T")
 InboundHandler = Callable[[Sequence[Inbound]], Awaitable[None]]
@@ -229,6 +246,12 @@ class Dispatcher:
             asyncio.create_task(self._recover(), name="delivery-recovery"),
             asyncio.create_task(self._hand_over_loop(), name="delivery-hand-over"),
         ]
+        expires = expiry(self.operator)
+        if expires is not None:
+            expirer = Expirer(self._store, self._clock, expires, self._settle_refusals,
+                              page=self._max_batch)
+            self._tasks.append(asyncio.create_task(expirer.run(self._stopping),
+                                                   name="delivery-expiry"))
 
     async def stop(self) -> None:
         """Finish the batch in hand, stop the operator, then store the reports received."""
@@ -303,29 +326,62 @@ class Dispatcher:
 
     async def _hand_over_loop(self) -> None:
         await self._recovered.wait()
-        while not self._stopping.is_set():
-            # Cleared before looking, so that a commit while we look is not slept through.
-            self._wake.clear()
-            self._handing += 1
-            try:
-                batch = await self._store.claim_messages(
-                    now=self._clock.now(), lease=self._lease, limit=self._max_batch)
-                if batch:
-                    await self._hand_over(batch)
+        hint = batch_hint(self.operator)
+        size = min(self._max_batch, hint) if hint else self._max_batch
+        # A connector that paces its submits (it gives a hint) gets the next chunk claimed
+        # while one is on its way: its window never drains between two chunks.
+        depth = PIPELINE_DEPTH if hint else 1
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stopping.is_set():
+                if len(running) >= depth:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                due_at = await self._store.next_due_at()
-            except Exception as exc:
-                log.error("hand_over_failed", error=str(exc))
-                await self._pause()
-                continue
-            finally:
-                self._handing -= 1
-                self._in_hand = 0
-                if not self._handing:
-                    # A claim that came back empty (or failed) records nothing: the reports
-                    # held back for it would otherwise wait, unacknowledged, for ever.
-                    self._requeue_held()
-            await self._sleep(due_at)
+                # Cleared before looking, so that a commit while we look is not slept
+                # through.
+                self._wake.clear()
+                self._handing += 1
+                handed = False
+                due_at: float | None = None
+                try:
+                    batch = await self._store.claim_messages(
+                        now=self._clock.now(), lease=self._lease, limit=size)
+                    if batch:
+                        task = asyncio.create_task(self._hand_over_claimed(batch),
+                                                   name="delivery-hand-over-chunk")
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                        handed = True
+                        continue
+                    due_at = await self._store.next_due_at()
+                except Exception as exc:
+                    log.error("hand_over_failed", error=str(exc))
+                    await self._pause()
+                    continue
+                finally:
+                    if not handed:
+                        self._handing_done()
+                await self._sleep(due_at)
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _hand_over_claimed(self, batch: Sequence[OutgoingMessage]) -> None:
+        try:
+            await self._hand_over(batch)
+        except Exception as exc:
+            log.error("hand_over_failed", error=str(exc))
+            await self._pause()
+        finally:
+            self._handing_done()
+            self._wake.set()  # a place is free: claim the next chunk
+
+    def _handing_done(self) -> None:
+        self._handing -= 1
+        if not self._handing:
+            # A claim that came back empty (or failed) records nothing: the reports
+            # held back for it would otherwise wait, unacknowledged, for ever.
+            self._requeue_held()
 
     async def _sleep(self, due_at: float | None) -> None:
         """Until `due_at` or a wake; meanwhile every `poll_seconds` a read of the store's
@@ -348,7 +404,13 @@ class Dispatcher:
 
     async def _hand_over(self, messages: Sequence[OutgoingMessage]) -> None:
         """Submit claimed messages and record each answer."""
-        self._in_hand = len(messages)
+        self._in_hand += len(messages)
+        try:
+            await self._submit_and_record(messages)
+        finally:
+            self._in_hand -= len(messages)
+
+    async def _submit_and_record(self, messages: Sequence[OutgoingMessage]) -> None:
         started = time.perf_counter()
         results: Sequence[SubmitResult] = ()
         try:
@@ -415,7 +477,6 @@ class Dispatcher:
             await self._record("release", list(later),
                                lambda: self._store.release_messages(list(later.items())),
                                tries=1)
-        self._in_hand = 0
 
     async def _settle_refusals(self, refused: Sequence[StateUpdate]) -> None:
         """Record the operator's refusals; when the store refuses the batch for good (a row

@@ -7,9 +7,10 @@ two sides are not wrong the same way.
 
 Scripting: `password` (a wrong one is refused with ESME_RINVPASWD), `answer` (a function
 of each submit_sm giving a command_status, or a message_id for OK), `delay` (seconds
-before answering), `hold` (no answer at all), `drop()` (close every connection, submits
-in flight), `unbind()`, `receipt(...)` and `inbound(...)` (deliver_sm to the gateway; they
-return the command_status of its deliver_sm_resp), `auto_receipt` (a stat sent for every
+before answering; `delay_for`: a function of each submit_sm giving them), `hold` (no
+answer at all), `drop()` (close every connection, submits in flight), `unbind()`,
+`receipt(...)` and `inbound(...)` (deliver_sm to the gateway; they return the
+command_status of its deliver_sm_resp), `auto_receipt` (a stat sent for every
 part after its answer, or before it with `receipt_first`).
 """
 
@@ -64,6 +65,8 @@ class Smsc:
         self.password = password
         self.answer: Callable[[smpp34.SubmitSm], int | str] | None = None
         self.delay = 0.0
+        # Seconds before answering each submit_sm, when set (over `delay`).
+        self.delay_for: Callable[[smpp34.SubmitSm], float] | None = None
         self.hold = False
         # Accept each bind, then close the connection at once (a flapping SMSC).
         self.drop_after_bind = False
@@ -81,6 +84,8 @@ class Smsc:
         self.submitted: list[Submitted] = []
         self.binds = 0
         self.receipts_acknowledged = 0
+        # Seconds each deliver_sm waited for its answer (a real SMSC gives up after some).
+        self.deliver_waits: list[float] = []
         # False: keep no submit_sm (a benchmark's millions), only count them.
         self.keep = True
         self.submit_count = 0
@@ -136,7 +141,11 @@ class Smsc:
         data = pdu.encode()
         conn.writer.write(data[:12] + struct.pack(">L", sequence) + data[16:])
         self.wire.append("deliver_sm")
-        return await asyncio.wait_for(answer, 10)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        status = await asyncio.wait_for(answer, 10)
+        self.deliver_waits.append(loop.time() - sent_at)
+        return status
 
     async def receipt(self, message_id: str, stat: str, *, err: str = "000",
                       tlv: bool = False, text_id: str | None = None) -> int:
@@ -239,8 +248,9 @@ class Smsc:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            delay = self.delay_for(pdu) if self.delay_for is not None else self.delay
+            if delay:
+                await asyncio.sleep(delay)
             body = (message_id.encode() + b"\0") if status == 0 else b"\0"
             with contextlib.suppress(Exception):
                 conn.writer.write(frame(SUBMIT_SM | RESP, status, sequence, body))

@@ -34,6 +34,18 @@ interface. Its shape is a real network's:
   cancelled if the gateway stops first: the network will redeliver.
 - `link_status` says whether the link is up right now (SMPP: bound); `/readyz` reports
   not ready while it is down.
+
+Two members are optional (read with `batch_hint` and `expiry` below), so that a connector
+without them (the simulator, the tests' fakes) needs nothing:
+- `batch_hint`: most messages one `submit` call should carry. A connector that paces its
+  submits (SMPP: a window and throughput caps) answers a big batch only after many
+  seconds, and the dispatcher records nothing of a batch before its answer: the reports
+  of its first messages would wait that long (SMPP: their deliver_sm unanswered, the
+  SMSC's timeout running), and the claim's lease could run out. With a hint the
+  dispatcher hands over chunks of that size, the next one claimed while one is on its way.
+- `expiry`: when the gateway stops waiting for a taken message's final report, and at
+  which ptt it then settles it (SMPP: an SMSC may never send the receipt). Without it the
+  connector's network always settles what it took (the simulator expires messages itself).
 """
 
 from __future__ import annotations
@@ -94,6 +106,15 @@ class LinkStatus:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """A message taken `after_seconds` ago with no final report ends at `ptt` (final)."""
+
+    after_seconds: float
+    ptt: int
+    note: str
+
+
 class OperatorUnavailable(Exception):
     """The operator cannot take any of the batch now (link down): try all of it later."""
 
@@ -112,3 +133,15 @@ class Operator(Protocol):
         """One answer per message, in order; fewer if the batch failed half-way."""
     async def resume(self, messages: Sequence[OutgoingMessage]) -> None: ...
     def link_status(self) -> LinkStatus: ...
+
+
+def batch_hint(operator: Operator) -> int | None:
+    """The operator's optional `batch_hint` (see the module doc), None without one."""
+    hint = getattr(operator, "batch_hint", None)
+    return hint if isinstance(hint, int) and hint > 0 else None
+
+
+def expiry(operator: Operator) -> Expiry | None:
+    """The operator's optional `expiry` (see the module doc), None without one."""
+    found = getattr(operator, "expiry", None)
+    return found if isinstance(found, Expiry) else None

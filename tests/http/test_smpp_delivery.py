@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
+from gateway.clock import ManualClock
 from gateway.config import Config
 from tests.cli_in_process import invoke
-from tests.conftest import ACCOUNT, Harness, eventually
-from tests.http.test_delivery import final, history, ids_of
+from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
+from tests.http.test_callbacks import Receiver
+from tests.http.test_delivery import T0, final, history, ids_of
 from tests.smsc import Smsc
 
 AUTH = {"Authorization": "Bearer test-admin-token-0123456789"}
@@ -121,6 +123,120 @@ async def test_a_long_message_is_delivered_when_all_parts_are_failed_when_one_fa
     assert (await h.gateway.store.get_message(failed)).ptt == 5
 
 
+async def test_a_long_message_refused_after_a_part_went_out_is_billed(
+        make_harness: Any, config: Config, smsc: Smsc) -> None:
+    """The first part is taken, the second refused at a not-billed ptt (23): the first
+    part went out, so the message ends billed (ptt 5), not refunded."""
+    smsc.answer = lambda pdu: 0x0B if len(smsc.submitted) == 1 else 0
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    before = await h.balance()
+    (message_id,) = ids_of((await h.send(message="x" * 200, noStop="1"))[1])
+    await final(h, message_id)
+    message = await h.gateway.store.get_message(message_id)
+    assert (message.ptt, message.dlr) == (5, 2)
+    assert len(smsc.submitted) == 2
+    assert await h.balance() == before - 200  # two parts, charged, not refunded
+    events = await h.gateway.store.message_events(message_id)
+    assert "1 of 2 parts sent" in events[-1].note
+
+
+@pytest.mark.parametrize("receipt_first", [False, True])
+async def test_receipts_are_answered_while_a_big_claim_is_still_being_sent(
+        make_harness: Any, config: Config, smsc: Smsc, receipt_first: bool) -> None:
+    """100 messages claimed at once at a cap of 20/s take 5 s to submit: their receipts
+    must not wait for the last one (the SMSC would time out their deliver_sm). Sent before
+    the submit_sm_resp, each still finds its message among the chunks on their way."""
+    smsc.auto_receipt, smsc.receipt_first = "DELIVRD", receipt_first
+    h: Harness = await make_harness(cfg=smpp(config, smsc).replace({
+        "send.max_recipients": 500, "operator.smpp.window": 5,
+        "operator.smpp.throughput_total": 20.0}))
+    ids = ids_of((await h.send(to=",".join(f"+336123{n:05d}" for n in range(100)),
+                               noStop="1"))[1])
+    await final_all(h, ids, timeout=30)
+    assert all([(await h.gateway.store.get_message(i)).ptt == 4 for i in ids])
+    waits = sorted(smsc.deliver_waits)
+    print(f"deliver_sm answered within {waits[-1]:.2f} s at most "
+          f"(median {waits[len(waits) // 2]:.2f} s)")
+    assert len(waits) == 100 and waits[-1] < 2.0
+
+
+async def test_throttled_messages_end_delivered(make_harness: Any, config: Config,
+                                                smsc: Smsc) -> None:
+    smsc.auto_receipt = "DELIVRD"
+    smsc.answer = lambda pdu: 0x58 if len(smsc.submitted) < 6 else 0  # ESME_RTHROTTLED
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    ids = ids_of((await h.send(to=",".join(f"+336123{n:05d}" for n in range(10)),
+                               noStop="1"))[1])
+    await final_all(h, ids, timeout=20)
+    assert all([(await h.gateway.store.get_message(i)).ptt == 4 for i in ids])
+    statuses = [s.status for s in smsc.submitted]
+    assert statuses.count(0x58) == 6 and statuses.count(0) == 10
+    sent = [s.pdu.destination_addr for s in smsc.submitted if s.status == 0]
+    assert sorted(sent) == sorted(set(sent))  # each delivered once
+    metrics = await (await h.client.get("/metrics", headers=AUTH)).text()
+    assert "http2sms_smpp_throttled_total 6.0" in metrics
+
+
+async def test_answers_after_the_timeout_are_sent_again_and_counted(
+        make_harness: Any, config: Config, smsc: Smsc) -> None:
+    """The first 3 submit_sm are answered after the response timeout: those messages are
+    sent again (at least once: the only doubles), and every message ends delivered."""
+    smsc.auto_receipt = "DELIVRD"
+    late = 3
+    smsc.delay_for = lambda pdu: 1.0 if len(smsc.submitted) <= late else 0.0
+    h: Harness = await make_harness(cfg=smpp(config, smsc).replace(
+        {"operator.smpp.response_timeout_seconds": 0.4}))
+    ids = ids_of((await h.send(to=",".join(f"+336123{n:05d}" for n in range(10)),
+                               noStop="1"))[1])
+    await final_all(h, ids, timeout=20)
+    assert all([(await h.gateway.store.get_message(i)).ptt == 4 for i in ids])
+    sent = [s.pdu.destination_addr for s in smsc.submitted]
+    twice = len(sent) - len(set(sent))
+    print(f"late answers: {len(sent)} submit_sm for 10 messages ({twice} sent twice)")
+    assert len(set(sent)) == 10 and twice == late
+    # The late answers' receipts name message_ids the gateway never kept: answered all
+    # the same (acknowledged as unknown), so the SMSC does not send them for ever.
+    await eventually(lambda: len(smsc.deliver_waits) == 10 + late, timeout=10)
+    assert not smsc.pending_receipts
+
+
+@pytest.fixture
+async def callbacks(aiohttp_server: Any) -> tuple[Receiver, str]:
+    rec = Receiver()
+    server = await aiohttp_server(rec.app())
+    return rec, f"http://127.0.0.1:{server.port}/cb"
+
+
+@pytest.mark.parametrize(("registered_delivery", "code"), [(1, 8), (0, 6)])
+async def test_a_message_without_a_final_receipt_expires(
+        make_harness: Any, config: Config, smsc: Smsc, callbacks: tuple[Receiver, str],
+        registered_delivery: int, code: int) -> None:
+    """No receipt comes: validity_hours (2) + receipt_grace_hours (1) after it was sent,
+    the gateway settles the message (expired, or unknown when no receipt was asked) and
+    calls its callback; a receipt after that changes nothing."""
+    rec, url = callbacks
+    clock = ManualClock(T0)
+    h: Harness = await make_harness(clock=clock, cfg=smpp(config, smsc).replace({
+        "operator.smpp.validity_hours": 2.0, "operator.smpp.receipt_grace_hours": 1.0,
+        "operator.smpp.registered_delivery": registered_delivery}))
+    await h.manage.update_user(ACCOUNT, LOGIN, callback_url=url)
+    (message_id,) = ids_of((await h.send())[1])
+
+    async def sent() -> bool:
+        return (await h.gateway.store.get_message(message_id)).ptt == 3
+    await eventually(sent)
+    clock.advance(3 * 3600 - 61)
+    await asyncio.sleep(0.1)
+    assert (await h.gateway.store.get_message(message_id)).state == "sent"
+    clock.advance(121)
+    await final(h, message_id)
+    message = await h.gateway.store.get_message(message_id)
+    assert (message.ptt, message.dlr) == (code, 2)
+    await eventually(lambda: len(rec.of(code)) == 1)
+    assert await smsc.receipt(smsc.submitted[0].message_id, "DELIVRD") == 0
+    assert (await h.gateway.store.get_message(message_id)).ptt == code
+
+
 async def test_inbound_replies_are_kept_for_the_account_and_listed(
         make_harness: Any, config: Config, smsc: Smsc) -> None:
     h: Harness = await make_harness(cfg=smpp(config, smsc))
@@ -196,8 +312,10 @@ async def _debug_state(h: Harness, ids: list[int], smsc: Smsc) -> str:
 async def test_a_burst_of_10000_within_the_window_and_the_cap(make_harness: Any,
                                                                config: Config,
                                                                smsc: Smsc) -> None:
-    """10,000 messages, window 50, cap 500/s: the cap holds within 10%, the window is
-    never exceeded, every message ends delivered, none is sent twice (no link trouble)."""
+    """10,000 messages, window 50, cap 500/s: the cap holds within 10%, both in the
+    busiest second and on average (the dispatcher keeps the window fed between its
+    chunks), the window is never exceeded, every message ends delivered, none is sent
+    twice (no link trouble)."""
     smsc.auto_receipt, smsc.delay = "DELIVRD", 0.05  # 50 in flight could do 1,000/s
     cfg = smpp(config, smsc).replace({"send.max_recipients": 500,
                                       "operator.smpp.window": 50,
@@ -214,8 +332,8 @@ async def test_a_burst_of_10000_within_the_window_and_the_cap(make_harness: Any,
         delivered += (await h.gateway.store.get_message(message_id)).ptt == 4
     times = sorted(s.at for s in smsc.submitted)
     mean = (len(times) - 1) / (times[-1] - times[0])
-    # The busiest second: the cap is what must hold; the mean also pays the dispatcher's
-    # pauses between batches (recording one, claiming the next).
+    # The busiest second: the cap is what must hold; the mean would also pay any pause of
+    # the dispatcher between chunks (recording one, claiming the next).
     busiest, start = 0, 0
     for end, at in enumerate(times):
         while times[start] <= at - 1.0:
@@ -226,5 +344,5 @@ async def test_a_burst_of_10000_within_the_window_and_the_cap(make_harness: Any,
           f"twice, busiest second {busiest}, mean {mean:.0f}/s (cap 500), at most "
           f"{smsc.max_in_flight} in flight (window 50)")
     assert delivered == 10_000 and len(set(sent)) == 10_000 and len(sent) == 10_000
-    assert busiest <= 550 and mean >= 300
+    assert busiest <= 550 and mean >= 450
     assert smsc.max_in_flight <= 50

@@ -11,10 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import encoding, ptt
+from gateway.clock import SystemClock
 from gateway.config import SmppSettings
 from gateway.encoding import Coding, segment
+from gateway.expiry import overdue
+from gateway.operators.base import Expiry
 from gateway.operators.smpp import errors, pdus
-from gateway.operators.smpp.connector import backoff, validity_period
+from gateway.operators.smpp.connector import SmppOperator, backoff, validity_period
+from gateway.records import OutgoingMessage
 
 GSM_CHARS = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCXYZÄÖÑÜ§¿" \
             "abcxyzäöñüà\f^{}\\[~]|€"
@@ -95,6 +99,39 @@ def test_error_tables() -> None:
     assert errors.SLOW_DOWN <= errors.TRY_LATER
     for status in errors.TRY_LATER:
         assert status not in errors.DEFAULT_REFUSALS
+
+
+def test_a_delivery_failure_answer_is_billed() -> None:
+    """ESME_RDELIVERYFAILURE: the SMSC tried to deliver it, so the SMS went out: billed."""
+    table = errors.ErrorTable.from_settings({})
+    code = table.refusal(errors.ESME_RDELIVERYFAILURE)
+    assert code == 5 and ptt.PTTS[code].billed and ptt.PTTS[code].final
+
+
+def test_batch_hint_and_expiry_follow_the_settings() -> None:
+    def operator(**changes: object) -> SmppOperator:
+        return SmppOperator(SmppSettings(**changes), SystemClock())  # type: ignore[arg-type]
+
+    assert operator(window=10).batch_hint == 10
+    assert operator(window=10, binds=3).batch_hint == 30
+    # At most a second of traffic at the caps, and at least one message.
+    assert operator(window=50, throughput_total=20.0).batch_hint == 20
+    assert operator(window=50, binds=2, throughput_per_bind=5.0).batch_hint == 10
+    assert operator(window=50, throughput_total=0.5).batch_hint == 1
+    assert operator(validity_hours=2, receipt_grace_hours=1).expiry == \
+        Expiry(3 * 3600.0, 8, "expired: no receipt within the validity period")
+    assert operator(validity_hours=0, receipt_grace_hours=0).expiry.after_seconds == 48 * 3600
+    assert operator(registered_delivery=2).expiry.ptt == 6  # failures only: state unknown
+    assert operator(registered_delivery=0).expiry.ptt == 6
+
+
+def test_overdue_messages_are_the_ones_taken_long_enough_ago() -> None:
+    rule = Expiry(100.0, 8, "expired")
+    messages = [OutgoingMessage(i, "S", "+33612345678", "x", 0, 1, 0.0, None, sent_at=at)
+                for i, at in ((1, 0.0), (2, 50.0), (3, None))]
+    assert [(u.message_id, u.ptt, u.note) for u in overdue(messages, 100.0, rule)] == \
+        [(1, 8, "expired")]
+    assert [u.message_id for u in overdue(messages, 150.0, rule)] == [1, 2]
 
 
 def test_backoff_and_validity() -> None:

@@ -38,10 +38,12 @@ from pathlib import Path
 
 import structlog
 
+from gateway import ptt
 from gateway.clock import Clock
 from gateway.config import ConfigError, SmppSettings
 from gateway.metrics import Metrics
 from gateway.operators.base import (
+    Expiry,
     Inbound,
     Later,
     LinkStatus,
@@ -73,6 +75,14 @@ LINK_DOWN_RETRY_SECONDS = 5.0
 # Times a part after the first is tried again, a second apart, when the SMSC says to try
 # later (throttled, queue full...; not a lost link): see _submit_one.
 PART_RETRIES = 5
+# A long message refused after some of its parts were taken ends "undelivered", billed,
+# when its refusal's ptt is not billed: those parts went out (see _refused_after_parts).
+PARTS_SENT_REFUSAL = 5
+# One submit call carries at most this many seconds of traffic at the throughput caps (see
+# `batch_hint`).
+BATCH_SECONDS = 1.0
+# The validity assumed when validity_hours is 0 (the SMSC's default, which it does not say).
+DEFAULT_VALIDITY_HOURS = 48.0
 # Long inbound messages being reassembled at once; past it the oldest is dropped (its parts
 # were answered: a part lost by the network would otherwise keep it for ever).
 MAX_LONG_INBOUND = 1000
@@ -206,6 +216,31 @@ class SmppOperator:
         """submit_sm allowed in flight now, in all: less than the setting after slow-downs."""
         return sum(bind.window.limit for bind in self._binds)
 
+    @property
+    def batch_hint(self) -> int:
+        """Most messages a submit call should carry (gateway.operators.base): every bind's
+        window (what can be in flight at once), and no more than BATCH_SECONDS of traffic
+        at the throughput caps, so that each call is answered, and its receipts can be
+        applied, within about a second."""
+        s = self._settings
+        hint = s.window * s.binds
+        caps = [cap for cap in (s.throughput_total, s.throughput_per_bind * s.binds)
+                if cap > 0]
+        if caps:
+            hint = min(hint, max(1, int(min(caps) * BATCH_SECONDS)))
+        return hint
+
+    @property
+    def expiry(self) -> Expiry:
+        """A message still without a final receipt receipt_grace_hours after its validity
+        period ended will get none: expired (ptt 8) when every final state is receipted
+        (registered_delivery 1), else its final state is unknown (ptt 6)."""
+        s = self._settings
+        hours = (s.validity_hours or DEFAULT_VALIDITY_HOURS) + s.receipt_grace_hours
+        if s.registered_delivery & 0x03 == 1:
+            return Expiry(hours * 3600.0, 8, "expired: no receipt within the validity period")
+        return Expiry(hours * 3600.0, 6, "no final receipt within the validity period")
+
     async def wait_bound(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._bound_event.wait(), timeout)
@@ -320,6 +355,8 @@ class SmppOperator:
                 result = await self._submit_part(message.id, part, fields)
             if isinstance(result, str):
                 references.append(result)
+            elif references and isinstance(result, Refused):
+                return self._refused_after_parts(result, len(references), len(parts))
             else:
                 return result
         if len(references) < message.parts:
@@ -332,6 +369,14 @@ class SmppOperator:
             self._sink.reports([OperatorReport.from_ptt(references[0], ACCEPTED,
                                                         self._clock.now())])
         return Taken(message.id, tuple(references))
+
+    def _refused_after_parts(self, refused: Refused, sent: int, total: int) -> Refused:
+        """A later part refused for good: the parts taken before it went out (the handset
+        may get them), so the message is billed, at its mapped ptt when that one is."""
+        note = f"{refused.note}; {sent} of {total} parts sent"
+        known = ptt.lookup(refused.ptt)
+        code = refused.ptt if known is not None and known.billed else PARTS_SENT_REFUSAL
+        return Refused(refused.message_id, code, note)
 
     def _next_bind(self) -> _Bind | None:
         for _ in range(len(self._binds)):
