@@ -312,6 +312,21 @@ class IncomingMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class IncomingPart:
+    """One part of a long message from a handset (`add_incoming_parts`): kept until every
+    part of its message is, which is then kept as one `IncomingMessage`."""
+
+    reference: str   # the operator's, of this part: the same when the part is sent again
+    sender: str
+    receiver: str
+    group: int       # the concatenation reference its message's parts share
+    total: int       # parts in its message
+    seq: int         # its number, 1 to total
+    body: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class MessageEvent:
     at: float
     ptt: int | None

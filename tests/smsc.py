@@ -172,10 +172,12 @@ class Smsc:
         return await asyncio.wait_for(answer, 10)
 
     async def inbound(self, sender: str, receiver: str, short_message: bytes, *,
-                      data_coding: int = 0, esm_class: int = 0) -> int:
+                      data_coding: int = 0, esm_class: int = 0, **fields: Any) -> int:
+        """A message from a handset; `fields`: other deliver_sm fields (source_addr_ton,
+        tlvs...)."""
         return await self.deliver(source_addr=sender, destination_addr=receiver,
                                   short_message=short_message, data_coding=data_coding,
-                                  esm_class=esm_class)
+                                  esm_class=esm_class, **fields)
 
     # -- from the gateway --------------------------------------------------------------
 

@@ -25,7 +25,8 @@ interface. Its shape is a real network's:
     reported delivered (the store counts them), so a failed part fails it. A reference
     `<ref>#<n>` names a part carried by the submit of `<ref>` (SMPP's message_payload):
     it is delivered with `<ref>`.
-  - `inbound`: messages sent by a handset to the gateway's numbers (replies, STOP).
+  - `inbound`: messages sent by a handset to the gateway's numbers (replies, STOP), or
+    the parts of long ones as they come (the gateway stores each and reassembles).
   Both only buffer, so a connector may call them from any callback, and both return an
   `Acknowledgement`: a future that completes once what it was given is committed to the
   store (or, for an inbound message, handed to whatever the gateway does with it). A
@@ -53,7 +54,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.records import OperatorReport, OutgoingMessage
 
@@ -89,15 +90,29 @@ class Refused:
 SubmitResult = Taken | Later | Refused
 
 
+class PartOf(NamedTuple):
+    """Where a part of a long message goes: its message's concatenation reference (shared
+    by its parts), their count, and its number (1 to total)."""
+
+    group: int
+    total: int
+    seq: int
+
+
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    """A message from a handset to one of the gateway's numbers (a reply, a STOP)."""
+    """A message from a handset to one of the gateway's numbers (a reply, a STOP), or one
+    part of a long one (`part`): the gateway keeps the parts, each before acknowledging
+    it, until the message is whole."""
 
-    reference: str   # the operator's, for its acknowledgement and our logs
+    # The operator's: the same when the network sends it again (its acknowledgement
+    # lost), so that the gateway keeps it once.
+    reference: str
     sender: str      # the handset's number
     receiver: str    # the gateway's number or short code it was sent to
     body: str
     at: float
+    part: PartOf | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for annotations only: callers import the records from gatew
         AppliedUpdates,
         ClaimBounds,
         IncomingMessage,
+        IncomingPart,
         LedgerEntry,
         Message,
         MessageEvent,
@@ -174,8 +175,20 @@ class DeliveryStore(StoreLifecycle, Protocol):
         """Keep messages from handsets for the account each one answers (their
         `account_id` and `id` are ignored): the account of the newest message sent to
         that handset from the number it wrote to (among the last INCOMING_LOOKBACK
-        messages), else the account that declared that number as a sender. Returns each
-        one's new id, 0 for one no account claims (not kept)."""
+        messages), else the account that declared that number as a sender; that lookup is
+        a read before the write. Returns each one's new id, 0 for one no account claims
+        (not kept). One with the reference, numbers and text of one kept at most
+        rules.INCOMING_REPEAT_SECONDS before is that one sent again: not kept twice, its
+        id returned."""
+        ...
+    async def add_incoming_parts(self, parts: Sequence[IncomingPart]) -> list[int | None]:
+        """Keep parts of long messages from handsets, each committed when this returns;
+        the part that makes its message whole keeps that message, as `add_incoming`
+        would, with the parts' text in order. Returns for each part None while its message
+        waits for parts, else its message's id (0: no account claims it). A part with the
+        numbers, group, total, number and reference of one kept is that one sent again
+        (nothing changes); with another reference, a new message took up the group: the
+        older one's parts go. Parts wait rules.INCOMING_PARTS_SECONDS at most."""
         ...
 
 

@@ -448,3 +448,22 @@ def accounts_at_their_share(bounds: ClaimBounds, free: int) -> list[int]:
         return []
     return sorted(account for account, held in bounds.account_load.items()
                   if held >= share and held >= free)
+
+
+# -- messages from handsets ----------------------------------------------------------------
+
+# A message from a handset with the operator reference, numbers and text of one kept at
+# most this long before is that one sent again (an SMSC that missed the answer to its
+# deliver_sm, a reconnection): kept once. Not longer: a handset may well send "OK" twice.
+INCOMING_REPEAT_SECONDS = 600.0
+# The parts of a long message wait this long for the others (and a part kept is known when
+# sent again for as long): an SMSC holds the rest while the gateway is down.
+INCOMING_PARTS_SECONDS = 86_400.0
+
+
+def whole_text(total: int, parts: Iterable[tuple[int, str]]) -> str | None:
+    """A long message's text once every part 1..total is there (`(seq, body)`), else None."""
+    bodies = dict(parts)
+    if set(bodies) != set(range(1, total + 1)):
+        return None
+    return "".join(bodies[seq] for seq in range(1, total + 1))

@@ -40,6 +40,7 @@ from gateway.records import (
     AppliedUpdates,
     ClaimBounds,
     IncomingMessage,
+    IncomingPart,
     LedgerEntry,
     Message,
     MessageEvent,
@@ -221,6 +222,43 @@ async def _update(db: Conn, sql: str, row: str, rows: Sequence[Sequence[Any]]) -
     for chunk in _chunks(rows, _MAX_VARIABLES // max(1, row.count("?"))):
         await db.execute(sql.format(",".join([row] * len(chunk))),
                          [value for each in chunk for value in each])
+
+async def _keep_incoming(db: Conn, owner: tuple[int, str], reference: str, sender: str,
+                         receiver: str, body: str, at: float) -> int:
+    cursor = await db.execute(
+        "INSERT INTO incoming_messages (account_id, reference, sender, receiver, body, tag, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (owner[0], reference, sender, receiver, body, owner[1], at))
+    return int(cursor.lastrowid or 0)
+
+
+async def _add_part(db: Conn, part: IncomingPart, owner: tuple[int, str] | None) -> int | None:
+    """Keep one part; keep its message once whole (see DeliveryStore.add_incoming_parts)."""
+    key = (part.sender, part.receiver, part.group, part.total)
+    where = "sender = ? AND receiver = ? AND group_ref = ? AND total = ?"
+    found = await db.execute_fetchall(
+        f"SELECT reference, incoming_id FROM incoming_parts WHERE {where} AND seq = ?",
+        (*key, part.seq))
+    if found and found[0][0] == part.reference:  # sent again
+        return None if found[0][1] is None else int(found[0][1])
+    if found:  # another message took up the same reference: the older one's parts go
+        await db.execute(f"DELETE FROM incoming_parts WHERE {where}", key)
+    await db.execute(
+        "INSERT INTO incoming_parts (sender, receiver, group_ref, total, seq, reference, body, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*key, part.seq, part.reference,
+                                                        part.body, part.created_at))
+    rows = await db.execute_fetchall(
+        f"SELECT seq, body, reference FROM incoming_parts WHERE {where} "
+        "AND incoming_id IS NULL ORDER BY seq", key)
+    text = rules.whole_text(part.total, [(int(r[0]), r[1]) for r in rows])
+    if text is None:
+        return None
+    new_id = 0 if owner is None else await _keep_incoming(
+        db, owner, rows[0][2], part.sender, part.receiver, text, part.created_at)
+    await db.execute(f"UPDATE incoming_parts SET incoming_id = ? WHERE {where} "
+                     "AND incoming_id IS NULL", (new_id, *key))
+    return new_id
+
 
 async def _check_integers(db: Conn, plan: rules.UpdatePlan) -> None:
     """Refunds stay within `credits.MAX_CREDITS` (see `rules.top_up`); should one ever
@@ -1080,35 +1118,61 @@ class SQLiteStore:
 
     # -- incoming messages -----------------------------------------------------------
 
+    async def _incoming_owner(self, handset: str, number: str) -> tuple[int, str] | None:
+        """The account (and tag) a message from `handset` to `number` answers, see
+        DeliveryStore.add_incoming. Read before the write, on the reader: the reply lookup
+        reads messages newest first by id, at most INCOMING_LOOKBACK of them (no index on
+        recipients, which every send would pay), and one answering nothing reads them all,
+        which must not hold the write lock."""
+        newest = (await self._read("SELECT max(id) FROM messages"))[0][0] or 0
+        rows = await self._read(
+            "SELECT account_id, tag FROM messages WHERE id > ? AND receiver = ? "
+            "AND sender = ? ORDER BY id DESC LIMIT 1",
+            (newest - INCOMING_LOOKBACK, handset, number))
+        if not rows:
+            rows = await self._read(
+                "SELECT account_id, '' FROM senders WHERE sender = ? "
+                "ORDER BY account_id LIMIT 1", (number,))
+        return (int(rows[0][0]), rows[0][1]) if rows else None
+
     async def add_incoming(self, messages: Sequence[IncomingMessage]) -> list[int]:
-        """See DeliveryStore. The reply lookup reads messages newest first by id, at most
-        INCOMING_LOOKBACK of them: no index on recipients, which every send would pay."""
+        """See DeliveryStore."""
         if not messages:
             return []
+        owners = [await self._incoming_owner(m.sender, m.receiver) for m in messages]
 
         async def body(db: Conn) -> list[int]:
             ids: list[int] = []
-            newest = (await db.execute_fetchall("SELECT max(id) FROM messages"))[0][0] or 0
-            for message in messages:
-                answered = await db.execute_fetchall(
-                    "SELECT account_id, tag FROM messages WHERE id > ? AND receiver = ? "
-                    "AND sender = ? ORDER BY id DESC LIMIT 1",
-                    (newest - INCOMING_LOOKBACK, message.sender, message.receiver))
-                if not answered:
-                    answered = await db.execute_fetchall(
-                        "SELECT account_id, '' FROM senders WHERE sender = ? "
-                        "ORDER BY account_id LIMIT 1", (message.receiver,))
-                if not answered:
+            for message, owner in zip(messages, owners, strict=True):
+                if owner is None:
                     ids.append(0)
                     continue
-                account_id, tag = answered[0]
-                cursor = await db.execute(
-                    "INSERT INTO incoming_messages (account_id, reference, sender, receiver, "
-                    "body, tag, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (account_id, message.reference, message.sender, message.receiver,
-                     message.body, tag, message.created_at))
-                ids.append(int(cursor.lastrowid or 0))
+                kept = await db.execute_fetchall(
+                    "SELECT id FROM incoming_messages WHERE reference = ? AND created_at >= ? "
+                    "AND sender = ? AND receiver = ? AND body = ? ORDER BY id LIMIT 1",
+                    (message.reference, message.created_at - rules.INCOMING_REPEAT_SECONDS,
+                     message.sender, message.receiver, message.body))
+                if kept:  # sent again
+                    ids.append(int(kept[0][0]))
+                    continue
+                ids.append(await _keep_incoming(db, owner, message.reference, message.sender,
+                                                message.receiver, message.body,
+                                                message.created_at))
             return ids
+
+        return await self._transaction(body)
+
+    async def add_incoming_parts(self, parts: Sequence[IncomingPart]) -> list[int | None]:
+        """See DeliveryStore."""
+        if not parts:
+            return []
+        owners = [await self._incoming_owner(p.sender, p.receiver) for p in parts]
+
+        async def body(db: Conn) -> list[int | None]:
+            await db.execute("DELETE FROM incoming_parts WHERE created_at < ?",
+                             (max(p.created_at for p in parts) - rules.INCOMING_PARTS_SECONDS,))
+            return [await _add_part(db, part, owner)
+                    for part, owner in zip(parts, owners, strict=True)]
 
         return await self._transaction(body)
 

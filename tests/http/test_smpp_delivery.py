@@ -268,6 +268,38 @@ async def test_inbound_replies_are_kept_for_the_account_and_listed(
     assert [m["message"] for m in json.loads(listed.stdout)] == ["hello", "STOP ça"]
 
 
+async def test_a_long_inbound_message_survives_a_restart_between_its_parts(
+        make_harness: Any, config: Config, smsc: Smsc) -> None:
+    """The first part is answered, then the gateway stops: the SMSC will not send that
+    part again, so it must be in the store; the second part, to the next gateway, makes
+    the message whole. (ACME is the account's declared sender.)"""
+    cfg = smpp(config, smsc)
+    first: Harness = await make_harness(cfg=cfg)
+    await eventually(lambda: len(smsc.bound) == 1)
+    udh = bytes([5, 0, 3, 42, 2])
+    assert await smsc.inbound("33611111111", "ACME", udh + b"\x01Hello ", esm_class=0x40) == 0
+    await first.client.close()  # the gateway stops: what it kept in memory is gone
+
+    second: Harness = await make_harness(cfg=cfg, seed=False)
+    await eventually(lambda: len(smsc.bound) == 1)
+    assert await smsc.inbound("33611111111", "ACME", udh + b"\x02world", esm_class=0x40) == 0
+    [message] = await second.gateway.store.list_incoming(ACCOUNT, limit=10)
+    assert (message.sender, message.body) == ("+33611111111", "Hello world")
+
+
+async def test_an_inbound_message_sent_again_after_a_reconnection_is_kept_once(
+        make_harness: Any, config: Config, smsc: Smsc) -> None:
+    h: Harness = await make_harness(cfg=smpp(config, smsc))
+    await eventually(lambda: len(smsc.bound) == 1)
+    assert await smsc.inbound("33611111111", "ACME", b"yes please") == 0
+    smsc.drop()  # as if our answer were lost with the link: the SMSC sends it again
+    await eventually(lambda: len(smsc.bound) == 1)
+    assert await smsc.inbound("33611111111", "ACME", b"yes please") == 0
+    assert await smsc.inbound("33611111111", "ACME", b"yes please, twice") == 0
+    kept = await h.gateway.store.list_incoming(ACCOUNT, limit=10)
+    assert [m.body for m in kept] == ["yes please, twice", "yes please"]
+
+
 async def test_the_smsc_restarted_in_the_middle(make_harness: Any, config: Config,
                                                 smsc: Smsc) -> None:
     """Drop every link with submits in flight and receipts unanswered, refuse connections

@@ -18,6 +18,7 @@ from gateway.operators.base import Acknowledgement, Inbound, Later, Refused, Tak
 from gateway.operators.smpp.connector import SmppOperator, check
 from gateway.records import OperatorReport, OutgoingMessage
 from tests.cli_in_process import invoke
+from tests.conftest import eventually
 from tests.process.test_tls import self_signed
 from tests.smsc import Smsc
 
@@ -389,21 +390,54 @@ async def test_receipt_id_in_decimal_and_err_override(smsc: Smsc, sink: Sink) ->
         await operator.stop()
 
 
-async def test_inbound_decoded_and_reassembled(smsc: Smsc, sink: Sink) -> None:
+async def test_inbound_decoded_and_parts_handed_over_each_on_its_own(smsc: Smsc,
+                                                                     sink: Sink) -> None:
+    """Each part of a long message goes to the sink as it comes, its deliver_sm answered
+    only once the sink acknowledged it: the gateway stores it before the SMSC forgets it."""
     operator = await connected(smsc, sink)
     try:
         assert await smsc.inbound("33611111111", "33700000000", "STOP ça".encode(
             "utf-16-be"), data_coding=8) == 0
         assert await smsc.inbound("33611111111", "33700000000", b"\x1b\x65 5", ) == 0
         udh = bytes([5, 0, 3, 7, 2])
-        assert await smsc.inbound("33622222222", "33700000000", udh + b"\x01Hello ",
-                                  esm_class=0x40) == 0
+        sink.hold = True
+        first = asyncio.create_task(smsc.inbound("33622222222", "33700000000",
+                                                 udh + b"\x01Hello ", esm_class=0x40))
+        await eventually(lambda: len(sink.held) == 1)
+        await asyncio.sleep(0.05)
+        assert not first.done()  # not acknowledged: not answered
+        sink.held[0].set_result(None)
+        assert await first == 0
+        sink.hold = False
         assert await smsc.inbound("33622222222", "33700000000", udh + b"\x02world",
                                   esm_class=0x40) == 0
-        assert [(m.sender, m.receiver, m.body) for m in sink.inbounds] == [
-            ("+33611111111", "+33700000000", "STOP ça"),
-            ("+33611111111", "+33700000000", "€ 5"),
-            ("+33622222222", "+33700000000", "Hello world")]
+        assert [(m.sender, m.receiver, m.body, m.part) for m in sink.inbounds] == [
+            ("+33611111111", "+33700000000", "STOP ça", None),
+            ("+33611111111", "+33700000000", "€ 5", None),
+            ("+33622222222", "+33700000000", "Hello ", (7, 2, 1)),
+            ("+33622222222", "+33700000000", "world", (7, 2, 2))]
+        references = [m.reference for m in sink.inbounds]
+        assert len(set(references)) == 4
+        # The same deliver_sm again (its answer missed): the same reference.
+        assert await smsc.inbound("33611111111", "33700000000", b"\x1b\x65 5", ) == 0
+        assert sink.inbounds[-1].reference == references[1]
+    finally:
+        await operator.stop()
+
+
+async def test_inbound_numbers_follow_their_ton(smsc: Smsc, sink: Sink) -> None:
+    """International (TON 1) numbers become E.164 however the SMSC wrote them; a national
+    one (TON 2) stays as written (its country is unknown), and so does an alphanumeric
+    receiver."""
+    operator = await connected(smsc, sink)
+    try:
+        for sender, ton in (("33611111111", 1), ("+33611111111", 1), ("0033611111111", 1),
+                            ("0611111111", 2), ("0611111111", 0), ("33611111111", 0)):
+            assert await smsc.inbound(sender, "ACME", b"hi", source_addr_ton=ton,
+                                      dest_addr_ton=5) == 0
+        assert [(m.sender, m.receiver) for m in sink.inbounds] == \
+            [("+33611111111", "ACME")] * 3 + [("0611111111", "ACME")] * 2 + \
+            [("+33611111111", "ACME")]
     finally:
         await operator.stop()
 

@@ -18,6 +18,7 @@ import pytest
 from gateway.records import (
     ClaimBounds,
     IncomingMessage,
+    IncomingPart,
     OperatorReport,
     SendOrder,
     SendOutcome,
@@ -26,7 +27,16 @@ from gateway.records import (
     User,
     UserChanges,
 )
-from gateway.store import Conflict, NotEnoughCredits, NotFound, Role, Store, Taken, open_store
+from gateway.store import (
+    Conflict,
+    NotEnoughCredits,
+    NotFound,
+    Role,
+    Store,
+    Taken,
+    open_store,
+    rules,
+)
 from tests.conftest import ledger_identity
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -479,6 +489,77 @@ async def test_incoming_messages_go_to_the_account_they_answer(stores: Opener) -
     assert [m.id for m in newest_first] == [more[0], ids[0]]
     assert [m.id for m in await store.list_incoming("acme", limit=10,
                                                     before_id=more[0])] == [ids[0]]
+
+
+async def test_an_incoming_message_sent_again_is_kept_once(stores: Opener) -> None:
+    """An SMSC that missed our answer sends the deliver_sm again: the same reference,
+    numbers and text within INCOMING_REPEAT_SECONDS are that message, not another."""
+    store = await stores("delivery")
+    await account_with_user(store, 1000)
+    await store.add_sender("acme", "ACME")
+    first = IncomingMessage(0, 0, "fp-1", "+33611111111", "ACME", "yes", "", T0)
+    [kept] = await store.add_incoming([first])
+    again = await store.add_incoming([replace(first, created_at=T0 + 60),
+                                      replace(first, reference="fp-2", created_at=T0 + 60)])
+    assert again[0] == kept and again[1] not in (0, kept)  # another reference: another SMS
+    later = await store.add_incoming([
+        replace(first, created_at=T0 + rules.INCOMING_REPEAT_SECONDS + 1)])
+    assert later[0] not in (0, kept)  # long after: the handset wrote the same again
+    assert len(await store.list_incoming("acme", limit=10)) == 3
+
+
+def part(seq: int, body: str, *, total: int = 3, group: int = 7, at: float = T0,
+         reference: str = "", receiver: str = "ACME") -> IncomingPart:
+    return IncomingPart(reference or f"fp-{group}-{seq}-{body}", "+33611111111", receiver,
+                        group, total, seq, body, at)
+
+
+async def test_the_parts_of_a_long_incoming_message_are_kept_until_it_is_whole(
+        stores: Opener) -> None:
+    store = await stores("delivery")
+    await account_with_user(store, 1000)
+    await store.add_sender("acme", "ACME")
+    # One part a call, out of order, each committed before the SMSC is answered.
+    assert await store.add_incoming_parts([part(2, "lo wo")]) == [None]
+    assert await store.add_incoming_parts([part(2, "lo wo")]) == [None]  # sent again
+    assert await store.add_incoming_parts([part(3, "rld")]) == [None]
+    [message_id] = await store.add_incoming_parts([part(1, "Hel")])
+    assert message_id
+    [message] = await store.list_incoming("acme", limit=10)
+    assert (message.id, message.body, message.sender) == (message_id, "Hello world",
+                                                          "+33611111111")
+    # A part sent again after its message was whole finds that message; nothing new.
+    assert await store.add_incoming_parts([part(3, "rld")]) == [message_id]
+    # The same group taken up by another message: the older parts do not mix in.
+    assert await store.add_incoming_parts([part(1, "New"), part(2, " one")]) == [None, None]
+    [other] = await store.add_incoming_parts([part(3, "!")])
+    assert other not in (0, message_id)
+    assert [m.body for m in await store.list_incoming("acme", limit=10)] == \
+        ["New one!", "Hello world"]
+    # Parts no account claims: whole, but not kept.
+    assert await store.add_incoming_parts([part(1, "a", total=2, receiver="NOBODY"),
+                                           part(2, "b", total=2, receiver="NOBODY")]) == \
+        [None, 0]
+    # A part left waiting too long is dropped: its message never becomes whole.
+    await store.add_incoming_parts([part(1, "x", total=2, group=9)])
+    late = T0 + rules.INCOMING_PARTS_SECONDS + 1
+    assert await store.add_incoming_parts([part(2, "y", total=2, group=9, at=late)]) == [None]
+
+
+async def test_parts_of_one_message_committed_at_once_make_it_whole_once(
+        stores: Opener) -> None:
+    """Each part comes on its own (two binds, two deliver_sm at once): neither commit may
+    miss the other, nor both keep the message."""
+    store = await stores("delivery")
+    await account_with_user(store, 1000)
+    await store.add_sender("acme", "ACME")
+    for group in range(5):
+        results = await asyncio.gather(*(store.add_incoming_parts(
+            [part(seq, str(seq), group=group, total=4)]) for seq in range(1, 5)))
+        found = [r[0] for r in results if r[0] is not None]
+        assert len(found) == 1 and found[0], results
+    assert sorted(m.body for m in await store.list_incoming("acme", limit=10)) == \
+        ["1234"] * 5
 
 
 async def test_refunds_racing_sends_keep_every_credit(stores: Opener) -> None:

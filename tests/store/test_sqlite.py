@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from gateway.config import StoreConfig
-from gateway.records import OperatorReport, SendContext, SendOrder, UserChanges
+from gateway.records import (
+    IncomingMessage,
+    IncomingPart,
+    OperatorReport,
+    SendContext,
+    SendOrder,
+    UserChanges,
+)
 from gateway.store import NotFound, Role, Store, StoreUnavailable, open_store
 from gateway.store.writer import WriteTurn
 from tests.serverproc import wait_for
@@ -176,6 +183,28 @@ async def test_the_queries_of_the_busy_paths_never_read_every_message(tmp_path: 
             assert not any(step.startswith("SCAN ") and "INDEX" not in step
                            and step != "SCAN CONSTANT ROW"
                            for step in plan.split(" | ")), (query, plan)
+
+
+async def test_an_incoming_message_reads_no_messages_under_the_write_lock(
+        tmp_path: Path) -> None:
+    """Which account a message from a handset answers is a read of the last messages sent
+    (all of them for one answering nothing, no index on recipients): it must not hold the
+    write lock, which every send waits for."""
+    store = open_store(tmp_path / "incoming.sqlite3", "cli")
+    await store.open()
+    written: list[str] = []
+    try:
+        assert store._writer is not None
+        await store._writer.run(lambda conn: conn.set_trace_callback(written.append))
+        ids = await store.add_incoming([IncomingMessage(0, 0, "r", "+33611111111", "NOBODY",
+                                                        "who?", "", 1.0)])
+        parts = await store.add_incoming_parts([IncomingPart("p", "+33611111111", "NOBODY",
+                                                             1, 2, 1, "a", 1.0)])
+        await store._writer.run(lambda conn: conn.set_trace_callback(None))
+    finally:
+        await store.close()
+    assert ids == [0] and parts == [None]
+    assert written and not [s for s in written if "FROM messages" in s], written
 
 
 async def test_several_reports_of_one_message_in_a_batch_apply_in_order(

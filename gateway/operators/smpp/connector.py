@@ -18,9 +18,11 @@
   acknowledgement), so a crash loses none: the SMSC sends it again. A report not
   committed (the gateway stopping) is answered ESME_RX_T_APPN, a temporary error the SMSC
   retries.
-- Inbound messages (deliver_sm without the flag) go to the sink's `inbound`, decoded, long
-  ones reassembled in memory (their first parts are answered at once; the last one after
-  the whole message is handed over).
+- Inbound messages (deliver_sm without the flag) go to the sink's `inbound`, decoded, the
+  parts of long ones each on its own (the gateway stores each part and reassembles), with
+  a reference that is a digest of the PDU (pdus.fingerprint: the same when the SMSC sends
+  it again) and their numbers as TON says (pdus.inbound_number); each deliver_sm is
+  answered only once the sink acknowledged it, so a crash loses no part.
 - `link_status`: up while a transmitter is bound; else the last reason (wrong password,
   refused connection...).
 """
@@ -48,6 +50,7 @@ from gateway.operators.base import (
     Later,
     LinkStatus,
     OperatorSink,
+    PartOf,
     Refused,
     SubmitResult,
     Taken,
@@ -83,9 +86,6 @@ PARTS_SENT_REFUSAL = 5
 BATCH_SECONDS = 1.0
 # The validity assumed when validity_hours is 0 (the SMSC's default, which it does not say).
 DEFAULT_VALIDITY_HOURS = 48.0
-# Long inbound messages being reassembled at once; past it the oldest is dropped (its parts
-# were answered: a part lost by the network would otherwise keep it for ever).
-MAX_LONG_INBOUND = 1000
 
 
 def password(settings: SmppSettings) -> str:
@@ -175,7 +175,6 @@ class SmppOperator:
         self._sink: OperatorSink | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._bound_event = asyncio.Event()
-        self._long_inbound: dict[tuple[str, int], dict[int, str]] = {}
         self._stopping = False
         # Metrics, read by tests and /metrics.
         self.throttled = 0
@@ -480,7 +479,10 @@ class SmppOperator:
         assert self._sink is not None
         data = self._body(pdu)
         dc = int(getattr(pdu, "data_coding", 0) or 0)
-        sender, receiver = _text(pdu.source_addr), _text(pdu.destination_addr)
+        sender = pdus.inbound_number(_text(pdu.source_addr),
+                                     int(getattr(pdu, "source_addr_ton", 0) or 0))
+        receiver = pdus.inbound_number(_text(pdu.destination_addr),
+                                       int(getattr(pdu, "dest_addr_ton", 0) or 0))
         concat: pdus.Concatenation | None = None
         if esm_class & pdus.ESM_UDHI:
             concat, data = pdus.split_udh(data)
@@ -488,30 +490,17 @@ class SmppOperator:
             concat = pdus.Concatenation(int(pdu.sar_msg_ref_num or 0),
                                         int(pdu.sar_total_segments),
                                         int(pdu.sar_segment_seqnum or 1))
-        text = pdus.decode_text(data, dc)
-        if concat is not None and concat.total > 1:
-            key = (sender, concat.reference)
-            if key not in self._long_inbound and len(self._long_inbound) >= MAX_LONG_INBOUND:
-                oldest = next(iter(self._long_inbound))
-                del self._long_inbound[oldest]
-                log.warning("smpp_inbound_parts_dropped", sender=oldest[0])
-            got = self._long_inbound.setdefault(key, {})
-            got[concat.seq] = text
-            if len(got) < concat.total:
-                return ESME_ROK
-            del self._long_inbound[key]
-            text = "".join(got[n] for n in sorted(got))
-        reference = f"in-{sender}-{int(time.time() * 1000)}"
+        part = PartOf(concat.reference, concat.total, concat.seq) \
+            if concat is not None and concat.total > 1 else None
+        reference = pdus.fingerprint({name: getattr(pdu, name, None)
+                                      for name in pdus.FINGERPRINT_FIELDS})
         try:
-            await self._sink.inbound([Inbound(reference, _number(sender), _number(receiver),
-                                              text, self._clock.now())])
+            await self._sink.inbound([Inbound(reference, sender, receiver,
+                                              pdus.decode_text(data, dc), self._clock.now(),
+                                              part)])
         except asyncio.CancelledError:
             return ESME_RX_T_APPN
         return ESME_ROK
-
-
-def _number(addr: str) -> str:
-    return f"+{addr}" if addr.isdigit() else addr
 
 
 async def check(settings: SmppSettings, timeout: float | None = None) -> tuple[bool, str]:

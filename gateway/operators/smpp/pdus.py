@@ -19,7 +19,9 @@ module decides their content:
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -261,3 +263,50 @@ def decode_text(data: bytes, dc: int) -> str:
     if dc in (0, DC_GSM_CLASS0) or dc & 0xF0 in (0x10, 0xF0):
         return gsm_decode(data)
     return data.decode("latin-1")
+
+
+# The deliver_sm fields that make a message from a handset what it is: a deliver_sm sent
+# again (its answer missed, or after a reconnection) has the same, another message differs
+# in one (its text, its part, the handset's message reference when the SMSC passes it).
+FINGERPRINT_FIELDS = (
+    "source_addr_ton", "source_addr_npi", "source_addr", "dest_addr_ton", "dest_addr_npi",
+    "destination_addr", "esm_class", "protocol_id", "data_coding", "short_message",
+    "message_payload", "sar_msg_ref_num", "sar_total_segments", "sar_segment_seqnum",
+    "user_message_reference", "source_port", "destination_port",
+)
+
+
+def fingerprint(fields: Mapping[str, object]) -> str:
+    """The reference of an inbound deliver_sm (SMPP 3.4 gives it none): a digest of its
+    FINGERPRINT_FIELDS, so that one sent again is known (the store keeps it once)."""
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_FIELDS:
+        value = fields.get(name)
+        data = value if isinstance(value, bytes) else \
+            ("" if value is None else str(value)).encode()
+        digest.update(name.encode() + len(data).to_bytes(4, "big") + data)
+    return "smpp-" + digest.hexdigest()[:32]
+
+
+TON_UNKNOWN, TON_INTERNATIONAL = 0, 1
+
+
+def inbound_number(addr: str, ton: int) -> str:
+    """A number of a deliver_sm as the gateway writes numbers: E.164 (`+33612345678`) when
+    its TON says international (the SMSC may still write a `+` or `00`), or when unknown
+    and it reads so (digits not starting with 0: the usual international number without
+    its `+`); anything else as the SMSC wrote it: a national number (TON 2, or unknown
+    starting with 0) cannot be made international without knowing its country, and an
+    alphanumeric sender is no number."""
+    text = addr.strip()
+    if ton not in (TON_UNKNOWN, TON_INTERNATIONAL):
+        return text
+    if text.startswith("+"):
+        digits = text[1:]
+    elif text.startswith("00"):
+        digits = text[2:]
+    elif ton == TON_INTERNATIONAL or not text.startswith("0"):
+        digits = text
+    else:
+        return text
+    return "+" + digits if digits.isdigit() else text

@@ -40,6 +40,7 @@ from gateway.records import (
     AppliedUpdates,
     ClaimBounds,
     IncomingMessage,
+    IncomingPart,
     LedgerEntry,
     Message,
     MessageEvent,
@@ -224,6 +225,42 @@ def _migrations() -> list[tuple[int, str, str]]:
             found.append((int(item.name.split("_", 1)[0]), item.name,
                           item.read_text(encoding="utf-8")))
     return sorted(found)
+
+
+async def _keep_incoming(db: Conn, owner: tuple[int, str], reference: str, sender: str,
+                         receiver: str, body: str, at: float) -> int:
+    return int(await db.fetchval(
+        "INSERT INTO incoming_messages (account_id, reference, sender, receiver, body, tag, "
+        "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        owner[0], reference, sender, receiver, body, owner[1], at))
+
+
+async def _add_part(db: Conn, part: IncomingPart, owner: tuple[int, str] | None) -> int | None:
+    """As the SQLite store's: keep one part, and its message once whole."""
+    key = (part.sender, part.receiver, part.group, part.total)
+    where = "sender = $1 AND receiver = $2 AND group_ref = $3 AND total = $4"
+    found = await db.fetchrow(
+        f"SELECT reference, incoming_id FROM incoming_parts WHERE {where} AND seq = $5",
+        *key, part.seq)
+    if found is not None and found[0] == part.reference:  # sent again
+        return None if found[1] is None else int(found[1])
+    if found is not None:  # another message took up the same reference
+        await db.execute(f"DELETE FROM incoming_parts WHERE {where}", *key)
+    await db.execute(
+        "INSERT INTO incoming_parts (sender, receiver, group_ref, total, seq, reference, body, "
+        "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", *key, part.seq,
+        part.reference, part.body, part.created_at)
+    rows = await db.fetch(
+        f"SELECT seq, body, reference FROM incoming_parts WHERE {where} "
+        "AND incoming_id IS NULL ORDER BY seq", *key)
+    text = rules.whole_text(part.total, [(int(r[0]), r[1]) for r in rows])
+    if text is None:
+        return None
+    new_id = 0 if owner is None else await _keep_incoming(
+        db, owner, rows[0][2], part.sender, part.receiver, text, part.created_at)
+    await db.execute(f"UPDATE incoming_parts SET incoming_id = $5 WHERE {where} "
+                     "AND incoming_id IS NULL", *key, new_id)
+    return new_id
 
 
 class PostgreSQLStore:
@@ -947,38 +984,66 @@ class PostgreSQLStore:
 
     # -- incoming messages -----------------------------------------------------------
 
+    async def _incoming_owner(self, handset: str, number: str) -> tuple[int, str] | None:
+        """As SQLiteStore._incoming_owner: a read before the write, so that a message
+        answering nothing (which reads the last INCOMING_LOOKBACK messages) holds no lock."""
+        newest = (await self._read("SELECT max(id) FROM messages"))[0][0] or 0
+        rows = await self._read(
+            "SELECT account_id, tag FROM messages WHERE id > $1 AND receiver = $2 "
+            "AND sender = $3 ORDER BY id DESC LIMIT 1", newest - INCOMING_LOOKBACK, handset,
+            number)
+        if not rows:
+            rows = await self._read("SELECT account_id, '' FROM senders WHERE sender = $1 "
+                                    "ORDER BY account_id LIMIT 1", number)
+        return (int(rows[0][0]), rows[0][1]) if rows else None
+
     async def add_incoming(self, messages: Sequence[IncomingMessage]) -> list[int]:
-        """As SQLiteStore.add_incoming: the reply lookup reads messages newest first by id,
-        at most INCOMING_LOOKBACK of them. The accounts found are locked (by id) before
-        anything is written, as every writer does."""
+        """As SQLiteStore.add_incoming. The accounts found are locked (by id) before
+        anything is written, as every writer does, and the references: a message sent
+        again on two links at once is kept once."""
         if not messages:
             return []
+        owners = [await self._incoming_owner(m.sender, m.receiver) for m in messages]
 
         async def body(db: Conn) -> list[int]:
-            newest = await db.fetchval("SELECT max(id) FROM messages") or 0
-            found: list[tuple[int, str] | None] = []
-            for message in messages:
-                answered = await db.fetchrow(
-                    "SELECT account_id, tag FROM messages WHERE id > $1 AND receiver = $2 "
-                    "AND sender = $3 ORDER BY id DESC LIMIT 1",
-                    newest - INCOMING_LOOKBACK, message.sender, message.receiver)
-                if answered is None:
-                    answered = await db.fetchrow(
-                        "SELECT account_id, '' FROM senders WHERE sender = $1 "
-                        "ORDER BY account_id LIMIT 1", message.receiver)
-                found.append(None if answered is None else (int(answered[0]), answered[1]))
-            await self._lock_accounts(db, {f[0] for f in found if f is not None})
+            for reference in sorted({m.reference for m in messages}):
+                await db.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                                 _LOCK_SPACE, f"incoming:{reference}")
+            await self._lock_accounts(db, {o[0] for o in owners if o is not None})
             ids: list[int] = []
-            for message, owner in zip(messages, found, strict=True):
+            for message, owner in zip(messages, owners, strict=True):
                 if owner is None:
                     ids.append(0)
                     continue
-                ids.append(int(await db.fetchval(
-                    "INSERT INTO incoming_messages (account_id, reference, sender, receiver, "
-                    "body, tag, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                    owner[0], message.reference, message.sender, message.receiver,
-                    message.body, owner[1], message.created_at)))
+                kept = await db.fetchval(
+                    "SELECT id FROM incoming_messages WHERE reference = $1 AND created_at >= $2 "
+                    "AND sender = $3 AND receiver = $4 AND body = $5 ORDER BY id LIMIT 1",
+                    message.reference, message.created_at - rules.INCOMING_REPEAT_SECONDS,
+                    message.sender, message.receiver, message.body)
+                ids.append(int(kept) if kept is not None else await _keep_incoming(
+                    db, owner, message.reference, message.sender, message.receiver,
+                    message.body, message.created_at))
             return ids
+
+        return await self._transaction(body)
+
+    async def add_incoming_parts(self, parts: Sequence[IncomingPart]) -> list[int | None]:
+        """As SQLiteStore.add_incoming_parts. Each message's parts are taken in turn (an
+        advisory lock on its numbers and group, in order, then the accounts): two parts
+        of one message committed at once would otherwise each see the other missing."""
+        if not parts:
+            return []
+        owners = [await self._incoming_owner(p.sender, p.receiver) for p in parts]
+
+        async def body(db: Conn) -> list[int | None]:
+            for key in sorted({(p.sender, p.receiver, p.group, p.total) for p in parts}):
+                await db.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                                 _LOCK_SPACE, "incoming-part:" + json.dumps(key))
+            await self._lock_accounts(db, {o[0] for o in owners if o is not None})
+            await db.execute("DELETE FROM incoming_parts WHERE created_at < $1",
+                             max(p.created_at for p in parts) - rules.INCOMING_PARTS_SECONDS)
+            return [await _add_part(db, part, owner)
+                    for part, owner in zip(parts, owners, strict=True)]
 
         return await self._transaction(body)
 
