@@ -136,11 +136,17 @@ async def test_ucs2_flash_and_latin1_codings(smsc: Smsc, sink: Sink) -> None:
     operator = await connected(smsc, sink, gsm_data_coding=3)
     try:
         await operator.submit([message(1, "Привет 😀"), message(2, "Flash!", klass=0),
-                               message(3, "café à 5€")])
+                               message(3, "café à 5€"), message(4, "SIM", klass=2),
+                               message(5, "TE", klass=3), message(6, "Ж SIM", klass=2),
+                               message(7, "Ж TE", klass=3)])
         by_text = {s.pdu.data_coding: s.pdu.short_message for s in smsc.submitted}
         assert by_text[8] == "Привет 😀".encode("utf-16-be")
         assert by_text[0x10] == b"Flash!"
         assert by_text[3] == "café à 5€".encode("latin-1", "replace")
+        # The other message classes: SIM (2) and terminal equipment (3), GSM and UCS-2.
+        assert (by_text[0x12], by_text[0x13]) == (b"SIM", b"TE")
+        assert (by_text[0x1A], by_text[0x1B]) == ("Ж SIM".encode("utf-16-be"),
+                                                  "Ж TE".encode("utf-16-be"))
     finally:
         await operator.stop()
 

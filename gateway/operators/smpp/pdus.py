@@ -9,8 +9,9 @@ module decides their content:
   split. So the parts sent are the parts charged.
 - GSM text is sent one septet an octet (the SMPP default alphabet, data_coding 0), or as
   IA5 / Latin-1 octets when the SMSC wants data_coding 1 or 3; UCS-2 is UTF-16-BE with
-  data_coding 8. A flash message (class 0) is sent with the message-class data codings:
-  0x10 (GSM, class 0) and 0x18 (UCS-2, class 0).
+  data_coding 8. A flash message (class 0), one for the SIM (class 2) or the terminal
+  equipment (class 3) is sent with the message-class data codings: 0x10, 0x12, 0x13 (GSM)
+  and 0x18, 0x1A, 0x1B (UCS-2); class 1, the default, needs none.
 - Long messages carry a concatenation UDH (`udh`, the default), SAR TLVs (`sar`), or the
   whole text in one `message_payload` (`payload`).
 - A receipt's reference is `receipted_message_id` when present, else the `id:` of its
@@ -113,14 +114,21 @@ def split_text(body: str, coding: int) -> list[str]:
 
 
 def data_coding(coding: int, klass: int, gsm_data_coding: int) -> int:
-    flash = klass == 0
-    if Coding(coding) is Coding.UCS2:
-        return DC_UCS2_CLASS0 if flash else DC_UCS2
-    return DC_GSM_CLASS0 if flash else gsm_data_coding
+    """The data_coding of a message of `klass` (the send URL's `class`): 1 (the handset's
+    display, the default) needs no class bits; 0 (flash), 2 (SIM) and 3 (terminal
+    equipment) are the message-class codings, GSM 0x10-0x13 and UCS-2 0x18-0x1B."""
+    if klass in (0, 2, 3):
+        return (DC_UCS2_CLASS0 if Coding(coding) is Coding.UCS2 else DC_GSM_CLASS0) | klass
+    return DC_UCS2 if Coding(coding) is Coding.UCS2 else gsm_data_coding
+
+
+def is_ucs2(dc: int) -> bool:
+    """UCS-2: data_coding 8, or a message-class coding with the UCS-2 alphabet (0x18-0x1B)."""
+    return dc == DC_UCS2 or (dc & 0xF0 == 0x10 and dc & 0x0C == 0x08)
 
 
 def encode_text(text: str, dc: int) -> bytes:
-    if dc in (DC_UCS2, DC_UCS2_CLASS0):
+    if is_ucs2(dc):
         return text.encode("utf-16-be", "surrogatepass")
     if dc == 1:
         return text.encode("ascii", "replace")
@@ -254,7 +262,7 @@ def split_udh(short_message: bytes) -> tuple[Concatenation | None, bytes]:
 
 def decode_text(data: bytes, dc: int) -> str:
     """Inbound text: GSM (0, and class-coded 0x1x/0xFx GSM), IA5, Latin-1, UCS-2."""
-    if dc in (DC_UCS2, DC_UCS2_CLASS0) or (dc & 0xF0 == 0x10 and dc & 0x0C == 0x08):
+    if is_ucs2(dc):
         return data.decode("utf-16-be", "replace")
     if dc == 1:
         return data.decode("ascii", "replace")
