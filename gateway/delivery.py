@@ -109,10 +109,11 @@ LEASE_SECONDS = 60.0
 # window drained now and then (the 10,000-message burst at a 500/s cap averaged 435-465/s);
 # four keep it within 2% of the cap (488-494/s).
 PIPELINE_DEPTH = 4
-# Times a report with an unknown reference is held back for a hand-over being recorded:
-# each recording that ends tries it again, and as many chunks as are on their way may be
-# recorded before the one that took its message.
-UNMATCHED_TRIES = PIPELINE_DEPTH + 2
+# Times a report with an unknown reference is held back for a hand-over being recorded,
+# when one is handed over at a time. Each recording that ends tries it again, so with chunks
+# in a pipeline it gets one more try per chunk besides its own (they may all be recorded
+# before the one that took its message).
+UNMATCHED_TRIES = 3
 
 T = TypeVar("T")
 InboundHandler = Callable[[Sequence[Inbound]], Awaitable[None]]
@@ -164,6 +165,10 @@ class Dispatcher:
         # reference may still be recorded (see the module doc).
         self._handing = 0
         self._recorded = 0
+        # A connector that paces its submits (it gives a batch hint) gets the next chunks
+        # claimed while one is on its way: its window never drains between two chunks.
+        self._depth = PIPELINE_DEPTH if batch_hint(operator) else 1
+        self._unmatched_tries = UNMATCHED_TRIES + self._depth - 1
         self._stopping = asyncio.Event()
         self._operator_stopped = False
         # Set once the messages in flight at the start are resumed. The hand-over waits
@@ -328,9 +333,7 @@ class Dispatcher:
         await self._recovered.wait()
         hint = batch_hint(self.operator)
         size = min(self._max_batch, hint) if hint else self._max_batch
-        # A connector that paces its submits (it gives a hint) gets the next chunk claimed
-        # while one is on its way: its window never drains between two chunks.
-        depth = PIPELINE_DEPTH if hint else 1
+        depth = self._depth
         running: set[asyncio.Task[None]] = set()
         try:
             while not self._stopping.is_set():
@@ -590,7 +593,7 @@ class Dispatcher:
             unknown: list[str] = []
             for position in applied.unmatched:
                 report, ticket, tries = batch[position]
-                if tries < UNMATCHED_TRIES and (self._recorded != recorded or self._handing):
+                if tries < self._unmatched_tries and (self._recorded != recorded or self._handing):
                     retry.append((report, ticket, tries + 1))
                     retried.add(position)
                 else:

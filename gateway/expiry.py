@@ -27,9 +27,10 @@ from gateway.store import DeliveryStore
 
 log = structlog.get_logger("gateway.expiry")
 
-# How often the messages in flight are looked at: an expiry is hours, a minute late is
-# nothing, and each look reads every message in flight.
-EVERY_SECONDS = 60.0
+# How often the messages in flight are looked at: an expiry is hours after the validity
+# period (SMPP: receipt_grace_hours), a few minutes late is nothing, and each look reads
+# every message in flight (on the reader, page by page: no write waits for it).
+EVERY_SECONDS = 300.0
 
 Settle = Callable[[Sequence[StateUpdate]], Awaitable[None]]
 
