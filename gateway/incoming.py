@@ -44,6 +44,9 @@ class IncomingKeeper:
                 if message_id is None:
                     log.debug("incoming_part_kept", sender=message.sender,
                               receiver=message.receiver, part=message.part)
+                elif message_id and message.part is not None:
+                    log.info("incoming_kept", id=message_id, sender=message.sender,
+                             receiver=message.receiver, parts=message.part.total)
                 else:
                     _logged(message, message_id)
 
