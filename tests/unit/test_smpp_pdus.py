@@ -134,6 +134,32 @@ def test_overdue_messages_are_the_ones_taken_long_enough_ago() -> None:
     assert [u.message_id for u in overdue(messages, 150.0, rule)] == [1, 2]
 
 
+def test_an_inbound_pdu_s_reference_is_the_same_only_for_the_same_pdu() -> None:
+    pdu = {"source_addr": "33611111111", "destination_addr": "ACME", "esm_class": 0,
+           "data_coding": 0, "short_message": b"yes"}
+    same = pdus.fingerprint(dict(pdu))
+    assert same == pdus.fingerprint(pdu) and same.startswith("smpp-")
+    for change in ({"short_message": b"yes!"}, {"source_addr": "33611111112"},
+                   {"user_message_reference": 7}, {"sar_segment_seqnum": 2},
+                   {"receipted_message_id": b"abc"}, {"data_coding": 8}):
+        assert pdus.fingerprint({**pdu, **change}) != same, change
+    # Fields are kept apart: "ab" + "c" is not "a" + "bc".
+    assert pdus.fingerprint({"source_addr": "ab", "destination_addr": "c"}) != \
+        pdus.fingerprint({"source_addr": "a", "destination_addr": "bc"})
+
+
+@pytest.mark.parametrize(("addr", "ton", "number"), [
+    ("33611111111", 1, "+33611111111"), ("+33611111111", 1, "+33611111111"),
+    ("0033611111111", 1, "+33611111111"), ("33611111111", 0, "+33611111111"),
+    ("0611111111", 0, "0611111111"), ("0611111111", 2, "0611111111"),
+    ("611111111", 2, "611111111"), ("ACME", 5, "ACME"), ("ACME", 0, "ACME"),
+    ("0033611111111", 0, "+33611111111"), ("1234", 3, "1234"),
+])
+def test_inbound_numbers_are_e164_only_when_their_ton_says_international(
+        addr: str, ton: int, number: str) -> None:
+    assert pdus.inbound_number(addr, ton) == number
+
+
 def test_backoff_and_validity() -> None:
     s = SmppSettings(reconnect_first_seconds=1, reconnect_max_seconds=10,
                      reconnect_jitter=0.5)

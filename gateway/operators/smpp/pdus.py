@@ -281,6 +281,8 @@ FINGERPRINT_FIELDS = (
     "destination_addr", "esm_class", "protocol_id", "data_coding", "short_message",
     "message_payload", "sar_msg_ref_num", "sar_total_segments", "sar_segment_seqnum",
     "user_message_reference", "source_port", "destination_port",
+    # Some SMSCs name each message from a handset (the same id when they send it again).
+    "receipted_message_id",
 )
 
 
