@@ -193,3 +193,20 @@ async def test_a_change_through_one_node_the_cli_or_the_admin_api_reaches_the_ot
         assert totals["quotas"] == 0
         for node in (node_a, node_b):
             assert await node.stop() == 0
+
+
+async def test_the_listening_line_names_the_database_of_store_url_without_its_password(
+        postgres_url: str) -> None:
+    """Only HTTP2SMS_STORE_URL set: the line showed `store.path` (var/gateway.sqlite3), a
+    store the gateway did not use; with --db it showed the URL whole, password included."""
+    scheme, _, rest = postgres_url.partition("://")
+    user, _, after = rest.partition("@")
+    with_password = f"{scheme}://{user}:s3cret-pw@{after}"
+    async with servers() as started:
+        node = await ServerProcess.start("", env={"HTTP2SMS_STORE_URL": with_password,
+                                                  "HTTP2SMS_LOG_LEVEL": "info"})
+        started.append(node)
+        (line,) = node.events("listening")
+        assert json.loads(line)["store"].startswith(f"{scheme}://{user}:***@")
+        assert await node.stop() == 0
+        assert "s3cret-pw" not in node.log
