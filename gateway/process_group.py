@@ -6,15 +6,21 @@ They meet only in the store, as separate gateways do: each send is charged in it
 commit (on SQLite the processes' group commits take turns for the write lock; on
 PostgreSQL they run side by side). The first process delivers as `server.delivery_worker`
 and `server.delivery` say; the others only take sends (`server.delivery = false`), so
-that one delivery worker serves the group. The others wake no one after their commits:
-the worker finds their messages at its next look at the store (every second).
+that one delivery worker serves the group.
 
 This module is both sides: `supervise` runs in the `http2sms serve` process, which only
-supervises (it listens on nothing); `python -m gateway.process_group FD` is a child,
-reading its settings as one JSON line on its standard input (not on its command line nor
-in its environment: they hold the admin token) and writing `ready` on the descriptor FD
-once it listens. The end of its standard input means the supervisor is gone (killed, say):
-the child stops as on SIGTERM, so none is left behind.
+supervises (it listens on nothing); `python -m gateway.process_group READY POKES ROLE` is
+a child, reading its settings as one JSON line on its standard input (not on its command
+line nor in its environment: they hold the admin token) and writing `ready` on the
+descriptor READY once it listens; POKES is the group's pipe, which it reads (ROLE
+`delivers`) or writes (`sends`). The end of its standard input means the supervisor is
+gone (killed, say): the child stops as on SIGTERM, so none is left behind.
+
+The processes that only take sends tell the first one about their commits through a pipe
+the supervisor opened for the group (a byte `p` per commit that accepted messages, none
+when the pipe is full: one unread byte is enough), and the first one pokes its delivery
+worker as after its own commits: their messages leave as soon as its own do, not at the
+worker's next look at the store.
 
 - SIGTERM or SIGINT to the supervisor: each child gets SIGTERM and stops cleanly within
   `server.shutdown_grace_seconds` (a second signal is passed on: cut what is left); one
@@ -36,20 +42,25 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from gateway import logs
+from gateway.app import Gateway
 from gateway.config import Config, from_dict, to_dict
+from gateway.records import SendOutcome
 from gateway.server import install_uvloop, serve
 from gateway.store import StoreError, open_store
 
 log = structlog.get_logger("gateway.server")
 
 READY = b"ready\n"
+POKE = b"p"
+# What a child does with the group's poke pipe.
+DELIVERS, SENDS = "delivers", "sends"
 # Seconds between a child's death and its new start.
 RESTART_SECONDS = 1.0
 # Past the grace period, how long the children get before they are killed.
@@ -82,6 +93,9 @@ class ProcessGroup:
         self._restart_seconds = restart_seconds
         self._stopping = False
         self._failed = asyncio.Event()
+        # Open for the group's whole life: a child started again gets the same pipe.
+        self._pokes = os.pipe()
+        os.set_blocking(self._pokes[1], False)  # a full pipe must never stall a send
 
     @property
     def pids(self) -> list[int]:
@@ -121,6 +135,8 @@ class ProcessGroup:
                 watcher.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            for fd in self._pokes:
+                os.close(fd)
 
     async def _watch(self, child: _Child) -> None:
         while not self._stopping:
@@ -150,10 +166,12 @@ class ProcessGroup:
 
     async def _spawn(self, child: _Child) -> None:
         read_end, write_end = os.pipe()
+        role, pokes = (DELIVERS, self._pokes[0]) if child.index == 0 \
+            else (SENDS, self._pokes[1])
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.process_group", str(write_end),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(write_end,),
+                sys.executable, "-m", "gateway.process_group", str(write_end), str(pokes),
+                role, stdin=asyncio.subprocess.PIPE, pass_fds=(write_end, pokes),
                 start_new_session=True)
         except BaseException:
             os.close(read_end)
@@ -241,7 +259,33 @@ class _SupervisorGone(asyncio.Protocol):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def _child(config: Config, announce: int) -> None:
+def link_pokes(gateway: Gateway, pokes: int, role: str) -> None:
+    """Wire the group's poke pipe: written after this process's commits (`sends`), or read
+    to poke this process's delivery (`delivers`)."""
+    if role == SENDS:
+        def tell(outcomes: Sequence[SendOutcome]) -> None:
+            if any(outcome.accepted and outcome.ids for outcome in outcomes):
+                # Full: pokes are waiting to be read already, one is as good as many.
+                with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                    os.write(pokes, POKE)
+
+        gateway.after_commit.append(tell)
+        return
+    os.set_blocking(pokes, False)
+
+    def poked() -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(pokes, 4096):
+                pass
+        if gateway.worker is not None:
+            gateway.worker.poke()
+        elif gateway.dispatcher is not None:
+            gateway.dispatcher.poke()
+
+    asyncio.get_running_loop().add_reader(pokes, poked)
+
+
+async def _child(config: Config, announce: int, pokes: int, role: str) -> None:
     loop = asyncio.get_running_loop()
     # The settings line was read before: what follows is only ever the end of the pipe.
     await loop.connect_read_pipe(_SupervisorGone, sys.stdin)
@@ -251,19 +295,20 @@ async def _child(config: Config, announce: int) -> None:
             os.write(announce, READY)
         os.close(announce)
 
-    await serve(config, ready=ready, reuse_port=True)
+    await serve(config, ready=ready, reuse_port=True,
+                built=lambda gateway: link_pokes(gateway, pokes, role))
 
 
 def child_main(argv: list[str]) -> int:
     install_uvloop()
-    announce = int(argv[1])
+    announce, pokes, role = int(argv[1]), int(argv[2]), argv[3]
     line = sys.stdin.buffer.readline()
     if not line:
         return 0  # the supervisor went away before sending the settings
     config = from_dict(json.loads(line))
     logs.configure(config.log.format, config.log.level, final=True)
     try:
-        asyncio.run(_child(config, announce))
+        asyncio.run(_child(config, announce, pokes, role))
     except OSError as exc:
         print(f"error: cannot listen: {exc}", file=sys.stderr)
         return 1

@@ -175,11 +175,13 @@ def install_uvloop() -> None:
 
 
 async def serve(config: Config, *, ready: Callable[[str], None] | None = None,
-                reuse_port: bool = False) -> None:
+                reuse_port: bool = False,
+                built: Callable[[Gateway], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM; the access log stays off because URLs carry passwords.
 
     `reuse_port`: one of several processes listening on the same ports (SO_REUSEPORT,
-    `gateway.process_group`)."""
+    `gateway.process_group`), which links them to each other through `built`, called with
+    the gateway before it starts."""
     grace = config.server.shutdown_grace_seconds
     signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
@@ -191,6 +193,8 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None,
     raise_file_limit(config)
     gateway = build(config, delivery_worker=config.server.delivery_worker,
                     delivery=config.server.delivery)
+    if built is not None:
+        built(gateway)
     app = create_app(gateway)
     # `shut_down` drains the requests itself; aiohttp then only cancels what is left.
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
