@@ -52,11 +52,12 @@ async def send_many(server: ServerProcess, count: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie waiting for a parent that does not reap it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return "\nState:\tZ" not in status
 
 
 async def test_sends_spread_on_the_processes_and_sigterm_stops_them_all(
@@ -114,3 +115,20 @@ async def test_a_process_that_cannot_listen_stops_the_group(tmp_path: Path) -> N
             assert await server.wait_exit(60) == 1
             assert server.events("processes_failed")
             assert "cannot listen" in server.log
+
+
+async def test_the_processes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor: each process sees its standard input close and stops as
+    on SIGTERM, and takes its delivery worker with it; none is left listening."""
+    db = tmp_path / "store.sqlite3"
+    await prepare_store(db, credits=1000)
+    async with servers() as started:
+        server, pids = await group(db, started)
+        (worker_line,) = server.events("delivery_worker_started")
+        everyone = [*pids, json.loads(worker_line)["pid"]]
+        server.proc.kill()
+        await server.wait_exit(10)
+
+        async def all_gone() -> bool:
+            return not any(alive(pid) for pid in everyone)
+        await wait_for(all_gone, timeout=30, what="the processes to stop")
