@@ -62,7 +62,16 @@ def alive(pid: int) -> bool:
 
 async def test_sends_spread_on_the_processes_and_sigterm_stops_them_all(
         tmp_path: Path) -> None:
-    db = tmp_path / "store.sqlite3"
+    await spread_and_stop(tmp_path / "store.sqlite3")
+
+
+async def test_sends_spread_on_the_processes_on_postgresql(postgres_url: str) -> None:
+    await spread_and_stop(postgres_url)
+
+
+async def spread_and_stop(db: Path | str) -> None:
+    """200 sends on connections of their own: all charged, both processes served some;
+    SIGTERM stops both and the delivery worker."""
     await prepare_store(db, credits=1000)
     async with servers() as started:
         server, pids = await group(db, started)
