@@ -14,13 +14,15 @@ every claim at its start (and waits while one does).
 On SQLite one process delivers at a time, as with `serve`'s worker: this one holds the
 store's `delivery` lock, or waits for it and says so.
 
-SIGTERM or SIGINT: finish the batch in hand, store the reports received, stop.
+SIGTERM or SIGINT: finish the batch in hand, store the reports received, stop; a second
+signal stops at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from zoneinfo import ZoneInfo
 
@@ -49,8 +51,18 @@ async def run(config: Config, *, ready: asyncio.Event | None = None) -> None:
     """Deliver until SIGTERM or SIGINT, then stop cleanly."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def signalled() -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # A second signal: stop now. Safe: what it held is claimed with leases, and what
+        # the operator answered and was not stored is redone (delivery is at least once).
+        log.warning("deliver_cut", reason="second signal")
+        os._exit(1)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled)
     location = config.store.location
     shared = shares_delivery(location)
     if shared:
