@@ -103,8 +103,9 @@ class Gateway:
 
 
 def build(config: Config, *, store: Store | None = None, clock: Clock | None = None,
-          delivery_worker: bool = False) -> Gateway:
-    """The gateway; `delivery_worker` runs delivery in a child process (see `gateway.worker`)."""
+          delivery_worker: bool = False, delivery: bool = True) -> Gateway:
+    """The gateway; `delivery_worker` runs delivery in a child process (see `gateway.worker`),
+    no `delivery` leaves it to other processes (`http2sms deliver`)."""
     store = store or open_store(config.store, "send")
     clock = clock or SystemClock()
     hooks: list[Callable[[list[SendOutcome]], Awaitable[None] | None]] = []
@@ -142,20 +143,22 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
     admin_auth = AdminAuth(config.admin.token, store, clock, config.security)
     gateway = Gateway(config, store, clock, committer, pipeline, admin_auth,
                       after_commit=hooks, metrics=metrics)
-    if delivery_worker:
+    if delivery and delivery_worker:
         add_delivery_worker(gateway)
-    else:
+    elif delivery:
         add_delivery(gateway, settings.tz)
     add_alerts(gateway, settings)
     return gateway
 
 
 def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metrics,
-                      tz: ZoneInfo, *, follow_store: bool = False
+                      tz: ZoneInfo, *, follow_store: bool = False, shared: bool = False
                       ) -> tuple[OutboxWorker, Dispatcher]:
     """The delivery-report callback worker and the dispatcher feeding the operator.
 
     `follow_store`: the sends are committed by another process (see `gateway.worker`).
+    `shared`: other dispatchers deliver from the store at the same time (`http2sms deliver`
+    on PostgreSQL), so the claims found at the start may be theirs, alive.
     """
     cb = config.callbacks
     callbacks = OutboxWorker(
@@ -166,18 +169,20 @@ def delivery_services(config: Config, store: Store, clock: Clock, metrics: Metri
         account_share=cb.account_share,
         # Longer than any attempt can take, or a slow one would be claimed twice.
         lease=cb.lease_seconds or 3 * cb.timeout_seconds + 60.0, name="callbacks")
-    return callbacks, _dispatcher(config, store, clock, metrics, callbacks, follow_store)
+    return callbacks, _dispatcher(config, store, clock, metrics, callbacks, follow_store,
+                                  shared=shared)
 
 
 def _dispatcher(config: Config, store: Store, clock: Clock, metrics: Metrics,
-                callbacks: OutboxWorker, follow_store: bool) -> Dispatcher:
+                callbacks: OutboxWorker, follow_store: bool, *,
+                shared: bool = False) -> Dispatcher:
     return Dispatcher(store, clock, create_operator(config.operator, clock, metrics),
                       max_batch=config.operator.max_batch, on_callbacks=callbacks.wake,
                       metrics=metrics, follow_store=follow_store,
                       # One delivering process per store (the worker's lock, or the one-
                       # process gateway's DeliveryGuard): claims left at its start are a
-                      # previous run's.
-                      exclusive=True, on_inbound=IncomingKeeper(store))
+                      # previous run's. Shared: they end with their lease.
+                      exclusive=not shared, on_inbound=IncomingKeeper(store))
 
 
 def own_ports(config: Config) -> frozenset[int]:

@@ -683,23 +683,30 @@ async def ensure_demo(config: Config) -> None:
 @click.option("--config", "serve_config", metavar="FILE", help="TOML config file")
 @click.option("--demo", is_flag=True,
               help="create the demo account and user if missing, print a curl line")
+@click.option("--processes", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="send processes sharing the port (SO_REUSEPORT), one per core; the first "
+              "one delivers as server.delivery_worker says, the others only take sends")
 @json_option
 @click.pass_context
 def _serve_command(ctx: click.Context, host: str | None, port: int | None,
-                   serve_config: str | None, demo: bool) -> None:
+                   serve_config: str | None, demo: bool, processes: int) -> None:
     tool: Globals = ctx.obj
     config = load_config(serve_config or tool.config, tool.db)
     if host:
         config = config.replace({"server.host": host})
     if port:
         config = config.replace({"server.port": port})
-    status = _serve(config, demo=demo)
+    if processes > 1 and not config.server.port:
+        raise CommandError("--processes needs a fixed port: with port 0 each process "
+                           "would listen on a port of its own")
+    status = _serve(config, demo=demo, processes=processes)
     if status:
         ctx.exit(status)
 
 
-def _serve(config: Config, *, demo: bool) -> int:
+def _serve(config: Config, *, demo: bool, processes: int = 1) -> int:
     # Here, not at the top: the server's imports would add 0.17 s to every other command.
+    from gateway.process_group import supervise
     from gateway.server import install_uvloop, serve
 
     logs.configure(config.log.format, config.log.level, final=True)
@@ -719,6 +726,10 @@ def _serve(config: Config, *, demo: bool) -> int:
 
     try:
         install_uvloop()
+        if processes > 1:
+            url = f"{'https' if config.server.tls_cert else 'http'}://" \
+                  f"{config.server.host}:{config.server.port}"
+            return asyncio.run(supervise(config, processes, ready=lambda: ready(url)))
         asyncio.run(serve(config, ready=ready))
     except OSError as exc:
         # The error names the address: the public or the admin listener.
@@ -728,6 +739,33 @@ def _serve(config: Config, *, demo: bool) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+
+# -- deliver ---------------------------------------------------------------------------------
+
+@http2sms.command("deliver", help="run a delivery worker alone, without HTTP listener: hand "
+                  "the stored messages to the operator, store its reports, call the callbacks "
+                  "(for gateways with server.delivery = false). Several run side by side on "
+                  "PostgreSQL; on SQLite one delivers at a time, the others wait. SIGTERM "
+                  "stops it cleanly.")
+@click.option("--config", "deliver_config", metavar="FILE", help="TOML config file")
+@json_option
+@click.pass_context
+def _deliver_command(ctx: click.Context, deliver_config: str | None) -> None:
+    tool: Globals = ctx.obj
+    config = load_config(deliver_config or tool.config, tool.db)
+    # Here, not at the top: the delivery services' imports would slow every other command.
+    from gateway.deliver_process import run
+    from gateway.server import install_uvloop
+
+    logs.configure(config.log.format, config.log.level, final=True)
+    try:
+        install_uvloop()
+        asyncio.run(run(config))
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        ctx.exit(1)
 
 
 if __name__ == "__main__":

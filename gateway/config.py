@@ -104,6 +104,9 @@ class ServerConfig(Section, frozen=True):
     # they use another CPU core than the send URL (about 2x the sends per second under a
     # burst). false: one process does everything.
     delivery_worker: bool = True
+    # Whether this gateway delivers at all. false: it takes sends only, and `http2sms
+    # deliver` processes deliver what it stores (scaling sends and delivery apart).
+    delivery: bool = True
     # Raw non-ASCII bytes in the send URL taken on every request of a connection, not only
     # its first: behind a proxy that reuses its connections to the gateway. Costs CPU.
     raw_url_bytes_always: bool = False

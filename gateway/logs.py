@@ -180,7 +180,10 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        # One write per line (print's are two: the text, then its newline): the processes
+        # of `serve --processes` and their delivery worker share one stderr, where two
+        # lines written at once came out as one line holding two JSON objects.
+        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=final,
     )
     _route_stdlib(renderer, shared, fmt, stream, max(threshold, LIBRARY_LEVEL))

@@ -25,7 +25,9 @@ from gateway.admin.api import PREFIX, create_admin_app
 from gateway.app import Gateway, build
 from gateway.config import Config
 from gateway.connections import ConnectionGuard
+from gateway.display import redact_url
 from gateway.inflight import INFLIGHT
+from gateway.store import shown
 from gateway.webapp import create_app
 
 if sys.platform != "win32":
@@ -45,6 +47,15 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def store_location(location: str) -> str:
+    """Where the store is, for a log line: a path as it is; a URL without its password nor
+    its query's values (libpq takes `?password=` and `sslpassword=` there too)."""
+    if "://" not in location:
+        return location
+    url = shown(location)
+    return redact_url(url) if "?" in url or "#" in url else url
+
+
 class GuardedSite(web.TCPSite):
     """A TCP listener whose connections go through the connection guard.
 
@@ -54,8 +65,10 @@ class GuardedSite(web.TCPSite):
     """
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard,
-                 *, ssl_context: ssl.SSLContext | None = None) -> None:
-        super().__init__(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+                 *, ssl_context: ssl.SSLContext | None = None,
+                 reuse_port: bool | None = None) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, reuse_address=True,
+                         reuse_port=reuse_port)
         self._guard = guard
 
     async def start(self) -> None:
@@ -87,8 +100,8 @@ def backstop_idle_timeout(config: Config) -> float:
     return config.server.idle_timeout_seconds + 1.0
 
 
-async def start_admin_listener(gateway: Gateway, guard: ConnectionGuard | None = None
-                               ) -> web.AppRunner | None:
+async def start_admin_listener(gateway: Gateway, guard: ConnectionGuard | None = None, *,
+                               reuse_port: bool = False) -> web.AppRunner | None:
     """Start the admin listener when `admin.host` is set; the caller cleans the runner up.
 
     The gateway itself is started and stopped by the public app, so this app has no
@@ -104,7 +117,7 @@ async def start_admin_listener(gateway: Gateway, guard: ConnectionGuard | None =
     await runner.setup()
     site = GuardedSite(runner, config.admin.host, config.admin.port,
                        guard or ConnectionGuard.from_config(config, gateway.metrics),
-                       ssl_context=ssl_context(config))
+                       ssl_context=ssl_context(config), reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError:
@@ -161,8 +174,14 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
-    """Run until SIGINT/SIGTERM; the access log stays off because URLs carry passwords."""
+async def serve(config: Config, *, ready: Callable[[str], None] | None = None,
+                reuse_port: bool = False,
+                built: Callable[[Gateway], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM; the access log stays off because URLs carry passwords.
+
+    `reuse_port`: one of several processes listening on the same ports (SO_REUSEPORT,
+    `gateway.process_group`), which links them to each other through `built`, called with
+    the gateway before it starts."""
     grace = config.server.shutdown_grace_seconds
     signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
@@ -172,7 +191,10 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     # process serves, so here rather than where the app is built.
     http_parser.install(always=config.server.raw_url_bytes_always)
     raise_file_limit(config)
-    gateway = build(config, delivery_worker=config.server.delivery_worker)
+    gateway = build(config, delivery_worker=config.server.delivery_worker,
+                    delivery=config.server.delivery)
+    if built is not None:
+        built(gateway)
     app = create_app(gateway)
     # `shut_down` drains the requests itself; aiohttp then only cancels what is left.
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -185,23 +207,30 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     guard = ConnectionGuard.from_config(config, gateway.metrics)
     try:
         site = GuardedSite(runner, config.server.host, config.server.port, guard,
-                           ssl_context=ssl_context(config))
+                           ssl_context=ssl_context(config), reuse_port=reuse_port or None)
         await site.start()
         # Its own listener when admin.host is set; None when the admin API shares this one.
-        admin_runner = await start_admin_listener(gateway, guard)
+        admin_runner = await start_admin_listener(gateway, guard, reuse_port=reuse_port)
     except BaseException:
         await runner.cleanup()
         raise
     scheme = "https" if config.server.tls_cert else "http"
     url = f"{scheme}://{config.server.host}:{config.server.port}"
-    log.info("listening", url=url, store=config.store.path)
+    log.info("listening", url=url, store=store_location(config.store.location))
     spare_the_start_up_heap()
     if ready is not None:
         ready(url)
     await signals.get()
     log.info("shutting_down", grace_seconds=grace)
     clean = await shut_down(runner, gateway, grace, admin_runner=admin_runner, hurry=signals)
-    log.info("stopped", clean=clean)
+    # With several processes on one port (`--processes`), what each one served.
+    log.info("stopped", clean=clean, send_requests=_send_requests(gateway))
+
+
+def _send_requests(gateway: Gateway) -> int:
+    """Send URL requests this process answered, whatever their outcome."""
+    return int(sum(sample.value for metric in gateway.metrics.send_requests.collect()
+                   for sample in metric.samples if sample.name.endswith("_total")))
 
 
 # The share of the grace period that requests in flight get to finish.

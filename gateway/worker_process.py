@@ -60,7 +60,7 @@ async def run(config: Config, commands: asyncio.StreamReader,
     stopping = asyncio.create_task(stop.wait())
     only = contextlib.AsyncExitStack()
     try:
-        holding = asyncio.create_task(_only_worker(store, only))
+        holding = asyncio.create_task(hold_delivery(store, only))
         await asyncio.wait({holding, listening, stopping},
                            return_when=asyncio.FIRST_COMPLETED)
         if not holding.done():
@@ -107,9 +107,11 @@ def _status(dispatcher: Dispatcher | None, metrics: Metrics) -> dict[str, object
             "metrics": metrics.exposition().decode()}
 
 
-async def _only_worker(store: StoreLifecycle, holder: contextlib.AsyncExitStack) -> None:
+async def hold_delivery(store: StoreLifecycle, holder: contextlib.AsyncExitStack, *,
+                        shared: bool = False) -> None:
     """Wait until no other delivery worker runs on this store, then keep it that way
-    until `holder` closes.
+    until `holder` closes. `shared` (`http2sms deliver` on PostgreSQL): wait only for a
+    worker delivering alone; other shared ones deliver side by side.
 
     A worker whose parent was killed finishes its batch after a new gateway has started.
     Had both run at once, the old one could mark sent a message the new one had already
@@ -119,12 +121,17 @@ async def _only_worker(store: StoreLifecycle, holder: contextlib.AsyncExitStack)
     long as the first gateway runs.
     """
     try:
-        await holder.enter_async_context(store.exclusive("delivery"))
+        await holder.enter_async_context(store.exclusive("delivery", shared=shared))
     except Taken:
-        log.warning("delivery_elsewhere", reason="another gateway's delivery worker (or this "
-                    "gateway's previous one, finishing) delivers from this store; this one "
-                    "waits to take over and is not ready meanwhile")
-        await holder.enter_async_context(store.exclusive("delivery", wait=True))
+        log.warning("delivery_elsewhere", reason=(
+            "a gateway delivering alone (server.delivery true) delivers from this store; "
+            "this worker waits for it to stop (set server.delivery = false on the gateways "
+            "when `http2sms deliver` workers deliver)") if shared else (
+            "another gateway's delivery worker (or this gateway's previous one, finishing) "
+            "delivers from this store; this one waits to take over and is not ready "
+            "meanwhile"))
+        await holder.enter_async_context(store.exclusive("delivery", wait=True,
+                                                         shared=shared))
         log.warning("delivery_taken_over", reason="the delivery worker that held this store "
                     "stopped; this one delivers now")
 

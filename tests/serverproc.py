@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,6 +88,17 @@ async def wait_for(check: Callable[[], Awaitable[T | None]], *, timeout: float,
         await asyncio.sleep(interval)
 
 
+def process_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment of a gateway process under test: BASE_ENV, then `env`. The
+    developer's own HTTP2SMS_* settings must not leak into a test; the suite's cheap
+    hashing cost (conftest.py) must."""
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith("HTTP2SMS_") or k == passwords.TEST_N_VARIABLE}
+    full_env.update(BASE_ENV)
+    full_env.update(env or {})
+    return full_env
+
+
 @dataclass
 class ServerProcess:
     db: Path | str
@@ -100,18 +111,14 @@ class ServerProcess:
     async def start(cls, db: Path | str, *, env: Mapping[str, str] | None = None,
                     port: int | None = None, wait_ready: bool = True,
                     ready_timeout: float = 30.0, host: str = "127.0.0.1",
-                    preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
+                    preexec_fn: Callable[[], None] | None = None,
+                    args: Sequence[str] = ()) -> ServerProcess:
+        """`http2sms serve`, with `args` after the command (e.g. `--processes 2`)."""
         port = port or free_port()
-        # The developer's own HTTP2SMS_* settings must not leak into a test; the suite's
-        # cheap hashing cost (conftest.py) must.
-        full_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("HTTP2SMS_") or k == passwords.TEST_N_VARIABLE}
-        full_env.update(BASE_ENV)
-        full_env.update(env or {})
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "--db", str(db), "serve", "--host", host,
-            "--port", str(port), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec_fn)
+            "--port", str(port), *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=process_env(env), preexec_fn=preexec_fn)
         server = cls(db, port, proc)
         server._reader = asyncio.create_task(server._drain())
         if wait_ready:
@@ -182,6 +189,38 @@ class ServerProcess:
     def events(self, name: str) -> list[str]:
         """The JSON log lines of one event."""
         return [line for line in self.log.splitlines() if f'"event": "{name}"' in line]
+
+    @classmethod
+    async def deliver(cls, db: Path | str, *, env: Mapping[str, str] | None = None,
+                      wait_ready: bool = True, ready_timeout: float = 30.0) -> ServerProcess:
+        """`http2sms deliver` (no listener: `port` is 0), logging at info level at least,
+        ready once it logs `deliver_ready`."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "--db", str(db), "deliver",
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=process_env({"HTTP2SMS_LOG_LEVEL": "info", **(env or {})}))
+        worker = cls(db, 0, proc)
+        worker._reader = asyncio.create_task(worker._drain())
+        if wait_ready:
+            try:
+                await worker.wait_event("deliver_ready", ready_timeout)
+            except BaseException:
+                await worker.kill()
+                raise
+        return worker
+
+    async def wait_event(self, name: str, timeout: float) -> str:
+        """The first log line of event `name`, once logged; fails if the process exits."""
+        async def logged() -> str | None:
+            found = self.events(name)
+            if found:
+                return found[0]
+            if self.proc.returncode is not None:
+                raise AssertionError(f"the process exited with {self.proc.returncode}:\n"
+                                     f"{self.log[-3000:]}")
+            return None
+
+        return await wait_for(logged, timeout=timeout, what=f"the event {name}")
 
 
 @contextlib.asynccontextmanager

@@ -102,11 +102,13 @@ class StoreLifecycle(Protocol):
     async def check_writable(self) -> None:
         """Raise StoreUnavailable unless a write transaction can commit now."""
 
-    def exclusive(self, name: str, *, wait: bool = False
+    def exclusive(self, name: str, *, wait: bool = False, shared: bool = False
                   ) -> AbstractAsyncContextManager[None]:
         """Hold the store-wide lock `name` for the block: one holder at a time across
         every process (and node) using the store, released when the holder dies.
 
+        `shared`: any number of shared holders at once, but never together with an
+        exclusive one (a reader-writer lock across processes).
         Taken already: raises `Taken`, or with `wait` waits until it is free.
         """
         ...

@@ -407,9 +407,11 @@ class SQLiteStore:
         self._reader = self._writer = None
 
     @asynccontextmanager
-    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[None]:
-        """A lock on a file next to the store, `<path>-<name>.lock` (flock): the kernel
-        lets go of it when its holder dies. In memory there is no one to share with."""
+    async def exclusive(self, name: str, *, wait: bool = False,
+                        shared: bool = False) -> AsyncIterator[None]:
+        """A lock on a file next to the store, `<path>-<name>.lock` (flock, LOCK_SH when
+        `shared`): the kernel lets go of it when its holder dies. In memory there is no
+        one to share with."""
         if not name.replace("-", "").isalnum():
             raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
         if self.path == ":memory:":
@@ -423,7 +425,7 @@ class SQLiteStore:
         try:
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if not wait:

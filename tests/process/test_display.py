@@ -13,6 +13,7 @@ import pytest
 
 from gateway.config import Config
 from gateway.display import escape, redact_url
+from gateway.server import store_location
 from tests.cli_in_process import invoke
 from tests.conftest import ACCOUNT, LOGIN, Harness, eventually
 from tests.serverproc import SEND_PATH, ServerProcess, prepare_store, servers
@@ -55,6 +56,19 @@ def test_escape_keeps_what_it_is_told_to() -> None:
 ])
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(("location", "shown"), [
+    ("var/gateway.sqlite3", "var/gateway.sqlite3"),
+    ("sqlite:////srv/g.sqlite3", "sqlite:////srv/g.sqlite3"),
+    ("postgresql://gw@db.example/gw", "postgresql://gw@db.example/gw"),
+    ("postgresql://gw:s3cret@db.example:5432/gw", "postgresql://gw:***@db.example:5432/gw"),
+    ("postgresql://gw@db.example/gw?password=s3cret&sslmode=require",
+     "postgresql://***@db.example/gw?password=***&sslmode=***"),
+])
+def test_the_listening_line_shows_where_the_store_is_without_its_secrets(
+        location: str, shown: str) -> None:
+    assert store_location(location) == shown
 
 
 def test_redaction_never_shows_a_password_or_a_query_value() -> None:

@@ -14,6 +14,7 @@ from gateway.config import Config
 from gateway.service import Management
 from gateway.store import open_store
 from tests import dbrows
+from tests.cli_in_process import invoke
 from tests.conftest import ledger_identity
 from tests.serverproc import (
     ServerProcess,
@@ -134,3 +135,78 @@ async def test_a_node_killed_mid_load_loses_nothing_and_the_other_finishes(
         totals, _ = await store_totals(postgres_url)
         ledger_identity(totals)
         assert await survivor.stop() == 0
+
+
+ADMIN_TOKEN = "multinode-admin-token-0123456789"
+
+
+async def test_a_change_through_one_node_the_cli_or_the_admin_api_reaches_the_other_at_once(
+        postgres_url: str) -> None:
+    """A change made on node A (its admin API) or with the command line is seen by node B's
+    very next send: B caches its send contexts, and the account's settings version
+    refuses a commit checked against an old one."""
+    env = {"HTTP2SMS_ADMIN_TOKEN": ADMIN_TOKEN}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with servers() as started, aiohttp.ClientSession() as session:
+        await prepare_store(postgres_url, credits=1000)
+        node_a, node_b = await asyncio.gather(ServerProcess.start(postgres_url, env=env),
+                                              ServerProcess.start(postgres_url, env=env))
+        started += [node_a, node_b]
+        user_url = f"{node_a.base}/1.0/sms/{DEMO_ACCOUNT}/users/{DEMO_LOGIN}"
+
+        async def send_b(**params: str) -> dict[str, Any]:
+            async with session.get(node_b.send_url, params=demo_params(
+                    contentType="application/json", **params)) as resp:
+                return dict(json.loads(await resp.text()))
+
+        assert (await send_b())["status"] == 100  # B caches the user's context now
+
+        # The password, through A's admin API.
+        async with session.put(user_url, json={"password": "newpass123"},
+                               headers=admin) as resp:
+            assert resp.status == 200, await resp.text()
+        assert (await send_b())["status"] == 401
+        assert (await send_b(password="newpass123"))["status"] == 100
+
+        # The IP allowlist, through the command line.
+        changed = await asyncio.to_thread(
+            invoke, "--db", postgres_url, "user", "set", DEMO_ACCOUNT, DEMO_LOGIN,
+            "--ips", "8.8.8.8", env={"HTTP2SMS_SERVER_ALLOW_PRIVATE_IPS": "1"})
+        assert changed.exit_code == 0, changed.stderr
+        assert await send_b(password="newpass123") == {
+            "status": 401, "message": "The IP address 127.0.0.1 is not allowed for this user"}
+        changed = await asyncio.to_thread(
+            invoke, "--db", postgres_url, "user", "set", DEMO_ACCOUNT, DEMO_LOGIN,
+            "--ips", "")
+        assert changed.exit_code == 0, changed.stderr
+        assert (await send_b(password="newpass123"))["status"] == 100
+
+        # A quota of one message, through A's admin API: B sends one, then refuses.
+        async with session.put(user_url, json={"quotaInformations": {"quotaLeft": 1}},
+                               headers=admin) as resp:
+            assert resp.status == 200, await resp.text()
+        assert (await send_b(password="newpass123"))["status"] == 100
+        refused = await send_b(password="newpass123")
+        assert refused["status"] != 100, refused
+        totals, _ = await store_totals(postgres_url)
+        ledger_identity(totals)
+        assert totals["quotas"] == 0
+        for node in (node_a, node_b):
+            assert await node.stop() == 0
+
+
+async def test_the_listening_line_names_the_database_of_store_url_without_its_password(
+        postgres_url: str) -> None:
+    """Only HTTP2SMS_STORE_URL set: the line showed `store.path` (var/gateway.sqlite3), a
+    store the gateway did not use; with --db it showed the URL whole, password included."""
+    scheme, _, rest = postgres_url.partition("://")
+    user, _, after = rest.partition("@")
+    with_password = f"{scheme}://{user}:s3cret-pw@{after}"
+    async with servers() as started:
+        node = await ServerProcess.start("", env={"HTTP2SMS_STORE_URL": with_password,
+                                                  "HTTP2SMS_LOG_LEVEL": "info"})
+        started.append(node)
+        (line,) = node.events("listening")
+        assert json.loads(line)["store"].startswith(f"{scheme}://{user}:***@")
+        assert await node.stop() == 0
+        assert "s3cret-pw" not in node.log

@@ -605,6 +605,26 @@ async def test_an_exclusive_name_has_one_holder_across_stores(stores: Opener) ->
         pass  # a holder that leaves lets the next one in
 
 
+async def test_a_shared_name_has_many_holders_and_no_exclusive_one(stores: Opener) -> None:
+    """The `deliver` workers on PostgreSQL hold `delivery` shared: side by side, never
+    together with a gateway delivering alone (which frees every claim at its start)."""
+    a, b = await stores("delivery"), await stores("delivery")
+    async with a.exclusive("delivery", shared=True), b.exclusive("delivery", shared=True):
+        with pytest.raises(Taken):
+            async with a.exclusive("delivery"):
+                pass
+    async with a.exclusive("delivery"):
+        with pytest.raises(Taken):
+            async with b.exclusive("delivery", shared=True):
+                pass
+        later = b.exclusive("delivery", wait=True, shared=True)
+        waiting = asyncio.ensure_future(later.__aenter__())
+        done, _ = await asyncio.wait({waiting}, timeout=0.3)
+        assert not done, "shared a name its exclusive holder still had"
+    await asyncio.wait_for(waiting, 5)
+    await later.__aexit__(None, None, None)
+
+
 # -- admin API tokens ----------------------------------------------------------------------
 
 async def test_a_token_revoked_by_another_process_is_gone_at_its_next_lookup(

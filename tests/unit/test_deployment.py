@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from gateway import cli
 from gateway import config as config_module
 from gateway.store.sqlite import exposed
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 UNIT = ROOT / "config" / "http2sms.service"
+DELIVER_UNIT = ROOT / "config" / "http2sms-deliver.service"
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -144,16 +146,39 @@ def test_the_unit_has_the_hardening_options() -> None:
     assert store["HTTP2SMS_STORE_PATH"].startswith("/var/lib/http2sms/")
 
 
+def test_the_deliver_unit_runs_deliver_with_settings_that_exist() -> None:
+    text = DELIVER_UNIT.read_text()
+    (start,) = [line.removeprefix("ExecStart=") for line in text.splitlines()
+                if line.startswith("ExecStart=")]
+    words = shlex.split(start)
+    assert words[:2] == ["/opt/http2sms/bin/http2sms", "deliver"]
+    with cli.http2sms.commands["deliver"].make_context("deliver", words[2:]):
+        pass  # an unknown flag would raise
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("Environment="):
+            env.update(environment(line.removeprefix("Environment=")))
+    assert all(known_variable(name) for name in env), env
+    store = config_module.from_dict({}, env).store.location
+    assert store == environment(next(line for line in UNIT.read_text().splitlines()
+                                     if "HTTP2SMS_STORE_PATH" in line).partition("=")[2]
+                                ).get("HTTP2SMS_STORE_PATH")
+    for option in ("User=http2sms", "ProtectSystem=strict", "NoNewPrivileges=yes",
+                   "KillSignal=SIGTERM"):
+        assert option in text, option
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed here")
-def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", [UNIT, DELIVER_UNIT], ids=lambda p: p.name)
+def test_systemd_accepts_the_unit(tmp_path: Path, source: Path) -> None:
     # verify checks that ExecStart's program exists: the venv's stands in for the
     # /opt/http2sms one the README installs.
     program = ROOT / ".venv" / "bin" / "http2sms"
     if not program.exists():
         pytest.skip("no .venv/bin/http2sms to stand in for ExecStart's program")
-    unit = tmp_path / "http2sms.service"
-    unit.write_text(UNIT.read_text().replace("/opt/http2sms/bin/http2sms", str(program)))
+    unit = tmp_path / source.name
+    unit.write_text(source.read_text().replace("/opt/http2sms/bin/http2sms", str(program)))
     done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                           text=True, timeout=60)
     # It exits 0 on options it ignores with a warning: any output is a failure.

@@ -332,9 +332,11 @@ class PostgreSQLStore:
                                    _MIGRATION_LOCK)
 
     @asynccontextmanager
-    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[None]:
-        """A session advisory lock on a connection of its own, held for the block: the
-        server lets go of it when the connection ends, so a holder that dies lets go."""
+    async def exclusive(self, name: str, *, wait: bool = False,
+                        shared: bool = False) -> AsyncIterator[None]:
+        """A session advisory lock (shared when `shared`) on a connection of its own, held
+        for the block: the server lets go of it when the connection ends, so a holder
+        that dies lets go."""
         if not name.replace("-", "").isalnum():
             raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
         try:
@@ -342,7 +344,8 @@ class PostgreSQLStore:
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise StoreUnavailable(f"cannot lock {name!r}: {exc}") from exc
         try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))",
+            take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+            while not await conn.fetchval(f"SELECT {take}($1, hashtext($2))",
                                           _LOCK_SPACE, name):
                 if not wait:
                     raise Taken(f"{name!r} is held by another process on the store")

@@ -1,0 +1,111 @@
+"""`http2sms deliver`: a delivery worker on its own, with no HTTP listener.
+
+For deployments that scale sends and delivery apart (systemd units, containers): gateways
+with `server.delivery = false` take the sends, and these processes hand the stored
+messages to the operator, store its reports and call the callbacks. Nobody pokes them
+after a commit: their dispatcher looks at the store every `poll_seconds`.
+
+On PostgreSQL several run at once: each holds the store's `delivery` name shared, and they
+share the work through claims with leases (`FOR UPDATE SKIP LOCKED`), so no message is
+submitted twice and no callback sent twice; one that dies leaves its claims to the others
+when their leases end. The shared hold keeps out a gateway delivering alone, which frees
+every claim at its start (and waits while one does).
+
+On SQLite one process delivers at a time, as with `serve`'s worker: this one holds the
+store's `delivery` lock, or waits for it and says so.
+
+SIGTERM or SIGINT: finish the batch in hand, store the reports received, stop; a second
+signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from gateway.app import delivery_services
+from gateway.clock import SystemClock
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.server import spare_the_start_up_heap, store_location
+from gateway.store import open_store, parse_url
+from gateway.worker_process import hold_delivery
+
+log = structlog.get_logger("gateway.deliver")
+
+# The backends on which delivery workers share a store; elsewhere one delivers at a time.
+SHARED_BACKENDS = frozenset({"postgresql", "postgres"})
+
+
+def shares_delivery(location: str) -> bool:
+    """Whether several delivery workers may deliver side by side from this store."""
+    return parse_url(location)[0] in SHARED_BACKENDS
+
+
+async def run(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Deliver until SIGTERM or SIGINT, then stop cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def signalled() -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # A second signal: stop now. Safe: what it held is claimed with leases, and what
+        # the operator answered and was not stored is redone (delivery is at least once).
+        log.warning("deliver_cut", reason="second signal")
+        os._exit(1)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, signalled)
+    location = config.store.location
+    shared = shares_delivery(location)
+    if shared:
+        log.info("deliver_starting", store=store_location(location), mode="shared",
+                 detail="delivers side by side with the other `deliver` workers on this "
+                        "database, through claims with leases")
+    else:
+        log.info("deliver_starting", store=store_location(location), mode="alone",
+                 detail="on SQLite one process delivers at a time: this one takes the "
+                        "store's delivery lock, or waits while another process holds it")
+    store = open_store(config.store, "delivery")
+    await store.open()
+    metrics = Metrics(per_account_labels=config.metrics.per_account_labels)
+    held = contextlib.AsyncExitStack()
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        holding = asyncio.create_task(hold_delivery(store, held, shared=shared))
+        await asyncio.wait({holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not holding.done():
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding
+            return
+        holding.result()
+        callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
+                                                  ZoneInfo(config.send.timezone),
+                                                  follow_store=True, shared=shared)
+        try:
+            await callbacks.start()
+            await dispatcher.start()
+            log.info("deliver_ready", mode="shared" if shared else "alone")
+            if ready is not None:
+                ready.set()
+            spare_the_start_up_heap()
+            await stopping
+            log.info("deliver_stopping")
+        finally:
+            await dispatcher.stop()
+            await callbacks.stop()
+    finally:
+        stopping.cancel()
+        await store.close()
+        await held.aclose()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        log.info("deliver_stopped")
