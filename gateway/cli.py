@@ -28,7 +28,7 @@ from gateway import logs
 from gateway.config import Config, ConfigError
 from gateway.credits import format_credits
 from gateway.display import escape, redact_url
-from gateway.records import AdminToken, MessageFilter
+from gateway.records import AdminToken, ConsoleUser, MessageFilter
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
 from gateway.store import Store, StoreError, open_store
 
@@ -620,6 +620,67 @@ def token_view(token: AdminToken) -> dict[str, Any]:
     return {"name": token.name, "key": token.key,
             "accounts": "all" if token.accounts is None else list(token.accounts),
             "created": _when(token.created_at), "last_used": _when(token.last_used_at)}
+
+
+# -- console users ---------------------------------------------------------------------------
+
+@http2sms.group("console-user", help="manage the web console's users (e-mail and password)")
+@json_option
+def console_user_commands() -> None:
+    pass
+
+
+@console_user_commands.command("add", help="create a console user for some accounts, or an "
+                               "operator (every account, accounts and top-ups)")
+@click.argument("email")
+@click.option("--account", "accounts", multiple=True, metavar="ACCOUNT",
+              help="an account the console user may manage (repeat for several)")
+@click.option("--operator", is_flag=True,
+              help="every account, creating accounts, top-ups and console users")
+@click.option("--password", required=True,
+              help="at least 12 characters ('-': read from standard input)")
+@json_option
+@manages
+async def _console_user_add(m: Management, email: str, accounts: tuple[str, ...],
+                            operator: bool, password: str) -> Any:
+    if operator and accounts:
+        raise CommandError("give --operator or --account, not both")
+    return console_user_view(await m.create_console_user(
+        email, _password_arg(password), operator=operator, accounts=list(accounts)))
+
+
+@console_user_commands.command("list", help="list console users (never their passwords)")
+@json_option
+@manages
+async def _console_user_list(m: Management) -> Any:
+    return [console_user_view(u) for u in await m.store.list_console_users()]
+
+
+@console_user_commands.command("delete", help="delete a console user; its sessions end")
+@click.argument("email")
+@json_option
+@manages
+async def _console_user_delete(m: Management, email: str) -> Any:
+    await m.delete_console_user(email)
+    return None if wants_json() else f"deleted {email}"
+
+
+@console_user_commands.command("set-password", help="change a console user's password; "
+                               "its sessions end")
+@click.argument("email")
+@click.option("--password", required=True,
+              help="at least 12 characters ('-': read from standard input)")
+@json_option
+@manages
+async def _console_user_set_password(m: Management, email: str, password: str) -> Any:
+    await m.set_console_password(email, _password_arg(password))
+    return None if wants_json() else f"password changed for {email}"
+
+
+def console_user_view(user: ConsoleUser) -> dict[str, Any]:
+    return {"email": user.email,
+            "accounts": "all" if user.operator else list(user.accounts),
+            "operator": user.operator, "created": _when(user.created_at)}
 
 
 # -- operator --------------------------------------------------------------------------------

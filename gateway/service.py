@@ -17,8 +17,8 @@ from gateway.config import Config
 from gateway.credits import MAX_CREDITS, InvalidAmount, as_number, format_credits, to_cents
 from gateway.hooks.callbacks import target_problem
 from gateway.hooks.targets import TargetPolicy
-from gateway.records import UNSET, Account, AdminToken, User, UserChanges
-from gateway.store import Store
+from gateway.records import UNSET, Account, AdminToken, ConsoleUser, User, UserChanges
+from gateway.store import NotFound, Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
@@ -151,6 +151,10 @@ class Management:
         return await self.store.update_user(account, login, changes, at=self.clock.now(),
                                             check=lambda user: _check_alert(user, changes))
 
+    def check_callback_url(self, url: Any) -> str | None:
+        """A callback URL as `update_user` would take it (None: none), without saving it."""
+        return _url("callBack", url, self._targets)
+
     async def delete_user(self, account: str, login: str) -> None:
         await self.store.delete_user(account, login, at=self.clock.now())
 
@@ -168,6 +172,52 @@ class Management:
         token = await self.store.create_token(name, new.key, new.digest, accounts,
                                               at=self.clock.now())
         return token, new.text
+
+    # -- console users -------------------------------------------------------------------
+
+    async def create_console_user(self, email: Any, password: Any, *, operator: bool,
+                                  accounts: Sequence[str]) -> ConsoleUser:
+        """A console user for `accounts`, or every account when `operator`."""
+        address = console_email(email)
+        if not operator and not accounts:
+            raise ValidationError("accounts", "at least one account, or operator")
+        hashed = await _hash(console_password(password))
+        return await self.store.create_console_user(
+            address, hashed, operator=operator, accounts=[] if operator else list(accounts),
+            at=self.clock.now())
+
+    async def set_console_password(self, email: Any, password: Any) -> None:
+        """A new password; the console user's open sessions end."""
+        address = console_email(email)
+        if await self.store.get_console_user(address) is None:
+            raise NotFound(f"unknown console user {address!r}")
+        await self.store.set_console_password(address, await _hash(console_password(password)))
+
+    async def delete_console_user(self, email: Any) -> None:
+        await self.store.delete_console_user(console_email(email))
+
+
+# A console password opens every API user's settings of its accounts: longer than the
+# 8 characters OVH's send URL asks of an API user, any characters allowed.
+CONSOLE_PASSWORD_MIN = 12
+
+
+def console_email(email: Any) -> str:
+    """A console user's e-mail address, lowercased: the same person whatever the case."""
+    if not isinstance(email, str) or len(email.strip()) > 254 \
+            or not _EMAIL.fullmatch(email.strip()):
+        raise ValidationError("email", "an e-mail address such as owner@example.com")
+    return email.strip().lower()
+
+
+def console_password(password: Any) -> str:
+    if not isinstance(password, str) or len(password) < CONSOLE_PASSWORD_MIN:
+        raise ValidationError("password", f"at least {CONSOLE_PASSWORD_MIN} characters")
+    if len(password) > 128:
+        raise ValidationError("password", "at most 128 characters")
+    if any(ord(c) < 32 for c in password):
+        raise ValidationError("password", "no control characters")
+    return password
 
 
 def validate_sender(sender: str) -> str:

@@ -1,0 +1,119 @@
+"""Who is logged into the web console: passwords checked behind the brute-force guard,
+sessions kept in the store by the digest of a random token, each with its CSRF token.
+
+Free of aiohttp: the views hand it a cookie's value and the caller's address.
+
+- A session's token is 32 random bytes; only its SHA-256 is stored (a copy of the
+  database opens no session), as the admin API's tokens.
+- A session ends after `console.session_idle_minutes` without a request. Its last use is
+  written at most once a minute: a write per page would compete with the send path for the
+  store's write lock, and a minute is nothing against an expiry counted in minutes.
+- Failed logins count in a guard of their own (the send URL's `LoginGuard`), keyed per
+  address and per e-mail and address, with `[security]`'s limits. Unknown e-mails are
+  checked against a decoy hash and weigh as much as known ones: neither the time nor the
+  lockout tells which e-mails exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+
+import structlog
+
+from gateway import passwords
+from gateway.clock import Clock
+from gateway.config import Config
+from gateway.iprules import IPAddress
+from gateway.records import ConsoleSession
+from gateway.security import LoginGuard, Refused
+from gateway.service import ValidationError, console_email
+from gateway.store import ConsoleStore
+
+log = structlog.get_logger("gateway.console")
+
+TOUCH_EVERY = 60.0
+# The guard's account key for console logins: no API account can be named with a space.
+_GUARD_ACCOUNT = "console user"
+
+
+class LoginRefused(Exception):
+    """A login refused; the message is what the login form shows."""
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ConsoleAuth:
+    def __init__(self, store: ConsoleStore, config: Config, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+        self.idle_seconds = config.console.session_idle_minutes * 60
+        security = config.security
+        self.guard = LoginGuard(security.max_failures, security.lockout_seconds,
+                                ipv6_prefix=security.ipv6_prefix)
+
+    async def login(self, email: str, password: str, ip: IPAddress | None
+                    ) -> tuple[str, ConsoleSession]:
+        """A new session's token and the session; LoginRefused with the form's message."""
+        try:
+            address = console_email(email)
+        except ValidationError:
+            address = email.strip().lower()[:254]
+        now = self.clock.now()
+        try:
+            attempt = self.guard.begin(_GUARD_ACCOUNT, address, ip, now, known=True,
+                                       allowlisted=False)
+        except Refused:
+            raise LoginRefused("Too many failed logins: try again later") from None
+        try:
+            user = await self.store.get_console_user(address)
+            stored = user.password_hash if user is not None else passwords.decoy_hash()
+            ok = await asyncio.to_thread(passwords.verify, password, stored)
+        except BaseException:
+            attempt.release()
+            raise
+        if user is None or not ok:
+            if attempt.failed(self.clock.now()):
+                log.warning("console_login_lockout", peer=str(ip),
+                            seconds=self.guard.lockout_seconds)
+            delay = self.guard.delay(_GUARD_ACCOUNT, address, ip, self.clock.now())
+            if delay:
+                await asyncio.sleep(delay)  # wall time: the slowdown is for the caller
+            raise LoginRefused("Wrong e-mail or password")
+        attempt.release()
+        self.guard.succeeded(_GUARD_ACCOUNT, address, ip)
+        token = secrets.token_urlsafe(32)
+        csrf = secrets.token_urlsafe(32)
+        await self.store.create_console_session(digest(token), address, csrf, at=now)
+        session = await self.store.find_console_session(digest(token))
+        assert session is not None
+        return token, session
+
+    async def session(self, token: str) -> ConsoleSession | None:
+        """The live session of a cookie's token, its last use noted; None when it has
+        expired or never existed."""
+        if not token or len(token) > 128:
+            return None
+        key = digest(token)
+        session = await self.store.find_console_session(key)
+        if session is None:
+            return None
+        now = self.clock.now()
+        if now - session.last_seen_at > self.idle_seconds:
+            await self.store.delete_console_sessions(digest=key, idle_before=now -
+                                                     self.idle_seconds)
+            return None
+        if now - session.last_seen_at >= TOUCH_EVERY:
+            await self.store.touch_console_session(key, at=now)
+        return session
+
+    async def logout(self, session: ConsoleSession) -> None:
+        await self.store.delete_console_sessions(digest=session.digest)
+
+
+def csrf_matches(session: ConsoleSession, presented: str) -> bool:
+    return bool(presented) and secrets.compare_digest(session.csrf.encode(),
+                                                      presented.encode())
