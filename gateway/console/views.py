@@ -199,8 +199,9 @@ def _base(request: web.Request) -> str:
 
 def done(url: str, message: str) -> web.HTTPSeeOther:
     """After a change, the page again (POST, redirect, GET), saying what was done."""
+    url, hash_, fragment = url.partition("#")
     separator = "&" if "?" in url else "?"
-    return web.HTTPSeeOther(f"{url}{separator}{urlencode({'done': message})}")
+    return web.HTTPSeeOther(f"{url}{separator}{urlencode({'done': message})}{hash_}{fragment}")
 
 
 def _errors(exc: ValidationError) -> dict[str, str]:
@@ -248,7 +249,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     response.set_cookie(COOKIE, session_token, path=f"{PREFIX}/", httponly=True,
                         secure=request.secure, samesite="Strict")
     response.del_cookie(LOGIN_COOKIE, path=f"{PREFIX}/")
-    return response
+    raise response
 
 
 def _login_token(request: web.Request) -> str:
@@ -272,7 +273,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     await _services(request).auth.logout(request[SESSION])
     response = web.HTTPSeeOther(f"{PREFIX}/login")
     response.del_cookie(COOKIE, path=f"{PREFIX}/")
-    return response
+    raise response
 
 
 # -- accounts -----------------------------------------------------------------------------
@@ -709,8 +710,7 @@ def build(services: Services) -> web.Application:
                           client_max_size=services.config.server.max_request_bytes)
     app[SERVICES] = services
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("gateway.console", "templates"),
-                         autoescape=True, undefined=jinja2.StrictUndefined,
-                         context_processors=[])
+                         autoescape=True)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.router.add_static("/static/", _HERE / "static", name="static",

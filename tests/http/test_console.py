@@ -1,0 +1,312 @@
+"""The web console on the real app over real HTTP, on both backends: logging in, the
+session cookie and headers, CSRF, another account's pages, the brute-force guard, and the
+forms refusing what the service refuses with its message."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import re
+from typing import Any
+
+import pytest
+
+from gateway.clock import ManualClock
+from gateway.config import Config
+from gateway.console.views import CSP
+from gateway.webapp import create_admin_listener_app
+from tests.cli_in_process import invoke
+from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness
+
+OWNER = "owner@example.com"
+OWNER_PASSWORD = "correct horse battery"
+OTHER = "sms-other-1"
+_CSRF = re.compile(r'name="_csrf" value="([^"]+)"')
+
+
+class Console:
+    """A browser's view of the console: its cookies, the CSRF token of the last page."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.csrf = ""
+
+    async def get(self, path: str, **kwargs: Any) -> tuple[int, str]:
+        resp = await self.h.client.get(path, allow_redirects=True, **kwargs)
+        text = await resp.text()
+        found = _CSRF.search(text)
+        if found:
+            self.csrf = found.group(1)
+        return resp.status, text
+
+    async def post(self, path: str, data: dict[str, Any] | list[tuple[str, str]], *,
+                   csrf: bool = True) -> tuple[int, str]:
+        items = list(data.items()) if isinstance(data, dict) else list(data)
+        if csrf:
+            items.append(("_csrf", self.csrf))
+        resp = await self.h.client.post(path, data=items, allow_redirects=True)
+        text = await resp.text()
+        found = _CSRF.search(text)
+        if found:
+            self.csrf = found.group(1)
+        return resp.status, text
+
+    async def login(self, email: str = OWNER, password: str = OWNER_PASSWORD) -> tuple[int, str]:
+        await self.get("/console/login")
+        return await self.post("/console/login", {"email": email, "password": password})
+
+
+async def owner(h: Harness, *, operator: bool = False) -> Console:
+    await h.manage.create_console_user(OWNER, OWNER_PASSWORD, operator=operator,
+                                       accounts=[] if operator else [ACCOUNT])
+    console = Console(h)
+    status, text = await console.login()
+    assert status == 200 and "Log out" in text, text
+    return console
+
+
+async def test_login_sets_a_strict_http_only_cookie_and_pages_have_the_headers(
+        harness: Harness) -> None:
+    await harness.manage.create_console_user(OWNER, OWNER_PASSWORD, operator=False,
+                                             accounts=[ACCOUNT])
+    resp = await harness.client.get("/", allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/console/"
+    resp = await harness.client.get("/console/", allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"].startswith("/console/login")
+    resp = await harness.client.get("/console/login")
+    token = _CSRF.search(await resp.text())
+    assert token is not None
+    resp = await harness.client.post("/console/login", allow_redirects=False, data={
+        "email": "Owner@Example.com", "password": OWNER_PASSWORD, "_csrf": token.group(1)})
+    assert resp.status == 303
+    cookie = resp.headers.getall("Set-Cookie")
+    session = next(c for c in cookie if c.startswith("h2s_console="))
+    assert "HttpOnly" in session and "SameSite=Strict" in session
+    assert "Path=/console/" in session
+    assert "Secure" not in session  # plain HTTP here; Secure under TLS (request.secure)
+    resp = await harness.client.get(f"/console/a/{ACCOUNT}/")
+    assert resp.status == 200
+    assert resp.headers["Content-Security-Policy"] == CSP
+    assert "unsafe-inline" not in CSP
+    assert resp.headers["X-Frame-Options"] == "DENY"
+    assert resp.headers["Cache-Control"] == "no-store"
+    text = await resp.text()
+    assert "Credits left" in text and "<svg" in text and "<script>" not in text
+    assert 'style="' not in text  # the CSP refuses inline styles: there are none
+
+
+async def test_the_root_redirect_leaves_other_requests_to_the_root_as_they_were(
+        harness: Harness) -> None:
+    resp = await harness.client.get("/?account=x", allow_redirects=False)
+    assert resp.status == 404
+    status, body = await harness.send()
+    assert status == 200 and body.startswith("OK"), body
+
+
+async def test_an_api_user_s_password_does_not_open_the_console(harness: Harness) -> None:
+    console = Console(harness)
+    status, text = await console.login(LOGIN, PASSWORD)
+    assert status == 401 and "Wrong e-mail or password" in text
+
+
+async def test_repeated_wrong_passwords_lock_the_login_even_with_the_right_one(
+        make_harness: Any, config: Config) -> None:
+    h: Harness = await make_harness(cfg=config.replace({"security.max_failures": 3}))
+    await h.manage.create_console_user(OWNER, OWNER_PASSWORD, operator=False,
+                                       accounts=[ACCOUNT])
+    console = Console(h)
+    for _ in range(3):
+        status, text = await console.login(OWNER, "wrong password!")
+        assert status == 401
+    status, text = await console.login()
+    assert status == 401 and "Too many failed logins" in text
+
+
+async def test_a_form_without_its_csrf_token_is_refused_and_changes_nothing(
+        harness: Harness) -> None:
+    console = await owner(harness)
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users",
+                                      {"login": "bob", "password": "abcd1234"}, csrf=False)
+    assert status == 403 and "expired" in text
+    assert await harness.gateway.store.list_users(ACCOUNT) == [LOGIN]
+    status, _ = await console.post(f"/console/a/{ACCOUNT}/users",
+                                   {"login": "bob", "password": "abcd1234", "_csrf": "forged"},
+                                   csrf=False)
+    assert status == 403
+    status, _ = await console.post(f"/console/a/{ACCOUNT}/users",
+                                   {"login": "bob", "password": "abcd1234"})
+    assert status == 200
+    assert await harness.gateway.store.list_users(ACCOUNT) == [LOGIN, "bob"]
+
+
+async def test_another_account_answers_404_as_if_it_did_not_exist(harness: Harness) -> None:
+    await harness.manage.create_account(OTHER, 100)
+    await harness.manage.create_user(OTHER, "carol", "abcd1234")
+    console = await owner(harness)
+    for path in (f"/console/a/{OTHER}/", f"/console/a/{OTHER}/users",
+                 f"/console/a/{OTHER}/users/carol", "/console/a/nope/users",
+                 "/console/console-users"):
+        status, text = await console.get(path)
+        assert status == 404, path
+        assert OTHER not in text.split("<main", 1)[1] or path.endswith("nope/users")
+    status, _ = await console.post(f"/console/a/{OTHER}/users/carol/delete",
+                                   {"confirm": "carol"})
+    assert status == 404
+    assert await harness.gateway.store.list_users(OTHER) == ["carol"]
+    # Its messages too: an id of another account is not found.
+    await harness.manage.add_sender(OTHER, "OTHR")
+    _, body = await harness.send(account=OTHER, login="carol", password="abcd1234",
+                                 **{"from": "OTHR"})
+    other_id = re.search(r"\d+", body.split("\n", 2)[2]).group(0)  # type: ignore[union-attr]
+    status, _ = await console.get(f"/console/a/{ACCOUNT}/outgoing/{other_id}")
+    assert status == 404
+
+
+async def test_forms_refuse_with_the_service_s_message_next_to_the_field(
+        harness: Harness) -> None:
+    console = await owner(harness)
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users",
+                                      {"login": "bob", "password": "short"})
+    assert status == 400
+    assert 'id="f-password-error">at least 8 characters<' in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/alert",
+                                      {"alertActive": "1", "alertThreshold": "10",
+                                       "support": "mail", "alertEmail": ""})
+    assert status == 400 and 'id="f-alertEmail-error">needed when support is mail<' in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/senders", {"sender": "x" * 20})
+    assert status == 400 and "up to 11 letters and digits" in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/quota",
+                                      {"quotaStatus": "1", "quotaLeft": "5000"})
+    assert status == 400 and 'id="f-quotaLeft-error"' in text
+
+
+async def test_the_seeds_quota_moves_credits_from_the_account(make_harness: Any) -> None:
+    h: Harness = await make_harness(credits=200)
+    console = await owner(h)
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/quota",
+                                      {"quotaStatus": "1", "quotaLeft": "150"})
+    assert status == 200
+    assert "150 credits moved from the account, 50 left" in text
+    assert await h.balance() == 5000 and await h.quota() == 15000
+    status, text = await console.get(f"/console/a/{ACCOUNT}/")
+    assert 'id="credits-left">50<' in text and 'id="credits-held">150<' in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/quota", {})
+    assert "150 credits moved back to the account, 200 left" in text
+
+
+async def test_five_ip_restrictions_and_a_sixth_refused(harness: Harness) -> None:
+    console = await owner(harness)
+    five = [("ipRestrictions", f"203.0.113.{n}") for n in range(1, 6)]
+    status, _ = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/restrictions", five)
+    assert status == 200
+    user = await harness.gateway.store.get_user(ACCOUNT, LOGIN)
+    assert len(user.ip_restrictions) == 5
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/restrictions",
+                                      [*five, ("suggest", "203.0.113.6")])
+    assert status == 400 and "at most 5 addresses" in text
+    user = await harness.gateway.store.get_user(ACCOUNT, LOGIN)
+    assert len(user.ip_restrictions) == 5
+
+
+async def test_sending_from_the_console_uses_the_send_url_s_rules(harness: Harness) -> None:
+    console = await owner(harness)
+    resp = await harness.client.get(f"/console/a/{ACCOUNT}/count",
+                                    params={"message": "ж" * 10,
+                                            "to": "+33612345678,+33612345679"})
+    count = await resp.json()
+    assert count["encoding"] == "Unicode" and count["parts"] == 1
+    assert count["credits"] == "2" and count["recipients"] == 2
+    status, text = await console.post(f"/console/a/{ACCOUNT}/send", {
+        "login": LOGIN, "from": SENDER, "to": "+33612345678", "message": "Hi"})
+    assert status == 200 and 'id="sent"' in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/send", {
+        "login": LOGIN, "from": SENDER, "to": "0612", "message": "Hi"})
+    assert status == 400 and 'id="f-to-error">Invalid to:' in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/send", {
+        "login": LOGIN, "from": "NOPE", "to": "+33612345678", "message": "Hi"})
+    assert status == 400 and "is not declared on this account" in text
+    status, text = await console.get(f"/console/a/{ACCOUNT}/outgoing?receiver=%2B33612345678")
+    assert status == 200 and text.count("/outgoing/") >= 1
+    resp = await harness.client.get(f"/console/a/{ACCOUNT}/outgoing.csv",
+                                    params={"login": LOGIN})
+    assert resp.headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(await resp.text())))
+    assert rows[0][0] == "id" and len(rows) == 2 and rows[1][-1].startswith("Hi")
+    message_id = rows[1][0]
+    status, text = await console.get(f"/console/a/{ACCOUNT}/outgoing/{message_id}")
+    assert status == 200 and "History" in text and "Callback attempts" in text
+
+
+async def test_the_session_ends_after_inactivity_and_at_logout(make_harness: Any) -> None:
+    clock = ManualClock()
+    h: Harness = await make_harness(clock=clock)
+    console = await owner(h)
+    clock.advance(29 * 60)
+    status, text = await console.get(f"/console/a/{ACCOUNT}/users")
+    assert status == 200 and "API users" in text
+    clock.advance(31 * 60)
+    status, text = await console.get(f"/console/a/{ACCOUNT}/users")
+    assert "Log in" in text and "Log out" not in text
+    await console.login()
+    status, text = await console.post("/console/logout", {})
+    assert "Log in" in text
+    status, text = await console.get(f"/console/a/{ACCOUNT}/users")
+    assert "Log out" not in text
+
+
+async def test_an_operator_creates_accounts_tops_them_up_and_adds_console_users(
+        harness: Harness) -> None:
+    console = await owner(harness, operator=True)
+    status, text = await console.post("/console/accounts", {"name": OTHER, "credits": "10"})
+    assert status == 200 and f"Account {OTHER} created" in text
+    status, text = await console.post(f"/console/accounts/{OTHER}/credits", {"amount": "-1"})
+    assert status == 400 and "must not be negative" in text
+    status, text = await console.post(f"/console/accounts/{OTHER}/credits", {"amount": "5"})
+    assert status == 200 and (await harness.balance(OTHER)) == 1500
+    status, text = await console.get("/console/console-users")
+    status, text = await console.post("/console/console-users", {
+        "email": "new@example.com", "password": "short", "accounts": OTHER})
+    assert status == 400 and "at least 12 characters" in text
+    status, text = await console.post("/console/console-users", {
+        "email": "new@example.com", "password": "long enough pass", "accounts": OTHER})
+    assert status == 200
+    made = await harness.gateway.store.get_console_user("new@example.com")
+    assert made is not None and made.accounts == (OTHER,)
+
+
+async def test_the_cli_manages_console_users(harness: Harness, config: Config) -> None:
+    db = config.store.location
+
+    def run(*args: str, input: str | None = None) -> Any:
+        return invoke("--db", db, *args, input=input)
+
+    result = await asyncio.to_thread(run, "console-user", "add", OWNER, "--account", ACCOUNT,
+                                     "--password", "-", input="short\n")
+    assert result.exit_code != 0 and "at least 12 characters" in result.output
+    result = await asyncio.to_thread(run, "console-user", "add", OWNER, "--account", ACCOUNT,
+                                     "--password", "-", input=f"{OWNER_PASSWORD}\n")
+    assert result.exit_code == 0, result.output
+    result = await asyncio.to_thread(run, "--json", "console-user", "list")
+    assert OWNER in result.output and "password" not in result.output
+    result = await asyncio.to_thread(run, "console-user", "set-password", OWNER,
+                                     "--password", "another long one")
+    assert result.exit_code == 0, result.output
+    console = Console(harness)
+    status, _ = await console.login(OWNER, "another long one")
+    assert status == 200
+    result = await asyncio.to_thread(run, "console-user", "delete", OWNER)
+    assert result.exit_code == 0
+    status, text = await console.get(f"/console/a/{ACCOUNT}/")
+    assert "Log out" not in text
+
+
+@pytest.mark.sqlite_only
+async def test_the_console_follows_the_admin_api_to_its_own_listener(
+        make_harness: Any, config: Config, aiohttp_client: Any) -> None:
+    h: Harness = await make_harness(cfg=config.replace({"admin.host": "127.0.0.1"}))
+    resp = await h.client.get("/console/login")
+    assert resp.status == 404
+    admin = await aiohttp_client(create_admin_listener_app(h.gateway))
+    resp = await admin.get("/console/login")
+    assert resp.status == 200
