@@ -723,6 +723,9 @@ DEMO_ACCOUNT = "sms-demo-1"
 DEMO_LOGIN = "demo"
 DEMO_PASSWORD = "demo1234"
 DEMO_SENDER = "DEMO"
+# The web console's demo user (`serve --demo`), the owner of the demo account.
+DEMO_CONSOLE_EMAIL = "demo@example.com"
+DEMO_CONSOLE_PASSWORD = "demo-console-1234"
 
 
 async def ensure_demo(config: Config) -> None:
@@ -734,6 +737,9 @@ async def ensure_demo(config: Config) -> None:
             await m.create_account(DEMO_ACCOUNT, 1000)
             await m.add_sender(DEMO_ACCOUNT, DEMO_SENDER)
             await m.create_user(DEMO_ACCOUNT, DEMO_LOGIN, DEMO_PASSWORD)
+        if config.console.enabled and await store.get_console_user(DEMO_CONSOLE_EMAIL) is None:
+            await m.create_console_user(DEMO_CONSOLE_EMAIL, DEMO_CONSOLE_PASSWORD,
+                                        operator=False, accounts=[DEMO_ACCOUNT])
     finally:
         await store.close()
 
@@ -777,6 +783,14 @@ def _serve(config: Config, *, demo: bool) -> int:
                   f"&login={DEMO_LOGIN}&password={DEMO_PASSWORD}&from={DEMO_SENDER}"
                   "&to=%2B33612345678&message=Hello+from+http2sms-gateway"
                   "&contentType=application/json'\n", flush=True)
+            if config.console.enabled:
+                console = base
+                if config.admin.host:
+                    admin_host = "localhost" if config.admin.host in (
+                        "0.0.0.0", "::", "127.0.0.1") else config.admin.host
+                    console = f"{base.split('://')[0]}://{admin_host}:{config.admin.port}"
+                print(f"The web console: {console}/console/ (log in as "
+                      f"{DEMO_CONSOLE_EMAIL} / {DEMO_CONSOLE_PASSWORD})\n", flush=True)
 
     try:
         install_uvloop()
