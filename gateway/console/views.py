@@ -404,8 +404,9 @@ async def update_user(request: web.Request) -> web.StreamResponse:
     try:
         await services.manage.update_user(account, login, **fields)
     except ValidationError as exc:
+        typed = fields.get("ip_restrictions", ())
         return await user_page(request, status=400, errors=_errors(exc), form=form,
-                               section=section)
+                               section=section, typed_ips=list(typed))
     except NotEnoughCredits as exc:
         return await user_page(request, status=400, form=form, section=section,
                                errors={"quotaLeft": str(exc).split(": ", 1)[-1]})

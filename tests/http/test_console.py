@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import pytest
+import structlog
 
 from gateway.clock import ManualClock
 from gateway.config import Config
@@ -310,3 +311,15 @@ async def test_the_console_follows_the_admin_api_to_its_own_listener(
     admin = await aiohttp_client(create_admin_listener_app(h.gateway))
     resp = await admin.get("/console/login")
     assert resp.status == 200
+
+
+async def test_every_change_is_audited_with_the_console_user_s_email(harness: Harness) -> None:
+    console = await owner(harness)
+    with structlog.testing.capture_logs() as logs:
+        await console.post(f"/console/a/{ACCOUNT}/users", {"login": "bob",
+                                                           "password": "abcd1234"})
+        await console.get(f"/console/a/{ACCOUNT}/users")
+    audit = [e for e in logs if e["event"] == "console_request"]
+    assert [(e["method"], e["path"], e["status"], e["by"]) for e in audit] == [
+        ("POST", f"/console/a/{ACCOUNT}/users", 303, OWNER)]
+    assert "abcd1234" not in repr(logs)
