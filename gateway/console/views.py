@@ -115,6 +115,9 @@ async def protect(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = _error_page(request, exc.status, exc.reason)
         except NotFound:
             response = _error_page(request, 404, "Not found")
+        except ValidationError as exc:
+            # A form handler shows it next to its field; this is a query's (an export's).
+            response = _error_page(request, 400, str(exc))
         except StoreUnavailable:
             response = _error_page(request, 503, "The store is unavailable: retry later")
             response.headers["Retry-After"] = "5"

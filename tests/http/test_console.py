@@ -234,6 +234,9 @@ async def test_sending_from_the_console_uses_the_send_url_s_rules(harness: Harne
     assert resp.headers["Content-Type"].startswith("text/csv")
     rows = list(csv.reader(io.StringIO(await resp.text())))
     assert rows[0][0] == "id" and len(rows) == 2 and rows[1][-1].startswith("Hi")
+    resp = await harness.client.get(f"/console/a/{ACCOUNT}/outgoing.csv",
+                                    params={"ptt": "x"})
+    assert resp.status == 400 and "ptt: an integer" in await resp.text()
     message_id = rows[1][0]
     status, text = await console.get(f"/console/a/{ACCOUNT}/outgoing/{message_id}")
     assert status == 200 and "History" in text and "Callback attempts" in text
