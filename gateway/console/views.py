@@ -15,7 +15,7 @@ import io
 import secrets
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -466,6 +466,9 @@ _SEND_FIELDS = (("Invalid to", "to"), ("Missing to", "to"), ("Sender", "from"),
 
 async def send(request: web.Request) -> web.StreamResponse:
     form = await _form(request)
+    if form.get("action") == "count":
+        # The live counter's answer without JavaScript: the form again, with the count.
+        return await send_page(request, form=form, estimate=_estimate(request, form))
     account = request[ACCOUNT].name
     params = {"account": account, "login": form.get("login", ""),
               # Never checked for an owner's send (see SendPipeline.send): only present.
@@ -488,17 +491,20 @@ async def send(request: web.Request) -> web.StreamResponse:
 
 async def count(request: web.Request) -> web.Response:
     """What the send form's text will cost, for its live counter: the send URL's rules."""
-    services = _services(request)
-    account = request[ACCOUNT]
-    query = request.query
-    stop = account.stop_clause if account.stop_clause is not None \
-        else services.config.send.stop_clause
-    result = forms.estimate(query.get("message", ""), query.get("to", ""), stop_clause=stop,
-                            no_stop=forms.checked(query, "noStop"),
-                            rates=services.pipeline.settings.rates)
+    result = _estimate(request, request.query)
     return web.json_response({"characters": result.characters, "encoding": result.encoding,
                               "parts": result.parts, "credits": result.credits,
                               "recipients": result.recipients})
+
+
+def _estimate(request: web.Request, fields: Mapping[str, str]) -> forms.Estimate:
+    services = _services(request)
+    account = request[ACCOUNT]
+    stop = account.stop_clause if account.stop_clause is not None \
+        else services.config.send.stop_clause
+    return forms.estimate(fields.get("message", ""), fields.get("to", ""), stop_clause=stop,
+                          no_stop=forms.checked(fields, "noStop"),
+                          rates=services.pipeline.settings.rates)
 
 
 # -- outgoing messages --------------------------------------------------------------------

@@ -249,3 +249,54 @@ async def test_the_seeds_walk_through_the_console(browser: Browser, tmp_path: Pa
 async def _async(value: bool) -> bool:
     await asyncio.sleep(0)
     return value
+
+
+async def test_an_operator_s_pages(browser: Browser, tmp_path: Path) -> None:
+    db = tmp_path / "gateway.sqlite3"
+    await prepare(db)
+    store = open_store(db, "cli")
+    await store.open()
+    try:
+        await Management(store, Config().replace({"store.path": str(db)})).create_console_user(
+            "ops@example.com", OWNER_PASSWORD, operator=True, accounts=[])
+    finally:
+        await store.close()
+    async with servers() as started:
+        server = await ServerProcess.start(db)
+        started.append(server)
+        context = await browser.new_context(bypass_csp=True,
+                                            viewport={"width": 1200, "height": 900})
+        page = await context.new_page()
+        await page.goto(server.base + "/console/")
+        # A refused login says why, next to the form, and is no less accessible.
+        await page.get_by_label("E-mail").fill("ops@example.com")
+        await page.get_by_label("Password").fill("not the password")
+        await submit(page, "Log in")
+        assert "Wrong e-mail or password" in await page.locator(".error").inner_text()
+        await check(page, "11-login-refused")
+        await page.get_by_label("Password").fill(OWNER_PASSWORD)
+        await submit(page, "Log in")
+
+        await page.get_by_label("Name").fill("sms-new-1")
+        await page.get_by_label("Credits", exact=True).fill("abc")
+        await submit(page, "Create")
+        assert await page.locator("#f-credits-error").count() == 1
+        await page.get_by_label("Credits", exact=True).fill("30")
+        await submit(page, "Create")
+        assert "Account sms-new-1 created" in await page.locator(".flash").inner_text()
+        await page.get_by_label("Credits to add to sms-new-1").fill("20")
+        async with page.expect_navigation():
+            await page.get_by_role("row", name="sms-new-1").get_by_role("button").click()
+        assert "sms-new-1: 50 credits left" in await page.locator(".flash").inner_text()
+        await check(page, "12-operator-accounts")
+
+        await page.get_by_role("link", name="Console users").click()
+        await page.get_by_label("E-mail").fill("new-owner@example.com")
+        await page.get_by_label("Password").fill("twelve chars!")
+        await page.get_by_label("Accounts", exact=True).select_option("sms-new-1")
+        await submit(page, "Add")
+        assert "Console user new-owner@example.com added" in \
+            await page.locator(".flash").inner_text()
+        await check(page, "13-operator-console-users")
+        await context.close()
+        assert await server.stop() == 0

@@ -326,3 +326,14 @@ async def test_every_change_is_audited_with_the_console_user_s_email(harness: Ha
     assert [(e["method"], e["path"], e["status"], e["by"]) for e in audit] == [
         ("POST", f"/console/a/{ACCOUNT}/users", 303, OWNER)]
     assert "abcd1234" not in repr(logs)
+
+
+async def test_without_javascript_the_count_button_counts_and_sends_nothing(
+        harness: Harness) -> None:
+    console = await owner(harness)
+    status, text = await console.post(f"/console/a/{ACCOUNT}/send", {
+        "login": LOGIN, "from": SENDER, "to": "+33612345678", "message": "ж" * 71,
+        "noStop": "1", "action": "count"})
+    assert status == 200
+    assert "71 characters, Unicode, 2 SMS parts per recipient, 1 recipient: 2 credits" in text
+    assert 'id="sent"' not in text and await harness.balance() == 100000

@@ -7,6 +7,8 @@
 (function () {
   var form = document.getElementById("send-form");
   if (form) {
+    // The live counter replaces the "Count" button of the pages without JavaScript.
+    form.querySelectorAll(".js-hidden").forEach(function (b) { b.hidden = true; });
     var counter = document.getElementById("counter");
     var timer = null;
     var update = function () {
