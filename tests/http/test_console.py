@@ -15,6 +15,7 @@ import structlog
 
 from gateway.clock import ManualClock
 from gateway.config import Config
+from gateway.console import views
 from gateway.console.views import CSP
 from gateway.webapp import create_admin_listener_app
 from tests.cli_in_process import invoke
@@ -337,3 +338,31 @@ async def test_without_javascript_the_count_button_counts_and_sends_nothing(
     assert status == 200
     assert "71 characters, Unicode, 2 SMS parts per recipient, 1 recipient: 2 credits" in text
     assert 'id="sent"' not in text and await harness.balance() == 100000
+
+
+async def test_pages_of_outgoing_senders_and_ledger(harness: Harness,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(views, "PAGE", 2)
+    console = await owner(harness)
+    # The owner sends as a user whose restrictions would refuse this address on the send
+    # URL: they guard the send URL, not a logged-in owner.
+    await harness.manage.update_user(ACCOUNT, LOGIN, ip_restrictions=["203.0.113.7"])
+    for n in range(3):
+        status, text = await console.post(f"/console/a/{ACCOUNT}/send", {
+            "login": LOGIN, "from": SENDER, "to": f"+3361234567{n}", "message": f"m{n}"})
+        assert status == 200 and 'id="sent"' in text, text
+    status, text = await console.get(f"/console/a/{ACCOUNT}/outgoing?login={LOGIN}")
+    assert text.count("+3361234567") == 2 and 'rel="next"' in text
+    older = re.search(r'href="([^"]+)" rel="next"', text).group(1)  # type: ignore[union-attr]
+    status, text = await console.get(older.replace("&amp;", "&"))
+    assert text.count("+3361234567") == 1 and 'rel="next"' not in text
+    assert f"login={LOGIN}" in older
+
+    status, text = await console.post(f"/console/a/{ACCOUNT}/senders", {"sender": "SHOP"})
+    assert status == 200 and "Sender SHOP added" in text
+    assert (await harness.gateway.store.get_account(ACCOUNT)).senders == (SENDER, "SHOP")
+    status, text = await console.post(f"/console/a/{ACCOUNT}/senders/remove",
+                                      {"sender": "SHOP"})
+    assert "Sender SHOP removed" in text
+    status, text = await console.get(f"/console/a/{ACCOUNT}/ledger")
+    assert status == 200 and text.count("<tr>") == 3 and 'rel="next"' in text
