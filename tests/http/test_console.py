@@ -366,3 +366,42 @@ async def test_pages_of_outgoing_senders_and_ledger(harness: Harness,
     assert "Sender SHOP removed" in text
     status, text = await console.get(f"/console/a/{ACCOUNT}/ledger")
     assert status == 200 and text.count("<tr>") == 3 and 'rel="next"' in text
+
+
+async def test_change_password_and_delete_with_confirmation(harness: Harness) -> None:
+    console = await owner(harness)
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/password",
+                                      {"password": "bad pass!"})
+    assert status == 400 and "letters and digits only" in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/password",
+                                      {"password": "newpass99"})
+    assert status == 200 and "Password changed" in text
+    status, body = await harness.send(password="newpass99")
+    assert body.startswith("OK"), body
+    await harness.manage.update_user(ACCOUNT, LOGIN, quota="30")
+    status, text = await console.get(f"/console/a/{ACCOUNT}/users/{LOGIN}")
+    assert "Its quota's 30 credits go back to the account" in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/delete",
+                                      {"confirm": "someone"})
+    assert status == 400 and f"type {LOGIN} to confirm" in text
+    assert await harness.gateway.store.list_users(ACCOUNT) == [LOGIN]
+    before = await harness.balance()
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/delete",
+                                      {"confirm": LOGIN})
+    assert status == 200 and f"API user {LOGIN} deleted" in text
+    assert await harness.gateway.store.list_users(ACCOUNT) == []
+    assert await harness.balance() == before + 3000
+
+
+async def test_an_operator_deletes_a_console_user_but_not_itself(harness: Harness) -> None:
+    await harness.manage.create_console_user("other@example.com", OWNER_PASSWORD,
+                                             operator=False, accounts=[ACCOUNT])
+    console = await owner(harness, operator=True)
+    status, text = await console.get("/console/console-users")
+    assert "other@example.com" in text
+    status, text = await console.post("/console/console-users/delete", {"email": OWNER})
+    assert status == 400 and "you cannot delete yourself" in text
+    status, text = await console.post("/console/console-users/delete",
+                                      {"email": "other@example.com"})
+    assert status == 200 and "Console user other@example.com deleted" in text
+    assert await harness.gateway.store.get_console_user("other@example.com") is None
