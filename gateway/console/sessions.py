@@ -87,6 +87,8 @@ class ConsoleAuth:
         self.guard.succeeded(_GUARD_ACCOUNT, address, ip)
         token = secrets.token_urlsafe(32)
         csrf = secrets.token_urlsafe(32)
+        # Sessions left to expire are swept here, at a login, rather than by a timer.
+        await self.store.delete_console_sessions(idle_before=now - self.idle_seconds)
         await self.store.create_console_session(digest(token), address, csrf, at=now)
         session = await self.store.find_console_session(digest(token))
         assert session is not None

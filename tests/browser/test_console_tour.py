@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
-from playwright.async_api import Browser, Page
+from playwright.async_api import Browser, Page, expect
 
 from gateway.config import Config
 from gateway.service import Management
 from gateway.store import open_store
-from tests.browser.conftest import accessibility_violations, screenshot
+from tests.browser.conftest import accessibility_violations, csp_violations, screenshot
 from tests.serverproc import ServerProcess, free_port, servers, wait_for
 
 ACCOUNT = "sms-tour-1"
@@ -112,10 +112,10 @@ async def test_the_seeds_walk_through_the_console(browser: Browser, tmp_path: Pa
     async with servers() as started:
         server = await ServerProcess.start(db, env=env)
         started.append(server)
-        context = await browser.new_context(bypass_csp=True,  # for axe's script only
-                                            viewport={"width": 1200, "height": 900},
+        context = await browser.new_context(viewport={"width": 1200, "height": 900},
                                             accept_downloads=True)
         page = await context.new_page()
+        refused = csp_violations(page)
         base = f"{server.base}/console/a/{ACCOUNT}"
 
         # Log in: the bare address leads to the console, then to its login form.
@@ -187,8 +187,7 @@ async def test_the_seeds_walk_through_the_console(browser: Browser, tmp_path: Pa
         await page.get_by_label("Sender").select_option(SENDER)
         await page.get_by_label("Recipients").fill("+33612345678, +33612345679")
         await page.get_by_label("Message").fill("Hello from the console")
-        await page.wait_for_function(
-            "document.getElementById('counter').textContent.includes('2 recipients')")
+        await expect(page.locator("#counter")).to_contain_text("2 recipients")
         counter = await page.locator("#counter").inner_text()
         assert "GSM, 1 SMS part per recipient, 2 recipients: 2 credits" in counter, counter
         await check(page, "04-send")
@@ -243,6 +242,7 @@ async def test_the_seeds_walk_through_the_console(browser: Browser, tmp_path: Pa
         await page.goto(f"{base}/")
         assert "/console/login" in page.url
         await context.close()
+        assert refused == []  # nothing of the pages was blocked by their own CSP
         assert await server.stop() == 0
 
 
@@ -264,9 +264,9 @@ async def test_an_operator_s_pages(browser: Browser, tmp_path: Path) -> None:
     async with servers() as started:
         server = await ServerProcess.start(db)
         started.append(server)
-        context = await browser.new_context(bypass_csp=True,
-                                            viewport={"width": 1200, "height": 900})
+        context = await browser.new_context(viewport={"width": 1200, "height": 900})
         page = await context.new_page()
+        refused = csp_violations(page)
         await page.goto(server.base + "/console/")
         # A refused login says why, next to the form, and is no less accessible.
         await page.get_by_label("E-mail").fill("ops@example.com")
@@ -299,4 +299,5 @@ async def test_an_operator_s_pages(browser: Browser, tmp_path: Path) -> None:
             await page.locator(".flash").inner_text()
         await check(page, "13-operator-console-users")
         await context.close()
+        assert refused == []  # nothing of the pages was blocked by their own CSP
         assert await server.stop() == 0
