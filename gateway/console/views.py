@@ -29,6 +29,7 @@ import structlog
 from aiohttp import web
 from markupsafe import Markup
 
+from gateway import iprules
 from gateway import ptt as ptt_module
 from gateway.clock import Clock
 from gateway.config import Config
@@ -40,7 +41,7 @@ from gateway.records import Account, ConsoleSession, Message
 from gateway.send.pipeline import SendPipeline
 from gateway.service import Management, ValidationError, user_view
 from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable
-from gateway.web_ip import caller_ip
+from gateway.web_ip import TRUSTED_PROXIES, caller_ip
 
 PREFIX = "/console"
 COOKIE = "h2s_console"
@@ -250,7 +251,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     log.info("console_login", by=session.user.email, peer=request.remote)
     response = web.HTTPSeeOther(nxt)
     response.set_cookie(COOKIE, session_token, path=f"{PREFIX}/", httponly=True,
-                        secure=request.secure, samesite="Strict")
+                        secure=served_over_tls(request), samesite="Strict")
     response.del_cookie(LOGIN_COOKIE, path=f"{PREFIX}/")
     raise response
 
@@ -262,7 +263,23 @@ def _login_token(request: web.Request) -> str:
 def _set_login_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:
     # The login form's CSRF token, double-submitted: no session exists yet to hold it.
     response.set_cookie(LOGIN_COOKIE, token, path=f"{PREFIX}/", httponly=True,
-                        secure=request.secure, samesite="Strict")
+                        secure=served_over_tls(request), samesite="Strict")
+
+
+def served_over_tls(request: web.Request) -> bool:
+    """HTTPS to this listener, or to a trusted proxy (`server.trusted_proxies`) that says
+    so with X-Forwarded-Proto: the cookies are then `Secure`."""
+    if request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if proto != "https" or not (isinstance(peer, tuple) and peer):
+        return False
+    try:
+        ip = iprules.parse_ip(str(peer[0]))
+    except ValueError:
+        return False
+    return any(ip in network for network in request.config_dict[TRUSTED_PROXIES])
 
 
 def _next(raw: str) -> str:

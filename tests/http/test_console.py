@@ -405,3 +405,17 @@ async def test_an_operator_deletes_a_console_user_but_not_itself(harness: Harnes
                                       {"email": "other@example.com"})
     assert status == 200 and "Console user other@example.com deleted" in text
     assert await harness.gateway.store.get_console_user("other@example.com") is None
+
+
+async def test_the_cookie_is_secure_behind_a_trusted_tls_proxy_only(
+        make_harness: Any, config: Config) -> None:
+    h: Harness = await make_harness(cfg=config.replace(
+        {"server.trusted_proxies": ["127.0.0.1"]}))
+    await h.manage.create_console_user(OWNER, OWNER_PASSWORD, operator=False,
+                                       accounts=[ACCOUNT])
+    for proto, secure in (("https", True), ("http", False)):
+        resp = await h.client.get("/console/login", headers={"X-Forwarded-Proto": proto})
+        assert ("Secure" in resp.headers["Set-Cookie"]) is secure
+    untrusted: Harness = await make_harness(seed=False)
+    resp = await untrusted.client.get("/console/login", headers={"X-Forwarded-Proto": "https"})
+    assert "Secure" not in resp.headers["Set-Cookie"]
