@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import secrets
 
 import structlog
@@ -119,3 +120,9 @@ class ConsoleAuth:
 def csrf_matches(session: ConsoleSession, presented: str) -> bool:
     return bool(presented) and secrets.compare_digest(session.csrf.encode(),
                                                       presented.encode())
+
+
+def flash_signature(session: ConsoleSession, message: str) -> str:
+    """The session's mark on a message shown after a change (keyed by its secret CSRF
+    token): only the console says what it has done."""
+    return hmac.new(session.csrf.encode(), message.encode(), hashlib.sha256).hexdigest()[:32]

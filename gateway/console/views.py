@@ -34,7 +34,7 @@ from gateway import ptt as ptt_module
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.console import chart, forms
-from gateway.console.sessions import ConsoleAuth, LoginRefused, csrf_matches
+from gateway.console.sessions import ConsoleAuth, LoginRefused, csrf_matches, flash_signature
 from gateway.credits import format_credits
 from gateway.hooks.callbacks import send_test_callback
 from gateway.records import Account, ConsoleSession, Message
@@ -185,7 +185,7 @@ def _context(request: web.Request, **values: Any) -> dict[str, Any]:
     context: dict[str, Any] = {
         "prefix": PREFIX, "session": session, "user": session.user if session else None,
         "csrf": session.csrf if session else "", "account": account,
-        "errors": {}, "form": {}, "flash": request.query.get("done", ""),
+        "errors": {}, "form": {}, "flash": _flash(request, session),
     }
     context.update(values)
     return context
@@ -201,11 +201,22 @@ def _base(request: web.Request) -> str:
     return f"{PREFIX}/a/{quote(request[ACCOUNT].name, safe='')}"
 
 
-def done(url: str, message: str) -> web.HTTPSeeOther:
+def done(request: web.Request, url: str, message: str) -> web.HTTPSeeOther:
     """After a change, the page again (POST, redirect, GET), saying what was done."""
     url, hash_, fragment = url.partition("#")
     separator = "&" if "?" in url else "?"
-    return web.HTTPSeeOther(f"{url}{separator}{urlencode({'done': message})}{hash_}{fragment}")
+    said = urlencode({"done": message, "sig": flash_signature(request[SESSION], message)})
+    return web.HTTPSeeOther(f"{url}{separator}{said}{hash_}{fragment}")
+
+
+def _flash(request: web.Request, session: ConsoleSession | None) -> str:
+    """What `done` said, when it was said to this session: a link made elsewhere cannot put
+    its own words ("call this number") on a console page."""
+    message, signature = request.query.get("done", ""), request.query.get("sig", "")
+    if session is None or not message or \
+            not secrets.compare_digest(flash_signature(session, message), signature):
+        return ""
+    return message
 
 
 def _errors(exc: ValidationError) -> dict[str, str]:
@@ -326,7 +337,7 @@ async def create_account(request: web.Request) -> web.StreamResponse:
         errors = _errors(exc) if isinstance(exc, ValidationError) else {"name": str(exc)}
         return await _accounts(request, await manage.store.list_accounts(), status=400,
                                errors=errors, form=form)
-    raise done(f"{PREFIX}/", f"Account {account.name} created")
+    raise done(request, f"{PREFIX}/", f"Account {account.name} created")
 
 
 @operator_only
@@ -339,7 +350,7 @@ async def top_up(request: web.Request) -> web.StreamResponse:
     except ValidationError as exc:
         return await _accounts(request, await manage.store.list_accounts(), status=400,
                                errors={f"amount-{name}": _errors(exc)["amount"]}, form=form)
-    raise done(f"{PREFIX}/", f"{name}: {format_credits(account.balance)} credits left")
+    raise done(request, f"{PREFIX}/", f"{name}: {format_credits(account.balance)} credits left")
 
 
 async def account_page(request: web.Request) -> web.Response:
@@ -385,7 +396,7 @@ async def add_user(request: web.Request) -> web.StreamResponse:
     except Conflict as exc:
         return await users_page(request, status=400, errors={"login": str(exc)},
                                 form={"login": form.get("login", "")}, adding=True)
-    raise done(f"{_base(request)}/users", f"API user {user.login} added")
+    raise done(request, f"{_base(request)}/users", f"API user {user.login} added")
 
 
 async def user_page(request: web.Request, status: int = 200, **values: Any) -> web.Response:
@@ -439,7 +450,7 @@ async def update_user(request: web.Request) -> web.StreamResponse:
         message += (f": {format_credits(abs(moved))} credits moved "
                     f"{'from' if moved >= 0 else 'back to'} the account, "
                     f"{format_credits(after)} left")
-    raise done(f"{_base(request)}/users/{quote(login, safe='')}#{section}", message)
+    raise done(request, f"{_base(request)}/users/{quote(login, safe='')}#{section}", message)
 
 
 async def _test_callback(request: web.Request, url: str) -> web.Response:
@@ -465,7 +476,7 @@ async def delete_user(request: web.Request) -> web.StreamResponse:
         return await user_page(request, status=400, section="delete",
                                errors={"confirm": f"type {login} to confirm"})
     await _services(request).manage.delete_user(request[ACCOUNT].name, login)
-    raise done(f"{_base(request)}/users", f"API user {login} deleted")
+    raise done(request, f"{_base(request)}/users", f"API user {login} deleted")
 
 
 # -- sending ------------------------------------------------------------------------------
@@ -542,10 +553,10 @@ async def outgoing(request: web.Request) -> web.Response:
     next_url = None
     if len(messages) > PAGE:
         messages = messages[:PAGE]
-        following = {k: v for k, v in query.items() if k not in ("before", "done")}
+        following = {k: v for k, v in query.items() if k not in ("before", "done", "sig")}
         following["before"] = str(messages[-1].id)
         next_url = f"{_base(request)}/outgoing?{urlencode(following)}"
-    filters = {k: v for k, v in query.items() if k not in ("before", "done")}
+    filters = {k: v for k, v in query.items() if k not in ("before", "done", "sig")}
     return render(request, "outgoing.html", messages=messages, users=users, form=dict(query),
                   next_url=next_url, when=lambda at: forms.when(at, services.tz),
                   outcome=outcome, credits=format_credits,
@@ -635,14 +646,14 @@ async def add_sender(request: web.Request) -> web.StreamResponse:
         return await senders_page(request, status=400, errors=_errors(exc), form=form)
     except Conflict as exc:
         return await senders_page(request, status=400, errors={"sender": str(exc)}, form=form)
-    raise done(f"{_base(request)}/senders", f"Sender {sender} added")
+    raise done(request, f"{_base(request)}/senders", f"Sender {sender} added")
 
 
 async def remove_sender(request: web.Request) -> web.StreamResponse:
     form = await _form(request)
     sender = form.get("sender", "")
     await _services(request).manage.remove_sender(request[ACCOUNT].name, sender)
-    raise done(f"{_base(request)}/senders", f"Sender {sender} removed")
+    raise done(request, f"{_base(request)}/senders", f"Sender {sender} removed")
 
 
 async def ledger(request: web.Request) -> web.Response:
@@ -686,7 +697,7 @@ async def add_console_user(request: web.Request) -> web.StreamResponse:
         field = "email" if isinstance(exc, Conflict) else "accounts"
         return await console_users(request, status=400, errors={field: str(exc)},
                                    form={"email": form.get("email", "")})
-    raise done(f"{PREFIX}/console-users", f"Console user {created.email} added")
+    raise done(request, f"{PREFIX}/console-users", f"Console user {created.email} added")
 
 
 @operator_only
@@ -697,7 +708,7 @@ async def delete_console_user(request: web.Request) -> web.StreamResponse:
         return await console_users(request, status=400,
                                    errors={"delete": "you cannot delete yourself"})
     await _services(request).manage.delete_console_user(email)
-    raise done(f"{PREFIX}/console-users", f"Console user {email} deleted")
+    raise done(request, f"{PREFIX}/console-users", f"Console user {email} deleted")
 
 
 # -- wiring -------------------------------------------------------------------------------

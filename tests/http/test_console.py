@@ -419,3 +419,13 @@ async def test_the_cookie_is_secure_behind_a_trusted_tls_proxy_only(
     untrusted: Harness = await make_harness(seed=False)
     resp = await untrusted.client.get("/console/login", headers={"X-Forwarded-Proto": "https"})
     assert "Secure" not in resp.headers["Set-Cookie"]
+
+
+async def test_a_link_made_elsewhere_cannot_put_its_words_on_a_console_page(
+        harness: Harness) -> None:
+    console = await owner(harness)
+    status, text = await console.get(
+        f"/console/a/{ACCOUNT}/users?done=Session+expired:+call+0800+123+456")
+    assert status == 200 and "0800 123 456" not in text and 'class="flash"' not in text
+    status, text = await console.post(f"/console/a/{ACCOUNT}/senders", {"sender": "SHOP"})
+    assert 'class="flash" role="status">Sender SHOP added<' in text
