@@ -10,12 +10,13 @@ import asyncio
 import re
 from collections.abc import Sequence
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from gateway import iprules, passwords, phones, tokens
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import MAX_CREDITS, InvalidAmount, as_number, format_credits, to_cents
-from gateway.hooks.callbacks import target_problem
+from gateway.hooks.callbacks import send_test_callback, target_problem
 from gateway.hooks.targets import TargetPolicy
 from gateway.records import UNSET, Account, AdminToken, ConsoleUser, User, UserChanges
 from gateway.store import NotFound, Store
@@ -151,9 +152,17 @@ class Management:
         return await self.store.update_user(account, login, changes, at=self.clock.now(),
                                             check=lambda user: _check_alert(user, changes))
 
-    def check_callback_url(self, url: Any) -> str | None:
-        """A callback URL as `update_user` would take it (None: none), without saving it."""
-        return _url("callBack", url, self._targets)
+    async def test_callback(self, account: str, login: str, url: Any) -> tuple[bool, str]:
+        """Call `url` once as a delivery report of `login`'s would be, without saving it:
+        (answered 2xx, what happened). The URL is refused as `update_user` would refuse
+        it; NotFound when the user does not exist (then nothing is called)."""
+        await self.store.get_user(account, login)
+        target = _url("callBack", url, self._targets)
+        if target is None:
+            raise ValidationError("callBack", "required")
+        return await send_test_callback(target, self.config.callbacks,
+                                        ZoneInfo(self.config.send.timezone),
+                                        at=self.clock.now())
 
     async def delete_user(self, account: str, login: str) -> None:
         await self.store.delete_user(account, login, at=self.clock.now())

@@ -36,7 +36,6 @@ from gateway.config import Config
 from gateway.console import chart, forms
 from gateway.console.sessions import ConsoleAuth, LoginRefused, csrf_matches, flash_signature
 from gateway.credits import format_credits
-from gateway.hooks.callbacks import send_test_callback
 from gateway.records import Account, ConsoleSession, Message
 from gateway.send.pipeline import SendPipeline
 from gateway.service import Management, ValidationError, user_view
@@ -456,15 +455,11 @@ async def update_user(request: web.Request) -> web.StreamResponse:
 async def _test_callback(request: web.Request, url: str) -> web.Response:
     services = _services(request)
     try:
-        target = services.manage.check_callback_url(url)
+        ok, detail = await services.manage.test_callback(
+            request[ACCOUNT].name, request.match_info["login"], url)
     except ValidationError as exc:
         return await user_page(request, status=400, errors=_errors(exc),
                                form={"callBack": url}, section="callback")
-    if target is None:
-        return await user_page(request, status=400, errors={"callBack": "required"},
-                               form={"callBack": url}, section="callback")
-    ok, detail = await send_test_callback(target, services.config.callbacks, services.tz,
-                                          at=services.clock.now())
     return await user_page(request, form={"callBack": url}, section="callback",
                            test_result={"ok": ok, "detail": detail})
 

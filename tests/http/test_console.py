@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 
 from gateway.clock import ManualClock
 from gateway.config import Config
@@ -429,3 +430,29 @@ async def test_a_link_made_elsewhere_cannot_put_its_words_on_a_console_page(
     assert status == 200 and "0800 123 456" not in text and 'class="flash"' not in text
     status, text = await console.post(f"/console/a/{ACCOUNT}/senders", {"sender": "SHOP"})
     assert 'class="flash" role="status">Sender SHOP added<' in text
+
+
+async def test_a_test_callback_is_sent_for_an_existing_user_only(
+        harness: Harness, aiohttp_server: Any) -> None:
+    calls: list[dict[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        calls.append(dict(request.query))
+        return web.Response(text="thanks")
+
+    app = web.Application()
+    app.router.add_get("/dlr", record)
+    url = f"http://127.0.0.1:{(await aiohttp_server(app)).port}/dlr"
+    console = await owner(harness)
+    await console.get(f"/console/a/{ACCOUNT}/users")
+    status, _ = await console.post(f"/console/a/{ACCOUNT}/users/nobody/callback",
+                                   {"callBack": url, "action": "test"})
+    assert status == 404 and calls == []
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/callback",
+                                      {"callBack": "ftp://example.com/x", "action": "test"})
+    assert status == 400 and 'id="f-callBack-error"' in text and calls == []
+    status, text = await console.post(f"/console/a/{ACCOUNT}/users/{LOGIN}/callback",
+                                      {"callBack": url, "action": "test"})
+    assert status == 200 and "answered: HTTP 200" in text
+    assert [c["id"] for c in calls] == ["0"]
+    assert (await harness.gateway.store.get_user(ACCOUNT, LOGIN)).callback_url is None
