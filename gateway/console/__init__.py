@@ -31,7 +31,8 @@ def setup(app: web.Application, gateway: Gateway) -> None:
     if not config.console.enabled:
         return
     services = Services(manage=Management(gateway.store, config, gateway.clock),
-                        auth=ConsoleAuth(gateway.store, config, gateway.clock),
+                        auth=ConsoleAuth(gateway.store, config, gateway.clock,
+                                        gateway.pipeline.guard),
                         pipeline=gateway.pipeline, config=config, clock=gateway.clock)
     app.add_subapp(PREFIX, build(services))
     app.router.add_get("/", _to_console)

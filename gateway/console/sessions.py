@@ -8,8 +8,9 @@ Free of aiohttp: the views hand it a cookie's value and the caller's address.
 - A session ends after `console.session_idle_minutes` without a request. Its last use is
   written at most once a minute: a write per page would compete with the send path for the
   store's write lock, and a minute is nothing against an expiry counted in minutes.
-- Failed logins count in a guard of their own (the send URL's `LoginGuard`), keyed per
-  address and per e-mail and address, with `[security]`'s limits. Unknown e-mails are
+- Failed logins count in the send URL's own guard (`LoginGuard`, given by the caller),
+  keyed per address and per e-mail and address, with `[security]`'s limits: the address
+  key is the send URL's, so guesses from one address count together on both. Unknown e-mails are
   checked against a decoy hash and weigh as much as known ones: neither the time nor the
   lockout tells which e-mails exist.
 """
@@ -48,13 +49,12 @@ def digest(token: str) -> str:
 
 
 class ConsoleAuth:
-    def __init__(self, store: ConsoleStore, config: Config, clock: Clock) -> None:
+    def __init__(self, store: ConsoleStore, config: Config, clock: Clock,
+                 guard: LoginGuard) -> None:
         self.store = store
         self.clock = clock
         self.idle_seconds = config.console.session_idle_minutes * 60
-        security = config.security
-        self.guard = LoginGuard(security.max_failures, security.lockout_seconds,
-                                ipv6_prefix=security.ipv6_prefix)
+        self.guard = guard
 
     async def login(self, email: str, password: str, ip: IPAddress | None
                     ) -> tuple[str, ConsoleSession]:

@@ -98,6 +98,12 @@ class SendPipeline:
         # as a wrong password: the timing must not tell which logins exist.
         self._decoy_hash = decoy_hash()
 
+    @property
+    def guard(self) -> LoginGuard:
+        """The brute-force guard of the send URL's logins, which the console's logins
+        share: guesses from one address count together wherever they are made."""
+        return self._guard
+
     async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None, *,
                    connected: Callable[[], bool] | None = None,
                    as_owner: bool = False) -> Answer:

@@ -456,3 +456,15 @@ async def test_a_test_callback_is_sent_for_an_existing_user_only(
     assert status == 200 and "answered: HTTP 200" in text
     assert [c["id"] for c in calls] == ["0"]
     assert (await harness.gateway.store.get_user(ACCOUNT, LOGIN)).callback_url is None
+
+
+async def test_guesses_on_the_send_url_count_against_console_logins_from_that_address(
+        make_harness: Any, config: Config) -> None:
+    h: Harness = await make_harness(cfg=config.replace({"security.max_failures": 3}))
+    await h.manage.create_console_user(OWNER, OWNER_PASSWORD, operator=False,
+                                       accounts=[ACCOUNT])
+    for _ in range(3):
+        _, body = await h.send(password="wrongpass1")
+        assert body.startswith("KO\n401"), body
+    status, text = await Console(h).login()
+    assert status == 401 and "Too many failed logins" in text
