@@ -151,6 +151,15 @@ async def test_the_seeds_walk_through_the_console(browser: Browser, tmp_path: Pa
         assert "150 credits moved from the account, 50 left" in \
             await page.locator(".flash").inner_text()
         await check(page, "03-api-user")
+        # The dialog counts in credits as the gateway does, and a quota switched off gives
+        # all of its credits back (nothing saved here).
+        await page.get_by_label("New quota (credits)").fill("149.7")
+        assert "0.3 credits will go back to the account (50.3 left)" in \
+            await page.locator("#quota-moves").inner_text()
+        await page.get_by_label("Activate the quota").uncheck()
+        assert "150 credits will go back to the account (200 left)" in \
+            await page.locator("#quota-moves").inner_text()
+        await page.get_by_label("Activate the quota").check()
 
         # Limit: an e-mail when the quota falls below 149.5.
         await page.get_by_label("Activate the alert").check()

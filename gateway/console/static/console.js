@@ -44,15 +44,23 @@
     });
   });
 
+  // Counted in cents, as the gateway counts credits: 150 - 149.7 is 0.3, not 0.30000000000000426.
+  var cents = function (text) { return Math.round((parseFloat(text) || 0) * 100); };
+  var credits = function (c) { return String(c / 100); };
   document.querySelectorAll("input[data-moves]").forEach(function (input) {
     var out = document.getElementById(input.dataset.moves);
-    var current = input.defaultValue;
-    input.addEventListener("input", function () {
-      var delta = (parseFloat(input.value) || 0) - (parseFloat(current) || 0);
-      var left = (parseFloat(input.dataset.balance) || 0) - (parseFloat(input.value) || 0);
+    var active = input.form.elements.quotaStatus;
+    var current = active.defaultChecked ? cents(input.defaultValue) : 0;
+    var update = function () {
+      // A quota switched off holds nothing: all its credits go back to the account.
+      var wanted = active.checked ? cents(input.value) : 0;
+      var delta = wanted - current;
+      var left = credits(cents(input.dataset.balance) - wanted);
       out.textContent = delta >= 0
-        ? delta + " credits will move from the account (" + left + " left)"
-        : (-delta) + " credits will go back to the account (" + left + " left)";
-    });
+        ? credits(delta) + " credits will move from the account (" + left + " left)"
+        : credits(-delta) + " credits will go back to the account (" + left + " left)";
+    };
+    input.addEventListener("input", update);
+    active.addEventListener("change", update);
   });
 }());
