@@ -56,9 +56,11 @@ class ConsoleAuth:
         self.idle_seconds = config.console.session_idle_minutes * 60
         self.guard = guard
 
-    async def login(self, email: str, password: str, ip: IPAddress | None
-                    ) -> tuple[str, ConsoleSession]:
-        """A new session's token and the session; LoginRefused with the form's message."""
+    async def login(self, email: str, password: str, ip: IPAddress | None, *,
+                    previous: str = "") -> tuple[str, ConsoleSession]:
+        """A new session's token and the session; LoginRefused with the form's message.
+        `previous`: the token the browser held, whose session ends (a login never keeps
+        a session it was handed, nor leaves the one it replaces open)."""
         try:
             address = console_email(email)
         except ValidationError:
@@ -90,6 +92,8 @@ class ConsoleAuth:
         csrf = secrets.token_urlsafe(32)
         # Sessions left to expire are swept here, at a login, rather than by a timer.
         await self.store.delete_console_sessions(idle_before=now - self.idle_seconds)
+        if previous and len(previous) <= 128:
+            await self.store.delete_console_sessions(digest=digest(previous))
         await self.store.create_console_session(digest(token), address, csrf, at=now)
         session = await self.store.find_console_session(digest(token))
         assert session is not None

@@ -251,7 +251,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         return response
     try:
         session_token, session = await _services(request).auth.login(
-            form.get("email", ""), form.get("password", ""), caller_ip(request))
+            form.get("email", ""), form.get("password", ""), caller_ip(request),
+            previous=request.cookies.get(COOKIE, ""))
     except LoginRefused as refused:
         response = render(request, "login.html", status=401, login_csrf=token, next=nxt,
                           form={"email": form.get("email", "")},

@@ -468,3 +468,17 @@ async def test_guesses_on_the_send_url_count_against_console_logins_from_that_ad
         assert body.startswith("KO\n401"), body
     status, text = await Console(h).login()
     assert status == 401 and "Too many failed logins" in text
+
+
+async def test_a_login_ends_the_session_the_browser_held(harness: Harness) -> None:
+    console = await owner(harness)
+    first = harness.client.session.cookie_jar.filter_cookies(
+        harness.client.make_url("/console/"))[views.COOKIE].value
+    status, text = await console.login()
+    assert status == 200 and "Log out" in text
+    second = harness.client.session.cookie_jar.filter_cookies(
+        harness.client.make_url("/console/"))[views.COOKIE].value
+    assert second != first
+    resp = await harness.client.get(f"/console/a/{ACCOUNT}/", allow_redirects=False,
+                                    cookies={views.COOKIE: first})
+    assert resp.status == 303 and "/console/login" in resp.headers["Location"]
