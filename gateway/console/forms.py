@@ -89,7 +89,7 @@ def split_recipients(text: str) -> list[str]:
 def message_filter(account_id: int, query: Mapping[str, str], tz: ZoneInfo) -> MessageFilter:
     """The outgoing list's filters; ValidationError names the field at fault."""
     ptt = query.get("ptt", "").strip()
-    if (ptt and not ptt.lstrip("-").isdigit()) or len(ptt) > 19:
+    if ptt and whole_number(ptt.removeprefix("-")) is None:
         raise ValidationError("ptt", "an integer")
     receiver = query.get("receiver", "").strip()
     if receiver:
@@ -104,6 +104,14 @@ def message_filter(account_id: int, query: Mapping[str, str], tz: ZoneInfo) -> M
         receiver=receiver or None,
         created_from=_day(query.get("from", ""), tz, "from"),
         created_to=_day(query.get("to", ""), tz, "to", end=True))
+
+
+def whole_number(raw: str) -> int | None:
+    """A query's id or position: ASCII digits that fit the store's 64-bit integers (`str.
+    isdigit` also takes '²', which `int` refuses), else None."""
+    if not raw or not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        return None
+    return int(raw)
 
 
 def _day(raw: str, tz: ZoneInfo, field: str, *, end: bool = False) -> float | None:

@@ -541,7 +541,7 @@ async def outgoing(request: web.Request) -> web.Response:
     users = await store.list_users(account.name)
     try:
         where = forms.message_filter(account.id, query, services.tz)
-        before = int(query["before"]) if query.get("before", "").isdigit() else None
+        before = forms.whole_number(query.get("before", ""))
     except ValidationError as exc:
         return render(request, "outgoing.html", status=400, messages=[], users=users,
                       errors=_errors(exc), form=dict(query), next_url=None, export_url="")
@@ -608,9 +608,10 @@ async def message_page(request: web.Request) -> web.Response:
     services = _services(request)
     store = services.manage.store
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    message_id = forms.whole_number(raw)
+    if message_id is None:
         raise NotFound(raw)
-    message = await store.get_message(int(raw))
+    message = await store.get_message(message_id)
     if message.account_id != request[ACCOUNT].id:
         raise NotFound(raw)
     return render(request, "message.html", message=message,
@@ -654,10 +655,9 @@ async def remove_sender(request: web.Request) -> web.StreamResponse:
 
 async def ledger(request: web.Request) -> web.Response:
     services = _services(request)
-    after = request.query.get("after", "")
     entries = await services.manage.store.list_ledger(
-        request[ACCOUNT].name, limit=PAGE + 1, after_id=int(after) if after.isdigit()
-        and len(after) < 19 else 0)
+        request[ACCOUNT].name, limit=PAGE + 1,
+        after_id=forms.whole_number(request.query.get("after", "")) or 0)
     next_url = None
     if len(entries) > PAGE:
         entries = entries[:PAGE]

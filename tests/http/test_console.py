@@ -482,3 +482,18 @@ async def test_a_login_ends_the_session_the_browser_held(harness: Harness) -> No
     resp = await harness.client.get(f"/console/a/{ACCOUNT}/", allow_redirects=False,
                                     cookies={views.COOKIE: first})
     assert resp.status == 303 and "/console/login" in resp.headers["Location"]
+
+
+async def test_queries_out_of_range_or_in_other_digits_are_no_internal_error(
+        harness: Harness) -> None:
+    console = await owner(harness)
+    base = f"/console/a/{ACCOUNT}"
+    for path, expected in ((f"{base}/outgoing?before=99999999999999999999999", 200),
+                           (f"{base}/outgoing?before=%C2%B2", 200),
+                           (f"{base}/ledger?after=%C2%B2", 200),
+                           (f"{base}/outgoing/%C2%B2", 404),
+                           (f"{base}/outgoing/99999999999999999999999", 404),
+                           (f"{base}/outgoing?ptt=%C2%B2", 400),
+                           (f"{base}/outgoing.csv?ptt=-%C2%B2", 400)):
+        status, _ = await console.get(path)
+        assert status == expected, path

@@ -76,3 +76,10 @@ def test_the_chart_draws_each_period_and_totals_the_rate() -> None:
     assert drawn.count('class="delivered"') == 1 and drawn.count('class="pending"') == 1
     assert "h0: 3 delivered, 1 failed, 0 pending, 4 credits" in drawn
     assert "style=" not in drawn  # the page's CSP allows no inline style
+
+
+def test_whole_numbers_of_a_query_are_ascii_digits_within_64_bits() -> None:
+    assert forms.whole_number("42") == 42
+    assert forms.whole_number("9" * 18) == int("9" * 18)
+    for raw in ("", "²", "٣", "-1", "1.5", " 1", "9" * 19):
+        assert forms.whole_number(raw) is None, raw
