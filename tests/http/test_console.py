@@ -497,3 +497,52 @@ async def test_queries_out_of_range_or_in_other_digits_are_no_internal_error(
                            (f"{base}/outgoing.csv?ptt=-%C2%B2", 400)):
         status, _ = await console.get(path)
         assert status == expected, path
+
+
+def _path(template: str, **values: str) -> str:
+    for name, value in values.items():
+        template = template.replace(f"{{{name}}}", value)
+    return f"/console{template}"
+
+
+async def test_every_form_of_the_route_table_refuses_a_post_without_its_csrf_token(
+        harness: Harness) -> None:
+    console = await owner(harness, operator=True)
+    posts = [path for method, path, _ in views.ROUTES if method == "POST"]
+    assert "/logout" in posts and "/a/{account}/users/{login}/{section}" in posts
+    for template in posts:
+        for section in (("callback", "quota") if "{section}" in template else ("",)):
+            path = _path(template, account=ACCOUNT, name=ACCOUNT, login=LOGIN,
+                         section=section)
+            data = {"callBack": "https://dlr.example.com/", "action": "test"}
+            status, _ = await console.post(path, {**data, "_csrf": "forged"}, csrf=False)
+            assert status == 403, path
+    status, text = await console.get("/console/")
+    assert "Log out" in text  # the refused logout left the session open
+
+
+async def test_every_page_of_another_account_answers_404(harness: Harness) -> None:
+    await harness.manage.create_account(OTHER, 100)
+    await harness.manage.create_user(OTHER, "carol", "abcd1234")
+    await harness.manage.add_sender(OTHER, "OTHR")
+    _, body = await harness.send(account=OTHER, login="carol", password="abcd1234",
+                                 **{"from": "OTHR"})
+    other_id = re.search(r"\d+", body.split("\n", 2)[2]).group(0)  # type: ignore[union-attr]
+    balance = await harness.balance(OTHER)
+    console = await owner(harness)
+    await console.get(f"/console/a/{ACCOUNT}/")
+    for method, template, _ in views.ROUTES:
+        if "{account}" not in template and "{name}" not in template:
+            continue
+        path = _path(template, account=OTHER, name=OTHER, login="carol", section="callback",
+                     id=other_id)
+        if method == "GET":
+            status, _ = await console.get(path)
+        else:
+            status, _ = await console.post(path, {"callBack": "https://dlr.example.com/",
+                                                  "action": "test", "confirm": "carol",
+                                                  "amount": "5", "sender": "OTHR"})
+        assert status == 404, (method, path)
+    assert await harness.gateway.store.list_users(OTHER) == ["carol"]
+    assert (await harness.gateway.store.get_account(OTHER)).senders == ("OTHR",)
+    assert await harness.balance(OTHER) == balance
