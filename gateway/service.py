@@ -202,8 +202,13 @@ class Management:
             raise NotFound(f"unknown console user {address!r}")
         await self.store.set_console_password(address, await _hash(console_password(password)))
 
-    async def delete_console_user(self, email: Any) -> None:
-        await self.store.delete_console_user(console_email(email))
+    async def delete_console_user(self, email: Any, *, by: str | None = None) -> None:
+        """`by`: the console user asking, which may not delete itself (an operator would
+        lock itself out; another operator, or the CLI, may)."""
+        address = console_email(email)
+        if by is not None and address == console_email(by):
+            raise ValidationError("email", "you cannot delete yourself")
+        await self.store.delete_console_user(address)
 
 
 # A console password opens every API user's settings of its accounts: longer than the

@@ -700,10 +700,12 @@ async def add_console_user(request: web.Request) -> web.StreamResponse:
 async def delete_console_user(request: web.Request) -> web.StreamResponse:
     form = await _form(request)
     email = form.get("email", "")
-    if email == request[SESSION].user.email:
+    try:
+        await _services(request).manage.delete_console_user(
+            email, by=request[SESSION].user.email)
+    except ValidationError as exc:
         return await console_users(request, status=400,
-                                   errors={"delete": "you cannot delete yourself"})
-    await _services(request).manage.delete_console_user(email)
+                                   errors={"delete": _errors(exc)[exc.field]})
     raise done(request, f"{PREFIX}/console-users", f"Console user {email} deleted")
 
 
