@@ -190,6 +190,10 @@ class Management:
         address = console_email(email)
         if not operator and not accounts:
             raise ValidationError("accounts", "at least one account, or operator")
+        if operator and accounts:
+            # As the CLI refuses --operator with --account: which was meant is unclear.
+            raise ValidationError("accounts", "an operator manages every account: "
+                                              "choose no account")
         hashed = await _hash(console_password(password))
         return await self.store.create_console_user(
             address, hashed, operator=operator, accounts=[] if operator else list(accounts),

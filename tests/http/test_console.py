@@ -275,6 +275,11 @@ async def test_an_operator_creates_accounts_tops_them_up_and_adds_console_users(
         "email": "new@example.com", "password": "short", "accounts": OTHER})
     assert status == 400 and "at least 12 characters" in text
     status, text = await console.post("/console/console-users", {
+        "email": "new@example.com", "password": "long enough pass", "accounts": OTHER,
+        "operator": "1"})
+    assert status == 400 and "an operator manages every account" in text
+    assert await harness.gateway.store.get_console_user("new@example.com") is None
+    status, text = await console.post("/console/console-users", {
         "email": "new@example.com", "password": "long enough pass", "accounts": OTHER})
     assert status == 200
     made = await harness.gateway.store.get_console_user("new@example.com")
