@@ -6,8 +6,9 @@ Free of aiohttp: the views hand it a cookie's value and the caller's address.
 - A session's token is 32 random bytes; only its SHA-256 is stored (a copy of the
   database opens no session), as the admin API's tokens.
 - A session ends after `console.session_idle_minutes` without a request. Its last use is
-  written at most once a minute: a write per page would compete with the send path for the
-  store's write lock, and a minute is nothing against an expiry counted in minutes.
+  written at most once a minute (or a quarter of the idle time, when that is shorter): a
+  write per page would compete with the send path for the store's write lock, and a
+  minute is nothing against an expiry counted in minutes.
 - Failed logins count in the send URL's own guard (`LoginGuard`, given by the caller),
   keyed per address and per e-mail and address, with `[security]`'s limits: the address
   key is the send URL's, so guesses from one address count together on both. Unknown e-mails are
@@ -54,6 +55,8 @@ class ConsoleAuth:
         self.store = store
         self.clock = clock
         self.idle_seconds = config.console.session_idle_minutes * 60
+        # Never so rarely that a session in use looks idle (a 30 s expiry, say).
+        self.touch_every = min(TOUCH_EVERY, self.idle_seconds / 4)
         self.guard = guard
 
     async def login(self, email: str, password: str, ip: IPAddress | None, *,
@@ -113,7 +116,7 @@ class ConsoleAuth:
             await self.store.delete_console_sessions(digest=key, idle_before=now -
                                                      self.idle_seconds)
             return None
-        if now - session.last_seen_at >= TOUCH_EVERY:
+        if now - session.last_seen_at >= self.touch_every:
             await self.store.touch_console_session(key, at=now)
         return session
 

@@ -261,6 +261,21 @@ async def test_the_session_ends_after_inactivity_and_at_logout(make_harness: Any
     assert "Log out" not in text
 
 
+async def test_a_session_in_use_stays_open_under_a_short_idle_time(
+        make_harness: Any, config: Config) -> None:
+    clock = ManualClock()
+    h: Harness = await make_harness(
+        clock=clock, cfg=config.replace({"console.session_idle_minutes": 0.5}))
+    console = await owner(h)
+    for _ in range(4):
+        clock.advance(20)
+        _, text = await console.get(f"/console/a/{ACCOUNT}/users")
+        assert "Log out" in text
+    clock.advance(31)
+    _, text = await console.get(f"/console/a/{ACCOUNT}/users")
+    assert "Log out" not in text
+
+
 async def test_an_operator_creates_accounts_tops_them_up_and_adds_console_users(
         harness: Harness) -> None:
     console = await owner(harness, operator=True)
