@@ -569,3 +569,34 @@ async def test_every_page_of_another_account_answers_404(harness: Harness) -> No
     assert await harness.gateway.store.list_users(OTHER) == ["carol"]
     assert (await harness.gateway.store.get_account(OTHER)).senders == ("OTHR",)
     assert await harness.balance(OTHER) == balance
+
+
+async def test_operator_pages_are_not_found_by_an_account_owner(harness: Harness) -> None:
+    console = await owner(harness)
+    await console.get(f"/console/a/{ACCOUNT}/")
+    operator_routes = [(method, path) for method, path, handler in views.ROUTES
+                       if getattr(handler, "console_operator", False)
+                       or path.startswith("/accounts")]
+    assert len(operator_routes) == 5
+    for method, template in operator_routes:
+        path = _path(template, name=ACCOUNT)
+        if method == "GET":
+            status, _ = await console.get(path)
+        else:
+            status, _ = await console.post(path, {"name": OTHER, "amount": "5",
+                                                  "email": OWNER, "credits": "5",
+                                                  "password": OWNER_PASSWORD})
+        assert status == 404, (method, path)
+    assert await harness.gateway.store.list_accounts() == [ACCOUNT]
+    assert await harness.gateway.store.get_console_user(OWNER) is not None
+
+
+async def test_what_users_typed_is_shown_escaped(harness: Harness) -> None:
+    console = await owner(harness)
+    markup = '<img src=x onerror="alert(1)">'
+    status, text = await console.post(f"/console/a/{ACCOUNT}/send", {
+        "login": LOGIN, "from": SENDER, "to": "+33612345678", "message": markup})
+    assert status == 200 and markup not in text
+    message_id = re.search(r'/outgoing/(\d+)"', text).group(1)  # type: ignore[union-attr]
+    status, text = await console.get(f"/console/a/{ACCOUNT}/outgoing/{message_id}")
+    assert markup not in text and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in text
