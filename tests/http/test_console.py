@@ -14,6 +14,7 @@ import pytest
 import structlog
 from aiohttp import web
 
+from gateway import passwords
 from gateway.clock import ManualClock
 from gateway.config import Config
 from gateway.console import views
@@ -600,3 +601,31 @@ async def test_what_users_typed_is_shown_escaped(harness: Harness) -> None:
     message_id = re.search(r'/outgoing/(\d+)"', text).group(1)  # type: ignore[union-attr]
     status, text = await console.get(f"/console/a/{ACCOUNT}/outgoing/{message_id}")
     assert markup not in text and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in text
+
+
+async def test_unknown_e_mails_cost_a_password_check_and_nothing_secret_is_logged(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+    verify = passwords.verify
+
+    def recording(password: str, stored: str) -> bool:
+        checked.append(stored)
+        return verify(password, stored)
+
+    monkeypatch.setattr(passwords, "verify", recording)
+    await harness.manage.create_console_user(OWNER, OWNER_PASSWORD, operator=False,
+                                             accounts=[ACCOUNT])
+    console = Console(harness)
+    with structlog.testing.capture_logs() as logs:
+        for email in ("nobody@example.com", "not an address"):
+            status, _ = await console.login(email, OWNER_PASSWORD)
+            assert status == 401
+        status, _ = await console.login(OWNER, "wrong password!")
+        assert status == 401
+        status, _ = await console.login()
+        assert status == 200
+    assert checked[:2] == [passwords.decoy_hash()] * 2 and len(checked) == 4
+    token = harness.client.session.cookie_jar.filter_cookies(
+        harness.client.make_url("/console/"))[views.COOKIE].value
+    assert OWNER_PASSWORD not in repr(logs) and "wrong password!" not in repr(logs)
+    assert token not in repr(logs)
