@@ -629,3 +629,21 @@ async def test_unknown_e_mails_cost_a_password_check_and_nothing_secret_is_logge
         harness.client.make_url("/console/"))[views.COOKIE].value
     assert OWNER_PASSWORD not in repr(logs) and "wrong password!" not in repr(logs)
     assert token not in repr(logs)
+
+
+async def test_a_login_leads_to_a_console_page_only(harness: Harness) -> None:
+    await harness.manage.create_console_user(OWNER, OWNER_PASSWORD, operator=False,
+                                             accounts=[ACCOUNT])
+    for nxt, expected in ((f"/console/a/{ACCOUNT}/users?login=x", None),
+                          ("https://evil.example/", "/console/"),
+                          ("//evil.example/", "/console/"),
+                          ("/\\evil.example/", "/console/"),
+                          ("/console\\..\\..\\/evil.example", "/console/"),
+                          ("javascript:alert(1)", "/console/")):
+        resp = await harness.client.get("/console/login", params={"next": nxt})
+        text = await resp.text()
+        token = _CSRF.search(text).group(1)  # type: ignore[union-attr]
+        resp = await harness.client.post("/console/login", allow_redirects=False, data={
+            "email": OWNER, "password": OWNER_PASSWORD, "_csrf": token, "next": nxt})
+        assert resp.status == 303
+        assert resp.headers["Location"] == (expected or nxt), nxt
