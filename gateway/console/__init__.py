@@ -17,9 +17,9 @@ __all__ = ["PREFIX", "setup"]
 
 
 async def _to_console(request: web.Request) -> web.StreamResponse:
-    # Only the bare address: a query on `/` is no console visit (OVH's send URL has its
-    # own path), and keeps the 404 it always had.
-    if request.query_string:
+    # Only a browser's visit of the bare address: a query or another method on `/` is no
+    # console visit (OVH's send URL has its own path), and keeps the 404 it always had.
+    if request.query_string or request.method not in ("GET", "HEAD"):
         raise web.HTTPNotFound()
     raise web.HTTPFound(f"{PREFIX}/")
 
@@ -35,4 +35,4 @@ def setup(app: web.Application, gateway: Gateway) -> None:
                                         gateway.pipeline.guard),
                         pipeline=gateway.pipeline, config=config, clock=gateway.clock)
     app.add_subapp(PREFIX, build(services))
-    app.router.add_get("/", _to_console)
+    app.router.add_route("*", "/", _to_console)

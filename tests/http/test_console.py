@@ -104,6 +104,8 @@ async def test_the_root_redirect_leaves_other_requests_to_the_root_as_they_were(
         harness: Harness) -> None:
     resp = await harness.client.get("/?account=x", allow_redirects=False)
     assert resp.status == 404
+    resp = await harness.client.post("/", data={"account": "x"}, allow_redirects=False)
+    assert resp.status == 404
     status, body = await harness.send()
     assert status == 200 and body.startswith("OK"), body
 
