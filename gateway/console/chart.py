@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from html import escape
+from zoneinfo import ZoneInfo
 
 from gateway.credits import format_credits
 from gateway.records import MessageStats
@@ -37,6 +39,37 @@ class Totals:
         """Delivered among the messages whose outcome is known, in percent."""
         final = self.delivered + self.failed
         return None if not final else 100.0 * self.delivered / final
+
+
+# Every time zone's midnight falls on a quarter of an hour (UTC+5:45 included): periods
+# this short fold exactly into local days, whatever their length.
+QUARTER = 900.0
+
+
+def days_window(now: float, tz: ZoneInfo, days: int) -> tuple[float, int]:
+    """The start (local midnight, `days - 1` days before today's) and the number of
+    quarters up to the end of today: what to ask the store before `by_day`."""
+    today = datetime.fromtimestamp(now, tz).date()
+    first = datetime.combine(today - timedelta(days=days - 1), datetime.min.time(), tz)
+    end = datetime.combine(today + timedelta(days=1), datetime.min.time(), tz)
+    return first.timestamp(), round((end.timestamp() - first.timestamp()) / QUARTER)
+
+
+def by_day(series: Sequence[MessageStats], tz: ZoneInfo) -> list[MessageStats]:
+    """Short periods folded into the local days they start in, each starting at its local
+    midnight: a day when the clocks change has 23 or 25 hours, not 24 shifted by one."""
+    days: dict[object, MessageStats] = {}
+    for period in series:
+        local = datetime.fromtimestamp(period.start, tz)
+        day = local.date()
+        was = days.get(day)
+        if was is None:
+            midnight = datetime.combine(day, datetime.min.time(), tz).timestamp()
+            was = MessageStats(midnight)
+        days[day] = MessageStats(was.start, was.delivered + period.delivered,
+                                 was.failed + period.failed, was.pending + period.pending,
+                                 was.credits + period.credits)
+    return list(days.values())
 
 
 def totals(series: Sequence[MessageStats]) -> Totals:

@@ -359,11 +359,11 @@ async def account_page(request: web.Request) -> web.Response:
     now = services.clock.now()
     tz = services.tz
     hour_start = now - now % 3600 - 23 * 3600
-    day = datetime.fromtimestamp(now, tz).replace(hour=0, minute=0, second=0, microsecond=0)
-    day_start = day.timestamp() - 29 * 86400
+    day_start, quarters = chart.days_window(now, tz, 30)
     store = services.manage.store
     hours = await store.message_stats(account.name, since=hour_start, period=3600, count=24)
-    days = await store.message_stats(account.name, since=day_start, period=86400, count=30)
+    days = chart.by_day(await store.message_stats(
+        account.name, since=day_start, period=chart.QUARTER, count=quarters), tz)
     charts = []
     for title, series, fmt in (("Last 24 hours", hours, "%H:00"),
                                ("Last 30 days", days, "%d/%m")):

@@ -8,7 +8,9 @@ import asyncio
 import csv
 import io
 import re
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import structlog
@@ -649,3 +651,18 @@ async def test_a_login_leads_to_a_console_page_only(harness: Harness) -> None:
             "email": OWNER, "password": OWNER_PASSWORD, "_csrf": token, "next": nxt})
         assert resp.status == 303
         assert resp.headers["Location"] == (expected or nxt), nxt
+
+
+async def test_the_30_days_chart_counts_local_days_across_a_change_of_the_clocks(
+        make_harness: Any) -> None:
+    paris = ZoneInfo("Europe/Paris")  # the default send.timezone; CEST until 2026-10-25
+    sent_at = datetime(2026, 10, 20, 0, 30, tzinfo=paris).timestamp()
+    clock = ManualClock(sent_at)
+    h: Harness = await make_harness(clock=clock)
+    _, body = await h.send()
+    assert body.startswith("OK"), body
+    clock.advance(datetime(2026, 10, 27, 12, 0, tzinfo=paris).timestamp() - sent_at)
+    console = await owner(h)
+    _, text = await console.get(f"/console/a/{ACCOUNT}/")
+    day = re.search(r"20/10: (\d+) delivered, (\d+) failed, (\d+) pending", text)
+    assert day is not None and sum(map(int, day.groups())) == 1, "counted on 19/10"

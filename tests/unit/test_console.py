@@ -3,6 +3,7 @@ send URL's rules, the account chart."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -83,3 +84,22 @@ def test_whole_numbers_of_a_query_are_ascii_digits_within_64_bits() -> None:
     assert forms.whole_number("9" * 18) == int("9" * 18)
     for raw in ("", "²", "٣", "-1", "1.5", " 1", "9" * 19):
         assert forms.whole_number(raw) is None, raw
+
+
+def test_the_30_days_are_local_days_even_when_the_clocks_change() -> None:
+    # 2026-10-25 in Paris has 25 hours (03:00 CEST becomes 02:00 CET).
+    now = datetime(2026, 10, 27, 12, 0, tzinfo=PARIS).timestamp()
+    since, quarters = chart.days_window(now, PARIS, 3)
+    assert since == datetime(2026, 10, 25, tzinfo=PARIS).timestamp()
+    assert quarters == (25 + 24 + 24) * 4
+    late = datetime(2026, 10, 25, 23, 30, tzinfo=PARIS).timestamp()
+    series = [MessageStats(since + n * chart.QUARTER) for n in range(quarters)]
+    series[int((late - since) // chart.QUARTER)] = MessageStats(late, 1, 0, 0, 100)
+    days = chart.by_day(series, PARIS)
+    assert [datetime.fromtimestamp(d.start, PARIS).strftime("%d/%m %H:%M") for d in days] \
+        == ["25/10 00:00", "26/10 00:00", "27/10 00:00"]
+    assert [d.delivered for d in days] == [1, 0, 0] and days[0].credits == 100
+    # UTC+5:45: midnight on a quarter of an hour.
+    nepal = ZoneInfo("Asia/Kathmandu")
+    since, quarters = chart.days_window(now, nepal, 1)
+    assert quarters == 96 and since % chart.QUARTER == 0
