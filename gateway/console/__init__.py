@@ -32,7 +32,7 @@ def setup(app: web.Application, gateway: Gateway) -> None:
         return
     services = Services(manage=Management(gateway.store, config, gateway.clock),
                         auth=ConsoleAuth(gateway.store, config, gateway.clock,
-                                        gateway.pipeline.guard),
+                                        gateway.pipeline.guard, gateway.pipeline.verifier),
                         pipeline=gateway.pipeline, config=config, clock=gateway.clock)
     app.add_subapp(PREFIX, build(services))
     app.router.add_route("*", "/", _to_console)

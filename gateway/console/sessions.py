@@ -9,6 +9,9 @@ Free of aiohttp: the views hand it a cookie's value and the caller's address.
   written at most once a minute (or a quarter of the idle time, when that is shorter): a
   write per page would compete with the send path for the store's write lock, and a
   minute is nothing against an expiry counted in minutes.
+- Passwords are checked in the send URL's bounded queue (`VerificationCache`): a flood of
+  console logins waits its turn with the send URL's checks, and past the queue's places
+  is answered 429 at once, never crowding out the send path's logins.
 - Failed logins count in the send URL's own guard (`LoginGuard`, given by the caller),
   keyed per address and per e-mail and address, with `[security]`'s limits: the address
   key is the send URL's, so guesses from one address count together on both. Unknown e-mails are
@@ -29,6 +32,7 @@ from gateway import passwords
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.iprules import IPAddress
+from gateway.passwords import VerificationBusy, VerificationCache
 from gateway.records import ConsoleSession
 from gateway.security import LoginGuard, Refused
 from gateway.service import ValidationError, console_email
@@ -42,7 +46,11 @@ _GUARD_ACCOUNT = "console user"
 
 
 class LoginRefused(Exception):
-    """A login refused; the message is what the login form shows."""
+    """A login refused; the message is what the login form shows, `status` its answer's."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def digest(token: str) -> str:
@@ -51,8 +59,9 @@ def digest(token: str) -> str:
 
 class ConsoleAuth:
     def __init__(self, store: ConsoleStore, config: Config, clock: Clock,
-                 guard: LoginGuard) -> None:
+                 guard: LoginGuard, verifier: VerificationCache) -> None:
         self.store = store
+        self.verifier = verifier
         self.clock = clock
         self.idle_seconds = config.console.session_idle_minutes * 60
         # Never so rarely that a session in use looks idle (a 30 s expiry, say).
@@ -77,7 +86,13 @@ class ConsoleAuth:
         try:
             user = await self.store.get_console_user(address)
             stored = user.password_hash if user is not None else passwords.decoy_hash()
-            ok = await asyncio.to_thread(passwords.verify, password, stored)
+            ok = await self.verifier.verify(password, stored,
+                                            owner=self.guard.address(ip))
+        except VerificationBusy:
+            # Nothing was checked: no failure counted, and the caller comes back soon.
+            attempt.release()
+            raise LoginRefused("Too many logins being checked: try again in a few seconds",
+                               status=429) from None
         except BaseException:
             attempt.release()
             raise

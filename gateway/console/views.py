@@ -254,7 +254,8 @@ async def login(request: web.Request) -> web.StreamResponse:
             form.get("email", ""), form.get("password", ""), caller_ip(request),
             previous=request.cookies.get(COOKIE, ""))
     except LoginRefused as refused:
-        response = render(request, "login.html", status=401, login_csrf=token, next=nxt,
+        response = render(request, "login.html", status=refused.status, login_csrf=token,
+                          next=nxt,
                           form={"email": form.get("email", "")},
                           errors={"form": str(refused)})
         _set_login_cookie(request, response, token)

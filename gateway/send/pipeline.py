@@ -99,6 +99,12 @@ class SendPipeline:
         self._decoy_hash = decoy_hash()
 
     @property
+    def verifier(self) -> VerificationCache:
+        """The bounded queue of password checks (scrypt), which the console's logins share:
+        a flood of them waits its turn with the send URL's instead of crowding it out."""
+        return self._verifier
+
+    @property
     def guard(self) -> LoginGuard:
         """The brute-force guard of the send URL's logins, which the console's logins
         share: guesses from one address count together wherever they are made."""

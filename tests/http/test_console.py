@@ -666,3 +666,22 @@ async def test_the_30_days_chart_counts_local_days_across_a_change_of_the_clocks
     _, text = await console.get(f"/console/a/{ACCOUNT}/")
     day = re.search(r"20/10: (\d+) delivered, (\d+) failed, (\d+) pending", text)
     assert day is not None and sum(map(int, day.groups())) == 1, "counted on 19/10"
+
+
+async def test_console_logins_wait_in_the_send_url_s_password_queue(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = harness.gateway.pipeline.verifier
+    ran = verifier.ran
+    console = await owner(harness)
+    assert verifier.ran == ran + 1  # the login's scrypt ran in the bounded queue
+    await console.post("/console/logout", {})
+
+    async def full(*args: Any, **kwargs: Any) -> bool:
+        raise passwords.VerificationBusy("too many password checks waiting")
+
+    monkeypatch.setattr(verifier, "verify", full)
+    status, text = await console.login()
+    assert status == 429 and "Too many logins being checked" in text
+    monkeypatch.undo()
+    status, text = await console.login()
+    assert status == 200 and "Log out" in text  # a busy queue counted no failure
