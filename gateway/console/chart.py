@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from html import escape
 from zoneinfo import ZoneInfo
 
@@ -58,10 +58,9 @@ def days_window(now: float, tz: ZoneInfo, days: int) -> tuple[float, int]:
 def by_day(series: Sequence[MessageStats], tz: ZoneInfo) -> list[MessageStats]:
     """Short periods folded into the local days they start in, each starting at its local
     midnight: a day when the clocks change has 23 or 25 hours, not 24 shifted by one."""
-    days: dict[object, MessageStats] = {}
+    days: dict[date, MessageStats] = {}
     for period in series:
-        local = datetime.fromtimestamp(period.start, tz)
-        day = local.date()
+        day = datetime.fromtimestamp(period.start, tz).date()
         was = days.get(day)
         if was is None:
             midnight = datetime.combine(day, datetime.min.time(), tz).timestamp()
