@@ -28,7 +28,7 @@ from gateway import logs
 from gateway.config import Config, ConfigError
 from gateway.credits import format_credits
 from gateway.display import escape, redact_url
-from gateway.records import AdminToken, MessageFilter
+from gateway.records import AdminToken, ConsoleUser, MessageFilter
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
 from gateway.store import Store, StoreError, open_store
 
@@ -622,6 +622,67 @@ def token_view(token: AdminToken) -> dict[str, Any]:
             "created": _when(token.created_at), "last_used": _when(token.last_used_at)}
 
 
+# -- console users ---------------------------------------------------------------------------
+
+@http2sms.group("console-user", help="manage the web console's users (e-mail and password)")
+@json_option
+def console_user_commands() -> None:
+    pass
+
+
+@console_user_commands.command("add", help="create a console user for some accounts, or an "
+                               "operator (every account, accounts and top-ups)")
+@click.argument("email")
+@click.option("--account", "accounts", multiple=True, metavar="ACCOUNT",
+              help="an account the console user may manage (repeat for several)")
+@click.option("--operator", is_flag=True,
+              help="every account, creating accounts, top-ups and console users")
+@click.option("--password", required=True,
+              help="at least 12 characters ('-': read from standard input)")
+@json_option
+@manages
+async def _console_user_add(m: Management, email: str, accounts: tuple[str, ...],
+                            operator: bool, password: str) -> Any:
+    if operator and accounts:
+        raise CommandError("give --operator or --account, not both")
+    return console_user_view(await m.create_console_user(
+        email, _password_arg(password), operator=operator, accounts=list(accounts)))
+
+
+@console_user_commands.command("list", help="list console users (never their passwords)")
+@json_option
+@manages
+async def _console_user_list(m: Management) -> Any:
+    return [console_user_view(u) for u in await m.store.list_console_users()]
+
+
+@console_user_commands.command("delete", help="delete a console user; its sessions end")
+@click.argument("email")
+@json_option
+@manages
+async def _console_user_delete(m: Management, email: str) -> Any:
+    await m.delete_console_user(email)
+    return None if wants_json() else f"deleted {email}"
+
+
+@console_user_commands.command("set-password", help="change a console user's password; "
+                               "its sessions end")
+@click.argument("email")
+@click.option("--password", required=True,
+              help="at least 12 characters ('-': read from standard input)")
+@json_option
+@manages
+async def _console_user_set_password(m: Management, email: str, password: str) -> Any:
+    await m.set_console_password(email, _password_arg(password))
+    return None if wants_json() else f"password changed for {email}"
+
+
+def console_user_view(user: ConsoleUser) -> dict[str, Any]:
+    return {"email": user.email,
+            "accounts": "all" if user.operator else list(user.accounts),
+            "operator": user.operator, "created": _when(user.created_at)}
+
+
 # -- operator --------------------------------------------------------------------------------
 
 @http2sms.group("operator", help="the operator connection (SMSC)")
@@ -662,6 +723,9 @@ DEMO_ACCOUNT = "sms-demo-1"
 DEMO_LOGIN = "demo"
 DEMO_PASSWORD = "demo1234"
 DEMO_SENDER = "DEMO"
+# The web console's demo user (`serve --demo`), the owner of the demo account.
+DEMO_CONSOLE_EMAIL = "demo@example.com"
+DEMO_CONSOLE_PASSWORD = "demo-console-1234"
 
 
 async def ensure_demo(config: Config) -> None:
@@ -673,6 +737,9 @@ async def ensure_demo(config: Config) -> None:
             await m.create_account(DEMO_ACCOUNT, 1000)
             await m.add_sender(DEMO_ACCOUNT, DEMO_SENDER)
             await m.create_user(DEMO_ACCOUNT, DEMO_LOGIN, DEMO_PASSWORD)
+        if config.console.enabled and await store.get_console_user(DEMO_CONSOLE_EMAIL) is None:
+            await m.create_console_user(DEMO_CONSOLE_EMAIL, DEMO_CONSOLE_PASSWORD,
+                                        operator=False, accounts=[DEMO_ACCOUNT])
     finally:
         await store.close()
 
@@ -723,6 +790,14 @@ def _serve(config: Config, *, demo: bool, processes: int = 1) -> int:
                   f"&login={DEMO_LOGIN}&password={DEMO_PASSWORD}&from={DEMO_SENDER}"
                   "&to=%2B33612345678&message=Hello+from+http2sms-gateway"
                   "&contentType=application/json'\n", flush=True)
+            if config.console.enabled:
+                console = base
+                if config.admin.host:
+                    admin_host = "localhost" if config.admin.host in (
+                        "0.0.0.0", "::", "127.0.0.1") else config.admin.host
+                    console = f"{base.split('://')[0]}://{admin_host}:{config.admin.port}"
+                print(f"The web console: {console}/console/ (log in as "
+                      f"{DEMO_CONSOLE_EMAIL} / {DEMO_CONSOLE_PASSWORD})\n", flush=True)
 
     try:
         install_uvloop()

@@ -127,6 +127,12 @@ class AdminConfig(Section, frozen=True):
     port: ListenPort = 8081
 
 
+class ConsoleConfig(Section, frozen=True):
+    enabled: bool = True
+    # Minutes without a request after which a console session ends.
+    session_idle_minutes: Annotated[float, Meta(gt=0, le=24 * 60)] = 30.0
+
+
 class StoreConfig(Section, frozen=True):
     path: Annotated[str, Meta(min_length=1)] = "var/gateway.sqlite3"
     # Most sends committed in one transaction (group commit).
@@ -365,6 +371,7 @@ class MetricsConfig(Section, frozen=True):
 class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     send: SendConfig = field(default_factory=SendConfig)
     # Destination prefix -> credits per SMS part, e.g. {"+33" = 1, "+1" = 2.5}.

@@ -385,3 +385,41 @@ class AdminToken:
     accounts: tuple[str, ...] | None
     created_at: float
     last_used_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleUser:
+    """Someone who logs into the web console: never an API user, whose password opens the
+    send URL only. `operator`: every account, and creating accounts and top-ups."""
+
+    id: int
+    email: str
+    password_hash: str
+    operator: bool
+    accounts: tuple[str, ...]
+    created_at: float
+
+    def manages(self, account: str) -> bool:
+        return self.operator or account in self.accounts
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSession:
+    """A console login as stored: the digest of its cookie's token, never the token."""
+
+    digest: str
+    user: ConsoleUser
+    csrf: str
+    created_at: float
+    last_seen_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStats:
+    """An account's messages created in one period, by outcome, and the credits they cost."""
+
+    start: float
+    delivered: int = 0
+    failed: int = 0
+    pending: int = 0
+    credits: int = 0

@@ -21,14 +21,14 @@ import structlog
 from aiohttp import web
 
 from gateway import http_parser
-from gateway.admin.api import PREFIX, create_admin_app
+from gateway.admin.api import PREFIX
 from gateway.app import Gateway, build
 from gateway.config import Config
 from gateway.connections import ConnectionGuard
 from gateway.display import redact_url
 from gateway.inflight import INFLIGHT
 from gateway.store import shown
-from gateway.webapp import create_app
+from gateway.webapp import create_admin_listener_app, create_app
 
 if sys.platform != "win32":
     import resource
@@ -111,7 +111,8 @@ async def start_admin_listener(gateway: Gateway, guard: ConnectionGuard | None =
     config = gateway.config
     if not config.admin.host:
         return None
-    runner = web.AppRunner(create_admin_app(gateway), access_log=None, handle_signals=False,
+    runner = web.AppRunner(create_admin_listener_app(gateway), access_log=None,
+                           handle_signals=False,
                            shutdown_timeout=config.server.shutdown_grace_seconds,
                            keepalive_timeout=backstop_idle_timeout(config))
     await runner.setup()

@@ -10,15 +10,16 @@ import asyncio
 import re
 from collections.abc import Sequence
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from gateway import iprules, passwords, phones, tokens
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import MAX_CREDITS, InvalidAmount, as_number, format_credits, to_cents
-from gateway.hooks.callbacks import target_problem
+from gateway.hooks.callbacks import send_test_callback, target_problem
 from gateway.hooks.targets import TargetPolicy
-from gateway.records import UNSET, Account, AdminToken, User, UserChanges
-from gateway.store import Store
+from gateway.records import UNSET, Account, AdminToken, ConsoleUser, User, UserChanges
+from gateway.store import NotFound, Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
@@ -151,6 +152,18 @@ class Management:
         return await self.store.update_user(account, login, changes, at=self.clock.now(),
                                             check=lambda user: _check_alert(user, changes))
 
+    async def test_callback(self, account: str, login: str, url: Any) -> tuple[bool, str]:
+        """Call `url` once as a delivery report of `login`'s would be, without saving it:
+        (answered 2xx, what happened). The URL is refused as `update_user` would refuse
+        it; NotFound when the user does not exist (then nothing is called)."""
+        await self.store.get_user(account, login)
+        target = _url("callBack", url, self._targets)
+        if target is None:
+            raise ValidationError("callBack", "required")
+        return await send_test_callback(target, self.config.callbacks,
+                                        ZoneInfo(self.config.send.timezone),
+                                        at=self.clock.now())
+
     async def delete_user(self, account: str, login: str) -> None:
         await self.store.delete_user(account, login, at=self.clock.now())
 
@@ -168,6 +181,61 @@ class Management:
         token = await self.store.create_token(name, new.key, new.digest, accounts,
                                               at=self.clock.now())
         return token, new.text
+
+    # -- console users -------------------------------------------------------------------
+
+    async def create_console_user(self, email: Any, password: Any, *, operator: bool,
+                                  accounts: Sequence[str]) -> ConsoleUser:
+        """A console user for `accounts`, or every account when `operator`."""
+        address = console_email(email)
+        if not operator and not accounts:
+            raise ValidationError("accounts", "at least one account, or operator")
+        if operator and accounts:
+            # As the CLI refuses --operator with --account: which was meant is unclear.
+            raise ValidationError("accounts", "an operator manages every account: "
+                                              "choose no account")
+        hashed = await _hash(console_password(password))
+        return await self.store.create_console_user(
+            address, hashed, operator=operator, accounts=[] if operator else list(accounts),
+            at=self.clock.now())
+
+    async def set_console_password(self, email: Any, password: Any) -> None:
+        """A new password; the console user's open sessions end."""
+        address = console_email(email)
+        if await self.store.get_console_user(address) is None:
+            raise NotFound(f"unknown console user {address!r}")
+        await self.store.set_console_password(address, await _hash(console_password(password)))
+
+    async def delete_console_user(self, email: Any, *, by: str | None = None) -> None:
+        """`by`: the console user asking, which may not delete itself (an operator would
+        lock itself out; another operator, or the CLI, may)."""
+        address = console_email(email)
+        if by is not None and address == console_email(by):
+            raise ValidationError("email", "you cannot delete yourself")
+        await self.store.delete_console_user(address)
+
+
+# A console password opens every API user's settings of its accounts: longer than the
+# 8 characters OVH's send URL asks of an API user, any characters allowed.
+CONSOLE_PASSWORD_MIN = 12
+
+
+def console_email(email: Any) -> str:
+    """A console user's e-mail address, lowercased: the same person whatever the case."""
+    if not isinstance(email, str) or len(email.strip()) > 254 \
+            or not _EMAIL.fullmatch(email.strip()):
+        raise ValidationError("email", "an e-mail address such as owner@example.com")
+    return email.strip().lower()
+
+
+def console_password(password: Any) -> str:
+    if not isinstance(password, str) or len(password) < CONSOLE_PASSWORD_MIN:
+        raise ValidationError("password", f"at least {CONSOLE_PASSWORD_MIN} characters")
+    if len(password) > 128:
+        raise ValidationError("password", "at most 128 characters")
+    if any(ord(c) < 32 for c in password):
+        raise ValidationError("password", "no control characters")
+    return password
 
 
 def validate_sender(sender: str) -> str:

@@ -1,4 +1,4 @@
-"""The public web app: the edges (send URL, health, admin API) on one aiohttp app.
+"""The public web app: the edges (send URL, health, admin API, console) on one aiohttp app.
 
 Each edge receives what it needs of the gateway here, when it is mounted; none of them
 imports the assembly to find it. The app starts the gateway and stops it.
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import admin, health, web_ip
+from gateway import admin, console, health, web_ip
 from gateway.app import Gateway
 from gateway.inflight import INFLIGHT, InflightLimit
 from gateway.send import handler as send_handler
@@ -29,6 +29,8 @@ def create_app(gateway: Gateway) -> web.Application:
     send_handler.setup(app)
     health.setup(app, gateway)
     admin.setup(app, gateway)  # /1.0: the admin API, or only its public routes
+    if not config.admin.host:
+        console.setup(app, gateway)  # else on the admin listener (create_admin_listener_app)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await gateway.start()
@@ -36,4 +38,12 @@ def create_app(gateway: Gateway) -> web.Application:
         await gateway.stop()
 
     app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def create_admin_listener_app(gateway: Gateway) -> web.Application:
+    """The separate admin listener's app (`admin.host` set): the admin API, /metrics and
+    the web console, none of which the public listener then serves."""
+    app = admin.create_admin_app(gateway)
+    console.setup(app, gateway)
     return app

@@ -216,3 +216,24 @@ class CallbackHandler:
         if 200 <= status < 300:
             return f"HTTP {status}"
         raise AttemptFailed(f"HTTP {status}")
+
+
+# A test callback's report: OVH's "delivered" (ptt 4, dlr 1) for message id 0.
+TEST_PAYLOAD = {"id": 0, "ptt": 4, "dlr": 1, "tag": "test"}
+
+
+async def send_test_callback(target: str, config: CallbacksConfig, tz: ZoneInfo, *,
+                             at: float) -> tuple[bool, str]:
+    """Call `target` once as a delivery report would, now: (answered 2xx, what happened),
+    for an owner checking a callback URL before real reports go to it."""
+    handler = CallbackHandler(config, tz)
+    await handler.open()
+    try:
+        item = OutboxItem(id=0, kind=KIND, message_id=0, account_id=0, user_id=None,
+                          target=target, payload={**TEST_PAYLOAD, "at": at}, created_at=at,
+                          attempts=0)
+        return True, await handler.handle(item)
+    except AttemptFailed as exc:
+        return False, str(exc)
+    finally:
+        await handler.close()

@@ -98,12 +98,29 @@ class SendPipeline:
         # as a wrong password: the timing must not tell which logins exist.
         self._decoy_hash = decoy_hash()
 
+    @property
+    def verifier(self) -> VerificationCache:
+        """The bounded queue of password checks (scrypt), which the console's logins share:
+        a flood of them waits its turn with the send URL's instead of crowding it out."""
+        return self._verifier
+
+    @property
+    def guard(self) -> LoginGuard:
+        """The brute-force guard of the send URL's logins, which the console's logins
+        share: guesses from one address count together wherever they are made."""
+        return self._guard
+
     async def send(self, params: dict[str, str], client_ip: iprules.IPAddress | None, *,
-                   connected: Callable[[], bool] | None = None) -> Answer:
+                   connected: Callable[[], bool] | None = None,
+                   as_owner: bool = False) -> Answer:
         """The answer to one request. `connected` tells whether its client still waits for
-        it: a password check still queued when its client has hung up is never run."""
+        it: a password check still queued when its client has hung up is never run.
+
+        `as_owner`: the account's owner sends as one of its API users from the web console,
+        where it has logged in: the user's password (any non-empty text) and IP restrictions,
+        which guard the send URL, are not checked; every other rule is the send URL's."""
         try:
-            answer = await self._send(params, client_ip, connected)
+            answer = await self._send(params, client_ip, connected, as_owner)
         except (StoreError, ShuttingDown) as exc:
             # Nothing was committed: the client may safely send again later.
             answer = Answer(503, rules.requested_format(params),
@@ -118,7 +135,7 @@ class SendPipeline:
         return answer
 
     async def _send(self, params: dict[str, str], client_ip: iprules.IPAddress | None,
-                    connected: Callable[[], bool] | None) -> Answer:
+                    connected: Callable[[], bool] | None, as_owner: bool = False) -> Answer:
         fmt = rules.requested_format(params)
         account: str | None = None
         log: dict[str, Any] = {"account": params.get("account", "")[:64],
@@ -129,7 +146,8 @@ class SendPipeline:
                                   max_recipients=self.settings.max_recipients,
                                   now=self._clock.now(),
                                   max_deferral=self.settings.max_deferral)
-            order, outcome, account = await self._charge(request, client_ip, connected)
+            order, outcome, account = await self._charge(request, client_ip, connected,
+                                                         as_owner=as_owner)
         except SendRefused as refused:
             log["outcome"] = refused.status
             # The rule that failed, without the values (numbers, text) the message quotes.
@@ -166,7 +184,7 @@ class SendPipeline:
                       ids=outcome.ids, log=log, account=account, cost=order.total)
 
     async def _charge(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
-                      connected: Callable[[], bool] | None = None
+                      connected: Callable[[], bool] | None = None, *, as_owner: bool = False
                       ) -> tuple[SendOrder, SendOutcome, str]:
         """Authorize, price and commit; check again whenever cached settings prove stale.
 
@@ -180,8 +198,11 @@ class SendPipeline:
         messages = len(request.recipients)
         try:
             for _ in range(_STALE_RETRIES):
-                context, sender = await self._authorize(request, client_ip, fresh=fresh,
-                                                        connected=connected)
+                if as_owner:
+                    context, sender = await self._authorize_owner(request)
+                else:
+                    context, sender = await self._authorize(request, client_ip, fresh=fresh,
+                                                            connected=connected)
                 account = context.user.account_name
                 if throttled_user is None:
                     wait = self._throttle.take(context.user.id, messages, self._clock.now())
@@ -271,6 +292,19 @@ class SendPipeline:
             raise SendRefused(status, message)
         finally:
             check.release()
+
+    async def _authorize_owner(self, request: rules.SendRequest) -> tuple[SendContext, str]:
+        """The user and sender of a send by the account's owner (see `send`)."""
+        context = await self._store.send_context(request.account, request.login, fresh=True)
+        if context is None:
+            raise SendRefused(rules.UNAUTHORIZED, "Invalid account, login or password")
+        if request.reply_sender:
+            return context, self.settings.reply_sender
+        sender = rules.declared_sender(request.sender, context.senders)
+        if sender is None:
+            raise SendRefused(rules.BAD_SENDER,
+                              f"Sender {request.sender!r} is not declared on this account")
+        return context, sender
 
     def _refusal(self, request: rules.SendRequest, client_ip: iprules.IPAddress | None,
                  context: SendContext | None, password_ok: bool) -> tuple[str, int, str] | None:

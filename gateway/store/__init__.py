@@ -29,12 +29,15 @@ if TYPE_CHECKING:  # for annotations only: callers import the records from gatew
         AdminToken,
         AppliedUpdates,
         ClaimBounds,
+        ConsoleSession,
+        ConsoleUser,
         IncomingMessage,
         IncomingPart,
         LedgerEntry,
         Message,
         MessageEvent,
         MessageFilter,
+        MessageStats,
         OperatorReport,
         OutboxAttempt,
         OutboxItem,
@@ -296,8 +299,39 @@ class TokenStore(StoreLifecycle, Protocol):
         """NotFound when no token has that name."""
 
 
+class ConsoleStore(StoreLifecycle, Protocol):
+    """The web console's users and sessions, and the figures of its account page.
+
+    Guarantees:
+    - A console user's e-mail is unique (Conflict); its accounts exist when it is created
+      (NotFound). Deleting it, or changing its password, ends its sessions.
+    - A session is found by the digest of its token; a deleted one is gone for the next
+      lookup, in every process.
+    """
+
+    async def create_console_user(self, email: str, password_hash: str, *, operator: bool,
+                                  accounts: Sequence[str], at: float) -> ConsoleUser: ...
+    async def get_console_user(self, email: str) -> ConsoleUser | None: ...
+    async def list_console_users(self) -> list[ConsoleUser]: ...
+    async def delete_console_user(self, email: str) -> None:
+        """NotFound when no console user has that e-mail."""
+    async def set_console_password(self, email: str, password_hash: str) -> None:
+        """NotFound when no console user has that e-mail."""
+    async def create_console_session(self, digest: str, email: str, csrf: str, *,
+                                     at: float) -> None: ...
+    async def find_console_session(self, digest: str) -> ConsoleSession | None: ...
+    async def touch_console_session(self, digest: str, *, at: float) -> None: ...
+    async def delete_console_sessions(self, *, digest: str | None = None,
+                                      idle_before: float | None = None) -> None: ...
+    async def message_stats(self, account: str, *, since: float, period: float,
+                            count: int) -> list[MessageStats]:
+        """`count` periods of `period` seconds from `since`: the account's messages
+        created in each, by outcome, and the credits they cost (refunds left out)."""
+        ...
+
+
 class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, TokenStore,
-            Protocol):
+            ConsoleStore, Protocol):
     """Every role: what a backend implements, and what the assembly passes around."""
 
 
@@ -364,7 +398,7 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
 
 
 __all__ = [
-    "Conflict", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
+    "Conflict", "ConsoleStore", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
     "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
     "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "TokenStore",
     "open_store", "parse_url", "shown",

@@ -21,6 +21,7 @@ from gateway.credits import OverLimit, checked_add, format_credits
 from gateway.records import (
     ClaimBounds,
     FinalState,
+    MessageStats,
     OutgoingMessage,
     SendOrder,
     SendOutcome,
@@ -467,3 +468,17 @@ def whole_text(total: int, parts: Iterable[tuple[int, str]]) -> str | None:
     if set(bodies) != set(range(1, total + 1)):
         return None
     return "".join(bodies[seq] for seq in range(1, total + 1))
+
+
+def stats_series(rows: Iterable[Sequence[Any]], since: float, period: float,
+                 count: int) -> list[MessageStats]:
+    """`count` periods from `since`, each from its (bucket, delivered, failed, pending,
+    credits) row, or empty when it had none: a chart's bars stay evenly spaced."""
+    by_bucket = {int(r[0]): r for r in rows}
+    series = []
+    for index in range(count):
+        row = by_bucket.get(index)
+        start = since + index * period
+        series.append(MessageStats(start) if row is None else MessageStats(
+            start, int(row[1] or 0), int(row[2] or 0), int(row[3] or 0), int(row[4] or 0)))
+    return series

@@ -39,12 +39,15 @@ from gateway.records import (
     AdminToken,
     AppliedUpdates,
     ClaimBounds,
+    ConsoleSession,
+    ConsoleUser,
     IncomingMessage,
     IncomingPart,
     LedgerEntry,
     Message,
     MessageEvent,
     MessageFilter,
+    MessageStats,
     OperatorReport,
     OutboxAttempt,
     OutboxItem,
@@ -1482,3 +1485,104 @@ class SQLiteStore:
         return [AdminToken(r[0], r[1], r[2], r[3],
                            None if r[4] else tuple(r[7].split("\n")) if r[7] else (),
                            r[5], r[6]) for r in rows]
+
+    # -- console users and sessions ----------------------------------------------------
+
+    async def create_console_user(self, email: str, password_hash: str, *, operator: bool,
+                                  accounts: Sequence[str], at: float) -> ConsoleUser:
+        async with self._tx() as db:
+            account_ids = [await self._account_id(db, account)
+                           for account in sorted(set(accounts))]
+            try:
+                cur = await db.execute(
+                    "INSERT INTO console_users (email, password_hash, operator, created_at) "
+                    "VALUES (?, ?, ?, ?)", (email, password_hash, operator, at))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"console user {email!r} already exists") from exc
+            await db.executemany(
+                "INSERT INTO console_user_accounts (user_id, account_id) VALUES (?, ?)",
+                [(cur.lastrowid, account_id) for account_id in account_ids])
+        found = await self._console_users("u.email = ?", (email,))
+        return found[0]
+
+    async def get_console_user(self, email: str) -> ConsoleUser | None:
+        found = await self._console_users("u.email = ?", (email,))
+        return found[0] if found else None
+
+    async def list_console_users(self) -> list[ConsoleUser]:
+        return await self._console_users("1", ())
+
+    async def delete_console_user(self, email: str) -> None:
+        async with self._tx() as db:
+            cur = await db.execute("DELETE FROM console_users WHERE email = ?", (email,))
+            if not cur.rowcount:
+                raise NotFound(f"unknown console user {email!r}")
+
+    async def set_console_password(self, email: str, password_hash: str) -> None:
+        async with self._tx() as db:
+            cur = await db.execute("UPDATE console_users SET password_hash = ? WHERE email = ?",
+                                   (password_hash, email))
+            if not cur.rowcount:
+                raise NotFound(f"unknown console user {email!r}")
+            # A new password closes every session opened with the old one.
+            await db.execute("DELETE FROM console_sessions WHERE user_id = "
+                             "(SELECT id FROM console_users WHERE email = ?)", (email,))
+
+    async def create_console_session(self, digest: str, email: str, csrf: str, *,
+                                     at: float) -> None:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "INSERT INTO console_sessions (digest, user_id, csrf, created_at, last_seen_at) "
+                "SELECT ?, id, ?, ?, ? FROM console_users WHERE email = ?",
+                (digest, csrf, at, at, email))
+            if not cur.rowcount:
+                raise NotFound(f"unknown console user {email!r}")
+
+    async def find_console_session(self, digest: str) -> ConsoleSession | None:
+        rows = await self._read(
+            "SELECT u.email, s.csrf, s.created_at, s.last_seen_at FROM console_sessions s "
+            "JOIN console_users u ON u.id = s.user_id WHERE s.digest = ?", (digest,))
+        if not rows:
+            return None
+        email, csrf, created_at, last_seen_at = rows[0]
+        user = await self.get_console_user(email)
+        if user is None:
+            return None
+        return ConsoleSession(digest, user, csrf, created_at, last_seen_at)
+
+    async def touch_console_session(self, digest: str, *, at: float) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE console_sessions SET last_seen_at = ? WHERE digest = ?",
+                             (at, digest))
+
+    async def delete_console_sessions(self, *, digest: str | None = None,
+                                      idle_before: float | None = None) -> None:
+        async with self._tx() as db:
+            if digest is not None:
+                await db.execute("DELETE FROM console_sessions WHERE digest = ?", (digest,))
+            if idle_before is not None:
+                await db.execute("DELETE FROM console_sessions WHERE last_seen_at < ?",
+                                 (idle_before,))
+
+    async def _console_users(self, where: str, params: Sequence[Any]) -> list[ConsoleUser]:
+        rows = await self._read(
+            "SELECT u.id, u.email, u.password_hash, u.operator, u.created_at, "
+            "(SELECT group_concat(name, char(10)) FROM "
+            "  (SELECT a.name FROM console_user_accounts ua JOIN accounts a "
+            "   ON a.id = ua.account_id WHERE ua.user_id = u.id ORDER BY a.name)) "
+            f"FROM console_users u WHERE {where} ORDER BY u.email", params)
+        return [ConsoleUser(r[0], r[1], r[2], bool(r[3]),
+                            tuple(r[5].split("\n")) if r[5] else (), r[4]) for r in rows]
+
+    # -- the console's account chart -----------------------------------------------------
+
+    async def message_stats(self, account: str, *, since: float, period: float,
+                            count: int) -> list[MessageStats]:
+        rows = await self._read(
+            "SELECT CAST((m.created_at - ?) / ? AS INTEGER) AS bucket, "
+            "SUM(m.state = 'final' AND m.dlr = 1), SUM(m.state = 'final' AND m.dlr <> 1), "
+            "SUM(m.state <> 'final'), SUM(CASE WHEN m.dlr = 16 THEN 0 ELSE m.credits END) "
+            "FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "WHERE a.name = ? AND m.created_at >= ? AND m.created_at < ? "
+            "GROUP BY bucket", (since, period, account, since, since + period * count))
+        return rules.stats_series(rows, since, period, count)

@@ -659,3 +659,65 @@ async def test_a_token_s_name_is_unique_and_its_accounts_exist(stores: Opener) -
     with pytest.raises(NotFound):
         await store.revoke_token("nope")
     assert [t.name for t in await store.list_tokens()] == ["robot"]
+
+
+# -- console users and sessions ------------------------------------------------------------
+
+async def test_console_users_their_accounts_and_sessions_across_processes(
+        stores: Opener) -> None:
+    send, cli = await two(stores)
+    await cli.create_account("acme", 0, at=T0)
+    await cli.create_account("beta", 0, at=T0)
+    owner = await cli.create_console_user("owner@example.com", "h1", operator=False,
+                                          accounts=["beta", "acme"], at=T0)
+    assert owner.accounts == ("acme", "beta") and not owner.operator
+    assert owner.manages("acme") and not owner.manages("gamma")
+    ops = await cli.create_console_user("ops@example.com", "h2", operator=True, accounts=[],
+                                        at=T0)
+    assert ops.operator and ops.manages("gamma")
+    with pytest.raises(Conflict):
+        await cli.create_console_user("owner@example.com", "h3", operator=True, accounts=[],
+                                      at=T0)
+    with pytest.raises(NotFound):
+        await cli.create_console_user("x@example.com", "h3", operator=False,
+                                      accounts=["nope"], at=T0)
+    assert [u.email for u in await send.list_console_users()] == ["ops@example.com",
+                                                                   "owner@example.com"]
+    await send.create_console_session("d1", "owner@example.com", "c1", at=T0)
+    await send.create_console_session("d2", "owner@example.com", "c2", at=T0 + 100)
+    with pytest.raises(NotFound):
+        await send.create_console_session("d3", "nobody@example.com", "c3", at=T0)
+    found = await cli.find_console_session("d1")
+    assert found is not None and found.user.email == "owner@example.com"
+    assert found.csrf == "c1" and found.last_seen_at == T0
+    await cli.touch_console_session("d1", at=T0 + 50)
+    found = await send.find_console_session("d1")
+    assert found is not None and found.last_seen_at == T0 + 50
+    await cli.delete_console_sessions(idle_before=T0 + 60)  # d1 (T0+50) goes, d2 stays
+    assert await send.find_console_session("d1") is None
+    assert await send.find_console_session("d2") is not None
+    # A new password ends every session opened with the old one.
+    await cli.set_console_password("owner@example.com", "h9")
+    assert await send.find_console_session("d2") is None
+    user = await send.get_console_user("owner@example.com")
+    assert user is not None and user.password_hash == "h9"
+    await send.create_console_session("d4", "owner@example.com", "c4", at=T0)
+    await cli.delete_console_user("owner@example.com")
+    assert await send.find_console_session("d4") is None
+    assert await send.get_console_user("owner@example.com") is None
+    with pytest.raises(NotFound):
+        await cli.delete_console_user("owner@example.com")
+    with pytest.raises(NotFound):
+        await cli.set_console_password("owner@example.com", "h")
+
+
+async def test_message_stats_count_by_outcome_and_period(stores: Opener) -> None:
+    store = await stores("send")
+    user = await account_with_user(store, 10_000)
+    outcome = await store.commit_sends([order(user, 100, recipients=3)], at=T0 + 10)
+    assert outcome[0].accepted
+    stats = await store.message_stats("acme", since=T0, period=3600, count=3)
+    assert [s.start for s in stats] == [T0, T0 + 3600, T0 + 7200]
+    assert (stats[0].pending, stats[0].delivered, stats[0].failed, stats[0].credits) == \
+        (3, 0, 0, 300)
+    assert stats[1].pending == stats[2].pending == 0

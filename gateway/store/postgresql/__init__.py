@@ -39,12 +39,15 @@ from gateway.records import (
     AdminToken,
     AppliedUpdates,
     ClaimBounds,
+    ConsoleSession,
+    ConsoleUser,
     IncomingMessage,
     IncomingPart,
     LedgerEntry,
     Message,
     MessageEvent,
     MessageFilter,
+    MessageStats,
     OperatorReport,
     OutboxAttempt,
     OutboxItem,
@@ -1341,3 +1344,123 @@ class PostgreSQLStore:
         return [AdminToken(r[0], r[1], r[2], r[3],
                            None if r[4] else tuple(r[7].split("\n")) if r[7] else (),
                            r[5], r[6]) for r in rows]
+
+    # -- console users and sessions ----------------------------------------------------
+
+    async def create_console_user(self, email: str, password_hash: str, *, operator: bool,
+                                  accounts: Sequence[str], at: float) -> ConsoleUser:
+        async def body(db: Conn) -> None:
+            account_ids = []
+            for account in sorted(set(accounts)):
+                account_id = await db.fetchval("SELECT id FROM accounts WHERE name = $1",
+                                               account)
+                if account_id is None:
+                    raise NotFound(f"unknown account {account!r}")
+                account_ids.append(account_id)
+            try:
+                user_id = await db.fetchval(
+                    "INSERT INTO console_users (email, password_hash, operator, created_at) "
+                    "VALUES ($1, $2, $3, $4) RETURNING id", email, password_hash, operator, at)
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"console user {email!r} already exists") from exc
+            if account_ids:
+                await db.executemany(
+                    "INSERT INTO console_user_accounts (user_id, account_id) VALUES ($1, $2)",
+                    [(user_id, account_id) for account_id in account_ids])
+
+        await self._transaction(body)
+        found = await self._console_users("u.email = $1", email)
+        return found[0]
+
+    async def get_console_user(self, email: str) -> ConsoleUser | None:
+        found = await self._console_users("u.email = $1", email)
+        return found[0] if found else None
+
+    async def list_console_users(self) -> list[ConsoleUser]:
+        return await self._console_users("true")
+
+    async def delete_console_user(self, email: str) -> None:
+        async def body(db: Conn) -> None:
+            if not _count(await db.execute("DELETE FROM console_users WHERE email = $1",
+                                           email)):
+                raise NotFound(f"unknown console user {email!r}")
+
+        await self._transaction(body)
+
+    async def set_console_password(self, email: str, password_hash: str) -> None:
+        async def body(db: Conn) -> None:
+            user_id = await db.fetchval(
+                "UPDATE console_users SET password_hash = $1 WHERE email = $2 RETURNING id",
+                password_hash, email)
+            if user_id is None:
+                raise NotFound(f"unknown console user {email!r}")
+            # A new password closes every session opened with the old one.
+            await db.execute("DELETE FROM console_sessions WHERE user_id = $1", user_id)
+
+        await self._transaction(body)
+
+    async def create_console_session(self, digest: str, email: str, csrf: str, *,
+                                     at: float) -> None:
+        async def body(db: Conn) -> None:
+            if not _count(await db.execute(
+                    "INSERT INTO console_sessions (digest, user_id, csrf, created_at, "
+                    "last_seen_at) SELECT $1, id, $2, $3, $3 FROM console_users "
+                    "WHERE email = $4", digest, csrf, at, email)):
+                raise NotFound(f"unknown console user {email!r}")
+
+        await self._transaction(body)
+
+    async def find_console_session(self, digest: str) -> ConsoleSession | None:
+        rows = await self._read(
+            "SELECT u.email, s.csrf, s.created_at, s.last_seen_at FROM console_sessions s "
+            "JOIN console_users u ON u.id = s.user_id WHERE s.digest = $1", digest)
+        if not rows:
+            return None
+        email, csrf, created_at, last_seen_at = rows[0]
+        user = await self.get_console_user(email)
+        if user is None:
+            return None
+        return ConsoleSession(digest, user, csrf, created_at, last_seen_at)
+
+    async def touch_console_session(self, digest: str, *, at: float) -> None:
+        async def body(db: Conn) -> None:
+            await db.execute("UPDATE console_sessions SET last_seen_at = $1 WHERE digest = $2",
+                             at, digest)
+
+        await self._transaction(body)
+
+    async def delete_console_sessions(self, *, digest: str | None = None,
+                                      idle_before: float | None = None) -> None:
+        async def body(db: Conn) -> None:
+            if digest is not None:
+                await db.execute("DELETE FROM console_sessions WHERE digest = $1", digest)
+            if idle_before is not None:
+                await db.execute("DELETE FROM console_sessions WHERE last_seen_at < $1",
+                                 idle_before)
+
+        await self._transaction(body)
+
+    async def _console_users(self, where: str, *params: Any) -> list[ConsoleUser]:
+        rows = await self._read(
+            "SELECT u.id, u.email, u.password_hash, u.operator, u.created_at, "
+            "(SELECT string_agg(a.name, E'\\n' ORDER BY a.name) "
+            "  FROM console_user_accounts ua JOIN accounts a ON a.id = ua.account_id "
+            "  WHERE ua.user_id = u.id) "
+            f"FROM console_users u WHERE {where} ORDER BY u.email", *params)
+        return [ConsoleUser(r[0], r[1], r[2], bool(r[3]),
+                            tuple(r[5].split("\n")) if r[5] else (), r[4]) for r in rows]
+
+    # -- the console's account chart -----------------------------------------------------
+
+    async def message_stats(self, account: str, *, since: float, period: float,
+                            count: int) -> list[MessageStats]:
+        rows = await self._read(
+            "SELECT floor((m.created_at - $1) / $2)::bigint AS bucket, "
+            "count(*) FILTER (WHERE m.state = 'final' AND m.dlr = 1), "
+            "count(*) FILTER (WHERE m.state = 'final' AND m.dlr <> 1), "
+            "count(*) FILTER (WHERE m.state <> 'final'), "
+            "COALESCE(SUM(CASE WHEN m.dlr = 16 THEN 0 ELSE m.credits END), 0) "
+            "FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "WHERE a.name = $3 AND m.created_at >= $1 AND m.created_at < $4 "
+            "GROUP BY bucket", since, period, account, since + period * count)
+        return rules.stats_series(rows, since, period, count)
