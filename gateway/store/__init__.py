@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from gateway.records import UNSET
@@ -281,8 +282,57 @@ class TokenStore(StoreLifecycle, Protocol):
         """NotFound when no token has that name."""
 
 
+@dataclass(frozen=True)
+class Counters:
+    """Where a store's own counters stand, beyond the ids of its rows: the last settings
+    version handed out, and the next message id (a gap left by a send rolled back is kept,
+    so an id is never handed out twice)."""
+
+    settings_version: int
+    next_message_id: int
+
+
+class TableSource(Protocol):
+    """A snapshot of a whole store, table by table (`CopyStore.read_tables`)."""
+
+    def rows(self, table: str, columns: Sequence[str], *,
+             batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """The table's rows (`columns`, in that order), `batch` at a time, by primary key."""
+        ...
+    async def count(self, table: str) -> int: ...
+    async def counters(self) -> Counters: ...
+
+
+class TableSink(Protocol):
+    """One transaction that fills an empty store table by table (`CopyStore.write_tables`)."""
+
+    async def filled(self) -> list[str]:
+        """The tables that hold rows already (a copy goes only into an empty store)."""
+    async def add_rows(self, table: str, columns: Sequence[str],
+                       rows: Sequence[Sequence[Any]]) -> None: ...
+    async def set_settings_versions(self, versions: Sequence[tuple[int, int]]) -> None:
+        """(account id, settings version) pairs, as the source had them: the triggers
+        gave the accounts new versions as their users and senders came in."""
+    async def set_counters(self, counters: Counters) -> None:
+        """Every counter past what the rows use (and at least `counters`), so the next
+        id or version handed out is new."""
+
+
+class CopyStore(StoreLifecycle, Protocol):
+    """A whole store as tables, for `gateway.store.copy` to move between backends. Not a
+    role of the running gateway: the copy runs with every gateway stopped."""
+
+    async def table_columns(self) -> dict[str, tuple[str, ...]]:
+        """Every table of the schema that holds the installation's data (not the store's
+        bookkeeping: migrations, counters), with its columns."""
+    def read_tables(self) -> AbstractAsyncContextManager[TableSource]: ...
+    def write_tables(self) -> AbstractAsyncContextManager[TableSink]:
+        """Committed when the block ends without an error, else nothing is written."""
+        ...
+
+
 class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, TokenStore,
-            Protocol):
+            CopyStore, Protocol):
     """Every role: what a backend implements, and what the assembly passes around."""
 
 
@@ -349,8 +399,10 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
 
 
 __all__ = [
-    "Conflict", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
+    "Conflict", "CopyStore", "Counters", "DeliveryStore", "ManagementStore", "NotEnoughCredits",
+    "NotFound",
     "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
-    "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "TokenStore",
+    "StoreLifecycle", "StoreSettings", "StoreUnavailable", "TableSink", "TableSource", "Taken",
+    "TokenStore",
     "open_store", "parse_url", "shown",
 ]

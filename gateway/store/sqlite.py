@@ -59,6 +59,7 @@ from gateway.records import (
 )
 from gateway.store import (
     Conflict,
+    Counters,
     NotFound,
     OverCreditLimit,
     Role,
@@ -1416,3 +1417,119 @@ class SQLiteStore:
         return [AdminToken(r[0], r[1], r[2], r[3],
                            None if r[4] else tuple(r[7].split("\n")) if r[7] else (),
                            r[5], r[6]) for r in rows]
+
+    # -- the whole store as tables (gateway.store.copy) -------------------------------
+
+    async def _schema(self, db: _Reads) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """(columns, primary key) of every table of the installation's data."""
+        found = {}
+        for (table,) in await db.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite%' ORDER BY name"):
+            if table in _BOOKKEEPING:
+                continue
+            info = list(await db.execute_fetchall(f'PRAGMA table_info("{table}")'))
+            columns = tuple(r[1] for r in info)
+            key = tuple(r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5]))
+            found[str(table)] = (columns, key or ("rowid",))
+        return found
+
+    async def table_columns(self) -> dict[str, tuple[str, ...]]:
+        if self._reader is None:
+            raise StoreUnavailable("the store is closed")
+        return {t: columns for t, (columns, _) in (await self._schema(self._reader)).items()}
+
+    @asynccontextmanager
+    async def read_tables(self) -> AsyncIterator[_SQLiteSource]:
+        """A read transaction on a connection of its own: one snapshot (WAL) throughout."""
+        conn = await self._connect_reader()
+        try:
+            await conn.execute("BEGIN")
+            yield _SQLiteSource(conn, await self._schema(conn))
+        finally:
+            with suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            await conn.close()
+
+    @asynccontextmanager
+    async def write_tables(self) -> AsyncIterator[_SQLiteSink]:
+        async with self._tx() as db:
+            yield _SQLiteSink(db, await self._schema(db))
+
+
+# Tables of the store's own bookkeeping, never copied: its migrations, its counters.
+_BOOKKEEPING = frozenset({"schema_migrations", "meta"})
+
+
+def _known(schema: dict[str, tuple[tuple[str, ...], tuple[str, ...]]], table: str,
+           columns: Sequence[str]) -> tuple[str, str]:
+    """`table` and `columns` quoted for SQL, once checked against the schema: names come
+    from the other store, never from SQL text."""
+    if table not in schema or not set(columns) <= set(schema[table][0]):
+        raise StoreUnavailable(f"no table {table!r} with columns {list(columns)} here")
+    return f'"{table}"', ", ".join(f'"{c}"' for c in columns)
+
+
+class _SQLiteSource:
+    def __init__(self, conn: aiosqlite.Connection,
+                 schema: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+        self._conn = conn
+        self._schema = schema
+
+    async def rows(self, table: str, columns: Sequence[str], *,
+                   batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        name, listed = _known(self._schema, table, columns)
+        key = ", ".join(f'"{c}"' for c in self._schema[table][1])
+        cursor = await self._conn.execute(f"SELECT {listed} FROM {name} ORDER BY {key}")
+        try:
+            while rows := await cursor.fetchmany(batch):
+                yield [tuple(r) for r in rows]
+        finally:
+            await cursor.close()
+
+    async def count(self, table: str) -> int:
+        name, _ = _known(self._schema, table, ())
+        rows = list(await self._conn.execute_fetchall(f"SELECT COUNT(*) FROM {name}"))
+        return int(rows[0][0])
+
+    async def counters(self) -> Counters:
+        rows = list(await self._conn.execute_fetchall(
+            "SELECT (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'settings_version'), "
+            "(SELECT COALESCE(MAX(id), 0) + 1 FROM messages)"))
+        return Counters(int(rows[0][0] or 0), int(rows[0][1]))
+
+
+class _SQLiteSink:
+    def __init__(self, db: Writer,
+                 schema: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+        self._db = db
+        self._schema = schema
+
+    async def filled(self) -> list[str]:
+        found = []
+        for table in sorted(self._schema):
+            name, _ = _known(self._schema, table, ())
+            if await self._db.execute_fetchall(f"SELECT 1 FROM {name} LIMIT 1"):
+                found.append(table)
+        return found
+
+    async def add_rows(self, table: str, columns: Sequence[str],
+                       rows: Sequence[Sequence[Any]]) -> None:
+        name, listed = _known(self._schema, table, columns)
+        await self._db.executemany(
+            f"INSERT INTO {name} ({listed}) VALUES ({_marks(len(columns))})", rows)
+
+    async def set_settings_versions(self, versions: Sequence[tuple[int, int]]) -> None:
+        await self._db.executemany("UPDATE accounts SET settings_version = ? WHERE id = ?",
+                                   [(v, i) for i, v in versions])
+
+    async def set_counters(self, counters: Counters) -> None:
+        # Message ids follow the messages (MAX(id) + 1); the settings versions' counter
+        # goes past every version copied, and past the source's.
+        await self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('settings_version', max(?, "
+            "(SELECT COALESCE(MAX(settings_version), 0) FROM accounts), "
+            "COALESCE((SELECT CAST(value AS INTEGER) FROM meta "
+            "  WHERE key = 'settings_version'), 0))) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (counters.settings_version,))

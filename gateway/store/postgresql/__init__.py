@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
@@ -59,6 +59,7 @@ from gateway.records import (
 )
 from gateway.store import (
     Conflict,
+    Counters,
     NotFound,
     Role,
     StoreUnavailable,
@@ -1273,3 +1274,162 @@ class PostgreSQLStore:
         return [AdminToken(r[0], r[1], r[2], r[3],
                            None if r[4] else tuple(r[7].split("\n")) if r[7] else (),
                            r[5], r[6]) for r in rows]
+
+    # -- the whole store as tables (gateway.store.copy) -------------------------------
+
+    @staticmethod
+    async def _schema(db: Conn) -> dict[str, _Table]:
+        """Columns, their types and the primary key of every table of the installation's
+        data, in the current schema."""
+        columns: dict[str, list[str]] = {}
+        types: dict[str, dict[str, str]] = {}
+        for table, column, kind in await db.fetch(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position"):
+            if table not in _BOOKKEEPING:
+                columns.setdefault(table, []).append(column)
+                types.setdefault(table, {})[column] = kind
+        keys = {table: tuple(key) for table, key in await db.fetch(
+            "SELECT c.relname, array_agg(a.attname ORDER BY array_position("
+            "i.indkey::int2[], a.attnum)) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indisprimary AND c.relnamespace = current_schema()::regnamespace "
+            "GROUP BY c.relname")}
+        return {table: _Table(tuple(listed), keys.get(table) or tuple(listed), types[table])
+                for table, listed in columns.items()}
+
+    async def table_columns(self) -> dict[str, tuple[str, ...]]:
+        try:
+            async with self._acquire() as conn:
+                return {t: v.columns for t, v in (await self._schema(conn)).items()}
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot read the store: {exc}") from exc
+
+    @asynccontextmanager
+    async def read_tables(self) -> AsyncIterator[_PostgreSQLSource]:
+        """One REPEATABLE READ transaction: one snapshot throughout."""
+        async with self._acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                             readonly=True):
+            yield _PostgreSQLSource(conn, await self._schema(conn))
+
+    @asynccontextmanager
+    async def write_tables(self) -> AsyncIterator[_PostgreSQLSink]:
+        async with self._acquire() as conn, conn.transaction():
+            yield _PostgreSQLSink(conn, await self._schema(conn))
+
+
+# Tables of the store's own bookkeeping, never copied: its migrations, its counters.
+_BOOKKEEPING = frozenset({"schema_migrations", "meta", "message_ids"})
+
+
+@dataclass(frozen=True)
+class _Table:
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    types: dict[str, str]
+
+
+def _known(schema: dict[str, _Table], table: str, columns: Sequence[str]) -> tuple[str, str]:
+    """`table` and `columns` quoted for SQL, once checked against the schema: names come
+    from the other store, never from SQL text."""
+    if table not in schema or not set(columns) <= set(schema[table].columns):
+        raise StoreUnavailable(f"no table {table!r} with columns {list(columns)} here")
+    return f'"{table}"', ", ".join(f'"{c}"' for c in columns)
+
+
+# What a value of another backend becomes in a column of each type: SQLite keeps booleans
+# as integers, and may hold an integer in a REAL column.
+def _as_integer(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise StoreUnavailable(f"{value!r} is no integer")
+    return int(value)
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "boolean": bool, "bigint": _as_integer, "integer": _as_integer, "smallint": _as_integer,
+    "double precision": float, "real": float, "text": str,
+}
+
+
+class _PostgreSQLSource:
+    def __init__(self, conn: Any, schema: dict[str, _Table]) -> None:
+        self._conn = conn
+        self._schema = schema
+
+    async def rows(self, table: str, columns: Sequence[str], *,
+                   batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        name, listed = _known(self._schema, table, columns)
+        key = ", ".join(f'"{c}"' for c in self._schema[table].key)
+        rows: list[tuple[Any, ...]] = []
+        async for row in self._conn.cursor(f"SELECT {listed} FROM {name} ORDER BY {key}",
+                                           prefetch=batch):
+            rows.append(tuple(row))
+            if len(rows) == batch:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
+
+    async def count(self, table: str) -> int:
+        name, _ = _known(self._schema, table, ())
+        return int(await self._conn.fetchval(f"SELECT COUNT(*) FROM {name}"))
+
+    async def counters(self) -> Counters:
+        row = await self._conn.fetchrow(
+            "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END "
+            "FROM settings_version), (SELECT next_id FROM message_ids)")
+        return Counters(int(row[0]), int(row[1]))
+
+
+class _PostgreSQLSink:
+    def __init__(self, conn: Any, schema: dict[str, _Table]) -> None:
+        self._conn = conn
+        self._schema = schema
+
+    async def filled(self) -> list[str]:
+        found = []
+        for table in sorted(self._schema):
+            name, _ = _known(self._schema, table, ())
+            if await self._conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {name})"):
+                found.append(table)
+        return found
+
+    async def add_rows(self, table: str, columns: Sequence[str],
+                       rows: Sequence[Sequence[Any]]) -> None:
+        _known(self._schema, table, columns)
+        types = self._schema[table].types
+        convert = [_CONVERT.get(types[c], lambda v: v) for c in columns]
+        try:
+            records = [tuple(None if v is None else f(v) for f, v in zip(convert, row,
+                                                                          strict=True))
+                       for row in rows]
+        except (TypeError, ValueError, StoreUnavailable) as exc:
+            raise StoreUnavailable(f"a row of {table} does not fit this store: {exc}") from exc
+        # COPY: the fastest way in, one round trip per batch.
+        await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
+
+    async def set_settings_versions(self, versions: Sequence[tuple[int, int]]) -> None:
+        await self._conn.execute(
+            "UPDATE accounts SET settings_version = v.version FROM unnest($1::bigint[], "
+            "$2::bigint[]) AS v(id, version) WHERE accounts.id = v.id",
+            [i for i, _ in versions], [v for _, v in versions])
+
+    async def set_counters(self, counters: Counters) -> None:
+        """The identity sequences past their tables' ids, the message ids past the
+        messages' and the source's counter, the settings versions past every version."""
+        for table, shape in self._schema.items():
+            if "id" not in shape.columns:
+                continue
+            sequence = await self._conn.fetchval("SELECT pg_get_serial_sequence($1, 'id')",
+                                                 f'"{table}"')
+            if sequence is not None:
+                await self._conn.execute(
+                    f'SELECT setval($1, COALESCE(MAX(id), 0) + 1, false) FROM "{table}"',
+                    sequence)
+        await self._conn.execute(
+            "UPDATE message_ids SET next_id = GREATEST(next_id, $1, "
+            "(SELECT COALESCE(MAX(id), 0) + 1 FROM messages))", counters.next_message_id)
+        await self._conn.execute(
+            "SELECT setval('settings_version', GREATEST($1, 1, "
+            "(SELECT COALESCE(MAX(settings_version), 0) FROM accounts), "
+            "(SELECT last_value FROM settings_version)))", counters.settings_version)
