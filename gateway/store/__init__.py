@@ -15,6 +15,7 @@ suite, `tests/store/test_contract.py`, that every backend runs (see docs/store.m
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -78,6 +79,25 @@ class Taken(StoreError):
     """An `exclusive` name another holder (maybe another process) has now."""
 
 
+class Held:
+    """A name held with `exclusive`, and whether it still is."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lost = asyncio.Event()
+        self.reason = ""
+        self.released = False
+
+    def lose(self, reason: str) -> bool:
+        """Mark the lock lost (the backend does, when it learns it): `lost` is set. False
+        if it was lost already, or let go of (the block ended)."""
+        if self.released or self.lost.is_set():
+            return False
+        self.reason = reason
+        self.lost.set()
+        return True
+
+
 # Who opens the store, for `open_store` to tune it: the send process (its writes go first
 # when a delivery worker competes for the write lock), the delivery worker (its writes can
 # be redone, and they give way to sends), the command line and everyone else.
@@ -103,11 +123,14 @@ class StoreLifecycle(Protocol):
         """Raise StoreUnavailable unless a write transaction can commit now."""
 
     def exclusive(self, name: str, *, wait: bool = False
-                  ) -> AbstractAsyncContextManager[None]:
+                  ) -> AbstractAsyncContextManager[Held]:
         """Hold the store-wide lock `name` for the block: one holder at a time across
         every process (and node) using the store, released when the holder dies.
 
-        Taken already: raises `Taken`, or with `wait` waits until it is free.
+        Taken already: raises `Taken`, or with `wait` waits until it is free. The `Held`
+        it gives tells when the lock is lost without the holder letting go (PostgreSQL:
+        its connection to the database ended, and another node may take it now): the
+        holder must stop acting as the one holder at once.
         """
         ...
 
@@ -399,8 +422,8 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
 
 
 __all__ = [
-    "Conflict", "CopyStore", "Counters", "DeliveryStore", "ManagementStore", "NotEnoughCredits",
-    "NotFound",
+    "Conflict", "CopyStore", "Counters", "DeliveryStore", "Held", "ManagementStore",
+    "NotEnoughCredits", "NotFound",
     "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
     "StoreLifecycle", "StoreSettings", "StoreUnavailable", "TableSink", "TableSource", "Taken",
     "TokenStore",

@@ -60,6 +60,7 @@ from gateway.records import (
 from gateway.store import (
     Conflict,
     Counters,
+    Held,
     NotFound,
     OverCreditLimit,
     Role,
@@ -370,13 +371,14 @@ class SQLiteStore:
         self._reader = self._writer = None
 
     @asynccontextmanager
-    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[None]:
+    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[Held]:
         """A lock on a file next to the store, `<path>-<name>.lock` (flock): the kernel
-        lets go of it when its holder dies. In memory there is no one to share with."""
+        lets go of it when its holder dies, and never while it lives (it is never lost).
+        In memory there is no one to share with."""
         if not name.replace("-", "").isalnum():
             raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
         if self.path == ":memory:":
-            yield
+            yield Held(name)
             return
         try:
             fd = os.open(f"{self.path}-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
@@ -393,7 +395,7 @@ class SQLiteStore:
                         raise Taken(f"{name!r} is held by another process on the store "
                                     f"{self.path}") from None
                 await asyncio.sleep(0.1)
-            yield
+            yield Held(name)
         finally:
             os.close(fd)
 

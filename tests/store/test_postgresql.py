@@ -8,6 +8,7 @@ from importlib import resources
 import asyncpg
 import pytest
 
+from gateway.delivery_guard import DeliveryGuard
 from gateway.store import StoreUnavailable, open_store
 from tests import postgres
 
@@ -74,3 +75,75 @@ def test_every_sqlite_migration_has_its_postgresql_dialect() -> None:
                       if item.name.endswith(".sql"))
 
     assert numbers("gateway.store.postgresql") == numbers("gateway.store")
+
+
+async def end_lock_sessions(url: str) -> int:
+    """End the sessions holding advisory locks, as a failover or an administrator does."""
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"))
+    finally:
+        await conn.close()
+
+
+async def test_a_holder_whose_lock_connection_ends_learns_it_lost_the_lock(
+        postgres_url: str) -> None:
+    """The server lets go of an advisory lock when its session ends: the holder must not
+    go on as the one holder while another node takes the name."""
+    a, b = open_store(postgres_url, "delivery"), open_store(postgres_url, "delivery")
+    await a.open()
+    await b.open()
+    try:
+        async with a.exclusive("delivery") as held:
+            assert not held.lost.is_set()
+            assert await end_lock_sessions(postgres_url) == 1
+            await asyncio.wait_for(held.lost.wait(), 5)
+            assert "connection" in held.reason
+            async with b.exclusive("delivery") as other:  # the name is free: b takes it
+                assert not other.lost.is_set()
+        assert not other.lost.is_set()  # let go of on purpose: not lost
+    finally:
+        await a.close()
+        await b.close()
+
+
+class FakeDispatcher:
+    def __init__(self, started: list[FakeDispatcher]) -> None:
+        self.started = started
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self.started.append(self)
+
+    async def stop(self) -> None:
+        self.stopped.set()
+
+    def poke(self) -> None:
+        pass
+
+
+async def test_a_gateway_that_loses_the_delivery_lock_stops_delivering_and_stands_by(
+        postgres_url: str) -> None:
+    store = open_store(postgres_url, "send")
+    await store.open()
+    started: list[FakeDispatcher] = []
+    first = FakeDispatcher(started)
+    taken_back = asyncio.Event()
+    guard = DeliveryGuard(store, first, lambda: FakeDispatcher(started),  # type: ignore[arg-type]
+                          lambda _dispatcher: taken_back.set())
+    try:
+        await guard.start()
+        assert guard.delivering and started == [first]
+        await end_lock_sessions(postgres_url)
+        await asyncio.wait_for(first.stopped.wait(), 5)
+        # Nobody else holds the name: it takes it back, with a dispatcher that follows
+        # the store.
+        await asyncio.wait_for(taken_back.wait(), 5)
+        assert len(started) == 2 and guard.delivering
+    finally:
+        await guard.stop()
+        await store.close()
+    assert started[1].stopped.is_set()

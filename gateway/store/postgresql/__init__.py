@@ -25,7 +25,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Protocol, TypeVar
@@ -60,6 +60,7 @@ from gateway.records import (
 from gateway.store import (
     Conflict,
     Counters,
+    Held,
     NotFound,
     Role,
     StoreUnavailable,
@@ -113,6 +114,10 @@ CLAIM_WINDOW = 4
 # so that other applications' advisory locks on the same database never collide with ours.
 _LOCK_SPACE = 0x48325320  # "H2S "
 _MIGRATION_LOCK = 0
+
+# How often the connection holding an `exclusive` lock is checked, when nothing says it
+# ended: the longest a holder may go on after a silent cut, before it learns it.
+LOCK_CHECK_SECONDS = 2.0
 
 # Connections per store, by role: the send process commits batches from many requests,
 # the delivery worker a few transactions at a time, the CLI one.
@@ -212,6 +217,11 @@ FROM unnest($28::bigint[], $29::bigint[]) AS r(id, quota) WHERE users.id = r.id
 """
 
 
+def _lose(held: Held, reason: str) -> None:
+    if held.lose(reason):
+        log.error("store_lock_lost", name=held.name, reason=reason)
+
+
 def _count(status: str) -> int:
     """Rows a command changed, from its status ("UPDATE 3")."""
     return int(status.rsplit(" ", 1)[-1])
@@ -296,27 +306,59 @@ class PostgreSQLStore:
                                    _MIGRATION_LOCK)
 
     @asynccontextmanager
-    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[None]:
+    async def exclusive(self, name: str, *, wait: bool = False) -> AsyncIterator[Held]:
         """A session advisory lock on a connection of its own, held for the block: the
-        server lets go of it when the connection ends, so a holder that dies lets go."""
+        server lets go of it when the connection ends, so a holder that dies lets go.
+
+        The connection ending under a live holder (the database restarted or failed over,
+        an administrator ended the session, the network cut it) lets go of the lock too:
+        another node may take it at once. The holder learns it from `Held.lost`, set as
+        soon as the client sees the connection close, or when it fails to answer a check
+        (every LOCK_CHECK_SECONDS) for a connection cut silently."""
         if not name.replace("-", "").isalnum():
             raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
         try:
             conn = await asyncpg.connect(self.dsn, timeout=self._timeout)
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise StoreUnavailable(f"cannot lock {name!r}: {exc}") from exc
+        held = Held(name)
+        watch: asyncio.Task[None] | None = None
         try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))",
-                                          _LOCK_SPACE, name):
-                if not wait:
-                    raise Taken(f"{name!r} is held by another process on the store")
-                await asyncio.sleep(0.1)
-            yield
+            try:
+                while not await conn.fetchval(
+                        "SELECT pg_try_advisory_lock($1, hashtext($2))", _LOCK_SPACE, name):
+                    if not wait:
+                        raise Taken(f"{name!r} is held by another process on the store")
+                    await asyncio.sleep(0.1)
+            except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+                raise StoreUnavailable(f"cannot lock {name!r}: {exc}") from exc
+            conn.add_termination_listener(
+                lambda _conn: _lose(held, "its connection to the database ended"))
+            watch = asyncio.create_task(self._watch_lock(conn, held), name=f"lock-{name}")
+            yield held
         finally:
+            held.released = True  # let go of on purpose from here: not lost
+            if watch is not None:
+                watch.cancel()
+                with suppress(asyncio.CancelledError):
+                    await watch
             # Closing the session releases its locks; no unlock to forget on any path.
             try:
                 await asyncio.wait_for(conn.close(), self._timeout)
             except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError):
+                conn.terminate()
+
+    async def _watch_lock(self, conn: Any, held: Held) -> None:
+        """Check the lock's connection every LOCK_CHECK_SECONDS: a connection cut without
+        a word (a network partition) is noticed by no one else."""
+        while not (held.lost.is_set() or held.released):
+            with suppress(TimeoutError):
+                await asyncio.wait_for(held.lost.wait(), LOCK_CHECK_SECONDS)
+                return
+            try:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), self._timeout)
+            except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                _lose(held, f"its connection to the database does not answer: {exc}")
                 conn.terminate()
 
     def _acquire(self) -> Any:
