@@ -152,10 +152,11 @@ class SendStore(StoreLifecycle, Protocol):
       Versions are per account (a change to one never makes another's orders stale)
       and never reused.
     - Message ids are unique and grow within one commit (one order's recipients get
-      consecutive ids). Across concurrent commits ids need NOT become visible in id
-      order: a reader may see id 12 before id 11 commits (PostgreSQL sequences). Readers
-      that follow new messages must not treat "the highest id seen" as "all below it
-      are seen".
+      consecutive ids). Across accounts, concurrent commits' ids need NOT become visible
+      in id order: a reader may see id 12 before id 11 commits (PostgreSQL hands out ids
+      before the commit). Readers that follow new messages of several accounts must not
+      treat "the highest id seen" as "all below it are seen". Within one account they
+      do (see `ReadStore`).
     """
 
     async def send_context(self, account: str, login: str, *,
@@ -269,7 +270,16 @@ class ManagementStore(StoreLifecycle, Protocol):
 
 
 class ReadStore(StoreLifecycle, Protocol):
-    """Reading back: messages, their history, the ledger, totals. Never writes."""
+    """Reading back: messages, their history, the ledger, totals. Never writes.
+
+    Guarantees:
+    - Within one account, ids of ledger entries, messages and incoming messages become
+      visible in id order: a page read with `after_id` (or `before_id`) never passes over
+      an entry that commits later with a lower id. Every transaction that writes them
+      draws their ids with the account's row locked (SQLite: the write lock) until it
+      commits, so the next one on that account draws after that commit. Across accounts
+      there is no such order: a cursor over several accounts must not be an id.
+    """
 
     async def get_message(self, message_id: int) -> Message: ...
     async def message_events(self, message_id: int) -> list[MessageEvent]: ...

@@ -9,8 +9,10 @@ import asyncpg
 import pytest
 
 from gateway.delivery_guard import DeliveryGuard
+from gateway.records import UserChanges
 from gateway.store import StoreUnavailable, open_store
 from tests import postgres
+from tests.store.test_contract import T0
 
 
 async def terminate_sessions(url: str) -> int:
@@ -147,3 +149,50 @@ async def test_a_gateway_that_loses_the_delivery_lock_stops_delivering_and_stand
         await guard.stop()
         await store.close()
     assert started[1].stopped.is_set()
+
+
+async def waiting_for_locks(conn: asyncpg.Connection, count: int) -> None:
+    """Until `count` other sessions wait for a lock (what the test set up to happen).
+    `conn` outside a transaction: within one, the server's statistics stay as first read."""
+    for _ in range(500):
+        waiting = await conn.fetchval(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'")
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.01)  # a state of the server's, with no event to wait for
+    raise AssertionError(f"fewer than {count} sessions wait for a lock")
+
+
+async def test_a_ledger_page_never_skips_an_entry_that_commits_later_with_a_lower_id(
+        postgres_url: str) -> None:
+    """Ledger ids come from a sequence, drawn before commit: had two transactions on one
+    account drawn ids side by side, the lower one committing last, a reader paging with
+    `after_id` would have passed over it for good. An account's ledger entries are drawn
+    with its row locked until the commit, so they become visible in id order: the second
+    transaction waits for the first, lower id, to commit."""
+    store = open_store(postgres_url, "cli")
+    await store.open()
+    blocker = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    try:
+        await store.create_account("acme", 1000, at=T0)
+        alice = await store.create_user("acme", "alice", "x", at=T0)
+        # Above the credits: disarmed, so the top-up below re-arms it (a write to alice's
+        # row, after its ledger entry is written).
+        await store.update_user("acme", "alice", UserChanges(alert_threshold=1500), at=T0)
+        (seen,) = await store.list_ledger("acme", limit=10)
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", alice.id)
+            first = asyncio.create_task(store.credit_account("acme", 1000, at=T0 + 1))
+            await waiting_for_locks(watcher, 1)  # its entry drawn, not committed
+            second = asyncio.create_task(store.credit_account("acme", 5, at=T0 + 2))
+            await waiting_for_locks(watcher, 2)
+            assert await store.list_ledger("acme", limit=10, after_id=seen.id) == []
+        await asyncio.gather(first, second)
+        page = await store.list_ledger("acme", limit=10, after_id=seen.id)
+        assert [e.amount for e in page] == [1000, 5]
+    finally:
+        await blocker.close()
+        await watcher.close()
+        await store.close()
