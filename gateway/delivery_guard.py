@@ -139,6 +139,12 @@ class DeliveryGuard:
         else:
             running.on_commit(outcomes)
 
+    def poke(self) -> None:
+        """Another node committed sends: the dispatcher delivering, if it is ours, looks
+        in the store."""
+        if self._running is not None:
+            self._running.poke()
+
     async def stop(self) -> None:
         if self._watching is not None:
             self._watching.cancel()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -114,8 +114,13 @@ class StoreSettings(Protocol):
     def busy_timeout_seconds(self) -> float: ...
 
 
+# What another process's commits may wake this one for: messages to deliver, outbox items
+# (callbacks, alerts) to send.
+Topic = Literal["messages", "outbox"]
+
+
 class StoreLifecycle(Protocol):
-    """What every role shares: opening, closing, readiness and store-wide locks."""
+    """What every role shares: opening, closing, readiness, store-wide locks, wake-ups."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -131,6 +136,18 @@ class StoreLifecycle(Protocol):
         it gives tells when the lock is lost without the holder letting go (PostgreSQL:
         its connection to the database ended, and another node may take it now): the
         holder must stop acting as the one holder at once.
+        """
+        ...
+
+    def wake_ups(self, callbacks: Mapping[Topic, Callable[[], None]]
+                 ) -> AbstractAsyncContextManager[None]:
+        """While in the block, `callbacks[topic]()` runs soon after another store instance
+        (another process, another node) commits work of that topic. Never instead of
+        polling: a wake-up may be missed (a connection lost meanwhile: each callback runs
+        once when it is back, for what it missed) or come for nothing.
+
+        PostgreSQL: LISTEN on a connection of its own. SQLite: none (one machine, where
+        the processes poke each other).
         """
         ...
 
@@ -436,6 +453,6 @@ __all__ = [
     "NotEnoughCredits", "NotFound",
     "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
     "StoreLifecycle", "StoreSettings", "StoreUnavailable", "TableSink", "TableSource", "Taken",
-    "TokenStore",
+    "TokenStore", "Topic",
     "open_store", "parse_url", "shown",
 ]

@@ -22,6 +22,7 @@ from collections.abc import (
     Coroutine,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from contextlib import asynccontextmanager, suppress
@@ -66,6 +67,7 @@ from gateway.store import (
     Role,
     StoreUnavailable,
     Taken,
+    Topic,
     rules,
 )
 from gateway.store.writer import Conn, Turn, Writer
@@ -398,6 +400,12 @@ class SQLiteStore:
             yield Held(name)
         finally:
             os.close(fd)
+
+    @asynccontextmanager
+    async def wake_ups(self, callbacks: Mapping[Topic, Callable[[], None]]
+                       ) -> AsyncIterator[None]:
+        """None: the processes of one machine poke each other, and poll."""
+        yield
 
     async def _migrate(self) -> None:
         assert self._writer is not None

@@ -8,11 +8,15 @@ from importlib import resources
 import asyncpg
 import pytest
 
+from gateway.clock import SystemClock
+from gateway.delivery import Dispatcher
 from gateway.delivery_guard import DeliveryGuard
-from gateway.records import UserChanges
-from gateway.store import StoreUnavailable, open_store
+from gateway.operators.base import LinkStatus, Taken
+from gateway.records import OutgoingMessage, UserChanges
+from gateway.store import StoreUnavailable, open_store, postgresql
+from gateway.wakeups import WakeUps
 from tests import postgres
-from tests.store.test_contract import T0
+from tests.store.test_contract import T0, account_with_user, order
 
 
 async def terminate_sessions(url: str) -> int:
@@ -196,3 +200,120 @@ async def test_a_ledger_page_never_skips_an_entry_that_commits_later_with_a_lowe
         await blocker.close()
         await watcher.close()
         await store.close()
+
+
+# -- wake-ups between nodes (LISTEN/NOTIFY) ---------------------------------------------
+
+
+async def test_another_node_s_commits_wake_this_one_s_listeners(postgres_url: str) -> None:
+    here, there = open_store(postgres_url, "delivery"), open_store(postgres_url, "send")
+    await here.open()
+    await there.open()
+    messages, outbox = asyncio.Event(), asyncio.Event()
+    try:
+        async with here.wake_ups({"messages": messages.set, "outbox": outbox.set}):
+            user = await account_with_user(there, 1000)
+            await listening(postgres_url)
+            await there.commit_sends([order(user, 10)], at=T0)
+            await asyncio.wait_for(messages.wait(), 5)
+            await there.enqueue_outbox("callback", account_id=user.account_id, user_id=None,
+                                       target="http://x.example/", payload={}, at=T0)
+            await asyncio.wait_for(outbox.wait(), 5)
+    finally:
+        await here.close()
+        await there.close()
+
+
+async def listening(url: str, count: int = 1) -> None:
+    """Until `count` wake-up connections listen (a state of the server's: no event)."""
+    conn = await asyncpg.connect(url)
+    try:
+        for _ in range(500):
+            if await conn.fetchval("SELECT COUNT(*) FROM pg_stat_activity WHERE "
+                                   "application_name LIKE '%-wake-ups' AND state = 'idle' "
+                                   "AND query LIKE 'LISTEN%'") >= count:
+                return
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+    raise AssertionError("no wake-up connection listens")
+
+
+async def test_a_listener_that_lost_its_connection_comes_back_and_wakes_for_what_it_missed(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postgresql, "LISTEN_RETRY_SECONDS", 0.05)
+    here, there = open_store(postgres_url, "delivery"), open_store(postgres_url, "send")
+    await here.open()
+    await there.open()
+    woken = asyncio.Event()
+    try:
+        async with here.wake_ups({"messages": woken.set}):
+            user = await account_with_user(there, 1000)
+            await listening(postgres_url)
+            conn = await asyncpg.connect(postgres_url)
+            try:
+                assert await conn.fetchval(
+                    "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name LIKE '%-wake-ups'") == 1
+            finally:
+                await conn.close()
+            await asyncio.wait_for(woken.wait(), 5)  # back: what it may have missed
+            woken.clear()
+            await listening(postgres_url)
+            await there.commit_sends([order(user, 10)], at=T0)
+            await asyncio.wait_for(woken.wait(), 5)
+    finally:
+        await here.close()
+        await there.close()
+
+
+class TakingOperator:
+    """Takes every message, and says when it took one."""
+
+    def __init__(self) -> None:
+        self.took = asyncio.Event()
+        self.ids: list[int] = []
+
+    async def start(self, sink: object) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def submit(self, messages: list[OutgoingMessage]) -> list[Taken]:
+        self.ids += [m.id for m in messages]
+        self.took.set()
+        return [Taken(m.id, (f"R{m.id}",)) for m in messages]
+
+    async def resume(self, messages: list[OutgoingMessage]) -> None:
+        pass
+
+    def link_status(self) -> LinkStatus:
+        return LinkStatus(True)
+
+
+async def test_a_send_committed_on_another_node_is_delivered_before_the_next_poll(
+        postgres_url: str) -> None:
+    """The delivering node polls the store every hour here: only the wake-up can bring it
+    the message committed by the other node's store."""
+    here, there = open_store(postgres_url, "delivery"), open_store(postgres_url, "send")
+    await here.open()
+    await there.open()
+    operator = TakingOperator()
+    dispatcher = Dispatcher(here, SystemClock(), operator,  # type: ignore[arg-type]
+                            follow_store=True, poll_seconds=3600.0)
+    wake_ups = WakeUps(here, {"messages": [dispatcher.poke]})
+    try:
+        user = await account_with_user(there, 1000)
+        await dispatcher.start()
+        await wake_ups.start()
+        await listening(postgres_url)
+        assert not operator.took.is_set()
+        (outcome,) = await there.commit_sends([order(user, 10)], at=T0)
+        await asyncio.wait_for(operator.took.wait(), 5)
+        assert operator.ids == list(outcome.ids)
+    finally:
+        await wake_ups.stop()
+        await dispatcher.stop()
+        await here.close()
+        await there.close()

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -65,6 +66,7 @@ from gateway.store import (
     Role,
     StoreUnavailable,
     Taken,
+    Topic,
     rules,
 )
 
@@ -118,6 +120,15 @@ _MIGRATION_LOCK = 0
 # How often the connection holding an `exclusive` lock is checked, when nothing says it
 # ended: the longest a holder may go on after a silent cut, before it learns it.
 LOCK_CHECK_SECONDS = 2.0
+
+# The channels of the wake-ups (LISTEN/NOTIFY), by topic. A notification's payload is the
+# id of the store instance that committed (`PostgreSQLStore._instance`): its own are
+# ignored, its process knows of them already.
+CHANNELS: dict[Topic, str] = {"messages": "http2sms_messages", "outbox": "http2sms_outbox"}
+# A listener whose connection ended connects again after this long; a live one checks its
+# connection this often (a cut without a word is noticed by no one else).
+LISTEN_RETRY_SECONDS = 1.0
+LISTEN_CHECK_SECONDS = 10.0
 
 # Connections per store, by role: the send process commits batches from many requests,
 # the delivery worker a few transactions at a time, the CLI one.
@@ -179,10 +190,14 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 
 # Everything an accepted batch of sends writes, in one statement (one round trip, where a
 # statement per table cost one each): its messages, their first event, its ledger entries,
-# the new balances and quotas. Rows come as column arrays ($2-$18 messages, $19-$25 ledger,
-# $26-$29 balances and quotas); $1 is the time of the commit.
+# the new balances and quotas, and the wake-up of the other nodes' delivery (delivered at
+# the commit, never before: `n`, joined to the messages so that it runs). Rows come as
+# column arrays ($2-$18 messages, $19-$25 ledger, $26-$29 balances and quotas); $1 is the
+# time of the commit, $30 the id of the store instance committing.
 _STORE_SENDS = """
-WITH m AS (
+WITH n AS MATERIALIZED (
+    SELECT pg_notify('http2sms_messages', $30::text)
+), m AS (
     INSERT INTO messages (id, account_id, user_id, login, kind, sender, receiver, body,
         coding, parts, class, no_stop, tag, credits, charged_to, created_at, deferred_until,
         state, dlr, updated_at)
@@ -194,6 +209,7 @@ WITH m AS (
         $15::bigint[], $16::text[], $17::float8[], $18::text[])
         AS r(id, account_id, user_id, login, kind, sender, receiver, body, coding, parts,
              class, no_stop, tag, credits, charged_to, deferred_until, state)
+        CROSS JOIN n
     RETURNING id, state
 ), e AS (
     INSERT INTO message_events (message_id, at, ptt, dlr, note)
@@ -252,6 +268,8 @@ class PostgreSQLStore:
         self._versions: dict[int, int] = {}
         self._ids_conn: Any = None  # an asyncpg.Connection, see _message_ids
         self._ids_lock = asyncio.Lock()
+        # Names this store's notifications, so that its own listeners pass them over.
+        self._instance = secrets.token_hex(8)
 
     def __repr__(self) -> str:
         return f"PostgreSQLStore(role={self._role!r})"  # never the URL: it may hold a password
@@ -360,6 +378,58 @@ class PostgreSQLStore:
             except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError) as exc:
                 _lose(held, f"its connection to the database does not answer: {exc}")
                 conn.terminate()
+
+    @asynccontextmanager
+    async def wake_ups(self, callbacks: Mapping[Topic, Callable[[], None]]
+                       ) -> AsyncIterator[None]:
+        """LISTEN on the topics' channels (CHANNELS), on a connection of its own, connected
+        again whenever it ends (each callback then runs once, for what it missed)."""
+        listening = asyncio.create_task(self._listen(dict(callbacks)), name="store-wake-ups")
+        try:
+            yield
+        finally:
+            listening.cancel()
+            with suppress(asyncio.CancelledError):
+                await listening
+
+    async def _listen(self, callbacks: dict[Topic, Callable[[], None]]) -> None:
+        missed = False
+        while True:
+            conn: Any = None
+            ended = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=self._timeout,
+                    server_settings={"application_name": f"http2sms-{self._role}-wake-ups"})
+                conn.add_termination_listener(lambda _conn, event=ended: event.set())
+                for topic, callback in callbacks.items():
+                    await conn.add_listener(CHANNELS[topic], self._woken(callback))
+                if missed:
+                    log.info("store_wake_ups_back")
+                    for callback in callbacks.values():
+                        callback()
+                missed = True
+                while not ended.is_set():
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(ended.wait(), LISTEN_CHECK_SECONDS)
+                        break
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), self._timeout)
+                log.warning("store_wake_ups_lost", retry_in=LISTEN_RETRY_SECONDS)
+            except (TimeoutError, asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+                missed = True
+                log.warning("store_wake_ups_failed", error=str(exc),
+                            retry_in=LISTEN_RETRY_SECONDS)
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    def _woken(self, callback: Callable[[], None]) -> Callable[[Any, int, str, str], None]:
+        def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            if payload != self._instance:
+                callback()
+
+        return notified
 
     def _acquire(self) -> Any:
         if self._pool is None:
@@ -736,7 +806,7 @@ class PostgreSQLStore:
                            sent.charged_to, order.total, sent.reference))
         await db.execute(_STORE_SENDS, at, *_columns(messages, 17), *_columns(ledger, 7),
                          list(decided.balances), list(decided.balances.values()),
-                         list(decided.quotas), list(decided.quotas.values()))
+                         list(decided.quotas), list(decided.quotas.values()), self._instance)
         touched = sorted({sent.order.account_id for sent in decided.accepted})
         if await self._evaluate_alerts(db, touched, at):
             outcomes = [replace(o, alert_queued=True) if o.accepted else o for o in outcomes]
@@ -766,7 +836,12 @@ class PostgreSQLStore:
                 "next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 [(i.kind, i.account_id, i.user_id, i.target, json.dumps(i.payload), at, at)
                  for i in plan.items])
+            await self._notify(db, "outbox")
         return len(plan.items)
+
+    async def _notify(self, db: Conn, topic: Topic) -> None:
+        """Wake the other nodes' listeners of `topic` when this transaction commits."""
+        await db.execute("SELECT pg_notify($1, $2)", CHANNELS[topic], self._instance)
 
     @staticmethod
     async def _ledger(db: Conn, at: float, account_id: int, user_id: int | None,
@@ -854,6 +929,7 @@ class PostgreSQLStore:
                 "VALUES ('callback', $1, $2, $3, $4, $5, $6, $6)",
                 [(c.message_id, c.account_id, c.user_id, c.target, json.dumps(c.payload),
                   c.at) for c in plan.callbacks])
+            await self._notify(db, "outbox")
         refunds = plan.refunds
         if refunds:
             await db.executemany(
@@ -1062,6 +1138,7 @@ class PostgreSQLStore:
                              target: str, payload: dict[str, Any], at: float,
                              message_id: int | None = None) -> int:
         async def body(db: Conn) -> int:
+            await self._notify(db, "outbox")
             return int(await db.fetchval(
                 "INSERT INTO outbox (kind, message_id, account_id, user_id, target, payload, "
                 "created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) "
