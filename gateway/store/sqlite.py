@@ -70,23 +70,17 @@ from gateway.store import (
     Topic,
     rules,
 )
+from gateway.store.rows import CLAIMABLE as _CLAIMABLE
+from gateway.store.rows import DELIVERED, INCOMING_LOOKBACK
+from gateway.store.rows import MESSAGE_COLUMNS as _MESSAGE_COLUMNS
+from gateway.store.rows import OUTGOING_COLUMNS as _OUTGOING_COLUMNS
+from gateway.store.rows import SPENDABLE as _SPENDABLE
+from gateway.store.rows import USER_COLUMNS as _USER_COLUMNS
+from gateway.store.rows import message as _message
+from gateway.store.rows import outgoing as _outgoing
+from gateway.store.rows import user as _user
 from gateway.store.writer import Conn, Turn, Writer
 from gateway.store.writer import begin as begin_write
-
-_USER_COLUMNS = """
-    u.id, u.account_id, a.name, u.login, u.password_hash, u.quota_active, u.quota_left,
-    u.alert_threshold, u.alert_support, u.alert_email, u.alert_number, u.alert_armed,
-    u.ip_restrictions, u.callback_url
-"""
-
-_MESSAGE_COLUMNS = """
-    m.id, m.account_id, a.name, m.login, m.kind, m.sender, m.receiver, m.body, m.coding,
-    m.parts, m.class, m.tag, m.credits, m.charged_to, m.created_at, m.deferred_until, m.state,
-    m.ptt, m.dlr, m.sent_at, m.delivered_at
-"""
-
-_OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, deferred_until, "
-                     "sent_at, parts")
 
 # Added to a query on messages of one unsettled state: SQLite only uses the partial index
 # `messages_pending` (WHERE state <> 'final') when the query repeats its condition. Without
@@ -94,47 +88,14 @@ _OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, def
 # worker spent more than a core on them.
 _PENDING = "AND state <> 'final'"
 
-# Messages a dispatcher may claim, and when each is due (see `messages_due_*`, migration
-# 0004: SQLite uses those indexes only for these very expressions).
-_CLAIMABLE = "state IN ('queued', 'deferred')"
+# When a message a dispatcher may claim (`_CLAIMABLE`) is due (see `messages_due_*`,
+# migration 0004: SQLite uses those indexes only for these very expressions).
 _DUE_DEFERRED = "max(deferred_until, claimed_until)"
 
 
 def _part_rows(sent: Sequence[SentMessage]) -> list[tuple[str, int, int]]:
     return [(reference, m.message_id, part)
             for m in sent for part, reference in enumerate(m.references, 1)]
-
-
-# The ptt of a delivered message (or part).
-DELIVERED = 4
-# How many of the newest messages an incoming one may answer (see add_incoming).
-INCOMING_LOOKBACK = 1_000_000
-
-# What a user can spend: its quota while active, else its account's balance.
-_SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
-
-
-def _user(row: Sequence[Any]) -> User:
-    return User(
-        id=row[0], account_id=row[1], account_name=row[2], login=row[3], password_hash=row[4],
-        quota_active=bool(row[5]), quota_left=row[6], alert_threshold=row[7],
-        alert_support=row[8], alert_email=row[9], alert_number=row[10],
-        alert_armed=bool(row[11]), ip_restrictions=tuple(json.loads(row[12])),
-        callback_url=row[13],
-    )
-
-
-def _message(row: Sequence[Any]) -> Message:
-    return Message(id=row[0], account_id=row[1], account_name=row[2], login=row[3],
-                   kind=row[4], sender=row[5], receiver=row[6], body=row[7], coding=row[8],
-                   parts=row[9], klass=row[10], tag=row[11], credits=row[12],
-                   charged_to=row[13], created_at=row[14], deferred_until=row[15],
-                   state=row[16], ptt=row[17], dlr=row[18], sent_at=row[19],
-                   delivered_at=row[20])
-
-
-def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
-    return OutgoingMessage(*row)
 
 
 T = TypeVar("T")
