@@ -120,6 +120,7 @@ class FakeDispatcher:
     def __init__(self, started: list[FakeDispatcher]) -> None:
         self.started = started
         self.stopped = asyncio.Event()
+        self.pokes = 0
 
     async def start(self) -> None:
         self.started.append(self)
@@ -128,7 +129,7 @@ class FakeDispatcher:
         self.stopped.set()
 
     def poke(self) -> None:
-        pass
+        self.pokes += 1
 
 
 async def test_a_gateway_that_loses_the_delivery_lock_stops_delivering_and_stands_by(
@@ -149,6 +150,8 @@ async def test_a_gateway_that_loses_the_delivery_lock_stops_delivering_and_stand
         # the store.
         await asyncio.wait_for(taken_back.wait(), 5)
         assert len(started) == 2 and guard.delivering
+        guard.poke()  # another node's sends: to the dispatcher delivering now
+        assert (first.pokes, started[1].pokes) == (0, 1)
     finally:
         await guard.stop()
         await store.close()
