@@ -32,6 +32,7 @@ from gateway.security import LoginGuard, Throttle
 from gateway.send.batcher import GroupCommitter
 from gateway.send.pipeline import SendPipeline, SendSettings
 from gateway.store import Store, StoreUnavailable, open_store, shown
+from gateway.wakeups import WakeUps
 from gateway.worker import DeliveryWorker
 
 log = structlog.get_logger("gateway.app")
@@ -148,6 +149,7 @@ def build(config: Config, *, store: Store | None = None, clock: Clock | None = N
     elif delivery:
         add_delivery(gateway, settings.tz)
     add_alerts(gateway, settings)
+    add_wake_ups(gateway)
     return gateway
 
 
@@ -223,6 +225,22 @@ def add_delivery_worker(gateway: Gateway) -> None:
     gateway.services.append(worker)
     gateway.after_commit.append(worker.poke)
     gateway.worker = worker
+
+
+def add_wake_ups(gateway: Gateway) -> None:
+    """Other nodes' sends wake the delivery here, their callbacks and alerts the outbox
+    workers here (PostgreSQL; see `gateway.wakeups`). Started last, stopped first."""
+    messages: list[Callable[[], None]] = []
+    outbox: list[Callable[[], None]] = []
+    if gateway.worker is not None:
+        messages.append(gateway.worker.poke)
+    if gateway.delivery_guard is not None:
+        messages.append(gateway.delivery_guard.poke)
+    if gateway.callbacks is not None:
+        outbox.append(gateway.callbacks.wake)
+    if gateway.alerts is not None:
+        outbox.append(gateway.alerts.worker.wake)
+    gateway.services.append(WakeUps(gateway.store, {"messages": messages, "outbox": outbox}))
 
 
 def add_alerts(gateway: Gateway, settings: SendSettings) -> None:

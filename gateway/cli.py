@@ -31,6 +31,7 @@ from gateway.display import escape, redact_url
 from gateway.records import AdminToken, ConsoleUser, MessageFilter
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
 from gateway.store import Store, StoreError, open_store
+from gateway.store import copy as copy_module
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -681,6 +682,70 @@ def console_user_view(user: ConsoleUser) -> dict[str, Any]:
     return {"email": user.email,
             "accounts": "all" if user.operator else list(user.accounts),
             "operator": user.operator, "created": _when(user.created_at)}
+
+
+# -- the store as a whole -------------------------------------------------------------------
+
+@http2sms.group("store", help="the store as a whole")
+@json_option
+def store_commands() -> None:
+    pass
+
+
+@store_commands.command(
+    "copy", help="copy an installation (accounts, users, credits, ledger, messages and their "
+    "history, pending callbacks, tokens) from the store SOURCE to the empty store TARGET, "
+    "then check both: e.g. copy sqlite:///var/gateway.sqlite3 postgresql://h2s@db/h2s. "
+    "Stop every gateway on SOURCE first. Exit 1 if the check fails.")
+@click.argument("source")
+@click.argument("target")
+@click.option("--batch", type=click.IntRange(1, 1_000_000), default=copy_module.BATCH,
+              show_default=True, help="rows read and written at a time")
+@json_option
+@click.pass_context
+def _store_copy(ctx: click.Context, source: str, target: str, batch: int) -> None:
+    if not structlog.is_configured():
+        logs.configure("console", "warning", stream=sys.stderr)
+    report = asyncio.run(_copy(source, target, batch))
+    result = copy_view(report) if wants_json() else copy_lines(report)
+    _print(result)
+    if not report.ok:
+        ctx.exit(1)
+
+
+async def _copy(source_url: str, target_url: str, batch: int) -> copy_module.CopyReport:
+    source = open_store(source_url, "cli")
+    target = open_store(target_url, "cli")
+    await source.open()
+    try:
+        await target.open()
+        try:
+            return await copy_module.copy_store(source, target, batch=batch)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+
+
+def copy_view(report: copy_module.CopyReport) -> dict[str, Any]:
+    return {"ok": report.ok, "problems": list(report.problems),
+            "tables": {t.table: {"source": t.source, "copied": t.copied, "target": t.target}
+                       for t in report.tables},
+            "source": report.source_totals, "target": report.target_totals}
+
+
+def copy_lines(report: copy_module.CopyReport) -> list[str]:
+    lines = [f"{t.table}: {t.copied} rows copied" for t in report.tables]
+    if report.ok:
+        totals = report.target_totals
+        lines.append("checked: every table holds as many rows in the target as in the source")
+        lines.append(
+            f"checked: purchased {format_credits(totals['purchased'])} = balances "
+            f"{format_credits(totals['balances'])} + quotas {format_credits(totals['quotas'])}"
+            f" + spent {format_credits(totals['spent'])}, in the source and in the target")
+    else:
+        lines += [f"check failed: {problem}" for problem in report.problems]
+    return lines
 
 
 # -- operator --------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ over while requests are served,
 it delivers with a dispatcher that follows the store (as the delivery worker does), poked
 at each of its commits: it finds every message queued, its own and the others', and none
 is missed between reading the store and the first commit seen.
+
+A gateway that loses the name without letting go of it (on PostgreSQL: its connection to
+the database ended, and another gateway may hold the name a moment later) stops its
+dispatcher at once and becomes a standby again: two gateways never deliver side by side
+for longer than it takes to learn it (`Held.lost`).
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import structlog
 
 from gateway.delivery import Dispatcher
 from gateway.records import SendOutcome
-from gateway.store import StoreLifecycle, Taken
+from gateway.store import Held, StoreLifecycle, StoreUnavailable, Taken
 
 log = structlog.get_logger("gateway.delivery")
 
 LOCK_NAME = "delivery"
+# A standby that cannot reach the store to wait for the name tries again after this long.
+RETRY_SECONDS = 1.0
 
 
 class DeliveryGuard:
@@ -54,6 +61,7 @@ class DeliveryGuard:
         self._running: Dispatcher | None = None
         self._follows = False
         self._waiting: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
 
     @property
     def delivering(self) -> bool:
@@ -62,7 +70,7 @@ class DeliveryGuard:
 
     async def start(self) -> None:
         try:
-            await self._held.enter_async_context(self._store.exclusive(LOCK_NAME))
+            held = await self._held.enter_async_context(self._store.exclusive(LOCK_NAME))
         except Taken:
             log.warning("delivery_elsewhere", reason="another gateway delivers from this "
                         "store; this one waits to take over and is not ready meanwhile")
@@ -74,9 +82,17 @@ class DeliveryGuard:
             await self._held.aclose()
             raise
         self._running = self._first
+        self._watch(held)
 
     async def _take_over(self) -> None:
-        await self._held.enter_async_context(self._store.exclusive(LOCK_NAME, wait=True))
+        while True:
+            try:
+                held = await self._held.enter_async_context(
+                    self._store.exclusive(LOCK_NAME, wait=True))
+                break
+            except StoreUnavailable as exc:
+                log.error("delivery_standby_failed", error=str(exc), retry_in=RETRY_SECONDS)
+                await asyncio.sleep(RETRY_SECONDS)
         dispatcher = self._follower()
         try:
             await dispatcher.start()
@@ -93,6 +109,25 @@ class DeliveryGuard:
             self._on_dispatcher(dispatcher)
         log.warning("delivery_taken_over", reason="the gateway delivering from this store "
                     "stopped; this one delivers now")
+        self._watch(held)
+
+    def _watch(self, held: Held) -> None:
+        self._watching = asyncio.create_task(self._stand_by_when_lost(held),
+                                             name="delivery-lock")
+
+    async def _stand_by_when_lost(self, held: Held) -> None:
+        await held.lost.wait()
+        log.error("delivery_lock_lost", reason=f"{held.reason}: another gateway may deliver "
+                  "now; this one stops delivering and waits to take over again")
+        running, self._running = self._running, None
+        try:
+            if running is not None:
+                await running.stop()
+        except Exception as exc:
+            log.error("delivery_stop_failed", error=str(exc))
+        finally:
+            await self._held.aclose()
+        self._waiting = asyncio.create_task(self._take_over(), name="delivery-standby")
 
     def on_commit(self, outcomes: Sequence[SendOutcome]) -> None:
         """After-commit hook: to the dispatcher delivering, if it is ours."""
@@ -104,7 +139,18 @@ class DeliveryGuard:
         else:
             running.on_commit(outcomes)
 
+    def poke(self) -> None:
+        """Another node committed sends: the dispatcher delivering, if it is ours, looks
+        in the store."""
+        if self._running is not None:
+            self._running.poke()
+
     async def stop(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+            self._watching = None
         if self._waiting is not None:
             self._waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError):

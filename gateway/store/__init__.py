@@ -15,10 +15,12 @@ suite, `tests/store/test_contract.py`, that every backend runs (see docs/store.m
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from gateway.records import UNSET
@@ -81,6 +83,25 @@ class Taken(StoreError):
     """An `exclusive` name another holder (maybe another process) has now."""
 
 
+class Held:
+    """A name held with `exclusive`, and whether it still is."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lost = asyncio.Event()
+        self.reason = ""
+        self.released = False
+
+    def lose(self, reason: str) -> bool:
+        """Mark the lock lost (the backend does, when it learns it): `lost` is set. False
+        if it was lost already, or let go of (the block ended)."""
+        if self.released or self.lost.is_set():
+            return False
+        self.reason = reason
+        self.lost.set()
+        return True
+
+
 # Who opens the store, for `open_store` to tune it: the send process (its writes go first
 # when a delivery worker competes for the write lock), the delivery worker (its writes can
 # be redone, and they give way to sends), the command line and everyone else.
@@ -97,8 +118,13 @@ class StoreSettings(Protocol):
     def busy_timeout_seconds(self) -> float: ...
 
 
+# What another process's commits may wake this one for: messages to deliver, outbox items
+# (callbacks, alerts) to send.
+Topic = Literal["messages", "outbox"]
+
+
 class StoreLifecycle(Protocol):
-    """What every role shares: opening, closing, readiness and store-wide locks."""
+    """What every role shares: opening, closing, readiness, store-wide locks, wake-ups."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -106,13 +132,28 @@ class StoreLifecycle(Protocol):
         """Raise StoreUnavailable unless a write transaction can commit now."""
 
     def exclusive(self, name: str, *, wait: bool = False, shared: bool = False
-                  ) -> AbstractAsyncContextManager[None]:
+                  ) -> AbstractAsyncContextManager[Held]:
         """Hold the store-wide lock `name` for the block: one holder at a time across
         every process (and node) using the store, released when the holder dies.
 
         `shared`: any number of shared holders at once, but never together with an
         exclusive one (a reader-writer lock across processes).
-        Taken already: raises `Taken`, or with `wait` waits until it is free.
+        Taken already: raises `Taken`, or with `wait` waits until it is free. The `Held`
+        it gives tells when the lock is lost without the holder letting go (PostgreSQL:
+        its connection to the database ended, and another node may take it now): the
+        holder must stop acting as the one holder at once.
+        """
+        ...
+
+    def wake_ups(self, callbacks: Mapping[Topic, Callable[[], None]]
+                 ) -> AbstractAsyncContextManager[None]:
+        """While in the block, `callbacks[topic]()` runs soon after another store instance
+        (another process, another node) commits work of that topic. Never instead of
+        polling: a wake-up may be missed (a connection lost meanwhile: each callback runs
+        once when it is back, for what it missed) or come for nothing.
+
+        PostgreSQL: LISTEN on a connection of its own. SQLite: none (one machine, where
+        the processes poke each other).
         """
         ...
 
@@ -134,10 +175,11 @@ class SendStore(StoreLifecycle, Protocol):
       Versions are per account (a change to one never makes another's orders stale)
       and never reused.
     - Message ids are unique and grow within one commit (one order's recipients get
-      consecutive ids). Across concurrent commits ids need NOT become visible in id
-      order: a reader may see id 12 before id 11 commits (PostgreSQL sequences). Readers
-      that follow new messages must not treat "the highest id seen" as "all below it
-      are seen".
+      consecutive ids). Across accounts, concurrent commits' ids need NOT become visible
+      in id order: a reader may see id 12 before id 11 commits (PostgreSQL hands out ids
+      before the commit). Readers that follow new messages of several accounts must not
+      treat "the highest id seen" as "all below it are seen". Within one account they
+      do (see `ReadStore`).
     """
 
     async def send_context(self, account: str, login: str, *,
@@ -263,7 +305,16 @@ class ManagementStore(StoreLifecycle, Protocol):
 
 
 class ReadStore(StoreLifecycle, Protocol):
-    """Reading back: messages, their history, the ledger, totals. Never writes."""
+    """Reading back: messages, their history, the ledger, totals. Never writes.
+
+    Guarantees:
+    - Within one account, ids of ledger entries, messages and incoming messages become
+      visible in id order: a page read with `after_id` (or `before_id`) never passes over
+      an entry that commits later with a lower id. Every transaction that writes them
+      draws their ids with the account's row locked (SQLite: the write lock) until it
+      commits, so the next one on that account draws after that commit. Across accounts
+      there is no such order: a cursor over several accounts must not be an id.
+    """
 
     async def get_message(self, message_id: int) -> Message: ...
     async def message_events(self, message_id: int) -> list[MessageEvent]: ...
@@ -330,8 +381,57 @@ class ConsoleStore(StoreLifecycle, Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Counters:
+    """Where a store's own counters stand, beyond the ids of its rows: the last settings
+    version handed out, and the next message id (a gap left by a send rolled back is kept,
+    so an id is never handed out twice)."""
+
+    settings_version: int
+    next_message_id: int
+
+
+class TableSource(Protocol):
+    """A snapshot of a whole store, table by table (`CopyStore.read_tables`)."""
+
+    def rows(self, table: str, columns: Sequence[str], *,
+             batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """The table's rows (`columns`, in that order), `batch` at a time, by primary key."""
+        ...
+    async def count(self, table: str) -> int: ...
+    async def counters(self) -> Counters: ...
+
+
+class TableSink(Protocol):
+    """One transaction that fills an empty store table by table (`CopyStore.write_tables`)."""
+
+    async def filled(self) -> list[str]:
+        """The tables that hold rows already (a copy goes only into an empty store)."""
+    async def add_rows(self, table: str, columns: Sequence[str],
+                       rows: Sequence[Sequence[Any]]) -> None: ...
+    async def set_settings_versions(self, versions: Sequence[tuple[int, int]]) -> None:
+        """(account id, settings version) pairs, as the source had them: the triggers
+        gave the accounts new versions as their users and senders came in."""
+    async def set_counters(self, counters: Counters) -> None:
+        """Every counter past what the rows use (and at least `counters`), so the next
+        id or version handed out is new."""
+
+
+class CopyStore(StoreLifecycle, Protocol):
+    """A whole store as tables, for `gateway.store.copy` to move between backends. Not a
+    role of the running gateway: the copy runs with every gateway stopped."""
+
+    async def table_columns(self) -> dict[str, tuple[str, ...]]:
+        """Every table of the schema that holds the installation's data (not the store's
+        bookkeeping: migrations, counters), with its columns."""
+    def read_tables(self) -> AbstractAsyncContextManager[TableSource]: ...
+    def write_tables(self) -> AbstractAsyncContextManager[TableSink]:
+        """Committed when the block ends without an error, else nothing is written."""
+        ...
+
+
 class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, TokenStore,
-            ConsoleStore, Protocol):
+            ConsoleStore, CopyStore, Protocol):
     """Every role: what a backend implements, and what the assembly passes around."""
 
 
@@ -398,8 +498,10 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
 
 
 __all__ = [
-    "Conflict", "ConsoleStore", "DeliveryStore", "ManagementStore", "NotEnoughCredits", "NotFound",
+    "Conflict", "ConsoleStore", "CopyStore", "Counters", "DeliveryStore", "Held",
+    "ManagementStore", "NotEnoughCredits", "NotFound",
     "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
-    "StoreLifecycle", "StoreSettings", "StoreUnavailable", "Taken", "TokenStore",
+    "StoreLifecycle", "StoreSettings", "StoreUnavailable", "TableSink", "TableSource", "Taken",
+    "TokenStore", "Topic",
     "open_store", "parse_url", "shown",
 ]

@@ -22,6 +22,7 @@ from collections.abc import (
     Coroutine,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from contextlib import asynccontextmanager, suppress
@@ -63,30 +64,27 @@ from gateway.records import (
 )
 from gateway.store import (
     Conflict,
+    Counters,
+    Held,
     NotFound,
     OverCreditLimit,
     Role,
     StoreUnavailable,
     Taken,
+    Topic,
     rules,
 )
+from gateway.store.rows import CLAIMABLE as _CLAIMABLE
+from gateway.store.rows import DELIVERED, INCOMING_LOOKBACK
+from gateway.store.rows import MESSAGE_COLUMNS as _MESSAGE_COLUMNS
+from gateway.store.rows import OUTGOING_COLUMNS as _OUTGOING_COLUMNS
+from gateway.store.rows import SPENDABLE as _SPENDABLE
+from gateway.store.rows import USER_COLUMNS as _USER_COLUMNS
+from gateway.store.rows import message as _message
+from gateway.store.rows import outgoing as _outgoing
+from gateway.store.rows import user as _user
 from gateway.store.writer import Conn, Turn, Writer
 from gateway.store.writer import begin as begin_write
-
-_USER_COLUMNS = """
-    u.id, u.account_id, a.name, u.login, u.password_hash, u.quota_active, u.quota_left,
-    u.alert_threshold, u.alert_support, u.alert_email, u.alert_number, u.alert_armed,
-    u.ip_restrictions, u.callback_url
-"""
-
-_MESSAGE_COLUMNS = """
-    m.id, m.account_id, a.name, m.login, m.kind, m.sender, m.receiver, m.body, m.coding,
-    m.parts, m.class, m.tag, m.credits, m.charged_to, m.created_at, m.deferred_until, m.state,
-    m.ptt, m.dlr, m.sent_at, m.delivered_at
-"""
-
-_OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, deferred_until, "
-                     "sent_at, parts")
 
 # Added to a query on messages of one unsettled state: SQLite only uses the partial index
 # `messages_pending` (WHERE state <> 'final') when the query repeats its condition. Without
@@ -94,47 +92,14 @@ _OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, def
 # worker spent more than a core on them.
 _PENDING = "AND state <> 'final'"
 
-# Messages a dispatcher may claim, and when each is due (see `messages_due_*`, migration
-# 0004: SQLite uses those indexes only for these very expressions).
-_CLAIMABLE = "state IN ('queued', 'deferred')"
+# When a message a dispatcher may claim (`_CLAIMABLE`) is due (see `messages_due_*`,
+# migration 0004: SQLite uses those indexes only for these very expressions).
 _DUE_DEFERRED = "max(deferred_until, claimed_until)"
 
 
 def _part_rows(sent: Sequence[SentMessage]) -> list[tuple[str, int, int]]:
     return [(reference, m.message_id, part)
             for m in sent for part, reference in enumerate(m.references, 1)]
-
-
-# The ptt of a delivered message (or part).
-DELIVERED = 4
-# How many of the newest messages an incoming one may answer (see add_incoming).
-INCOMING_LOOKBACK = 1_000_000
-
-# What a user can spend: its quota while active, else its account's balance.
-_SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
-
-
-def _user(row: Sequence[Any]) -> User:
-    return User(
-        id=row[0], account_id=row[1], account_name=row[2], login=row[3], password_hash=row[4],
-        quota_active=bool(row[5]), quota_left=row[6], alert_threshold=row[7],
-        alert_support=row[8], alert_email=row[9], alert_number=row[10],
-        alert_armed=bool(row[11]), ip_restrictions=tuple(json.loads(row[12])),
-        callback_url=row[13],
-    )
-
-
-def _message(row: Sequence[Any]) -> Message:
-    return Message(id=row[0], account_id=row[1], account_name=row[2], login=row[3],
-                   kind=row[4], sender=row[5], receiver=row[6], body=row[7], coding=row[8],
-                   parts=row[9], klass=row[10], tag=row[11], credits=row[12],
-                   charged_to=row[13], created_at=row[14], deferred_until=row[15],
-                   state=row[16], ptt=row[17], dlr=row[18], sent_at=row[19],
-                   delivered_at=row[20])
-
-
-def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
-    return OutgoingMessage(*row)
 
 
 T = TypeVar("T")
@@ -411,14 +376,14 @@ class SQLiteStore:
 
     @asynccontextmanager
     async def exclusive(self, name: str, *, wait: bool = False,
-                        shared: bool = False) -> AsyncIterator[None]:
+                        shared: bool = False) -> AsyncIterator[Held]:
         """A lock on a file next to the store, `<path>-<name>.lock` (flock, LOCK_SH when
-        `shared`): the kernel lets go of it when its holder dies. In memory there is no
-        one to share with."""
+        `shared`): the kernel lets go of it when its holder dies, and never while it lives
+        (it is never lost). In memory there is no one to share with."""
         if not name.replace("-", "").isalnum():
             raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
         if self.path == ":memory:":
-            yield
+            yield Held(name)
             return
         try:
             fd = os.open(f"{self.path}-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
@@ -435,9 +400,15 @@ class SQLiteStore:
                         raise Taken(f"{name!r} is held by another process on the store "
                                     f"{self.path}") from None
                 await asyncio.sleep(0.1)
-            yield
+            yield Held(name)
         finally:
             os.close(fd)
+
+    @asynccontextmanager
+    async def wake_ups(self, callbacks: Mapping[Topic, Callable[[], None]]
+                       ) -> AsyncIterator[None]:
+        """None: the processes of one machine poke each other, and poll."""
+        yield
 
     async def _migrate(self) -> None:
         assert self._writer is not None
@@ -1586,3 +1557,119 @@ class SQLiteStore:
             "WHERE a.name = ? AND m.created_at >= ? AND m.created_at < ? "
             "GROUP BY bucket", (since, period, account, since, since + period * count))
         return rules.stats_series(rows, since, period, count)
+
+    # -- the whole store as tables (gateway.store.copy) -------------------------------
+
+    async def _schema(self, db: _Reads) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """(columns, primary key) of every table of the installation's data."""
+        found = {}
+        for (table,) in await db.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite%' ORDER BY name"):
+            if table in _BOOKKEEPING:
+                continue
+            info = list(await db.execute_fetchall(f'PRAGMA table_info("{table}")'))
+            columns = tuple(r[1] for r in info)
+            key = tuple(r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5]))
+            found[str(table)] = (columns, key or ("rowid",))
+        return found
+
+    async def table_columns(self) -> dict[str, tuple[str, ...]]:
+        if self._reader is None:
+            raise StoreUnavailable("the store is closed")
+        return {t: columns for t, (columns, _) in (await self._schema(self._reader)).items()}
+
+    @asynccontextmanager
+    async def read_tables(self) -> AsyncIterator[_SQLiteSource]:
+        """A read transaction on a connection of its own: one snapshot (WAL) throughout."""
+        conn = await self._connect_reader()
+        try:
+            await conn.execute("BEGIN")
+            yield _SQLiteSource(conn, await self._schema(conn))
+        finally:
+            with suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            await conn.close()
+
+    @asynccontextmanager
+    async def write_tables(self) -> AsyncIterator[_SQLiteSink]:
+        async with self._tx() as db:
+            yield _SQLiteSink(db, await self._schema(db))
+
+
+# Tables of the store's own bookkeeping, never copied: its migrations, its counters.
+_BOOKKEEPING = frozenset({"schema_migrations", "meta"})
+
+
+def _known(schema: dict[str, tuple[tuple[str, ...], tuple[str, ...]]], table: str,
+           columns: Sequence[str]) -> tuple[str, str]:
+    """`table` and `columns` quoted for SQL, once checked against the schema: names come
+    from the other store, never from SQL text."""
+    if table not in schema or not set(columns) <= set(schema[table][0]):
+        raise StoreUnavailable(f"no table {table!r} with columns {list(columns)} here")
+    return f'"{table}"', ", ".join(f'"{c}"' for c in columns)
+
+
+class _SQLiteSource:
+    def __init__(self, conn: aiosqlite.Connection,
+                 schema: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+        self._conn = conn
+        self._schema = schema
+
+    async def rows(self, table: str, columns: Sequence[str], *,
+                   batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        name, listed = _known(self._schema, table, columns)
+        key = ", ".join(f'"{c}"' for c in self._schema[table][1])
+        cursor = await self._conn.execute(f"SELECT {listed} FROM {name} ORDER BY {key}")
+        try:
+            while rows := await cursor.fetchmany(batch):
+                yield [tuple(r) for r in rows]
+        finally:
+            await cursor.close()
+
+    async def count(self, table: str) -> int:
+        name, _ = _known(self._schema, table, ())
+        rows = list(await self._conn.execute_fetchall(f"SELECT COUNT(*) FROM {name}"))
+        return int(rows[0][0])
+
+    async def counters(self) -> Counters:
+        rows = list(await self._conn.execute_fetchall(
+            "SELECT (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'settings_version'), "
+            "(SELECT COALESCE(MAX(id), 0) + 1 FROM messages)"))
+        return Counters(int(rows[0][0] or 0), int(rows[0][1]))
+
+
+class _SQLiteSink:
+    def __init__(self, db: Writer,
+                 schema: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+        self._db = db
+        self._schema = schema
+
+    async def filled(self) -> list[str]:
+        found = []
+        for table in sorted(self._schema):
+            name, _ = _known(self._schema, table, ())
+            if await self._db.execute_fetchall(f"SELECT 1 FROM {name} LIMIT 1"):
+                found.append(table)
+        return found
+
+    async def add_rows(self, table: str, columns: Sequence[str],
+                       rows: Sequence[Sequence[Any]]) -> None:
+        name, listed = _known(self._schema, table, columns)
+        await self._db.executemany(
+            f"INSERT INTO {name} ({listed}) VALUES ({_marks(len(columns))})", rows)
+
+    async def set_settings_versions(self, versions: Sequence[tuple[int, int]]) -> None:
+        await self._db.executemany("UPDATE accounts SET settings_version = ? WHERE id = ?",
+                                   [(v, i) for i, v in versions])
+
+    async def set_counters(self, counters: Counters) -> None:
+        # Message ids follow the messages (MAX(id) + 1); the settings versions' counter
+        # goes past every version copied, and past the source's.
+        await self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('settings_version', max(?, "
+            "(SELECT COALESCE(MAX(settings_version), 0) FROM accounts), "
+            "COALESCE((SELECT CAST(value AS INTEGER) FROM meta "
+            "  WHERE key = 'settings_version'), 0))) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (counters.settings_version,))

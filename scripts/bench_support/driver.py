@@ -51,6 +51,9 @@ TARGET_P99_MS = 25.0
 TARGET_FULL_STORE_LOSS = 0.15
 TARGET_CALLBACKS = 2000.0
 TARGET_RSS_MB = 250.0
+# Targets of issue 20: PostgreSQL against SQLite in the same session.
+TARGET_PG_RATIO = 0.70
+TARGET_PG_P99 = 2.0
 
 WORKER = "delivery worker"
 
@@ -312,13 +315,90 @@ def gateway_config() -> Any:
                            "callbacks.allow_private_targets": True})
 
 
-async def create_users(db: Path, n_users: int, receiver_port: int) -> list[dict[str, Any]]:
+@dataclass
+class Store:
+    """The store a gateway run uses: an SQLite file, or a database of the throwaway
+    PostgreSQL cluster (scripts/postgres, durable settings) the driver started."""
+
+    kind: str                # "sqlite" or "postgresql"
+    url: str                 # what `http2sms --db` takes
+    path: Path | None = None  # the SQLite file
+    cluster: Path | None = None  # the PostgreSQL cluster's folder
+
+    def __str__(self) -> str:
+        return self.url
+
+    def postgres_pids(self) -> list[int]:
+        """The cluster's server processes (the postmaster's children: one per connection
+        and the background workers), whose CPU the sends cost too."""
+        if self.cluster is None:
+            return []
+        try:
+            postmaster = int((self.cluster / "data" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        return [postmaster, *child_pids(postmaster)]
+
+
+def start_postgres(folder: Path) -> tuple[Path, str]:
+    """A throwaway cluster with PostgreSQL's durable defaults (fsync, synchronous_commit on),
+    stopped when the driver ends (scripts/postgres's watcher, and `stop_postgres`)."""
+    cluster = Path(tempfile.mkdtemp(prefix="http2sms-bench-pg-"))
+    done = subprocess.run([str(ROOT / "scripts" / "postgres"), "start", str(cluster),
+                           str(os.getpid())], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HTTP2SMS_POSTGRES_DURABLE": "1"}, check=False)
+    if done.returncode:
+        shutil.rmtree(cluster, ignore_errors=True)
+        raise CannotRun(f"cannot start PostgreSQL (scripts/postgres): {done.stderr[-2000:]}")
+    return cluster, done.stdout.strip().splitlines()[-1]
+
+
+def stop_postgres(cluster: Path) -> None:
+    subprocess.run([str(ROOT / "scripts" / "postgres"), "stop", str(cluster)], timeout=120,
+                   check=False, capture_output=True)
+
+
+def _pg(url: str, *statements: tuple[str, tuple[Any, ...]]) -> list[Any]:
+    """Run statements on the PostgreSQL store, in one transaction; the last one's rows."""
+    import asyncpg
+
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(url)
+        try:
+            rows: list[Any] = []
+            async with conn.transaction():
+                for sql, params in statements:
+                    rows = list(await conn.fetch(sql, *params))
+            return rows
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _pg_plain(url: str, *statements: str) -> None:
+    """Statements that cannot run in a transaction (VACUUM, CHECKPOINT)."""
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            for sql in statements:
+                await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+async def create_users(db: Store | Path, n_users: int,
+                       receiver_port: int) -> list[dict[str, Any]]:
     """Accounts (two API users each), a declared sender, users with every check active."""
     from gateway.service import Management
     from gateway.store import open_store
 
     config = gateway_config()
-    store = open_store(db, "cli")
+    store = open_store(db.url if isinstance(db, Store) else db, "cli")
     await store.open()
     users: list[dict[str, Any]] = []
     try:
@@ -345,7 +425,7 @@ async def create_users(db: Path, n_users: int, receiver_port: int) -> list[dict[
     return users
 
 
-async def prefill(db: Path, count: int, users: list[dict[str, Any]]) -> None:
+async def prefill(db: Store, count: int, users: list[dict[str, Any]]) -> None:
     """Store `count` messages through the store's own write path, then settle them.
 
     commit_sends charges them (ledger, quotas) like real sends; SQL then moves them to a
@@ -355,7 +435,7 @@ async def prefill(db: Path, count: int, users: list[dict[str, Any]]) -> None:
     from gateway.records import SendOrder
     from gateway.store import open_store
 
-    store = open_store(db, "cli")
+    store = open_store(db.url, "cli")
     await store.open()
     first_id = last_id = 0
     try:
@@ -383,7 +463,10 @@ async def prefill(db: Path, count: int, users: list[dict[str, Any]]) -> None:
                 last_id = outcome.ids[-1]
     finally:
         await store.close()
-    conn = sqlite3.connect(db, isolation_level=None)
+    if db.kind == "postgresql":
+        await asyncio.to_thread(settle_prefill_postgresql, db.url, first_id, last_id)
+        return
+    conn = sqlite3.connect(db.url, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
         bounds = (first_id, last_id)
@@ -417,10 +500,46 @@ async def prefill(db: Path, count: int, users: list[dict[str, Any]]) -> None:
         conn.close()
 
 
-def settle_leftovers(db: Path, at: float) -> int:
+def settle_prefill_postgresql(url: str, first_id: int, last_id: int) -> None:
+    """`prefill`'s settling, in PostgreSQL's dialect."""
+    statements: list[tuple[str, tuple[Any, ...]]] = [(
+        "UPDATE messages SET state = 'final', ptt = 4, dlr = 1, sent_at = created_at + 1, "
+        "delivered_at = created_at + 5, updated_at = created_at + 5 "
+        "WHERE id BETWEEN $1 AND $2", (first_id, last_id))]
+    for offset, code, dlr, note in ((1.0, 3, 4, "Accepted by the operator"),
+                                    (5.0, 4, 1, "Delivered")):
+        statements.append((
+            "INSERT INTO message_events (message_id, at, ptt, dlr, note) "
+            "SELECT id, created_at + $1, $2, $3, $4 FROM messages WHERE id BETWEEN $5 AND $6",
+            (offset, code, dlr, note, first_id, last_id)))
+        statements.append((
+            "INSERT INTO outbox (kind, message_id, account_id, user_id, target, payload, "
+            "created_at, next_attempt_at, attempts, state, done_at) "
+            "SELECT 'callback', m.id, m.account_id, m.user_id, u.callback_url, "
+            "json_build_object('id', m.id, 'ptt', $1::int, 'dlr', $2::int, "
+            "'at', m.created_at + $3, 'tag', m.tag)::text, m.created_at + $3, "
+            "m.created_at + $3, 1, 'done', m.created_at + $4 "
+            "FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id BETWEEN $5 AND $6",
+            (code, dlr, offset, offset + 0.01, first_id, last_id)))
+    statements.append((
+        "INSERT INTO outbox_attempts (outbox_id, at, ok, detail) "
+        "SELECT id, done_at, true, 'HTTP 200' FROM outbox WHERE message_id BETWEEN $1 AND $2",
+        (first_id, last_id)))
+    _pg(url, *statements)
+    _pg_plain(url, "VACUUM ANALYZE", "CHECKPOINT")
+
+
+def settle_leftovers(db: Store, at: float) -> int:
     """With the gateway stopped: finish what the previous run left (drain timed out), so the
     next run does not replay a callback backlog. Returns how many rows it settled."""
-    conn = sqlite3.connect(db, isolation_level=None)
+    if db.kind == "postgresql":
+        rows = _pg(db.url, (
+            "WITH o AS (UPDATE outbox SET state = 'done', done_at = $1 "
+            "WHERE state = 'pending' RETURNING 1), m AS (UPDATE messages SET state = 'final', "
+            "ptt = 4, dlr = 1, updated_at = $1 WHERE state <> 'final' RETURNING 1) "
+            "SELECT (SELECT COUNT(*) FROM o) + (SELECT COUNT(*) FROM m)", (at,)))
+        return int(rows[0][0])
+    conn = sqlite3.connect(db.url, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
         done = conn.execute("UPDATE outbox SET state = 'done', done_at = ? "
@@ -433,15 +552,21 @@ def settle_leftovers(db: Path, at: float) -> int:
     return done
 
 
-def store_counts(db: Path) -> dict[str, int]:
+_COUNTS = ("SELECT (SELECT COALESCE(MAX(id), 0) FROM messages), "
+           "(SELECT COUNT(*) FROM messages WHERE state <> 'final'), "
+           "(SELECT COUNT(*) FROM outbox WHERE state = 'pending'), "
+           "(SELECT COUNT(*) FROM outbox WHERE state = 'dead')")
+
+
+def store_counts(db: Store) -> dict[str, int]:
     """Read-only look at the store while the gateway runs (WAL allows it)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    if db.kind == "postgresql":
+        row = _pg(db.url, (_COUNTS, ()))[0]
+        return {"messages": row[0], "open": row[1], "outbox_pending": row[2],
+                "outbox_dead": row[3]}
+    conn = sqlite3.connect(f"file:{db.url}?mode=ro", uri=True, timeout=10)
     try:
-        row = conn.execute(
-            "SELECT (SELECT COALESCE(MAX(id), 0) FROM messages), "
-            "(SELECT COUNT(*) FROM messages WHERE state <> 'final'), "
-            "(SELECT COUNT(*) FROM outbox WHERE state = 'pending'), "
-            "(SELECT COUNT(*) FROM outbox WHERE state = 'dead')").fetchone()
+        row = conn.execute(_COUNTS).fetchone()
     finally:
         conn.close()
     return {"messages": row[0], "open": row[1], "outbox_pending": row[2], "outbox_dead": row[3]}
@@ -466,6 +591,8 @@ class Phase:
     malformed_callbacks: int = 0
     log_problems: list[str] = field(default_factory=list)
     reference: bool = False  # a ceiling, not the gateway: the targets do not read it
+    kind: str = ""           # the gateway's store: "sqlite" or "postgresql"
+    role: str = ""           # "empty", "processes" (serve --processes 2), "full" (pre-filled)
 
     def server_cpu_ms(self) -> float:
         """CPU time of the server process per answered request: steadier than req/s when
@@ -478,7 +605,7 @@ class Phase:
 
 def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Namespace,
             folder: Path, receiver: Proc | None = None, receiver_port: int = 0,
-            db: Path | None = None) -> Phase:
+            db: Store | None = None) -> Phase:
     if args.idle_worker and receiver:
         workers = child_pids(server.pid)[:1]
         if not workers:
@@ -500,6 +627,11 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
         pids[WORKER] = child
     if receiver:
         pids["receiver"] = receiver.pid
+    # The send processes of `serve --processes N` (the children besides a delivery worker)
+    # and the PostgreSQL server's processes: their CPU, summed per group.
+    groups = {"other gateway processes": child_pids(server.pid)[1:],
+              "postgresql": db.postgres_pids() if db is not None else []}
+    group0 = {name: sum(cpu_seconds(pid) for pid in found) for name, found in groups.items()}
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     busy0 = machine_busy_seconds()
     t0 = time.monotonic()
@@ -509,6 +641,9 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
     after_smsc = http_json(smsc_url) if smsc_url else None
     window = t1 - t0
     cpu = {name: (cpu_seconds(pid) - cpu0[name]) / window * 100 for name, pid in pids.items()}
+    for name, found in groups.items():
+        if found:
+            cpu[name] = (sum(cpu_seconds(pid) for pid in found) - group0[name]) / window * 100
     cpu["wrk"] = load.cpu_seconds / window * 100
     # Everything else: other processes, and kernel work not charged to ours.
     cpu["rest of the machine"] = max(
@@ -529,7 +664,7 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
     return phase
 
 
-def drain(db: Path, server: Proc, limit: float) -> float | None:
+def drain(db: Store, server: Proc, limit: float) -> float | None:
     """Wait (bounded) until every message is final and every callback done."""
     start = time.monotonic()
     while time.monotonic() - start < limit:
@@ -565,12 +700,49 @@ def gateway_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def start_gateway(procs: Processes, db: Path, port: int, args: argparse.Namespace,
-                  name: str) -> Proc:
+def users_of(db: Store, users: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`users` with their ids in `db` (the same names in every store, made in one order)."""
+    async def ids() -> list[dict[str, Any]]:
+        from gateway.store import open_store
+
+        store = open_store(db.url, "cli")
+        await store.open()
+        try:
+            found = []
+            for user in users:
+                made = await store.get_user(user["account"], user["login"])
+                found.append({**user, "id": made.id, "account_id": made.account_id})
+            return found
+        finally:
+            await store.close()
+
+    return asyncio.run(ids())
+
+
+def store_mb(db: Store) -> float:
+    if db.kind == "postgresql":
+        return float(_pg(db.url, ("SELECT pg_database_size(current_database())", ()))[0][0]) \
+            / 1024 / 1024
+    assert db.path is not None
+    return db.path.stat().st_size / 1024 / 1024
+
+
+def http2sms_argv() -> list[str]:
     http2sms = Path(PYTHON).parent / "http2sms"
-    argv = ([str(http2sms)] if http2sms.exists() else [PYTHON, "-m", "gateway"])
-    proc = procs.start(name, [*argv, "--db", str(db), "serve", "--host", HOST, "--port",
-                              str(port)], env=gateway_env(args))
+    return [str(http2sms)] if http2sms.exists() else [PYTHON, "-m", "gateway"]
+
+
+def serve_knows_processes() -> bool:
+    """`http2sms serve --processes N` exists in this gateway (it came after this bench)."""
+    done = subprocess.run([*http2sms_argv(), "serve", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, check=False)
+    return "--processes" in done.stdout
+
+
+def start_gateway(procs: Processes, db: Store, port: int, args: argparse.Namespace,
+                  name: str, extra: tuple[str, ...] = ()) -> Proc:
+    proc = procs.start(name, [*http2sms_argv(), "--db", db.url, "serve", "--host", HOST,
+                              "--port", str(port), *extra], env=gateway_env(args))
     wait_listening(proc, port)
     return proc
 
@@ -592,9 +764,10 @@ def log_problems(proc: Proc) -> list[str]:
                          line)]
 
 
-def run(args: argparse.Namespace, folder: Path, procs: Processes) -> tuple[list[Phase],
-                                                                          dict[str, Any]]:
-    info: dict[str, Any] = {}
+def run(args: argparse.Namespace, folder: Path, procs: Processes,
+        info: dict[str, Any]) -> list[Phase]:
+    """Every phase, in order; what else it learns goes into `info` (read by the report and
+    by the clean-up: the PostgreSQL cluster to stop)."""
     phases: list[Phase] = []
     receiver_port = free_port()
     receiver = procs.start("receiver", [PYTHON, str(HERE / "receiver.py"),
@@ -606,9 +779,29 @@ def run(args: argparse.Namespace, folder: Path, procs: Processes) -> tuple[list[
                                     str(args.smsc_count_port)])
         wait_listening(smsc, args.smsc_count_port)
 
+    kinds = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
+    cluster = None
+    if "postgresql" in kinds:
+        print("Starting a throwaway PostgreSQL cluster (durable settings) ...", flush=True)
+        cluster, server_url = start_postgres(folder)
+        info["postgres_cluster"] = cluster
+    made = 0
+
+    def new_store(kind: str) -> Store:
+        nonlocal made
+        made += 1
+        if kind == "sqlite":
+            path = folder / f"gateway-{made}.sqlite3"
+            return Store("sqlite", str(path), path=path)
+        assert cluster is not None
+        name = f"bench_{made}"
+        _pg_plain(server_url, f"CREATE DATABASE {name}")
+        return Store("postgresql", server_url.replace("/postgres?", f"/{name}?", 1),
+                     cluster=cluster)
+
     print("Preparing the store (accounts, API users) ...", flush=True)
-    db = folder / "gateway.sqlite3"
-    users = asyncio.run(create_users(db, args.users, receiver_port))
+    first = new_store(kinds[0])
+    users = asyncio.run(create_users(first, args.users, receiver_port))
     script = write_lua(folder, users, args)
 
     # 1. The framework ceiling.
@@ -632,45 +825,62 @@ def run(args: argparse.Namespace, folder: Path, procs: Processes) -> tuple[list[
         phases[-1].reference = True
         stop_server(procs, durable)
 
-    # 2. The gateway on an empty store.
-    print(f"Gateway, empty store ({args.users} API users)", flush=True)
-    port = free_port()
-    gateway = start_gateway(procs, db, port, args, "gateway")
-    phase = measure("gateway, empty store", gateway, port, script, args, folder, receiver,
-                    receiver_port, db)
-    phase.stored_before = 0
-    phase.drain_seconds = drain(db, gateway, args.drain)
-    phase.log_problems = log_problems(gateway)
-    phases.append(phase)
-    stop_server(procs, gateway)
-
-    # 3. The gateway on a store of `prefill` messages.
-    if args.prefill > 0:
-        left = settle_leftovers(db, time.time())
-        if left:
-            print(f"  settled {left:,} messages/callbacks the first run left unfinished",
-                  flush=True)
-        print(f"Pre-filling {args.prefill:,} messages ...", flush=True)
-        started = time.monotonic()
-        asyncio.run(prefill(db, args.prefill, users))
-        info["prefill_seconds"] = time.monotonic() - started
-        info["db_mb"] = db.stat().st_size / 1024 / 1024
-        stored = store_counts(db)["messages"]
-        print(f"  pre-filled in {info['prefill_seconds']:.1f} s; the store holds "
-              f"{stored:,} messages ({info['db_mb']:.0f} MB)", flush=True)
-        print(f"Gateway, {stored:,} stored messages", flush=True)
+    def gateway_run(db: Store, label: str, role: str, name: str,
+                    extra: tuple[str, ...] = ()) -> None:
+        print(f"Gateway on {label}", flush=True)
         port = free_port()
-        gateway = start_gateway(procs, db, port, args, "gateway-full")
-        phase = measure(f"gateway, {args.prefill:,} stored", gateway, port, script, args,
-                        folder, receiver, receiver_port, db)
-        phase.stored_before = stored
+        gateway = start_gateway(procs, db, port, args, name, extra)
+        phase = measure(label, gateway, port, script, args, folder, receiver, receiver_port,
+                        db)
+        phase.kind, phase.role = db.kind, role
+        phase.stored_before = store_counts(db)["messages"] if role == "full" else 0
         phase.drain_seconds = drain(db, gateway, args.drain)
         phase.log_problems = log_problems(gateway)
         phases.append(phase)
         stop_server(procs, gateway)
+
+    # 2. The gateway on an empty store, each backend in turn (alternated over --rounds), on
+    # a new store each time: one run never inherits another's rows.
+    stores: dict[str, Store] = {}
+    for round_ in range(1, args.rounds + 1):
+        for kind in kinds:
+            db = first if round_ == 1 and kind == kinds[0] else new_store(kind)
+            if db is not first:
+                asyncio.run(create_users(db, args.users, receiver_port))
+            stores[kind] = db
+            suffix = f" #{round_}" if args.rounds > 1 else ""
+            gateway_run(db, f"{kind}, empty store{suffix}", "empty", f"gateway-{kind}")
+            if kind == "postgresql" and round_ == args.rounds:
+                # 2b. Two send processes (`serve --processes 2`) on the same store.
+                if serve_knows_processes():
+                    settle_leftovers(db, time.time())
+                    gateway_run(db, "postgresql, --processes 2", "processes",
+                                "gateway-processes", ("--processes", "2"))
+                else:
+                    info["processes_skipped"] = True
+                    print("SKIP  postgresql, --processes 2: this gateway's `http2sms serve` "
+                          "has no --processes option yet", flush=True)
+
+    # 3. The gateway on a store of `prefill` messages.
+    if args.prefill > 0:
+        for kind in kinds:
+            db = stores[kind]
+            left = settle_leftovers(db, time.time())
+            if left:
+                print(f"  settled {left:,} messages/callbacks the runs left unfinished",
+                      flush=True)
+            print(f"Pre-filling {args.prefill:,} messages ({kind}) ...", flush=True)
+            started = time.monotonic()
+            asyncio.run(prefill(db, args.prefill, users_of(db, users)))
+            info[f"prefill_seconds_{kind}"] = time.monotonic() - started
+            info[f"db_mb_{kind}"] = store_mb(db)
+            stored = store_counts(db)["messages"]
+            print(f"  pre-filled in {info[f'prefill_seconds_{kind}']:.1f} s; the store holds "
+                  f"{stored:,} messages ({info[f'db_mb_{kind}']:.0f} MB)", flush=True)
+            gateway_run(db, f"{kind}, {args.prefill:,} stored", "full", f"gateway-full-{kind}")
     if not receiver.alive():
         raise BenchError(f"the callback receiver died:\n{receiver.tail()}")
-    return phases, info
+    return phases
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -682,7 +892,7 @@ def fmt(value: float | None, spec: str) -> str:
 def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) -> bool:
     """Print the table and the targets; return True when every request succeeded."""
     ceiling = phases[0].load.accepted_per_second
-    header = (f"{'run':<28}{'sends/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'ratio':>7}"
+    header = (f"{'run':<32}{'sends/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'ratio':>7}"
               f"{'callbacks/s':>13}{'cb backlog':>11}{'peak RSS MB':>12}{'CPU ms/req':>11}"
               f"{'errors':>8}")
     print()
@@ -695,7 +905,7 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
     for p in phases:
         rate = p.load.accepted_per_second
         ratio = rate / ceiling if ceiling else 0.0
-        print(f"{p.label:<28}{rate:>9,.0f}{p.load.p50_ms:>8.1f}{p.load.p99_ms:>8.1f}"
+        print(f"{p.label:<32}{rate:>9,.0f}{p.load.p50_ms:>8.1f}{p.load.p99_ms:>8.1f}"
               f"{ratio:>7.0%}{fmt(p.callbacks_per_second, ',.0f'):>13}"
               f"{fmt(p.backlog, ',d'):>11}{p.rss_mb:>12.0f}{p.server_cpu_ms():>11.2f}"
               f"{p.load.failed:>8}")
@@ -709,16 +919,21 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
             extra = f"; drained {p.drain_seconds:.1f} s after the load"
         elif p.callbacks_per_second is not None:
             extra = f"; not drained within {args.drain:g} s"
-        print(f"  {p.label:<26} {parts}{extra}")
+        print(f"  {p.label:<30} {parts}{extra}")
     if any(p.submits_per_second is not None for p in phases):
         print("SMPP (the test SMSC, in the measured window):")
         for p in phases:
             if p.submits_per_second is not None:
-                print(f"  {p.label:<26} submit_sm/s {p.submits_per_second:,.0f}, "
+                print(f"  {p.label:<30} submit_sm/s {p.submits_per_second:,.0f}, "
                       f"receipts/s {fmt(p.receipts_per_second, ',.0f')}")
-    if "prefill_seconds" in info:
-        print(f"  pre-fill of {args.prefill:,} messages: {info['prefill_seconds']:.1f} s, "
-              f"store file {info['db_mb']:.0f} MB")
+    for kind in ("sqlite", "postgresql"):
+        if f"prefill_seconds_{kind}" in info:
+            print(f"  pre-fill of {args.prefill:,} messages ({kind}): "
+                  f"{info[f'prefill_seconds_{kind}']:.1f} s, store "
+                  f"{info[f'db_mb_{kind}']:.0f} MB")
+    if info.get("processes_skipped"):
+        print("SKIP  postgresql, --processes 2: this gateway's `http2sms serve` has no "
+              "--processes option yet")
 
     ok = True
     for p in phases:
@@ -739,6 +954,8 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
         print()
         print("Targets (issue 7; informative: a FAIL does not change the exit status):")
         empty = gateways[0]
+        same = [g for g in gateways if g.kind == empty.kind and g.role in ("empty", "full")]
+        gateways = [empty, *[g for g in same if g.role == "full"]]
         ratio = empty.load.accepted_per_second / ceiling if ceiling else 0.0
         verdict(ratio >= TARGET_RATIO, f"accepted durable sends/s >= 50% of the ceiling: "
                 f"{ratio:.0%} ({empty.load.accepted_per_second:,.0f} / {ceiling:,.0f})")
@@ -761,10 +978,47 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
                 f"still >= 50% of the ceiling: {cb:,.0f}/s at {ratio:.0%}")
         rss = max(g.rss_mb for g in gateways)
         verdict(rss <= TARGET_RSS_MB, f"peak RSS <= {TARGET_RSS_MB:g} MB: {rss:.0f} MB")
+        postgresql_targets(phases)
     print()
     print("Every request answered as expected." if ok else
           "Some requests FAILED unexpectedly (see ERROR above): exit status 1.")
     return ok
+
+
+def postgresql_targets(phases: list[Phase]) -> None:
+    """Issue 20's targets: PostgreSQL against SQLite measured in the same session (each
+    backend's empty-store runs summed over the rounds), and PostgreSQL pre-filled."""
+    def empty(kind: str) -> list[Phase]:
+        return [p for p in phases if p.kind == kind and p.role == "empty"]
+
+    pg, lite = empty("postgresql"), empty("sqlite")
+    if not pg:
+        return
+    print()
+    print("Targets (issue 20, PostgreSQL; informative):")
+
+    def rate(runs: list[Phase]) -> float:
+        return sum(p.load.requests for p in runs) / sum(p.load.seconds for p in runs)
+
+    def p99(runs: list[Phase]) -> float:
+        return sorted(p.load.p99_ms for p in runs)[len(runs) // 2]  # the median run's
+
+    if lite:
+        ratio = rate(pg) / rate(lite)
+        verdict(ratio >= TARGET_PG_RATIO,
+                f"PostgreSQL sends/s >= {TARGET_PG_RATIO:.0%} of SQLite's: {ratio:.0%} "
+                f"({rate(pg):,.0f} / {rate(lite):,.0f}, {len(pg)} alternated run(s) each)")
+        times = p99(pg) / p99(lite)
+        verdict(times <= TARGET_PG_P99, f"PostgreSQL p99 <= {TARGET_PG_P99:g}x SQLite's: "
+                f"{times:.1f}x ({p99(pg):.1f} ms / {p99(lite):.1f} ms)")
+    else:
+        print("SKIP  PostgreSQL against SQLite (--store both compares them)")
+    full = [p for p in phases if p.kind == "postgresql" and p.role == "full"]
+    if full:
+        kept = full[0].load.accepted_per_second / pg[-1].load.accepted_per_second
+        verdict(kept >= 1 - TARGET_FULL_STORE_LOSS,
+                f"PostgreSQL with {full[0].stored_before:,} stored messages within 15% of "
+                f"the empty store: {kept:.0%}")
 
 
 def verdict(passed: bool, text: str) -> None:
@@ -869,6 +1123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "message; adds submit_sm/s and receipts/s")
     parser.add_argument("--smpp-window", type=int, default=50,
                         help="--operator smpp: operator.smpp.window (50)")
+    parser.add_argument("--store", choices=["sqlite", "postgresql", "both"], default="sqlite",
+                        help="the gateway's store: SQLite (default), PostgreSQL (a throwaway "
+                        "cluster with durable settings, started and removed by the bench; "
+                        "adds a run of `serve --processes 2`), or both, alternated")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="empty-store runs of each store, alternated (1)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     quick = {"duration": 3.0, "warmup": 1.0, "prefill": 20_000, "drain": 20.0}
@@ -882,6 +1142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need 1 <= --threads <= --connections <= 10000")
     if not 1 <= args.users <= 1000 or not 0 <= args.prefill <= 100_000_000:
         parser.error("--users must be in [1, 1000] and --prefill in [0, 100000000]")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be in [1, 20]")
     if not 1 <= args.recipients <= 9_900_000:  # the +3361 numbers load.lua can make
         parser.error("--recipients must be in [1, 9900000]")
     return args
@@ -903,9 +1165,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="http2sms-bench-"))
     procs = Processes(folder)
     interrupted = False
+    info: dict[str, Any] = {}
     try:
         describe_machine(args, folder)
-        phases, info = run(args, folder, procs)
+        phases = run(args, folder, procs, info)
         ok = report(phases, info, args)
         if args.json:
             write_json(Path(args.json), phases, info, args)
@@ -924,6 +1187,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         procs.stop_all()
+        if info.get("postgres_cluster"):
+            stop_postgres(info["postgres_cluster"])
         shutil.rmtree(folder, ignore_errors=True)
         if interrupted:
             # A store connection's thread may still be open mid-transaction: do not wait.
@@ -942,7 +1207,8 @@ def write_json(path: Path, phases: list[Phase], info: dict[str, Any],
          "peak_rss_mb": p.rss_mb, "cpu_percent": p.cpu,
          "server_cpu_ms_per_request": p.server_cpu_ms(), "stored_before": p.stored_before,
          "drain_seconds": p.drain_seconds, "submits_per_second": p.submits_per_second,
-         "receipts_per_second": p.receipts_per_second} for p in phases]}, indent=2))
+         "receipts_per_second": p.receipts_per_second} for p in phases]}, indent=2,
+        default=str))
 
 
 if __name__ == "__main__":

@@ -586,7 +586,8 @@ async def test_refunds_racing_sends_keep_every_credit(stores: Opener) -> None:
 
 async def test_an_exclusive_name_has_one_holder_across_stores(stores: Opener) -> None:
     a, b = await stores("delivery"), await stores("delivery")
-    async with a.exclusive("delivery"):
+    async with a.exclusive("delivery") as held:
+        assert held.name == "delivery" and not held.lost.is_set()
         with pytest.raises(Taken, match="delivery"):
             async with b.exclusive("delivery"):
                 pass

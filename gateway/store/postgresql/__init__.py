@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
@@ -63,12 +64,24 @@ from gateway.records import (
 )
 from gateway.store import (
     Conflict,
+    Counters,
+    Held,
     NotFound,
     Role,
     StoreUnavailable,
     Taken,
+    Topic,
     rules,
 )
+from gateway.store.rows import CLAIMABLE as _CLAIMABLE
+from gateway.store.rows import DELIVERED, INCOMING_LOOKBACK
+from gateway.store.rows import MESSAGE_COLUMNS as _MESSAGE_COLUMNS
+from gateway.store.rows import OUTGOING_COLUMNS as _OUTGOING_COLUMNS
+from gateway.store.rows import SPENDABLE as _SPENDABLE
+from gateway.store.rows import USER_COLUMNS as _USER_COLUMNS
+from gateway.store.rows import message as _message
+from gateway.store.rows import outgoing as _outgoing
+from gateway.store.rows import user as _user
 
 log = structlog.get_logger("gateway.store")
 
@@ -85,29 +98,7 @@ class Conn(Protocol):
     async def fetchval(self, query: str, *args: Any) -> Any: ...
     def transaction(self) -> AbstractAsyncContextManager[Any]: ...
 
-_USER_COLUMNS = """
-    u.id, u.account_id, a.name, u.login, u.password_hash, u.quota_active, u.quota_left,
-    u.alert_threshold, u.alert_support, u.alert_email, u.alert_number, u.alert_armed,
-    u.ip_restrictions, u.callback_url
-"""
-
-_MESSAGE_COLUMNS = """
-    m.id, m.account_id, a.name, m.login, m.kind, m.sender, m.receiver, m.body, m.coding,
-    m.parts, m.class, m.tag, m.credits, m.charged_to, m.created_at, m.deferred_until, m.state,
-    m.ptt, m.dlr, m.sent_at, m.delivered_at
-"""
-
-_OUTGOING_COLUMNS = ("id, sender, receiver, body, coding, class, created_at, deferred_until, "
-                     "sent_at, parts")
-
-_CLAIMABLE = "state IN ('queued', 'deferred')"
 _DUE_DEFERRED = "GREATEST(deferred_until, claimed_until)"
-_SPENDABLE = "CASE WHEN u.quota_active THEN u.quota_left ELSE a.balance END"
-
-# The ptt of a delivered message (or part).
-DELIVERED = 4
-# How many of the newest messages an incoming one may answer (see add_incoming).
-INCOMING_LOOKBACK = 1_000_000
 
 # How many due outbox items a claim looks at (and locks), per item it may take.
 CLAIM_WINDOW = 4
@@ -116,6 +107,19 @@ CLAIM_WINDOW = 4
 # so that other applications' advisory locks on the same database never collide with ours.
 _LOCK_SPACE = 0x48325320  # "H2S "
 _MIGRATION_LOCK = 0
+
+# How often the connection holding an `exclusive` lock is checked, when nothing says it
+# ended: the longest a holder may go on after a silent cut, before it learns it.
+LOCK_CHECK_SECONDS = 2.0
+
+# The channels of the wake-ups (LISTEN/NOTIFY), by topic. A notification's payload is the
+# id of the store instance that committed (`PostgreSQLStore._instance`): its own are
+# ignored, its process knows of them already.
+CHANNELS: dict[Topic, str] = {"messages": "http2sms_messages", "outbox": "http2sms_outbox"}
+# A listener whose connection ended connects again after this long; a live one checks its
+# connection this often (a cut without a word is noticed by no one else).
+LISTEN_RETRY_SECONDS = 1.0
+LISTEN_CHECK_SECONDS = 10.0
 
 # Connections per store, by role: the send process commits batches from many requests,
 # the delivery worker a few transactions at a time, the CLI one.
@@ -146,29 +150,6 @@ _RETRIED: tuple[type[BaseException], ...] = (
 )
 
 
-def _user(row: Sequence[Any]) -> User:
-    return User(
-        id=row[0], account_id=row[1], account_name=row[2], login=row[3], password_hash=row[4],
-        quota_active=bool(row[5]), quota_left=row[6], alert_threshold=row[7],
-        alert_support=row[8], alert_email=row[9], alert_number=row[10],
-        alert_armed=bool(row[11]), ip_restrictions=tuple(json.loads(row[12])),
-        callback_url=row[13],
-    )
-
-
-def _message(row: Sequence[Any]) -> Message:
-    return Message(id=row[0], account_id=row[1], account_name=row[2], login=row[3],
-                   kind=row[4], sender=row[5], receiver=row[6], body=row[7], coding=row[8],
-                   parts=row[9], klass=row[10], tag=row[11], credits=row[12],
-                   charged_to=row[13], created_at=row[14], deferred_until=row[15],
-                   state=row[16], ptt=row[17], dlr=row[18], sent_at=row[19],
-                   delivered_at=row[20])
-
-
-def _outgoing(row: Sequence[Any]) -> OutgoingMessage:
-    return OutgoingMessage(*row)
-
-
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """`rows` as `width` columns: arrays for `unnest`."""
     return [list(column) for column in zip(*rows, strict=True)] if rows else \
@@ -177,10 +158,18 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 
 # Everything an accepted batch of sends writes, in one statement (one round trip, where a
 # statement per table cost one each): its messages, their first event, its ledger entries,
-# the new balances and quotas. Rows come as column arrays ($2-$18 messages, $19-$25 ledger,
-# $26-$29 balances and quotas); $1 is the time of the commit.
+# the new balances and quotas, and the wake-up of the other nodes' delivery (delivered at
+# the commit, never before: `n`, joined to the messages so that it runs). Rows come as
+# column arrays ($2-$18 messages, $19-$25 ledger, $26-$29 balances and quotas); $1 is the
+# time of the commit, $30 the id of the store instance committing. It answers whether a
+# user of the accounts charged ($31) watches its credits (an alert threshold): only then
+# are the alerts evaluated, in another statement (a round trip saved on every other
+# commit). Its snapshot is taken with the accounts locked, so a threshold set meanwhile
+# is seen.
 _STORE_SENDS = """
-WITH m AS (
+WITH n AS MATERIALIZED (
+    SELECT pg_notify('http2sms_messages', $30::text)
+), m AS (
     INSERT INTO messages (id, account_id, user_id, login, kind, sender, receiver, body,
         coding, parts, class, no_stop, tag, credits, charged_to, created_at, deferred_until,
         state, dlr, updated_at)
@@ -192,6 +181,7 @@ WITH m AS (
         $15::bigint[], $16::text[], $17::float8[], $18::text[])
         AS r(id, account_id, user_id, login, kind, sender, receiver, body, coding, parts,
              class, no_stop, tag, credits, charged_to, deferred_until, state)
+        CROSS JOIN n
     RETURNING id, state
 ), e AS (
     INSERT INTO message_events (message_id, at, ptt, dlr, note)
@@ -209,10 +199,44 @@ WITH m AS (
 ), b AS (
     UPDATE accounts SET balance = r.balance
     FROM unnest($26::bigint[], $27::bigint[]) AS r(id, balance) WHERE accounts.id = r.id
+), q AS (
+    UPDATE users SET quota_left = r.quota
+    FROM unnest($28::bigint[], $29::bigint[]) AS r(id, quota) WHERE users.id = r.id
 )
-UPDATE users SET quota_left = r.quota
-FROM unnest($28::bigint[], $29::bigint[]) AS r(id, quota) WHERE users.id = r.id
+SELECT EXISTS (SELECT 1 FROM users WHERE account_id = ANY($31::bigint[])
+               AND alert_threshold IS NOT NULL)
 """
+
+# The accounts of a batch of sends locked (by id), then the rows of its users (by id), in
+# one statement, one round trip. The users' rows are locked too, and not only read: at READ
+# COMMITTED a statement reads a row it locks as last committed (once the lock is granted),
+# any other row as it was when the statement began, maybe before a quota change that
+# committed while this one waited for its account.
+_LOCK_SENDS = """
+WITH a AS MATERIALIZED (
+    SELECT id, balance, settings_version FROM accounts WHERE id = ANY($1::bigint[])
+    ORDER BY id FOR UPDATE
+), u AS MATERIALIZED (
+    SELECT id, quota_active, quota_left FROM users WHERE id = ANY($2::bigint[])
+    ORDER BY id FOR UPDATE
+)
+SELECT true, id, balance, settings_version, NULL::boolean FROM a
+UNION ALL SELECT false, id, quota_left, NULL::bigint, quota_active FROM u
+"""
+
+
+async def _keep_session(_conn: Any) -> None:
+    """What a connection given back to the pool needs undone: nothing. The store leaves no
+    session state on its pool's connections (its settings are per transaction, its
+    advisory locks and LISTENs have connections of their own, the migrations' lock is let
+    go of by hand), and asyncpg's default reset (UNLISTEN, RESET ALL...) cost a round trip
+    on every release, one per group commit. A transaction left open is still rolled back
+    (asyncpg does that before calling this)."""
+
+
+def _lose(held: Held, reason: str) -> None:
+    if held.lose(reason):
+        log.error("store_lock_lost", name=held.name, reason=reason)
 
 
 def _count(status: str) -> int:
@@ -281,6 +305,8 @@ class PostgreSQLStore:
         self._versions: dict[int, int] = {}
         self._ids_conn: Any = None  # an asyncpg.Connection, see _message_ids
         self._ids_lock = asyncio.Lock()
+        # Names this store's notifications, so that its own listeners pass them over.
+        self._instance = secrets.token_hex(8)
 
     def __repr__(self) -> str:
         return f"PostgreSQLStore(role={self._role!r})"  # never the URL: it may hold a password
@@ -291,7 +317,7 @@ class PostgreSQLStore:
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=1, max_size=_POOL_SIZES[self._role],
-                timeout=self._timeout, command_timeout=None,
+                timeout=self._timeout, command_timeout=None, reset=_keep_session,
                 server_settings={"application_name": f"http2sms-{self._role}",
                                  **_SERVER_SETTINGS[self._role]})
             await self._migrate()
@@ -336,30 +362,114 @@ class PostgreSQLStore:
 
     @asynccontextmanager
     async def exclusive(self, name: str, *, wait: bool = False,
-                        shared: bool = False) -> AsyncIterator[None]:
+                        shared: bool = False) -> AsyncIterator[Held]:
         """A session advisory lock (shared when `shared`) on a connection of its own, held
-        for the block: the server lets go of it when the connection ends, so a holder
-        that dies lets go."""
+        for the block: the server lets go of it when the connection ends, so a holder that
+        dies lets go.
+
+        The connection ending under a live holder (the database restarted or failed over,
+        an administrator ended the session, the network cut it) lets go of the lock too:
+        another node may take it at once. The holder learns it from `Held.lost`, set as
+        soon as the client sees the connection close, or when it fails to answer a check
+        (every LOCK_CHECK_SECONDS) for a connection cut silently."""
         if not name.replace("-", "").isalnum():
             raise ValueError(f"a lock name is letters, digits and dashes: {name!r}")
         try:
             conn = await asyncpg.connect(self.dsn, timeout=self._timeout)
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise StoreUnavailable(f"cannot lock {name!r}: {exc}") from exc
+        held = Held(name)
+        watch: asyncio.Task[None] | None = None
         try:
-            take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
-            while not await conn.fetchval(f"SELECT {take}($1, hashtext($2))",
-                                          _LOCK_SPACE, name):
-                if not wait:
-                    raise Taken(f"{name!r} is held by another process on the store")
-                await asyncio.sleep(0.1)
-            yield
+            try:
+                take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+                while not await conn.fetchval(f"SELECT {take}($1, hashtext($2))",
+                                              _LOCK_SPACE, name):
+                    if not wait:
+                        raise Taken(f"{name!r} is held by another process on the store")
+                    await asyncio.sleep(0.1)
+            except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+                raise StoreUnavailable(f"cannot lock {name!r}: {exc}") from exc
+            conn.add_termination_listener(
+                lambda _conn: _lose(held, "its connection to the database ended"))
+            watch = asyncio.create_task(self._watch_lock(conn, held), name=f"lock-{name}")
+            yield held
         finally:
+            held.released = True  # let go of on purpose from here: not lost
+            if watch is not None:
+                watch.cancel()
+                with suppress(asyncio.CancelledError):
+                    await watch
             # Closing the session releases its locks; no unlock to forget on any path.
             try:
                 await asyncio.wait_for(conn.close(), self._timeout)
             except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError):
                 conn.terminate()
+
+    async def _watch_lock(self, conn: Any, held: Held) -> None:
+        """Check the lock's connection every LOCK_CHECK_SECONDS: a connection cut without
+        a word (a network partition) is noticed by no one else."""
+        while not (held.lost.is_set() or held.released):
+            with suppress(TimeoutError):
+                await asyncio.wait_for(held.lost.wait(), LOCK_CHECK_SECONDS)
+                return
+            try:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), self._timeout)
+            except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                _lose(held, f"its connection to the database does not answer: {exc}")
+                conn.terminate()
+
+    @asynccontextmanager
+    async def wake_ups(self, callbacks: Mapping[Topic, Callable[[], None]]
+                       ) -> AsyncIterator[None]:
+        """LISTEN on the topics' channels (CHANNELS), on a connection of its own, connected
+        again whenever it ends (each callback then runs once, for what it missed)."""
+        listening = asyncio.create_task(self._listen(dict(callbacks)), name="store-wake-ups")
+        try:
+            yield
+        finally:
+            listening.cancel()
+            with suppress(asyncio.CancelledError):
+                await listening
+
+    async def _listen(self, callbacks: dict[Topic, Callable[[], None]]) -> None:
+        missed = False
+        while True:
+            conn: Any = None
+            ended = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=self._timeout,
+                    server_settings={"application_name": f"http2sms-{self._role}-wake-ups"})
+                conn.add_termination_listener(lambda _conn, event=ended: event.set())
+                for topic, callback in callbacks.items():
+                    await conn.add_listener(CHANNELS[topic], self._woken(callback))
+                if missed:
+                    log.info("store_wake_ups_back")
+                    for callback in callbacks.values():
+                        callback()
+                missed = True
+                while not ended.is_set():
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(ended.wait(), LISTEN_CHECK_SECONDS)
+                        break
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), self._timeout)
+                log.warning("store_wake_ups_lost", retry_in=LISTEN_RETRY_SECONDS)
+            except (TimeoutError, asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+                missed = True
+                log.warning("store_wake_ups_failed", error=str(exc),
+                            retry_in=LISTEN_RETRY_SECONDS)
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    def _woken(self, callback: Callable[[], None]) -> Callable[[Any, int, str, str], None]:
+        def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            if payload != self._instance:
+                callback()
+
+        return notified
 
     def _acquire(self) -> Any:
         if self._pool is None:
@@ -700,17 +810,16 @@ class PostgreSQLStore:
                             account_ids: list[int], user_ids: list[int]) -> list[SendOutcome]:
         balances: dict[int, int] = {}
         versions: dict[int, int] = {}
-        for account_id, balance, version in await self._lock_accounts(db, account_ids):
-            balances[account_id] = balance
-            versions[account_id] = version
+        quotas: dict[int, int | None] = {}
+        for is_account, row_id, amount, version, active in await db.fetch(
+                _LOCK_SENDS, account_ids, user_ids):
+            if is_account:
+                balances[row_id] = amount
+                versions[row_id] = version
+            else:
+                quotas[row_id] = amount if active else None
         for account_id in account_ids:
             self._note_settings_version(account_id, versions.get(account_id))
-        quotas: dict[int, int | None] = {}
-        if user_ids:
-            for uid, active, left in await db.fetch(
-                    "SELECT id, quota_active, quota_left FROM users WHERE id = ANY($1::bigint[])",
-                    user_ids):
-                quotas[uid] = left if active else None
         funds = rules.Funds(balances, quotas)
         decided = rules.decide_sends(orders, funds, at=at, first_id=1, versions=versions)
         if not decided.accepted:
@@ -734,11 +843,12 @@ class PostgreSQLStore:
                     deferred, state))
             ledger.append((order.account_id, order.user_id, order.login, sent.ledger_kind,
                            sent.charged_to, order.total, sent.reference))
-        await db.execute(_STORE_SENDS, at, *_columns(messages, 17), *_columns(ledger, 7),
-                         list(decided.balances), list(decided.balances.values()),
-                         list(decided.quotas), list(decided.quotas.values()))
         touched = sorted({sent.order.account_id for sent in decided.accepted})
-        if await self._evaluate_alerts(db, touched, at):
+        watched = await db.fetchval(
+            _STORE_SENDS, at, *_columns(messages, 17), *_columns(ledger, 7),
+            list(decided.balances), list(decided.balances.values()), list(decided.quotas),
+            list(decided.quotas.values()), self._instance, touched)
+        if watched and await self._evaluate_alerts(db, touched, at):
             outcomes = [replace(o, alert_queued=True) if o.accepted else o for o in outcomes]
         return outcomes
 
@@ -766,7 +876,12 @@ class PostgreSQLStore:
                 "next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 [(i.kind, i.account_id, i.user_id, i.target, json.dumps(i.payload), at, at)
                  for i in plan.items])
+            await self._notify(db, "outbox")
         return len(plan.items)
+
+    async def _notify(self, db: Conn, topic: Topic) -> None:
+        """Wake the other nodes' listeners of `topic` when this transaction commits."""
+        await db.execute("SELECT pg_notify($1, $2)", CHANNELS[topic], self._instance)
 
     @staticmethod
     async def _ledger(db: Conn, at: float, account_id: int, user_id: int | None,
@@ -854,6 +969,7 @@ class PostgreSQLStore:
                 "VALUES ('callback', $1, $2, $3, $4, $5, $6, $6)",
                 [(c.message_id, c.account_id, c.user_id, c.target, json.dumps(c.payload),
                   c.at) for c in plan.callbacks])
+            await self._notify(db, "outbox")
         refunds = plan.refunds
         if refunds:
             await db.executemany(
@@ -1090,6 +1206,7 @@ class PostgreSQLStore:
                              target: str, payload: dict[str, Any], at: float,
                              message_id: int | None = None) -> int:
         async def body(db: Conn) -> int:
+            await self._notify(db, "outbox")
             return int(await db.fetchval(
                 "INSERT INTO outbox (kind, message_id, account_id, user_id, target, payload, "
                 "created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) "
@@ -1464,3 +1581,162 @@ class PostgreSQLStore:
             "WHERE a.name = $3 AND m.created_at >= $1 AND m.created_at < $4 "
             "GROUP BY bucket", since, period, account, since + period * count)
         return rules.stats_series(rows, since, period, count)
+
+    # -- the whole store as tables (gateway.store.copy) -------------------------------
+
+    @staticmethod
+    async def _schema(db: Conn) -> dict[str, _Table]:
+        """Columns, their types and the primary key of every table of the installation's
+        data, in the current schema."""
+        columns: dict[str, list[str]] = {}
+        types: dict[str, dict[str, str]] = {}
+        for table, column, kind in await db.fetch(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position"):
+            if table not in _BOOKKEEPING:
+                columns.setdefault(table, []).append(column)
+                types.setdefault(table, {})[column] = kind
+        keys = {table: tuple(key) for table, key in await db.fetch(
+            "SELECT c.relname, array_agg(a.attname ORDER BY array_position("
+            "i.indkey::int2[], a.attnum)) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indisprimary AND c.relnamespace = current_schema()::regnamespace "
+            "GROUP BY c.relname")}
+        return {table: _Table(tuple(listed), keys.get(table) or tuple(listed), types[table])
+                for table, listed in columns.items()}
+
+    async def table_columns(self) -> dict[str, tuple[str, ...]]:
+        try:
+            async with self._acquire() as conn:
+                return {t: v.columns for t, v in (await self._schema(conn)).items()}
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot read the store: {exc}") from exc
+
+    @asynccontextmanager
+    async def read_tables(self) -> AsyncIterator[_PostgreSQLSource]:
+        """One REPEATABLE READ transaction: one snapshot throughout."""
+        async with self._acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                             readonly=True):
+            yield _PostgreSQLSource(conn, await self._schema(conn))
+
+    @asynccontextmanager
+    async def write_tables(self) -> AsyncIterator[_PostgreSQLSink]:
+        async with self._acquire() as conn, conn.transaction():
+            yield _PostgreSQLSink(conn, await self._schema(conn))
+
+
+# Tables of the store's own bookkeeping, never copied: its migrations, its counters.
+_BOOKKEEPING = frozenset({"schema_migrations", "meta", "message_ids"})
+
+
+@dataclass(frozen=True)
+class _Table:
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    types: dict[str, str]
+
+
+def _known(schema: dict[str, _Table], table: str, columns: Sequence[str]) -> tuple[str, str]:
+    """`table` and `columns` quoted for SQL, once checked against the schema: names come
+    from the other store, never from SQL text."""
+    if table not in schema or not set(columns) <= set(schema[table].columns):
+        raise StoreUnavailable(f"no table {table!r} with columns {list(columns)} here")
+    return f'"{table}"', ", ".join(f'"{c}"' for c in columns)
+
+
+# What a value of another backend becomes in a column of each type: SQLite keeps booleans
+# as integers, and may hold an integer in a REAL column.
+def _as_integer(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise StoreUnavailable(f"{value!r} is no integer")
+    return int(value)
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "boolean": bool, "bigint": _as_integer, "integer": _as_integer, "smallint": _as_integer,
+    "double precision": float, "real": float, "text": str,
+}
+
+
+class _PostgreSQLSource:
+    def __init__(self, conn: Any, schema: dict[str, _Table]) -> None:
+        self._conn = conn
+        self._schema = schema
+
+    async def rows(self, table: str, columns: Sequence[str], *,
+                   batch: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        name, listed = _known(self._schema, table, columns)
+        key = ", ".join(f'"{c}"' for c in self._schema[table].key)
+        rows: list[tuple[Any, ...]] = []
+        async for row in self._conn.cursor(f"SELECT {listed} FROM {name} ORDER BY {key}",
+                                           prefetch=batch):
+            rows.append(tuple(row))
+            if len(rows) == batch:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
+
+    async def count(self, table: str) -> int:
+        name, _ = _known(self._schema, table, ())
+        return int(await self._conn.fetchval(f"SELECT COUNT(*) FROM {name}"))
+
+    async def counters(self) -> Counters:
+        row = await self._conn.fetchrow(
+            "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END "
+            "FROM settings_version), (SELECT next_id FROM message_ids)")
+        return Counters(int(row[0]), int(row[1]))
+
+
+class _PostgreSQLSink:
+    def __init__(self, conn: Any, schema: dict[str, _Table]) -> None:
+        self._conn = conn
+        self._schema = schema
+
+    async def filled(self) -> list[str]:
+        found = []
+        for table in sorted(self._schema):
+            name, _ = _known(self._schema, table, ())
+            if await self._conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {name})"):
+                found.append(table)
+        return found
+
+    async def add_rows(self, table: str, columns: Sequence[str],
+                       rows: Sequence[Sequence[Any]]) -> None:
+        _known(self._schema, table, columns)
+        types = self._schema[table].types
+        convert = [_CONVERT.get(types[c], lambda v: v) for c in columns]
+        try:
+            records = [tuple(None if v is None else f(v) for f, v in zip(convert, row,
+                                                                          strict=True))
+                       for row in rows]
+        except (TypeError, ValueError, StoreUnavailable) as exc:
+            raise StoreUnavailable(f"a row of {table} does not fit this store: {exc}") from exc
+        # COPY: the fastest way in, one round trip per batch.
+        await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
+
+    async def set_settings_versions(self, versions: Sequence[tuple[int, int]]) -> None:
+        await self._conn.execute(
+            "UPDATE accounts SET settings_version = v.version FROM unnest($1::bigint[], "
+            "$2::bigint[]) AS v(id, version) WHERE accounts.id = v.id",
+            [i for i, _ in versions], [v for _, v in versions])
+
+    async def set_counters(self, counters: Counters) -> None:
+        """The identity sequences past their tables' ids, the message ids past the
+        messages' and the source's counter, the settings versions past every version."""
+        for table, shape in self._schema.items():
+            if "id" not in shape.columns:
+                continue
+            sequence = await self._conn.fetchval("SELECT pg_get_serial_sequence($1, 'id')",
+                                                 f'"{table}"')
+            if sequence is not None:
+                await self._conn.execute(
+                    f'SELECT setval($1, COALESCE(MAX(id), 0) + 1, false) FROM "{table}"',
+                    sequence)
+        await self._conn.execute(
+            "UPDATE message_ids SET next_id = GREATEST(next_id, $1, "
+            "(SELECT COALESCE(MAX(id), 0) + 1 FROM messages))", counters.next_message_id)
+        await self._conn.execute(
+            "SELECT setval('settings_version', GREATEST($1, 1, "
+            "(SELECT COALESCE(MAX(settings_version), 0) FROM accounts), "
+            "(SELECT last_value FROM settings_version)))", counters.settings_version)
