@@ -27,8 +27,8 @@ from gateway.store import Store, StoreError
 # not know (added by a later migration) is copied too, after these, by name.
 TABLE_ORDER = (
     "accounts", "senders", "users", "admin_tokens", "admin_token_accounts", "messages",
-    "message_events", "message_parts", "incoming_messages", "outbox", "outbox_attempts",
-    "ledger",
+    "message_events", "message_parts", "incoming_messages", "incoming_parts", "outbox",
+    "outbox_attempts", "ledger", "console_users", "console_user_accounts", "console_sessions",
 )
 
 BATCH = 5000

@@ -11,9 +11,16 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
-from gateway.records import IncomingMessage, OutboxResult, SentMessage, StateUpdate
+from gateway.records import (
+    IncomingMessage,
+    IncomingPart,
+    OutboxResult,
+    SentMessage,
+    StateUpdate,
+)
 from gateway.service import Management
 from gateway.store import Store, open_store
+from gateway.store import copy as copy_module
 from tests.cli_in_process import invoke
 from tests.conftest import ledger_identity
 from tests.store.test_contract import T0, account_with_user, order, report
@@ -47,6 +54,12 @@ async def populate(store: Store) -> None:
     await store.apply_updates([StateUpdate.from_ptt(sent[2], 4, T0 + 7)])
     await store.add_incoming([IncomingMessage(0, 0, "in1", "+33612300000", "ACME", "STOP",
                                               "", T0 + 8)])
+    # The first part of a long message from a handset, waiting for its second.
+    await store.add_incoming_parts([IncomingPart("in2", "+33612300001", "ACME", 7, 2, 1,
+                                                 "first half ", T0 + 8)])
+    await manage.create_console_user("owner@example.com", "a long console password",
+                                     operator=False, accounts=["acme"])
+    await store.create_console_session("d" * 64, "owner@example.com", "c" * 32, at=T0 + 8)
     (callback, *_) = await store.claim_outbox(["callback"], now=T0 + 9, lease=30, limit=10)
     await store.record_outbox_results([OutboxResult(callback.id, T0 + 10, False, "timeout",
                                                     T0 + 70)])
@@ -176,3 +189,15 @@ async def test_the_copied_store_serves_sends_with_new_ids(
         ledger_identity(await copied.ledger_totals())
     finally:
         await copied.close()
+
+
+async def test_every_table_has_its_place_in_the_copy_order(tmp_path: Path) -> None:
+    """A table a migration adds is placed after the tables it refers to: by name it could
+    come before them and break its foreign keys on the target."""
+    store = open_store(f"sqlite:///{tmp_path / 'schema.sqlite3'}", "cli")
+    await store.open()
+    try:
+        tables = set(await store.table_columns())
+    finally:
+        await store.close()
+    assert tables <= set(copy_module.TABLE_ORDER), sorted(tables - set(copy_module.TABLE_ORDER))
