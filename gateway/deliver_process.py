@@ -34,7 +34,7 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import spare_the_start_up_heap, store_location
 from gateway.store import open_store, parse_url
-from gateway.worker_process import hold_delivery
+from gateway.worker_process import hold_delivery, lost
 
 log = structlog.get_logger("gateway.deliver")
 
@@ -86,7 +86,8 @@ async def run(config: Config, *, ready: asyncio.Event | None = None) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await holding
             return
-        holding.result()
+        lock = holding.result()
+        losing = asyncio.create_task(lock.lost.wait())
         callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
                                                   ZoneInfo(config.send.timezone),
                                                   follow_store=True, shared=shared)
@@ -97,11 +98,14 @@ async def run(config: Config, *, ready: asyncio.Event | None = None) -> None:
             if ready is not None:
                 ready.set()
             spare_the_start_up_heap()
-            await stopping
-            log.info("deliver_stopping")
+            await asyncio.wait({stopping, losing}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                log.info("deliver_stopping")
         finally:
+            losing.cancel()
             await dispatcher.stop()
             await callbacks.stop()
+        lost(lock)
     finally:
         stopping.cancel()
         await store.close()

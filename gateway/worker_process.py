@@ -22,10 +22,17 @@ from gateway.config import Config, from_dict
 from gateway.delivery import Dispatcher
 from gateway.metrics import Metrics
 from gateway.server import install_uvloop, spare_the_start_up_heap
-from gateway.store import StoreLifecycle, Taken, open_store
+from gateway.store import Held, StoreError, StoreLifecycle, Taken, open_store
 from gateway.worker import MAX_STATUS_BYTES, POKE, STATUS
 
 log = structlog.get_logger("gateway.worker")
+
+
+class DeliveryLost(StoreError):
+    """The store's delivery lock went while this worker delivered (PostgreSQL: its
+    connection ended, and another worker may deliver already): it stops at once rather
+    than deliver beside it. Whoever started it starts it again (the gateway after
+    `restart_seconds`, systemd or the container's restart policy for `deliver`)."""
 
 
 async def run(config: Config, commands: asyncio.StreamReader,
@@ -69,7 +76,8 @@ async def run(config: Config, commands: asyncio.StreamReader,
             with contextlib.suppress(asyncio.CancelledError):
                 await holding
             return
-        holding.result()
+        held = holding.result()
+        losing = asyncio.create_task(held.lost.wait())
         callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
                                                   ZoneInfo(config.send.timezone),
                                                   follow_store=True)
@@ -81,10 +89,13 @@ async def run(config: Config, commands: asyncio.StreamReader,
             dispatcher.poke()
             log.info("delivery_worker_ready")
             spare_the_start_up_heap()  # full collections paused this process up to 30 ms too
-            await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({listening, stopping, losing},
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
+            losing.cancel()
             await dispatcher.stop()
             await callbacks.stop()
+        lost(held)
     finally:
         for task in (listening, stopping):
             task.cancel()
@@ -107,8 +118,16 @@ def _status(dispatcher: Dispatcher | None, metrics: Metrics) -> dict[str, object
             "metrics": metrics.exposition().decode()}
 
 
+def lost(held: Held) -> None:
+    """Raise DeliveryLost if the delivery lock went while this worker held it."""
+    if held.lost.is_set():
+        log.error("delivery_lock_lost", reason=held.reason,
+                  detail="this worker stopped delivering; it is started again")
+        raise DeliveryLost(f"the store's delivery lock was lost: {held.reason}")
+
+
 async def hold_delivery(store: StoreLifecycle, holder: contextlib.AsyncExitStack, *,
-                        shared: bool = False) -> None:
+                        shared: bool = False) -> Held:
     """Wait until no other delivery worker runs on this store, then keep it that way
     until `holder` closes. `shared` (`http2sms deliver` on PostgreSQL): wait only for a
     worker delivering alone; other shared ones deliver side by side.
@@ -121,7 +140,7 @@ async def hold_delivery(store: StoreLifecycle, holder: contextlib.AsyncExitStack
     long as the first gateway runs.
     """
     try:
-        await holder.enter_async_context(store.exclusive("delivery", shared=shared))
+        return await holder.enter_async_context(store.exclusive("delivery", shared=shared))
     except Taken:
         log.warning("delivery_elsewhere", reason=(
             "a gateway delivering alone (server.delivery true) delivers from this store; "
@@ -130,10 +149,11 @@ async def hold_delivery(store: StoreLifecycle, holder: contextlib.AsyncExitStack
             "another gateway's delivery worker (or this gateway's previous one, finishing) "
             "delivers from this store; this one waits to take over and is not ready "
             "meanwhile"))
-        await holder.enter_async_context(store.exclusive("delivery", wait=True,
-                                                         shared=shared))
+        held = await holder.enter_async_context(store.exclusive("delivery", wait=True,
+                                                                shared=shared))
         log.warning("delivery_taken_over", reason="the delivery worker that held this store "
                     "stopped; this one delivers now")
+        return held
 
 
 async def _main() -> int:
@@ -146,7 +166,10 @@ async def _main() -> int:
         return 0  # the parent went away before sending the settings
     config = from_dict(json.loads(line))
     logs.configure(config.log.format, config.log.level, final=True)
-    await run(config, commands, answers)
+    try:
+        await run(config, commands, answers)
+    except DeliveryLost:
+        return 1  # logged; the gateway starts a new worker
     return 0
 
 

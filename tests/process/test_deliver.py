@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -203,3 +204,54 @@ async def test_a_gateway_without_delivery_takes_sends_and_a_deliver_worker_deliv
         await wait_for(final, timeout=20, what="the worker to deliver the send")
         assert not gateway.events("delivery_worker_started")
         assert await gateway.stop() == 0 and await worker.stop() == 0
+
+
+async def test_a_deliver_worker_whose_lock_connection_ends_stops_delivering(
+        postgres_url: str) -> None:
+    """The database ends the session holding the worker's delivery lock (a failover, an
+    administrator): the lock is gone, and a gateway delivering alone could take it and
+    free every claim. The worker stops at once with status 1, for its supervisor to start
+    it again, rather than deliver beside that gateway."""
+    async with servers() as started:
+        await prepare_store(postgres_url, credits=1000)
+        worker = await ServerProcess.deliver(postgres_url)
+        started.append(worker)
+        assert await end_lock_sessions(postgres_url) == 1
+        assert await worker.wait_exit(20) == 1
+        (line,) = worker.events("delivery_lock_lost")
+        assert json.loads(line)["reason"]
+
+
+async def test_a_gateway_s_delivery_worker_whose_lock_connection_ends_is_started_again(
+        postgres_url: str) -> None:
+    """The same for the worker a gateway starts: it stops, and the gateway starts a new
+    one, which takes the lock again and delivers."""
+    async with servers() as started:
+        await prepare_store(postgres_url, credits=1000)
+        gateway = await ServerProcess.start(postgres_url, env={"HTTP2SMS_LOG_LEVEL": "info"})
+        started.append(gateway)
+        await gateway.wait_event("delivery_worker_ready", 20)
+        assert await end_lock_sessions(postgres_url) == 1
+        await gateway.wait_event("delivery_lock_lost", 20)
+        async def started_again() -> bool:
+            return len(gateway.events("delivery_worker_ready")) == 2
+        await wait_for(started_again, timeout=20, what="a new delivery worker")
+        (sent,) = await queue_messages(postgres_url, 1)
+
+        async def final() -> bool:
+            return dbrows.query(postgres_url, "SELECT state FROM messages WHERE id = ?",
+                                (sent,))[0]["state"] == "final"
+        await wait_for(final, timeout=20, what="the new worker to deliver")
+        assert await gateway.stop() == 0
+
+
+async def end_lock_sessions(url: str) -> int:
+    """End the database sessions holding advisory locks (the store-wide locks)."""
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"))
+    finally:
+        await conn.close()
