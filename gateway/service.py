@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from gateway import iprules, passwords, phones, tokens
+from gateway import export, iprules, passwords, phones, retention, tokens
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import MAX_CREDITS, InvalidAmount, as_number, format_credits, to_cents
 from gateway.hooks.callbacks import target_problem
 from gateway.hooks.targets import TargetPolicy
-from gateway.records import UNSET, Account, AdminToken, User, UserChanges
+from gateway.purge import Purger
+from gateway.records import UNSET, Account, AdminToken, Message, PurgeStep, User, UserChanges
 from gateway.store import Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -168,6 +169,83 @@ class Management:
         token = await self.store.create_token(name, new.key, new.digest, accounts,
                                               at=self.clock.now())
         return token, new.text
+
+
+    # -- data over time: retention, erasure, exports (see gateway.purge) -------------------
+
+    async def set_retention(self, account: str, *, messages_days: Any = UNSET,
+                            personal_data_days: Any = UNSET) -> retention.AccountRetention:
+        """An account's own retention days (None: the server's `[retention]` ones)."""
+        changes: dict[str, Any] = {}
+        for name, field, value in (("messages_days", "retentionDays", messages_days),
+                                   ("personal_data_days", "personalDataDays",
+                                    personal_data_days)):
+            if value is UNSET:
+                continue
+            try:
+                changes[name] = retention.validate_days(field, value)
+            except ValueError as exc:
+                raise ValidationError(field, str(exc).split(": ", 1)[-1]) from None
+        return await self.store.set_retention(account, **changes)
+
+    async def retention_of(self, account: str) -> dict[str, Any]:
+        """The account's retention: its own days and those that apply."""
+        found = await self.store.get_account(account)
+        own = next((r for r in await self.store.retention_settings()
+                    if r.account_id == found.id), None)
+        own = own or retention.AccountRetention(found.id, found.name)
+        return retention_view(own, self.defaults())
+
+    def defaults(self) -> retention.Retention:
+        settings = self.config.retention
+        return retention.Retention(personal_data_days=settings.personal_data_days,
+                                   messages_days=settings.messages_days)
+
+    def purger(self) -> Purger:
+        return Purger(self.store, self.clock, self.config.retention)
+
+    async def erase_number(self, account: str, number: Any) -> PurgeStep:
+        """Erase a person's number and texts from every message of the account (the
+        right to erasure): messages to it, incoming messages from it."""
+        if not isinstance(number, str):
+            raise ValidationError("receiver", "an international number such as +33612345678")
+        try:
+            normalized = phones.normalize(phones.restore_plus(number.strip()))
+        except phones.InvalidNumber:
+            raise ValidationError("receiver", "an international number such as "
+                                  "+33612345678") from None
+        found = await self.store.get_account(account)
+        return await self.store.erase_number(found.id, normalized,
+                                             limit=self.config.retention.batch_size)
+
+    async def export(self, account: str, *, created_from: float, created_to: float,
+                     login: str | None = None) -> AsyncIterator[list[Message]]:
+        """The account's messages in the time range, a page at a time, by id (keyset
+        pagination: memory for one page, and no transaction held between pages)."""
+        if created_to < created_from:
+            raise ValidationError("to", "not before from")
+        found = await self.store.get_account(account)
+        return self._pages(found.id, created_from, created_to, login)
+
+    async def _pages(self, account_id: int, created_from: float, created_to: float,
+                     login: str | None) -> AsyncIterator[list[Message]]:
+        after = 0
+        while True:
+            page = await self.store.export_messages(
+                account_id, created_from=created_from, created_to=created_to, login=login,
+                after_id=after, limit=export.PAGE)
+            if not page:
+                return
+            yield page
+            after = page[-1].id
+
+
+def retention_view(own: retention.AccountRetention,
+                   defaults: retention.Retention) -> dict[str, Any]:
+    applied = retention.effective(defaults, own)
+    return {"retentionDays": own.messages_days, "personalDataDays": own.personal_data_days,
+            "appliedRetentionDays": applied.messages_days,
+            "appliedPersonalDataDays": applied.personal_data_days}
 
 
 def validate_sender(sender: str) -> str:

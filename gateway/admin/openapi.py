@@ -413,6 +413,26 @@ def _paths() -> dict[str, Any]:
                                                "One page of ids.", _PAGE_HEADERS),
                                   **_errors("400")}},
         },
+        "/1.0/sms/{account}/outgoing/export": {
+            "parameters": account,
+            "get": {"operationId": "exportOutgoing",
+                    "summary": "The account's outgoing history, oldest first, streamed: "
+                               "CSV (a header line of OVH's field names) or JSON lines.",
+                    "tags": ["messages"],
+                    "parameters": [
+                        {**_query("from", "From this day (2026-11-23) or ISO 8601 time.",
+                                  {"type": "string"}), "required": True},
+                        {**_query("to", "To this day, included, or time.",
+                                  {"type": "string"}), "required": True},
+                        _query("login", "Only this API user's messages.", {"type": "string"}),
+                        _query("format", "csv (default) or jsonl.",
+                               {"type": "string", "enum": ["csv", "jsonl"]}),
+                    ],
+                    "responses": {"200": {"description": "The export.", "content": {
+                        "text/csv": {"schema": {"type": "string"}},
+                        "application/jsonl": {"schema": {"type": "string"}}}},
+                        **_errors("400")}},
+        },
         "/1.0/sms/{account}/incoming/{id}": {
             "parameters": [*account, {"name": "id", "in": "path", "required": True,
                                       "schema": {"type": "integer", "minimum": 1}}],

@@ -191,6 +191,11 @@ class Writer:
         try:
             # SQLite waits for the lock only while migrating; afterwards `begin` does.
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            # Before WAL, which writes the file's first page: a new store is created with
+            # incremental auto-vacuum, so the purge can give its free pages back while in
+            # use. On an existing store this only says what its next VACUUM makes it
+            # (`http2sms store vacuum`; see docs/retention.md).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()
             if mode and mode[0][0] != "wal" and self.path != ":memory:":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
