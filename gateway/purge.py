@@ -56,6 +56,8 @@ class PurgeReport:
     ran: bool = True
 
     def count(self, kind: str, table: str, rows: int) -> None:
+        if not rows:
+            return
         tally = self.erased if kind == "erased" else self.deleted
         tally[table] = tally.get(table, 0) + rows
 
