@@ -22,7 +22,9 @@ from gateway.retention import DAY
 from gateway.service import Management
 from gateway.store import NotFound, Store
 from tests.conftest import ledger_identity
-from tests.store.test_contract import (  # noqa: F401 (fixtures)
+
+# The contract suite's fixtures: a fresh database of each backend (F811: tests take them).
+from tests.store.test_contract import (  # noqa: F401
     T0,
     Opener,
     account_with_user,
@@ -49,7 +51,7 @@ async def sent_and_final(store: Store, user_order: SendOrder, count: int, *,
     return list(outcome.ids)
 
 
-async def test_texts_erased_then_messages_deleted_at_their_day(stores: Opener) -> None:
+async def test_texts_erased_then_messages_deleted_at_their_day(stores: Opener) -> None:  # noqa: F811
     store = await stores("delivery")
     user = await account_with_user(store, 100_000)
     await store.update_account("acme", callback_url=CALLBACK, at=T0)
@@ -107,7 +109,7 @@ async def test_texts_erased_then_messages_deleted_at_their_day(stores: Opener) -
     assert stats.oldest_message_at is None
 
 
-async def test_an_account_keeps_its_own_days(stores: Opener) -> None:
+async def test_an_account_keeps_its_own_days(stores: Opener) -> None:  # noqa: F811
     store = await stores("delivery")
     alice = await account_with_user(store, 100_000)
     bob = await account_with_user(store, 100_000, name="bob", login="bob")
@@ -131,7 +133,7 @@ async def test_an_account_keeps_its_own_days(stores: Opener) -> None:
     ledger_identity(await store.ledger_totals())
 
 
-async def test_erasure_by_number_says_how_many(stores: Opener) -> None:
+async def test_erasure_by_number_says_how_many(stores: Opener) -> None:  # noqa: F811
     store = await stores("cli")
     user = await account_with_user(store, 100_000)
     ids = await sent_and_final(store, order(user, 100), 3, at=T0)  # +33612300000..2
@@ -144,7 +146,7 @@ async def test_erasure_by_number_says_how_many(stores: Opener) -> None:
     assert (await management.erase_number("acme", "+33612300000")).erased == 0
 
 
-async def test_an_export_reads_pages_by_id_in_its_time_range(stores: Opener) -> None:
+async def test_an_export_reads_pages_by_id_in_its_time_range(stores: Opener) -> None:  # noqa: F811
     store = await stores("cli")
     user = await account_with_user(store, 100_000)
     early = await sent_and_final(store, order(user, 100), 3, at=T0)
