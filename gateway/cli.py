@@ -32,7 +32,7 @@ from gateway.credits import format_credits
 from gateway.display import escape, redact_url
 from gateway.records import AdminToken, MessageFilter
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
-from gateway.store import Store, StoreError, backup, open_store, parse_url
+from gateway.store import Store, StoreError, backup, open_store, parse_url, rules
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -645,9 +645,11 @@ def store_commands() -> None:
 @manages
 async def _store_stats(m: Management) -> Any:
     stats = await m.store.store_stats()
+    problems = rules.ledger_problems(await m.store.ledger_totals())
     return {"backend": stats.backend, "size_bytes": stats.size_bytes,
             "free_bytes": stats.free_bytes, "oldest_message": _when(stats.oldest_message_at),
-            "rows": stats.rows, **stats.details}
+            "rows": stats.rows, **stats.details,
+            "ledger": "; ".join(problems) if problems else "holds"}
 
 
 @http2sms.command("backup", help="write a checked copy of the running store to FILE (SQLite; "

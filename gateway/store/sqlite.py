@@ -462,7 +462,8 @@ class SQLiteStore:
                     raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
                 raise
 
-    async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+    async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]], *,
+                           yield_for: float | None = None) -> T:
         """A transaction of the busy paths: run whole, at once, on the loop (see writer.py).
 
         The rare ones (admin changes) use `_tx`, a statement per trip from the event loop.
@@ -471,7 +472,7 @@ class SQLiteStore:
             raise StoreUnavailable("the store is closed")
         async with self._write_lock:
             try:
-                return await self._writer.transaction(body)
+                return await self._writer.transaction(body, yield_for=yield_for)
             except sqlite3.IntegrityError as exc:
                 raise Conflict(str(exc)) from exc
             except sqlite3.Error as exc:
@@ -1485,7 +1486,7 @@ class SQLiteStore:
             return PurgeStep(erased=len(plan.erase), last_id=plan.last_id, done=plan.done,
                              held=len(plan.hold))
 
-        return await self._transaction(body)
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
 
     async def delete_due(self, account_id: int, what: PurgedRows, *, before: float,
                          after_id: int, limit: int) -> PurgeStep:
@@ -1508,7 +1509,7 @@ class SQLiteStore:
             return PurgeStep(deleted=len(plan.delete), last_id=plan.last_id or after_id,
                              done=plan.done, held=plan.held)
 
-        return await self._transaction(body)
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
 
     async def delete_outbox_due(self, before: Mapping[int, float | None],
                                 default_before: float | None, *, after_id: int,
@@ -1526,7 +1527,7 @@ class SQLiteStore:
             return PurgeStep(deleted=len(plan.delete), last_id=plan.last_id or after_id,
                              done=plan.done)
 
-        return await self._transaction(body)
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
 
     async def purge_preview(self, account_id: int, *, erase_before: float | None,
                             delete_before: float | None) -> dict[str, int]:
@@ -1580,7 +1581,7 @@ class SQLiteStore:
                 f"AND {column} = ?", [masked, *params, number])
             return cursor.rowcount
 
-        return await self._transaction(body)
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
 
     async def reclaim_space(self, *, pages: int) -> int:
         """Only a store created with incremental auto-vacuum can give pages back while in
@@ -1597,7 +1598,7 @@ class SQLiteStore:
             (after,), = await db.execute_fetchall("PRAGMA freelist_count")
             return int(before - after)
 
-        return await self._transaction(body)
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
 
     async def store_stats(self) -> StoreStats:
         (page_size,), = await self._read("PRAGMA page_size")
@@ -1651,6 +1652,9 @@ class SQLiteStore:
             raise StoreUnavailable(f"cannot back up the store: {exc}") from exc
 
 
+# How long a purge transaction gives way to waiting sends (see `Writer.transaction`): at
+# most this long, then it takes its turn, holding the lock for one batch (a few ms).
+PURGE_GIVE_WAY = 0.05
 # Of what the purge walks: its table and the column holding the other party's number.
 _PURGED: dict[PurgedRows, tuple[str, str]] = {
     "messages": ("messages", "receiver"),

@@ -250,14 +250,22 @@ class Writer:
     async def run(self, call: Callable[[sqlite3.Connection], T]) -> T:
         return await self._call(lambda: call(self._connection()))
 
-    async def transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+    async def transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]], *,
+                          yield_for: float | None = None) -> T:
         """BEGIN IMMEDIATE, `body`, COMMIT (ROLLBACK on error), on the event loop's thread.
 
         Only the wait for the lock suspends; from BEGIN to COMMIT nothing does, so a
         cancelled caller never leaves half a transaction behind.
+
+        `yield_for`: how long a yielding process gives way to the sends' raised flag
+        before it competes for the lock like anyone (default: its whole busy timeout).
+        Under a steady load of sends the flag is up nearly all the time; a background
+        job that gave way for good would never run (the retention purge did not).
         """
         conn = self._connection()
         deadline = time.monotonic() + self.busy_timeout
+        give_way_until = deadline if yield_for is None \
+            else min(deadline, time.monotonic() + yield_for)
         pause = LOCK_RETRY_FIRST
         turn = self._turn
         flag_up = False
@@ -265,7 +273,7 @@ class Writer:
             while True:
                 # A send waiting for the lock (flag up): let it have it, up to our deadline.
                 yielding = turn is not None and self._turn_role == "yield" \
-                    and time.monotonic() < deadline and turn.is_up()
+                    and time.monotonic() < give_way_until and turn.is_up()
                 if not yielding:
                     if _try_begin(conn, deadline):
                         break

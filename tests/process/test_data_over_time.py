@@ -103,6 +103,7 @@ def test_retention_days_purge_stats_erasure_and_export(tmp_path: Path) -> None:
     assert (preview["messages_to_erase"], preview["messages_to_delete"]) == (9, 5)
     stats = ok_json(db, "store", "stats")
     assert stats["rows"]["messages"] == 12 and stats["backend"] == "sqlite"
+    assert stats["ledger"] == "holds"
     assert stats["auto_vacuum"] == "incremental"  # a store created by this version
 
     report = ok_json(db, "purge")
