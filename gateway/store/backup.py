@@ -105,6 +105,7 @@ async def restore(source: str, target: str, *, force: bool = False) -> Checked:
     copy = partial_name(target)
     _remove(copy)
     try:
+        Path(target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _copy(source, copy)
         checked = await check(copy)
         # The target's log and shared memory belong to the file being replaced.
@@ -120,9 +121,9 @@ async def restore(source: str, target: str, *, force: bool = False) -> Checked:
 
 def _copy(source: str, target: str) -> None:
     """SQLite's backup API, page by page: a consistent copy even of a file in WAL mode."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    os.close(fd)
     try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         FILE_MODE))
         src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
         try:
             dst = sqlite3.connect(target)
@@ -132,7 +133,7 @@ def _copy(source: str, target: str) -> None:
                 dst.close()
         finally:
             src.close()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise BackupFailed(f"cannot copy {source}: {exc}") from exc
 
 

@@ -470,6 +470,11 @@ class SQLiteStore:
         """
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
+        if yield_for is not None:
+            # Given way before the lock of this process's connection: the delivery
+            # worker's own transactions go on meanwhile.
+            await self._writer.give_way(yield_for)
+            yield_for = 0.0
         async with self._write_lock:
             try:
                 return await self._writer.transaction(body, yield_for=yield_for)
@@ -1639,6 +1644,10 @@ class SQLiteStore:
             raise StoreUnavailable("an in-memory store has nothing to back up")
 
         def copy() -> None:
+            # Created empty first, with the store's own mode: a copy holds as much personal
+            # data as the store (VACUUM INTO writes into an empty file).
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             FILE_MODE))
             conn = sqlite3.connect(self.path, isolation_level=None)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
@@ -1648,8 +1657,8 @@ class SQLiteStore:
 
         try:
             await asyncio.to_thread(copy)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot back up the store: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot back up the store to {path}: {exc}") from exc
 
 
 # How long a purge transaction gives way to waiting sends (see `Writer.transaction`): at

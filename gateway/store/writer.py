@@ -293,6 +293,19 @@ class Writer:
             raise
         return result
 
+    async def give_way(self, seconds: float) -> None:
+        """Wait while the sends' flag is up, `seconds` at most: a background job (the
+        retention purge) calls it before it takes the connection, so that its wait holds
+        up none of this process's own transactions."""
+        turn = self._turn
+        if turn is None or self._turn_role != "yield":
+            return
+        until = time.monotonic() + seconds
+        pause = LOCK_RETRY_FIRST
+        while time.monotonic() < until and turn.is_up():
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LOOP_RETRY_MAX)
+
     # -- from the event loop, a statement at a time (see the module docstring) --------------
 
     @property

@@ -138,6 +138,7 @@ def test_a_backup_is_checked_and_a_restore_refuses_what_it_would_overwrite(
     copy = tmp_path / "backup.sqlite3"
     done = ok_json(db, "backup", str(copy))
     assert (done["messages"], done["integrity"], done["ledger"]) == (10, "ok", "holds")
+    assert copy.stat().st_mode & 0o077 == 0  # as private as the store
     assert run(db, "backup", str(copy)).exit_code == 2  # exists: not without --force
     assert ok_json(db, "backup", str(copy), "--force")["messages"] == 10
 
