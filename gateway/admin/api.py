@@ -352,13 +352,22 @@ async def get_account(request: web.Request) -> web.Response:
 
 
 async def update_account(request: web.Request) -> web.Response:
-    body = await read_object(request, frozenset({"callBack", "stopClause"}))
+    body = await read_object(request, frozenset({"callBack", "stopClause", "retentionDays",
+                                                 "personalDataDays"}))
     changes: dict[str, Any] = {}
     if "callBack" in body:
         changes["callback_url"] = body["callBack"]
     if "stopClause" in body:
         changes["stop_clause"] = body["stopClause"]
-    account = await _manage(request).update_account(request.match_info["account"], **changes)
+    kept = {name: body[field] for field, name in (("retentionDays", "messages_days"),
+                                                  ("personalDataDays", "personal_data_days"))
+            if field in body}
+    manage = _manage(request)
+    if kept:
+        # The account's own retention (docs/retention.md); null: the server's.
+        await manage.set_retention(request.match_info["account"], **kept)
+    account = await manage.update_account(request.match_info["account"], **changes) \
+        if changes or not kept else await manage.store.get_account(request.match_info["account"])
     return web.json_response(_account_json(request, account))
 
 

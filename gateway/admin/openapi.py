@@ -123,6 +123,12 @@ _SCHEMAS: dict[str, Any] = {
                          "description": "http(s) URL; empty or null removes it."},
             "stopClause": {"type": "string", "nullable": True, "maxLength": 40,
                            "description": "One line; null restores the server default."},
+            "retentionDays": {"type": "integer", "nullable": True, "minimum": 0,
+                              "maximum": 36600, "description": "Days the account's messages "
+                              "are kept (0: forever); null: the server's retention."},
+            "personalDataDays": {"type": "integer", "nullable": True, "minimum": 0,
+                                 "maximum": 36600, "description": "Days their texts and "
+                                 "numbers are kept; null: the server's retention."},
         },
     },
     "CreditPurchase": {
@@ -299,7 +305,8 @@ def _paths() -> dict[str, Any]:
                     "tags": ["accounts"],
                     "responses": {"200": _json(_ref("Account"), "The account."),
                                   **_errors("400")}},
-            "put": {"operationId": "updateAccount", "summary": "Change callBack, stopClause.",
+            "put": {"operationId": "updateAccount",
+                    "summary": "Change callBack, stopClause, retention days.",
                     "tags": ["accounts"], "requestBody": _body(_ref("AccountUpdate")),
                     "responses": {"200": _json(_ref("Account"), "The account."),
                                   **_errors("400", "413")}},

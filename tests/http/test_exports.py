@@ -51,3 +51,16 @@ async def test_an_export_refuses_a_bad_range_before_streaming(harness: Harness) 
     answer = await call(harness, "GET", "/1.0/sms/nobody/outgoing/export"
                         "?from=2027-01-01&to=2027-01-02")
     assert answer.status == 404
+
+
+async def test_an_account_s_retention_days_are_set_through_the_admin_api(
+        harness: Harness) -> None:
+    answer = await call(harness, "PUT", f"/1.0/sms/{ACCOUNT}",
+                        {"retentionDays": 30, "personalDataDays": None})
+    assert answer.status == 200 and answer.body["name"] == ACCOUNT
+    view = await harness.manage.retention_of(ACCOUNT)
+    assert (view["retentionDays"], view["appliedPersonalDataDays"]) == (30, 30)
+    answer = await call(harness, "PUT", f"/1.0/sms/{ACCOUNT}", {"retentionDays": -1})
+    assert answer.status == 400 and answer.body["field"] == "retentionDays"
+    answer = await call(harness, "PUT", f"/1.0/sms/{ACCOUNT}", {"retentionDays": "30"})
+    assert answer.status == 400 and answer.body["field"] == "retentionDays"
