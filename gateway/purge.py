@@ -107,6 +107,8 @@ class Purger:
                 await self.run()
             except StoreError as exc:
                 log.error("purge_failed", error=str(exc))
+            except Exception as exc:  # a loop that died would stop the retention silently
+                log.error("purge_failed", error=repr(exc), exc_info=True)
             await self._clock.sleep(self._settings.interval_seconds)
 
     # -- passes ---------------------------------------------------------------------------

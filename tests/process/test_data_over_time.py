@@ -130,6 +130,18 @@ def test_retention_days_purge_stats_erasure_and_export(tmp_path: Path) -> None:
     assert out.exit_code == 0 and out.stdout == ""
 
 
+def test_the_purge_gives_the_free_pages_back(tmp_path: Path) -> None:
+    db = tmp_path / "space.sqlite3"
+    asyncio.run(prepare_store(db))
+    prefill(db, 3000, created_at=NOW - 500 * DAY)
+    before = ok_json(db, "store", "stats")
+    report = ok_json(db, "purge")
+    assert report["deleted"]["messages"] == 3000 and report["pages_freed"] > 0
+    after = ok_json(db, "store", "stats")
+    assert after["free_bytes"] == 0 and after["size_bytes"] < before["size_bytes"]
+    assert after["oldest_message"] is None and after["ledger"] == "holds"
+
+
 def test_a_backup_is_checked_and_a_restore_refuses_what_it_would_overwrite(
         tmp_path: Path) -> None:
     db = tmp_path / "live.sqlite3"
