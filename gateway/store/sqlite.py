@@ -1468,9 +1468,11 @@ class SQLiteStore:
             plan = rules.erasure(rows, before, limit)
             if what == "messages":
                 # Held messages that became final since: erased now, held no more.
+                # CROSS JOIN: SQLite takes the (few) held messages first; with JOIN it
+                # read every message of the account by its index, at each batch.
                 finals = await db.execute_fetchall(
                     "SELECT h.message_id, m.created_at, m.state, m.receiver FROM purge_held h "
-                    "JOIN messages m ON m.id = h.message_id WHERE m.account_id = ? "
+                    "CROSS JOIN messages m ON m.id = h.message_id WHERE m.account_id = ? "
                     "AND m.state = 'final' LIMIT ?", (account_id, limit))
                 plan.erase.extend((r[0], retention.mask_number(r[3])) for r in finals)
                 if finals:
