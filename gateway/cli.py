@@ -576,7 +576,7 @@ async def _message_incoming(m: Management, account: str, limit: int) -> Any:
               help="to this day, included, or time")
 @click.option("--login", help="only this API user's messages")
 @click.option("--format", "fmt", type=click.Choice(export.FORMATS), default="csv",
-              show_default=True)
+              show_default=True, help="CSV with OVH's column names, or JSON lines")
 @json_option
 @manages
 async def _message_export(m: Management, account: str, start: str, end: str,

@@ -191,11 +191,13 @@ class Writer:
         try:
             # SQLite waits for the lock only while migrating; afterwards `begin` does.
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            # Before WAL, which writes the file's first page: a new store is created with
-            # incremental auto-vacuum, so the purge can give its free pages back while in
-            # use. On an existing store this only says what its next VACUUM makes it
-            # (`http2sms store vacuum`; see docs/retention.md).
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            # Before WAL, which writes the file's first page: a new store (an empty file)
+            # is created with incremental auto-vacuum, so the purge can give its free pages
+            # back while in use. An existing store is left as it is (only a VACUUM could
+            # change it: see docs/retention.md), and not even read here, which another
+            # process's lock could make fail.
+            if self.path != ":memory:" and _empty(self.path):
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()
             if mode and mode[0][0] != "wal" and self.path != ":memory:":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
@@ -323,6 +325,13 @@ class Writer:
 
     async def executescript(self, script: str) -> None:
         await self.run(lambda conn: conn.executescript(script))
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return True  # not there yet: SQLite creates it
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
