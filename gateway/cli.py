@@ -318,18 +318,13 @@ async def _account_set(m: Management, name: str, callback: str | None,
         changes["callback_url"] = callback
     if stop_clause is not None:
         changes["stop_clause"] = stop_clause
-    kept: dict[str, Any] = {}
     if retention_days is not None:
-        kept["messages_days"] = _days("--retention-days", retention_days)
+        changes["retention_days"] = _days("--retention-days", retention_days)
     if personal_data_days is not None:
-        kept["personal_data_days"] = _days("--personal-data-days", personal_data_days)
-    if kept:
-        # Checked before any change is made: a bad number changes nothing.
-        await m.set_retention(name, **kept)
-    account = await m.update_account(name, **changes) if changes or not kept \
-        else await m.store.get_account(name)
+        changes["personal_data_days"] = _days("--personal-data-days", personal_data_days)
+    account = await m.update_account(name, **changes)
     view = _redacted(account_view(account, m.config.send.stop_clause))
-    if kept:
+    if retention_days is not None or personal_data_days is not None:
         view.update(await m.retention_of(name))
     return view
 

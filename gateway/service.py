@@ -63,13 +63,21 @@ class Management:
         return await self.store.credit_account(name, cents, at=self.clock.now())
 
     async def update_account(self, name: str, *, callback_url: Any = UNSET,
-                             stop_clause: Any = UNSET) -> Account:
+                             stop_clause: Any = UNSET, retention_days: Any = UNSET,
+                             personal_data_days: Any = UNSET) -> Account:
+        """`retention_days` and `personal_data_days`: the account's own retention (see
+        `set_retention`); every field is checked before anything changes."""
         if callback_url is not UNSET:
             callback_url = _url("callBack", callback_url, self._targets)
         if stop_clause is not UNSET and stop_clause is not None and (
                 not isinstance(stop_clause, str) or len(stop_clause) > 40
                 or any(ord(c) < 32 for c in stop_clause)):
             raise ValidationError("stopClause", "a single line of at most 40 characters")
+        kept = _days(messages_days=retention_days, personal_data_days=personal_data_days)
+        if kept:
+            await self.store.set_retention(name, **kept)
+            if callback_url is UNSET and stop_clause is UNSET:
+                return await self.store.get_account(name)
         return await self.store.update_account(name, callback_url=callback_url,
                                                stop_clause=stop_clause, at=self.clock.now())
 
@@ -176,17 +184,8 @@ class Management:
     async def set_retention(self, account: str, *, messages_days: Any = UNSET,
                             personal_data_days: Any = UNSET) -> retention.AccountRetention:
         """An account's own retention days (None: the server's `[retention]` ones)."""
-        changes: dict[str, Any] = {}
-        for name, field, value in (("messages_days", "retentionDays", messages_days),
-                                   ("personal_data_days", "personalDataDays",
-                                    personal_data_days)):
-            if value is UNSET:
-                continue
-            try:
-                changes[name] = retention.validate_days(field, value)
-            except ValueError as exc:
-                raise ValidationError(field, str(exc).split(": ", 1)[-1]) from None
-        return await self.store.set_retention(account, **changes)
+        return await self.store.set_retention(account, **_days(
+            messages_days=messages_days, personal_data_days=personal_data_days))
 
     async def retention_of(self, account: str) -> dict[str, Any]:
         """The account's retention: its own days and those that apply."""
@@ -238,6 +237,20 @@ class Management:
                 return
             yield page
             after = page[-1].id
+
+
+def _days(**given: Any) -> dict[str, int | None]:
+    """The retention days given (not UNSET), checked: None or 0 to 36600."""
+    fields = {"messages_days": "retentionDays", "personal_data_days": "personalDataDays"}
+    checked: dict[str, int | None] = {}
+    for name, value in given.items():
+        if value is UNSET:
+            continue
+        try:
+            checked[name] = retention.validate_days(fields[name], value)
+        except ValueError as exc:
+            raise ValidationError(fields[name], str(exc).split(": ", 1)[-1]) from None
+    return checked
 
 
 def retention_view(own: retention.AccountRetention,

@@ -359,15 +359,12 @@ async def update_account(request: web.Request) -> web.Response:
         changes["callback_url"] = body["callBack"]
     if "stopClause" in body:
         changes["stop_clause"] = body["stopClause"]
-    kept = {name: body[field] for field, name in (("retentionDays", "messages_days"),
-                                                  ("personalDataDays", "personal_data_days"))
-            if field in body}
-    manage = _manage(request)
-    if kept:
-        # The account's own retention (docs/retention.md); null: the server's.
-        await manage.set_retention(request.match_info["account"], **kept)
-    account = await manage.update_account(request.match_info["account"], **changes) \
-        if changes or not kept else await manage.store.get_account(request.match_info["account"])
+    # The account's own retention (docs/retention.md); null: the server's.
+    if "retentionDays" in body:
+        changes["retention_days"] = body["retentionDays"]
+    if "personalDataDays" in body:
+        changes["personal_data_days"] = body["personalDataDays"]
+    account = await _manage(request).update_account(request.match_info["account"], **changes)
     return web.json_response(_account_json(request, account))
 
 

@@ -64,3 +64,8 @@ async def test_an_account_s_retention_days_are_set_through_the_admin_api(
     assert answer.status == 400 and answer.body["field"] == "retentionDays"
     answer = await call(harness, "PUT", f"/1.0/sms/{ACCOUNT}", {"retentionDays": "30"})
     assert answer.status == 400 and answer.body["field"] == "retentionDays"
+    # Half wrong changes nothing: the days are not kept when the callBack is refused.
+    answer = await call(harness, "PUT", f"/1.0/sms/{ACCOUNT}",
+                        {"retentionDays": 5, "callBack": "ftp://example.com/"})
+    assert answer.status == 400 and answer.body["field"] == "callBack"
+    assert (await harness.manage.retention_of(ACCOUNT))["retentionDays"] == 30
