@@ -27,6 +27,7 @@ from gateway.incoming import IncomingKeeper
 from gateway.metrics import Metrics
 from gateway.operators import create as create_operator
 from gateway.passwords import VerificationCache
+from gateway.purge import Purger
 from gateway.records import SendOutcome
 from gateway.security import LoginGuard, Throttle
 from gateway.send.batcher import GroupCommitter
@@ -211,8 +212,11 @@ def add_delivery(gateway: Gateway, tz: ZoneInfo) -> None:
 
     guard = DeliveryGuard(gateway.store, dispatcher, follower, running)
     # Started in this order and stopped in reverse: the dispatcher's last reports still
-    # reach the callback worker.
-    gateway.services += [callbacks, guard]
+    # reach the callback worker. The retention purge runs where delivery runs (see
+    # gateway.purge); its own lock keeps it to one process per store.
+    purger = Purger(gateway.store, gateway.clock, gateway.config.retention,
+                    metrics=gateway.metrics)
+    gateway.services += [callbacks, guard, purger]
     gateway.after_commit.append(guard.on_commit)
     gateway.dispatcher = dispatcher
     gateway.callbacks = callbacks

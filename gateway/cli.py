@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import wraps
@@ -24,13 +26,13 @@ import click
 import structlog
 
 from gateway import config as config_module
-from gateway import logs
+from gateway import export, logs
 from gateway.config import Config, ConfigError
 from gateway.credits import format_credits
 from gateway.display import escape, redact_url
 from gateway.records import AdminToken, ConsoleUser, MessageFilter
 from gateway.service import Management, ValidationError, account_view, split_ips, user_view
-from gateway.store import Store, StoreError, open_store
+from gateway.store import Store, StoreError, backup, open_store, parse_url, rules
 from gateway.store import copy as copy_module
 
 EXIT_USAGE = 2
@@ -301,17 +303,40 @@ async def _account_credit(m: Management, name: str, amount: str) -> Any:
 @click.argument("name")
 @click.option("--callback", help="account-level delivery-report URL ('' to clear)")
 @click.option("--stop-clause", help="STOP clause appended to messages")
+@click.option("--retention-days", metavar="N|default",
+              help="days this account's messages are kept (0: forever; default: "
+              "retention.messages_days)")
+@click.option("--personal-data-days", metavar="N|default",
+              help="days this account's texts and numbers are kept (0: as long as the "
+              "messages; default: retention.personal_data_days)")
 @json_option
 @manages
 async def _account_set(m: Management, name: str, callback: str | None,
-                       stop_clause: str | None) -> Any:
+                       stop_clause: str | None, retention_days: str | None,
+                       personal_data_days: str | None) -> Any:
     changes: dict[str, Any] = {}
     if callback is not None:
         changes["callback_url"] = callback
     if stop_clause is not None:
         changes["stop_clause"] = stop_clause
+    if retention_days is not None:
+        changes["retention_days"] = _days("--retention-days", retention_days)
+    if personal_data_days is not None:
+        changes["personal_data_days"] = _days("--personal-data-days", personal_data_days)
     account = await m.update_account(name, **changes)
-    return _redacted(account_view(account, m.config.send.stop_clause))
+    view = _redacted(account_view(account, m.config.send.stop_clause))
+    if retention_days is not None or personal_data_days is not None:
+        view.update(await m.retention_of(name))
+    return view
+
+
+def _days(option: str, text: str) -> int | None:
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValidationError(option, "a whole number of days, or 'default'") from None
 
 
 @account_commands.command("ledger", help="list the account's credit movements")
@@ -538,6 +563,132 @@ async def _message_incoming(m: Management, account: str, limit: int) -> Any:
              "receiver": r.receiver, "tag": r.tag, "message": r.body} for r in rows]
 
 
+@message_commands.command("export", help="write an account's outgoing history (CSV or JSON "
+                          "lines) on standard output, oldest first")
+@click.argument("account")
+@click.option("--from", "start", required=True, metavar="DATE",
+              help="from this day (YYYY-MM-DD) or time (ISO 8601, UTC if no offset)")
+@click.option("--to", "end", required=True, metavar="DATE",
+              help="to this day, included, or time")
+@click.option("--login", help="only this API user's messages")
+@click.option("--format", "fmt", type=click.Choice(export.FORMATS), default="csv",
+              show_default=True, help="CSV with OVH's column names, or JSON lines")
+@json_option
+@manages
+async def _message_export(m: Management, account: str, start: str, end: str,
+                          login: str | None, fmt: export.Format) -> Any:
+    pages = await m.export(account, created_from=_bound("--from", start),
+                           created_to=_bound("--to", end, end=True), login=login)
+    out = sys.stdout
+    out.write(export.header(fmt))
+    async for page in pages:
+        # Written as it is read: an export of years holds one page in memory.
+        out.write(export.lines(page, fmt))
+    out.flush()
+    return None
+
+
+def _bound(option: str, text: str, *, end: bool = False) -> float:
+    try:
+        return export.parse_bound(text, end=end)
+    except ValueError as exc:
+        raise ValidationError(option, str(exc)) from None
+
+
+@message_commands.command("erase", help="erase a person's number and texts from every message "
+                          "of the account (the right to erasure)")
+@click.argument("account")
+@click.option("--receiver", required=True, metavar="NUMBER",
+              help="the person's number, e.g. +33612345678")
+@json_option
+@manages
+async def _message_erase(m: Management, account: str, receiver: str) -> Any:
+    done = await m.erase_number(account, receiver)
+    result: dict[str, Any] = {"erased": done.erased}
+    if done.held:
+        result["not_yet_sent"] = done.held
+        result["note"] = ("messages not yet final keep their text until sent: erase again "
+                          "once they are")
+    return result
+
+
+# -- data over time: purge, store stats, backups -------------------------------------------
+
+@http2sms.command("purge", help="apply the retention now: erase texts and numbers, delete old "
+                  "messages ([retention], account set --retention-days)")
+@click.option("--dry-run", is_flag=True, help="only say what would be erased and deleted")
+@json_option
+@manages
+async def _purge(m: Management, dry_run: bool) -> Any:
+    purger = m.purger()
+    if dry_run:
+        return [row for row in await purger.preview() if any(
+            value for key, value in row.items() if key != "account")]
+    report = await purger.run()
+    if not report.ran:
+        return Failed({"error": "another process is purging this store now"})
+    return report.as_dict()
+
+
+@http2sms.group("store", help="the store as a whole: stats, copy")
+@json_option
+def store_commands() -> None:
+    pass
+
+
+@store_commands.command("stats", help="the store's size, rows per table and oldest message")
+@json_option
+@manages
+async def _store_stats(m: Management) -> Any:
+    stats = await m.store.store_stats()
+    problems = rules.ledger_problems(await m.store.ledger_totals())
+    return {"backend": stats.backend, "size_bytes": stats.size_bytes,
+            "free_bytes": stats.free_bytes, "oldest_message": _when(stats.oldest_message_at),
+            "rows": stats.rows, **stats.details,
+            "ledger": "; ".join(problems) if problems else "holds"}
+
+
+@http2sms.command("backup", help="write a checked copy of the running store to FILE (SQLite; "
+                  "PostgreSQL: pg_dump, see the README)")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="replace FILE if it exists")
+@json_option
+@manages
+async def _backup(m: Management, file: str, force: bool) -> Any:
+    if os.path.exists(file) and not force:
+        raise CommandError(f"{file} exists (--force to replace it)")
+    partial = backup.partial_name(file)
+    with suppress(FileNotFoundError):
+        os.remove(partial)
+    try:
+        await m.store.backup(partial)
+        checked = await backup.check(partial)
+        os.replace(partial, file)
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(partial)
+    return {"backup": file, "size_bytes": checked.size_bytes, "messages": checked.messages,
+            "accounts": checked.accounts, "integrity": "ok", "ledger": "holds"}
+
+
+@http2sms.command("restore", help="replace the store (stopped) by a checked copy of a backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="overwrite the store if it exists")
+@json_option
+@click.pass_context
+def _restore(ctx: click.Context, file: str, force: bool) -> None:
+    tool: Globals = ctx.obj
+    config = load_config(tool.config, tool.db)
+    scheme, target = parse_url(config.store.location)
+    if scheme != "sqlite" or target == ":memory:":
+        raise CommandError("restore writes an SQLite store; a PostgreSQL one is restored "
+                           "with pg_restore or psql (see the README)")
+    checked = asyncio.run(backup.restore(file, target, force=force))
+    _print({"restored": target, "from": file, "size_bytes": checked.size_bytes,
+            "messages": checked.messages, "accounts": checked.accounts, "integrity": "ok",
+            "ledger": "holds"})
+
+
 # -- alerts ----------------------------------------------------------------------------------
 
 @http2sms.group("alert", help="low-credit alerts")
@@ -684,13 +835,7 @@ def console_user_view(user: ConsoleUser) -> dict[str, Any]:
             "operator": user.operator, "created": _when(user.created_at)}
 
 
-# -- the store as a whole -------------------------------------------------------------------
-
-@http2sms.group("store", help="the store as a whole")
-@json_option
-def store_commands() -> None:
-    pass
-
+# -- the store as a whole: copy ---------------------------------------------------------------
 
 @store_commands.command(
     "copy", help="copy an installation (accounts, users, credits, ledger, messages and their "

@@ -368,6 +368,23 @@ class MetricsConfig(Section, frozen=True):
     max_backlog: NonNegativeInt = 100_000
 
 
+class RetentionConfig(Section, frozen=True):
+    """How long data is kept (see docs/retention.md); an account may override both days."""
+
+    # Message texts and recipients' numbers (and incoming texts and senders) are erased
+    # after this many days; 0 keeps them as long as the messages.
+    personal_data_days: Annotated[int, Meta(ge=0, le=36600)] = 90
+    # Whole messages, their history, incoming messages and finished callbacks and alerts
+    # are deleted after this many days; 0 keeps them forever. The ledger is never deleted.
+    messages_days: Annotated[int, Meta(ge=0, le=36600)] = 400
+    # Rows per purge transaction: each holds the write lock for a few milliseconds.
+    batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 200
+    # Pause between two batches, in which sends take the write lock.
+    batch_pause_seconds: NonNegative = 0.005
+    # How often the purge runs; 0 never in the background (`http2sms purge` still does).
+    interval_seconds: NonNegative = 3600.0
+
+
 class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -383,6 +400,7 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def replace(self, changes: Mapping[str, Any]) -> Config:
         """A copy with `changes` made, e.g. {"store.path": p, "operator.min_delay": 0.0},

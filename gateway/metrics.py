@@ -116,6 +116,10 @@ class Metrics:
         self.smpp_receipts = Counter(
             "http2sms_smpp_receipts", "Delivery receipts by stat (DELIVRD, UNDELIV...; "
             "OTHER for a stat outside SMPP 3.4's).", ["stat"], registry=r)
+        # The retention purge's (gateway/purge.py), in the process that runs it.
+        self.purged = Counter(
+            "http2sms_purged_rows", "Rows the retention purge erased (personal data) or "
+            "deleted, by action and table.", ["action", "table"], registry=r)
         self._sent_children: dict[tuple[int, str], tuple[Counter, Counter, Counter]] = {}
 
     def account(self, name: str) -> tuple[str, ...]:

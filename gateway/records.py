@@ -423,3 +423,31 @@ class MessageStats:
     failed: int = 0
     pending: int = 0
     credits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeStep:
+    """What one purge transaction did: rows whose personal data it erased, rows it deleted
+    (messages with their history, incoming messages, or outbox items with their attempts),
+    the last id it looked at, and whether nothing due is left after it."""
+
+    erased: int = 0
+    deleted: int = 0
+    last_id: int = 0
+    done: bool = True
+    # Rows due but passed over: messages not yet final.
+    held: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """`http2sms store stats`: the store's size and what it holds."""
+
+    backend: str
+    size_bytes: int
+    # Bytes the store holds but no row uses (SQLite's free pages, PostgreSQL's dead rows
+    # estimate): what a vacuum gives back.
+    free_bytes: int
+    rows: dict[str, int]
+    oldest_message_at: float | None
+    details: dict[str, Any] = field(default_factory=dict)

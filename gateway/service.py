@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from gateway import iprules, passwords, phones, tokens
+from gateway import export, iprules, passwords, phones, retention, tokens
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import MAX_CREDITS, InvalidAmount, as_number, format_credits, to_cents
 from gateway.hooks.callbacks import send_test_callback, target_problem
 from gateway.hooks.targets import TargetPolicy
-from gateway.records import UNSET, Account, AdminToken, ConsoleUser, User, UserChanges
+from gateway.purge import Purger
+from gateway.records import (
+    UNSET,
+    Account,
+    AdminToken,
+    ConsoleUser,
+    Message,
+    PurgeStep,
+    User,
+    UserChanges,
+)
 from gateway.store import NotFound, Store
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -63,13 +73,21 @@ class Management:
         return await self.store.credit_account(name, cents, at=self.clock.now())
 
     async def update_account(self, name: str, *, callback_url: Any = UNSET,
-                             stop_clause: Any = UNSET) -> Account:
+                             stop_clause: Any = UNSET, retention_days: Any = UNSET,
+                             personal_data_days: Any = UNSET) -> Account:
+        """`retention_days` and `personal_data_days`: the account's own retention (see
+        `set_retention`); every field is checked before anything changes."""
         if callback_url is not UNSET:
             callback_url = _url("callBack", callback_url, self._targets)
         if stop_clause is not UNSET and stop_clause is not None and (
                 not isinstance(stop_clause, str) or len(stop_clause) > 40
                 or any(ord(c) < 32 for c in stop_clause)):
             raise ValidationError("stopClause", "a single line of at most 40 characters")
+        kept = _days(messages_days=retention_days, personal_data_days=personal_data_days)
+        if kept:
+            await self.store.set_retention(name, **kept)
+            if callback_url is UNSET and stop_clause is UNSET:
+                return await self.store.get_account(name)
         return await self.store.update_account(name, callback_url=callback_url,
                                                stop_clause=stop_clause, at=self.clock.now())
 
@@ -214,6 +232,65 @@ class Management:
             raise ValidationError("email", "you cannot delete yourself")
         await self.store.delete_console_user(address)
 
+    # -- data over time: retention, erasure, exports (see gateway.purge) -------------------
+
+    async def set_retention(self, account: str, *, messages_days: Any = UNSET,
+                            personal_data_days: Any = UNSET) -> retention.AccountRetention:
+        """An account's own retention days (None: the server's `[retention]` ones)."""
+        return await self.store.set_retention(account, **_days(
+            messages_days=messages_days, personal_data_days=personal_data_days))
+
+    async def retention_of(self, account: str) -> dict[str, Any]:
+        """The account's retention: its own days and those that apply."""
+        found = await self.store.get_account(account)
+        own = next((r for r in await self.store.retention_settings()
+                    if r.account_id == found.id), None)
+        own = own or retention.AccountRetention(found.id, found.name)
+        return retention_view(own, self.defaults())
+
+    def defaults(self) -> retention.Retention:
+        settings = self.config.retention
+        return retention.Retention(personal_data_days=settings.personal_data_days,
+                                   messages_days=settings.messages_days)
+
+    def purger(self) -> Purger:
+        return Purger(self.store, self.clock, self.config.retention)
+
+    async def erase_number(self, account: str, number: Any) -> PurgeStep:
+        """Erase a person's number and texts from every message of the account (the
+        right to erasure): messages to it, incoming messages from it."""
+        if not isinstance(number, str):
+            raise ValidationError("receiver", "an international number such as +33612345678")
+        try:
+            normalized = phones.normalize(phones.restore_plus(number.strip()))
+        except phones.InvalidNumber:
+            raise ValidationError("receiver", "an international number such as "
+                                  "+33612345678") from None
+        found = await self.store.get_account(account)
+        return await self.store.erase_number(found.id, normalized,
+                                             limit=self.config.retention.batch_size)
+
+    async def export(self, account: str, *, created_from: float, created_to: float,
+                     login: str | None = None) -> AsyncIterator[list[Message]]:
+        """The account's messages in the time range, a page at a time, by id (keyset
+        pagination: memory for one page, and no transaction held between pages)."""
+        if created_to < created_from:
+            raise ValidationError("to", "not before from")
+        found = await self.store.get_account(account)
+        return self._pages(found.id, created_from, created_to, login)
+
+    async def _pages(self, account_id: int, created_from: float, created_to: float,
+                     login: str | None) -> AsyncIterator[list[Message]]:
+        after = 0
+        while True:
+            page = await self.store.export_messages(
+                account_id, created_from=created_from, created_to=created_to, login=login,
+                after_id=after, limit=export.PAGE)
+            if not page:
+                return
+            yield page
+            after = page[-1].id
+
 
 # A console password opens every API user's settings of its accounts: longer than the
 # 8 characters OVH's send URL asks of an API user, any characters allowed.
@@ -236,6 +313,28 @@ def console_password(password: Any) -> str:
     if any(ord(c) < 32 for c in password):
         raise ValidationError("password", "no control characters")
     return password
+
+
+def _days(**given: Any) -> dict[str, int | None]:
+    """The retention days given (not UNSET), checked: None or 0 to 36600."""
+    fields = {"messages_days": "retentionDays", "personal_data_days": "personalDataDays"}
+    checked: dict[str, int | None] = {}
+    for name, value in given.items():
+        if value is UNSET:
+            continue
+        try:
+            checked[name] = retention.validate_days(fields[name], value)
+        except ValueError as exc:
+            raise ValidationError(fields[name], str(exc).split(": ", 1)[-1]) from None
+    return checked
+
+
+def retention_view(own: retention.AccountRetention,
+                   defaults: retention.Retention) -> dict[str, Any]:
+    applied = retention.effective(defaults, own)
+    return {"retentionDays": own.messages_days, "personalDataDays": own.personal_data_days,
+            "appliedRetentionDays": applied.messages_days,
+            "appliedPersonalDataDays": applied.personal_data_days}
 
 
 def validate_sender(sender: str) -> str:

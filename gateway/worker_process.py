@@ -21,6 +21,7 @@ from gateway.clock import SystemClock
 from gateway.config import Config, from_dict
 from gateway.delivery import Dispatcher
 from gateway.metrics import Metrics
+from gateway.purge import Purger
 from gateway.server import install_uvloop, spare_the_start_up_heap
 from gateway.store import Held, StoreError, StoreLifecycle, Taken, open_store
 from gateway.worker import MAX_STATUS_BYTES, POKE, STATUS
@@ -81,9 +82,13 @@ async def run(config: Config, commands: asyncio.StreamReader,
         callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
                                                   ZoneInfo(config.send.timezone),
                                                   follow_store=True)
+        # The retention purge: this process's writes give way to the sends' (see
+        # gateway.purge), and it runs where this worker holds the store's delivery.
+        purger = Purger(store, SystemClock(), config.retention, metrics=metrics)
         try:
             await callbacks.start()
             await dispatcher.start()
+            await purger.start()
             delivering = dispatcher
             # Pokes read while it started went nowhere: look in the store once more.
             dispatcher.poke()
@@ -93,6 +98,7 @@ async def run(config: Config, commands: asyncio.StreamReader,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             losing.cancel()
+            await purger.stop()
             await dispatcher.stop()
             await callbacks.stop()
         lost(held)

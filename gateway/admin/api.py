@@ -20,7 +20,7 @@ from urllib.parse import quote, urlencode
 import structlog
 from aiohttp import web
 
-from gateway import health, phones, ptt, web_ip
+from gateway import export, health, phones, ptt, web_ip
 from gateway.admin.openapi import document
 from gateway.admin_auth import AdminAuth, Denied
 from gateway.credits import as_number
@@ -352,12 +352,18 @@ async def get_account(request: web.Request) -> web.Response:
 
 
 async def update_account(request: web.Request) -> web.Response:
-    body = await read_object(request, frozenset({"callBack", "stopClause"}))
+    body = await read_object(request, frozenset({"callBack", "stopClause", "retentionDays",
+                                                 "personalDataDays"}))
     changes: dict[str, Any] = {}
     if "callBack" in body:
         changes["callback_url"] = body["callBack"]
     if "stopClause" in body:
         changes["stop_clause"] = body["stopClause"]
+    # The account's own retention (docs/retention.md); null: the server's.
+    if "retentionDays" in body:
+        changes["retention_days"] = body["retentionDays"]
+    if "personalDataDays" in body:
+        changes["personal_data_days"] = body["personalDataDays"]
     account = await _manage(request).update_account(request.match_info["account"], **changes)
     return web.json_response(_account_json(request, account))
 
@@ -542,6 +548,41 @@ async def list_outgoing(request: web.Request) -> web.Response:
     return web.json_response([m.id for m in messages], headers=headers)
 
 
+_EXPORT_QUERY = frozenset({"from", "to", "login", "format"})
+
+
+async def export_outgoing(request: web.Request) -> web.StreamResponse:
+    """The account's outgoing history (gateway.export), streamed a page at a time: the
+    answer starts before the last message is read, and memory holds one page."""
+    query = _query(request, _EXPORT_QUERY)
+    fmt = query.get("format", "csv")
+    if fmt not in export.FORMATS:
+        raise ValidationError("format", "csv or jsonl")
+    bounds: list[float] = []
+    for name, end in (("from", False), ("to", True)):
+        raw = query.get(name)
+        if raw is None:
+            raise ValidationError(name, "required: a day such as 2026-11-23 or an ISO 8601 "
+                                        "time")
+        try:
+            bounds.append(export.parse_bound(raw, end=end))
+        except ValueError as exc:
+            raise ValidationError(name, str(exc)) from None
+    account = request.match_info["account"]
+    # Checked (account, range) before the first byte: an error is still a JSON answer.
+    pages = await _manage(request).export(account, created_from=bounds[0],
+                                          created_to=bounds[1], login=query.get("login"))
+    response = web.StreamResponse(headers={
+        "Content-Type": export.CONTENT_TYPES[fmt],
+        "Content-Disposition": f'attachment; filename="{account}-outgoing.{fmt}"'})
+    await response.prepare(request)
+    await response.write(export.header(fmt).encode())
+    async for page in pages:
+        await response.write(export.lines(page, fmt).encode())
+    await response.write_eof()
+    return response
+
+
 def _receiver(raw: str | None) -> str | None:
     if raw is None:
         return None
@@ -641,6 +682,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/sms/{account}/users/{login}", delete_user),
     ("GET", "/sms/{account}/incoming", list_incoming),
     ("GET", "/sms/{account}/incoming/{id}", get_incoming),
+    ("GET", "/sms/{account}/outgoing/export", export_outgoing),
     ("GET", "/sms/{account}/users/{login}/outgoing", list_outgoing),
     ("GET", "/sms/{account}/users/{login}/outgoing/{id}", get_outgoing),
 )

@@ -123,6 +123,12 @@ _SCHEMAS: dict[str, Any] = {
                          "description": "http(s) URL; empty or null removes it."},
             "stopClause": {"type": "string", "nullable": True, "maxLength": 40,
                            "description": "One line; null restores the server default."},
+            "retentionDays": {"type": "integer", "nullable": True, "minimum": 0,
+                              "maximum": 36600, "description": "Days the account's messages "
+                              "are kept (0: forever); null: the server's retention."},
+            "personalDataDays": {"type": "integer", "nullable": True, "minimum": 0,
+                                 "maximum": 36600, "description": "Days their texts and "
+                                 "numbers are kept; null: the server's retention."},
         },
     },
     "CreditPurchase": {
@@ -299,7 +305,8 @@ def _paths() -> dict[str, Any]:
                     "tags": ["accounts"],
                     "responses": {"200": _json(_ref("Account"), "The account."),
                                   **_errors("400")}},
-            "put": {"operationId": "updateAccount", "summary": "Change callBack, stopClause.",
+            "put": {"operationId": "updateAccount",
+                    "summary": "Change callBack, stopClause, retention days.",
                     "tags": ["accounts"], "requestBody": _body(_ref("AccountUpdate")),
                     "responses": {"200": _json(_ref("Account"), "The account."),
                                   **_errors("400", "413")}},
@@ -412,6 +419,26 @@ def _paths() -> dict[str, Any]:
                                                 "items": {"type": "integer"}},
                                                "One page of ids.", _PAGE_HEADERS),
                                   **_errors("400")}},
+        },
+        "/1.0/sms/{account}/outgoing/export": {
+            "parameters": account,
+            "get": {"operationId": "exportOutgoing",
+                    "summary": "The account's outgoing history, oldest first, streamed: "
+                               "CSV (a header line of OVH's field names) or JSON lines.",
+                    "tags": ["messages"],
+                    "parameters": [
+                        {**_query("from", "From this day (2026-11-23) or ISO 8601 time.",
+                                  {"type": "string"}), "required": True},
+                        {**_query("to", "To this day, included, or time.",
+                                  {"type": "string"}), "required": True},
+                        _query("login", "Only this API user's messages.", {"type": "string"}),
+                        _query("format", "csv (default) or jsonl.",
+                               {"type": "string", "enum": ["csv", "jsonl"]}),
+                    ],
+                    "responses": {"200": {"description": "The export.", "content": {
+                        "text/csv": {"schema": {"type": "string"}},
+                        "application/jsonl": {"schema": {"type": "string"}}}},
+                        **_errors("400")}},
         },
         "/1.0/sms/{account}/incoming/{id}": {
             "parameters": [*account, {"name": "id", "in": "path", "required": True,

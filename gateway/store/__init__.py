@@ -3,8 +3,9 @@
 A caller depends on the role it uses, never on a backend: the send path on `SendStore`,
 delivery on `DeliveryStore`, the callbacks and alerts on `OutboxStore`, the management
 service on `ManagementStore`, the lists and ledger on `ReadStore`, the admin API's tokens on
-`TokenStore`. `open_store` picks the backend from a URL (SQLite embedded, PostgreSQL for
-multi-node deployments) and tunes it for the process that asks (`Role`). The records
+`TokenStore`, the purge, backups and exports on `MaintenanceStore`. `open_store` picks the
+backend from a URL (SQLite embedded, PostgreSQL for multi-node deployments) and tunes it
+for the process that asks (`Role`). The records
 the roles take and return live in `gateway.records`; the decisions a transaction makes (who
 pays, refunds, which alert fires, which outbox items a claim takes) in `gateway.store.rules`,
 shared by every backend.
@@ -45,14 +46,17 @@ if TYPE_CHECKING:  # for annotations only: callers import the records from gatew
         OutboxItem,
         OutboxResult,
         OutgoingMessage,
+        PurgeStep,
         SendContext,
         SendOrder,
         SendOutcome,
         SentMessage,
         StateUpdate,
+        StoreStats,
         User,
         UserChanges,
     )
+    from gateway.retention import AccountRetention
 
 
 class StoreError(Exception):
@@ -427,11 +431,76 @@ class CopyStore(StoreLifecycle, Protocol):
     def read_tables(self) -> AbstractAsyncContextManager[TableSource]: ...
     def write_tables(self) -> AbstractAsyncContextManager[TableSink]:
         """Committed when the block ends without an error, else nothing is written."""
+
+# What the purge walks: an account's messages or its incoming messages.
+PurgedRows = Literal["messages", "incoming"]
+
+
+class MaintenanceStore(StoreLifecycle, Protocol):
+    """Data over time: retention and the purge, erasure, space, backups and exports.
+
+    Guarantees:
+    - Every purge method is one short transaction of at most `limit` rows (SQLite: in the
+      write lane, giving way to sends like the delivery worker's): the purge never holds
+      the write lock long, whatever it has to go through.
+    - Erasure keeps a message's id, account, login, state, ptt, parts and credits; its text
+      becomes '' and its number masked (`retention.mask_number`). Only final messages are
+      erased or deleted: a message still to be sent keeps its text.
+    - The ledger is never touched: its references to deleted messages stay as text.
+    """
+
+    async def retention_settings(self) -> list[AccountRetention]:
+        """Every account's own retention days (None: the server's), by account id."""
+        ...
+    async def set_retention(self, account: str, *, messages_days: Any = UNSET,
+                            personal_data_days: Any = UNSET) -> AccountRetention:
+        """Change an account's own days (None: back to the server's). NotFound."""
+        ...
+    async def erase_due(self, account_id: int, what: PurgedRows, *, before: float,
+                        limit: int) -> PurgeStep:
+        """Erase the personal data of up to `limit` of the account's rows created before
+        `before`, continuing where the last call stopped (the store keeps the place)."""
+        ...
+    async def delete_due(self, account_id: int, what: PurgedRows, *, before: float,
+                         after_id: int, limit: int) -> PurgeStep:
+        """Delete up to `limit` of the account's final rows created before `before` with
+        ids above `after_id` (messages with their history and parts)."""
+        ...
+    async def delete_outbox_due(self, before: Mapping[int, float | None],
+                                default_before: float | None, *, after_id: int,
+                                limit: int) -> PurgeStep:
+        """Delete finished outbox items (and their attempts) created before their
+        account's time in `before` (else `default_before`; None: kept)."""
+        ...
+    async def purge_preview(self, account_id: int, *, erase_before: float | None,
+                            delete_before: float | None) -> dict[str, int]:
+        """How many of the account's rows the purge would erase and delete now."""
+        ...
+    async def erase_number(self, account_id: int, number: str, *,
+                           limit: int) -> PurgeStep:
+        """Erase the personal data of every final message of the account to `number` and
+        of its incoming messages from it, in transactions of at most `limit` rows; those
+        not final yet are counted in `held`, not erased."""
+        ...
+    async def reclaim_space(self, *, pages: int) -> int:
+        """Give up to `pages` free pages back to the file system (SQLite's incremental
+        vacuum, in one short transaction); the pages given back. 0 where it means nothing."""
+        ...
+    async def store_stats(self) -> StoreStats: ...
+    async def export_messages(self, account_id: int, *, created_from: float,
+                              created_to: float, login: str | None, after_id: int,
+                              limit: int) -> list[Message]:
+        """One page of the account's messages in the time range, by id upwards from
+        `after_id` (keyset pagination: a long export holds no transaction open)."""
+        ...
+    async def backup(self, path: str) -> None:
+        """Write a consistent copy of the store to `path` while it is in use. A backend
+        that leaves backups to its own tools raises StoreError saying which."""
         ...
 
 
 class Store(SendStore, DeliveryStore, OutboxStore, ManagementStore, ReadStore, TokenStore,
-            ConsoleStore, CopyStore, Protocol):
+            ConsoleStore, CopyStore, MaintenanceStore, Protocol):
     """Every role: what a backend implements, and what the assembly passes around."""
 
 
@@ -499,9 +568,9 @@ def open_store(where: str | os.PathLike[str] | StoreSettings, role: Role) -> Sto
 
 __all__ = [
     "Conflict", "ConsoleStore", "CopyStore", "Counters", "DeliveryStore", "Held",
-    "ManagementStore", "NotEnoughCredits", "NotFound",
-    "OutboxStore", "OverCreditLimit", "ReadStore", "Role", "SendStore", "Store", "StoreError",
-    "StoreLifecycle", "StoreSettings", "StoreUnavailable", "TableSink", "TableSource", "Taken",
-    "TokenStore", "Topic",
+    "MaintenanceStore", "ManagementStore", "NotEnoughCredits", "NotFound",
+    "OutboxStore", "OverCreditLimit", "PurgedRows", "ReadStore", "Role", "SendStore", "Store",
+    "StoreError", "StoreLifecycle", "StoreSettings", "StoreUnavailable", "TableSink",
+    "TableSource", "Taken", "TokenStore", "Topic",
     "open_store", "parse_url", "shown",
 ]

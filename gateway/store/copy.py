@@ -29,6 +29,7 @@ TABLE_ORDER = (
     "accounts", "senders", "users", "admin_tokens", "admin_token_accounts", "messages",
     "message_events", "message_parts", "incoming_messages", "incoming_parts", "outbox",
     "outbox_attempts", "ledger", "console_users", "console_user_accounts", "console_sessions",
+    "purge_progress", "purge_held",
 )
 
 BATCH = 5000

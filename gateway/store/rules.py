@@ -17,6 +17,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from gateway import retention
 from gateway.credits import OverLimit, checked_add, format_credits
 from gateway.records import (
     ClaimBounds,
@@ -482,3 +483,93 @@ def stats_series(rows: Iterable[Sequence[Any]], since: float, period: float,
         series.append(MessageStats(start) if row is None else MessageStats(
             start, int(row[1] or 0), int(row[2] or 0), int(row[3] or 0), int(row[4] or 0)))
     return series
+
+# -- the purge: which rows of a batch go (see gateway.retention) -------------------------------
+
+
+@dataclass(slots=True)
+class ErasurePlan:
+    """Of a batch read by id: (id, masked number) to erase, ids held (due but not final),
+    the last id looked at, and whether the rows due end within the batch."""
+
+    erase: list[tuple[int, str]] = field(default_factory=list)
+    hold: list[int] = field(default_factory=list)
+    last_id: int = 0
+    done: bool = True
+
+
+@dataclass(slots=True)
+class DeletionPlan:
+    delete: list[int] = field(default_factory=list)
+    last_id: int = 0
+    done: bool = True
+    held: int = 0
+
+
+def erasure(rows: Sequence[Sequence[Any]], before: float, limit: int) -> ErasurePlan:
+    """`rows` (id, created_at, state, number) by id: those created before `before`, up to
+    the first that is not (ids grow with time), are erased if final, else held. A number
+    already masked is erased again to the same text: erasing twice changes nothing."""
+    plan = ErasurePlan(done=len(rows) < limit)
+    for row_id, created_at, state, number in rows:
+        if not retention.due(created_at, before):
+            plan.done = True
+            break
+        if state == "final":
+            plan.erase.append((row_id, retention.mask_number(number)))
+        else:
+            plan.hold.append(row_id)
+        plan.last_id = row_id
+    return plan
+
+
+def deletion(rows: Sequence[Sequence[Any]], before: float, limit: int) -> DeletionPlan:
+    """`rows` (id, created_at, state) by id: the final ones created before `before`, up to
+    the first that is not; the others due (not final) are passed over, counted in `held`."""
+    plan = DeletionPlan(done=len(rows) < limit)
+    for row_id, created_at, state in rows:
+        if not retention.due(created_at, before):
+            plan.done = True
+            break
+        if state == "final":
+            plan.delete.append(row_id)
+        else:
+            plan.held += 1
+        plan.last_id = row_id
+    return plan
+
+
+def outbox_deletion(rows: Sequence[Sequence[Any]], before: Mapping[int, float | None],
+                    default_before: float | None, limit: int) -> DeletionPlan:
+    """`rows` (id, account_id, created_at, state) by id: finished items (done, dead) created
+    before their account's time. The walk ends at the first row newer than every account's
+    time; rows of accounts that keep them longer are passed over."""
+    latest = max((t for t in (*before.values(), default_before) if t is not None),
+                 default=None)
+    plan = DeletionPlan(done=len(rows) < limit)
+    for row_id, account_id, created_at, state in rows:
+        if not retention.due(created_at, latest):
+            plan.done = True
+            break
+        cutoff = before.get(account_id, default_before) if account_id in before \
+            else default_before
+        if state in ("done", "dead") and retention.due(created_at, cutoff):
+            plan.delete.append(row_id)
+        plan.last_id = row_id
+    return plan
+
+
+def ledger_problems(totals: Mapping[str, int]) -> list[str]:
+    """What breaks the ledger identity in `ReadStore.ledger_totals`: purchased = balances +
+    quotas + spent, and the ledger agrees with the balances and quotas the tables hold."""
+    problems = []
+    if totals["purchased"] != totals["balances"] + totals["quotas"] + totals["spent"]:
+        problems.append(f"purchased {totals['purchased']} <> balances {totals['balances']} "
+                        f"+ quotas {totals['quotas']} + spent {totals['spent']}")
+    if totals["ledger_balances"] != totals["balances"]:
+        problems.append(f"the ledger's balances {totals['ledger_balances']} <> the "
+                        f"accounts' {totals['balances']}")
+    if totals["ledger_quotas"] != totals["quotas"]:
+        problems.append(f"the ledger's quotas {totals['ledger_quotas']} <> the users' "
+                        f"{totals['quotas']}")
+    return problems

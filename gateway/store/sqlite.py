@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 import aiosqlite
 import structlog
 
+from gateway import retention
 from gateway.records import (
     UNSET,
     Account,
@@ -54,20 +55,24 @@ from gateway.records import (
     OutboxItem,
     OutboxResult,
     OutgoingMessage,
+    PurgeStep,
     SendContext,
     SendOrder,
     SendOutcome,
     SentMessage,
     StateUpdate,
+    StoreStats,
     User,
     UserChanges,
 )
+from gateway.retention import AccountRetention
 from gateway.store import (
     Conflict,
     Counters,
     Held,
     NotFound,
     OverCreditLimit,
+    PurgedRows,
     Role,
     StoreUnavailable,
     Taken,
@@ -470,16 +475,22 @@ class SQLiteStore:
                     raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
                 raise
 
-    async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+    async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]], *,
+                           yield_for: float | None = None) -> T:
         """A transaction of the busy paths: run whole, at once, on the loop (see writer.py).
 
         The rare ones (admin changes) use `_tx`, a statement per trip from the event loop.
         """
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
+        if yield_for is not None:
+            # Given way before the lock of this process's connection: the delivery
+            # worker's own transactions go on meanwhile.
+            await self._writer.give_way(yield_for)
+            yield_for = 0.0
         async with self._write_lock:
             try:
-                return await self._writer.transaction(body)
+                return await self._writer.transaction(body, yield_for=yield_for)
             except sqlite3.IntegrityError as exc:
                 raise Conflict(str(exc)) from exc
             except sqlite3.Error as exc:
@@ -1596,6 +1607,239 @@ class SQLiteStore:
         async with self._tx() as db:
             yield _SQLiteSink(db, await self._schema(db))
 
+    # -- data over time: retention, erasure, space, backups, exports (MaintenanceStore) -----
+
+    async def retention_settings(self) -> list[AccountRetention]:
+        rows = await self._read("SELECT id, name, retention_days, personal_data_days "
+                                "FROM accounts ORDER BY id")
+        return [AccountRetention(*row) for row in rows]
+
+    async def set_retention(self, account: str, *, messages_days: Any = UNSET,
+                            personal_data_days: Any = UNSET) -> AccountRetention:
+        async with self._tx() as db:
+            account_id = await self._account_id(db, account)
+            if messages_days is not UNSET:
+                await db.execute("UPDATE accounts SET retention_days = ? WHERE id = ?",
+                                 (messages_days, account_id))
+            if personal_data_days is not UNSET:
+                await db.execute("UPDATE accounts SET personal_data_days = ? WHERE id = ?",
+                                 (personal_data_days, account_id))
+            (row,) = await db.execute_fetchall(
+                "SELECT id, name, retention_days, personal_data_days FROM accounts "
+                "WHERE id = ?", (account_id,))
+        return AccountRetention(*row)
+
+    async def erase_due(self, account_id: int, what: PurgedRows, *, before: float,
+                        limit: int) -> PurgeStep:
+        table, number = _PURGED[what]
+
+        async def body(db: Conn) -> PurgeStep:
+            found = await db.execute_fetchall(
+                "SELECT erased_through FROM purge_progress WHERE account_id = ? AND what = ?",
+                (account_id, what))
+            through = found[0][0] if found else 0
+            state = "state" if what == "messages" else "'final'"
+            rows = await db.execute_fetchall(
+                f"SELECT id, created_at, {state}, {number} FROM {table} "
+                "WHERE account_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (account_id, through, limit))
+            plan = rules.erasure(rows, before, limit)
+            if what == "messages":
+                # Held messages that became final since: erased now, held no more.
+                # CROSS JOIN: SQLite takes the (few) held messages first; with JOIN it
+                # read every message of the account by its index, at each batch.
+                finals = await db.execute_fetchall(
+                    "SELECT h.message_id, m.created_at, m.state, m.receiver FROM purge_held h "
+                    "CROSS JOIN messages m ON m.id = h.message_id WHERE m.account_id = ? "
+                    "AND m.state = 'final' LIMIT ?", (account_id, limit))
+                plan.erase.extend((r[0], retention.mask_number(r[3])) for r in finals)
+                if finals:
+                    marks, params = _in([r[0] for r in finals])
+                    await db.execute(f"DELETE FROM purge_held WHERE message_id IN ({marks})",
+                                     params)
+                await _insert(db, "INSERT OR IGNORE INTO purge_held (message_id)", "(?)",
+                              [(i,) for i in plan.hold])
+            await _update(db, f"UPDATE {table} SET body = '', {number} = v.column2 "
+                          f"FROM (VALUES {{}}) AS v WHERE {table}.id = v.column1",
+                          "(?,?)", plan.erase)
+            if plan.last_id > through:
+                await db.execute(
+                    "INSERT INTO purge_progress (account_id, what, erased_through) "
+                    "VALUES (?, ?, ?) ON CONFLICT (account_id, what) "
+                    "DO UPDATE SET erased_through = excluded.erased_through",
+                    (account_id, what, plan.last_id))
+            return PurgeStep(erased=len(plan.erase), last_id=plan.last_id, done=plan.done,
+                             held=len(plan.hold))
+
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
+
+    async def delete_due(self, account_id: int, what: PurgedRows, *, before: float,
+                         after_id: int, limit: int) -> PurgeStep:
+        table, _ = _PURGED[what]
+
+        async def body(db: Conn) -> PurgeStep:
+            state = "state" if what == "messages" else "'final'"
+            rows = await db.execute_fetchall(
+                f"SELECT id, created_at, {state} FROM {table} "
+                "WHERE account_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (account_id, after_id, limit))
+            plan = rules.deletion(rows, before, limit)
+            if plan.delete:
+                marks, params = _in(plan.delete)
+                if what == "messages":
+                    for child in ("message_events", "message_parts", "purge_held"):
+                        await db.execute(f"DELETE FROM {child} WHERE message_id IN ({marks})",
+                                         params)
+                await db.execute(f"DELETE FROM {table} WHERE id IN ({marks})", params)
+            return PurgeStep(deleted=len(plan.delete), last_id=plan.last_id or after_id,
+                             done=plan.done, held=plan.held)
+
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
+
+    async def delete_outbox_due(self, before: Mapping[int, float | None],
+                                default_before: float | None, *, after_id: int,
+                                limit: int) -> PurgeStep:
+        async def body(db: Conn) -> PurgeStep:
+            rows = await db.execute_fetchall(
+                "SELECT id, account_id, created_at, state FROM outbox WHERE id > ? "
+                "ORDER BY id LIMIT ?", (after_id, limit))
+            plan = rules.outbox_deletion(rows, before, default_before, limit)
+            if plan.delete:
+                marks, params = _in(plan.delete)
+                await db.execute(f"DELETE FROM outbox_attempts WHERE outbox_id IN ({marks})",
+                                 params)
+                await db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", params)
+            return PurgeStep(deleted=len(plan.delete), last_id=plan.last_id or after_id,
+                             done=plan.done)
+
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
+
+    async def purge_preview(self, account_id: int, *, erase_before: float | None,
+                            delete_before: float | None) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for what, (table, _number) in _PURGED.items():
+            final = "AND state = 'final'" if what == "messages" else ""
+            through = await self._read(
+                "SELECT erased_through FROM purge_progress WHERE account_id = ? AND what = ?",
+                (account_id, what))
+            rows = await self._read(
+                f"SELECT COALESCE(SUM(created_at < ? AND id > ? {final}), 0), "
+                f"COALESCE(SUM(created_at < ? {final}), 0) FROM {table} WHERE account_id = ?",
+                (erase_before if erase_before is not None else float("-inf"),
+                 through[0][0] if through else 0,
+                 delete_before if delete_before is not None else float("-inf"), account_id))
+            found[f"{what}_to_erase"], found[f"{what}_to_delete"] = rows[0]
+        return found
+
+    async def erase_number(self, account_id: int, number: str, *,
+                           limit: int) -> PurgeStep:
+        """The rows are found on the read connection, a page at a time, and erased in
+        transactions of at most `limit`: no index by number, and the scan must not hold
+        the write lock."""
+        erased = held = 0
+        for what, (table, column) in _PURGED.items():
+            state = "state" if what == "messages" else "'final'"
+            after = 0
+            while True:
+                page = await self._read(
+                    f"SELECT id, {column}, {state} FROM {table} WHERE account_id = ? "
+                    "AND id > ? ORDER BY id LIMIT ?", (account_id, after, _SCAN_PAGE))
+                if not page:
+                    break
+                after = page[-1][0]
+                matching = [row for row in page if row[1] == number]
+                held += sum(1 for row in matching if row[2] != "final")
+                ids = [row[0] for row in matching if row[2] == "final"]
+                for start in range(0, len(ids), limit):
+                    erased += await self._erase_ids(table, column, number,
+                                                    ids[start:start + limit])
+        return PurgeStep(erased=erased, held=held)
+
+    async def _erase_ids(self, table: str, column: str, number: str,
+                         ids: Sequence[int]) -> int:
+        masked = retention.mask_number(number)
+
+        async def body(db: Conn) -> int:
+            marks, params = _in(ids)
+            cursor = await db.execute(
+                f"UPDATE {table} SET body = '', {column} = ? WHERE id IN ({marks}) "
+                f"AND {column} = ?", [masked, *params, number])
+            return cursor.rowcount
+
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
+
+    async def reclaim_space(self, *, pages: int) -> int:
+        """Only a store created with incremental auto-vacuum can give pages back while in
+        use (see docs/retention.md); others reuse their free pages for new rows."""
+        if self.path == ":memory:" or (await self._read("PRAGMA auto_vacuum"))[0][0] != 2:
+            return 0
+
+        async def body(db: Conn) -> int:
+            (before,), = await db.execute_fetchall("PRAGMA freelist_count")
+            # Each step of the statement frees one page, and sqlite3 steps a statement
+            # without result columns once: one run per page.
+            for _ in range(min(pages, before)):
+                await db.execute("PRAGMA incremental_vacuum(1)")
+            (after,), = await db.execute_fetchall("PRAGMA freelist_count")
+            return int(before - after)
+
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
+
+    async def store_stats(self) -> StoreStats:
+        (page_size,), = await self._read("PRAGMA page_size")
+        (pages,), = await self._read("PRAGMA page_count")
+        (free,), = await self._read("PRAGMA freelist_count")
+        (vacuum,), = await self._read("PRAGMA auto_vacuum")
+        rows = {table: (await self._read(f"SELECT count(*) FROM {table}"))[0][0]
+                for table in _TABLES}
+        oldest = await self._read("SELECT created_at FROM messages ORDER BY id LIMIT 1")
+        wal = 0
+        with suppress(OSError):
+            wal = os.path.getsize(f"{self.path}-wal")
+        return StoreStats(
+            backend="sqlite", size_bytes=pages * page_size, free_bytes=free * page_size,
+            rows=rows, oldest_message_at=oldest[0][0] if oldest else None,
+            details={"path": self.path, "wal_bytes": wal,
+                     "auto_vacuum": {0: "none", 1: "full", 2: "incremental"}.get(vacuum,
+                                                                                str(vacuum))})
+
+    async def export_messages(self, account_id: int, *, created_from: float,
+                              created_to: float, login: str | None, after_id: int,
+                              limit: int) -> list[Message]:
+        params: list[Any] = [account_id, after_id, created_from, created_to]
+        by_login = ""
+        if login is not None:
+            by_login = "AND m.login = ?"
+            params.append(login)
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "WHERE m.account_id = ? AND m.id > ? AND m.created_at >= ? AND m.created_at <= ? "
+            f"{by_login} ORDER BY m.id LIMIT ?", (*params, limit))
+        return [_message(r) for r in rows]
+
+    async def backup(self, path: str) -> None:
+        """`VACUUM INTO` on a connection of its own: one read transaction, so the copy is
+        the store as one commit left it, while writers go on (WAL: readers block no one)."""
+        if self.path == ":memory:":
+            raise StoreUnavailable("an in-memory store has nothing to back up")
+
+        def copy() -> None:
+            # Created empty first, with the store's own mode: a copy holds as much personal
+            # data as the store (VACUUM INTO writes into an empty file).
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             FILE_MODE))
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                conn.execute("VACUUM INTO ?", (path,))
+            finally:
+                conn.close()
+
+        try:
+            await asyncio.to_thread(copy)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot back up the store to {path}: {exc}") from exc
+
 
 # Tables of the store's own bookkeeping, never copied: its migrations, its counters.
 _BOOKKEEPING = frozenset({"schema_migrations", "meta"})
@@ -1673,3 +1917,18 @@ class _SQLiteSink:
             "  WHERE key = 'settings_version'), 0))) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (counters.settings_version,))
+
+
+# How long a purge transaction gives way to waiting sends (see `Writer.transaction`): at
+# most this long, then it takes its turn, holding the lock for one batch (a few ms).
+PURGE_GIVE_WAY = 0.05
+# Of what the purge walks: its table and the column holding the other party's number.
+_PURGED: dict[PurgedRows, tuple[str, str]] = {
+    "messages": ("messages", "receiver"),
+    "incoming": ("incoming_messages", "sender"),
+}
+# Rows read per page when looking for a number (erase_number).
+_SCAN_PAGE = 5000
+# The tables `store_stats` counts.
+_TABLES = ("accounts", "users", "senders", "messages", "message_events", "message_parts",
+           "incoming_messages", "outbox", "outbox_attempts", "ledger", "admin_tokens")

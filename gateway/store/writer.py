@@ -191,6 +191,13 @@ class Writer:
         try:
             # SQLite waits for the lock only while migrating; afterwards `begin` does.
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            # Before WAL, which writes the file's first page: a new store (an empty file)
+            # is created with incremental auto-vacuum, so the purge can give its free pages
+            # back while in use. An existing store is left as it is (only a VACUUM could
+            # change it: see docs/retention.md), and not even read here, which another
+            # process's lock could make fail.
+            if self.path != ":memory:" and _empty(self.path):
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()
             if mode and mode[0][0] != "wal" and self.path != ":memory:":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode[0][0]})")
@@ -245,14 +252,22 @@ class Writer:
     async def run(self, call: Callable[[sqlite3.Connection], T]) -> T:
         return await self._call(lambda: call(self._connection()))
 
-    async def transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+    async def transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]], *,
+                          yield_for: float | None = None) -> T:
         """BEGIN IMMEDIATE, `body`, COMMIT (ROLLBACK on error), on the event loop's thread.
 
         Only the wait for the lock suspends; from BEGIN to COMMIT nothing does, so a
         cancelled caller never leaves half a transaction behind.
+
+        `yield_for`: how long a yielding process gives way to the sends' raised flag
+        before it competes for the lock like anyone (default: its whole busy timeout).
+        Under a steady load of sends the flag is up nearly all the time; a background
+        job that gave way for good would never run (the retention purge did not).
         """
         conn = self._connection()
         deadline = time.monotonic() + self.busy_timeout
+        give_way_until = deadline if yield_for is None \
+            else min(deadline, time.monotonic() + yield_for)
         pause = LOCK_RETRY_FIRST
         turn = self._turn
         flag_up = False
@@ -260,7 +275,7 @@ class Writer:
             while True:
                 # A send waiting for the lock (flag up): let it have it, up to our deadline.
                 yielding = turn is not None and self._turn_role == "yield" \
-                    and time.monotonic() < deadline and turn.is_up()
+                    and time.monotonic() < give_way_until and turn.is_up()
                 if not yielding:
                     if _try_begin(conn, deadline):
                         break
@@ -280,6 +295,19 @@ class Writer:
             raise
         return result
 
+    async def give_way(self, seconds: float) -> None:
+        """Wait while the sends' flag is up, `seconds` at most: a background job (the
+        retention purge) calls it before it takes the connection, so that its wait holds
+        up none of this process's own transactions."""
+        turn = self._turn
+        if turn is None or self._turn_role != "yield":
+            return
+        until = time.monotonic() + seconds
+        pause = LOCK_RETRY_FIRST
+        while time.monotonic() < until and turn.is_up():
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LOOP_RETRY_MAX)
+
     # -- from the event loop, a statement at a time (see the module docstring) --------------
 
     @property
@@ -297,6 +325,13 @@ class Writer:
 
     async def executescript(self, script: str) -> None:
         await self.run(lambda conn: conn.executescript(script))
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return True  # not there yet: SQLite creates it
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -425,8 +425,10 @@ async def create_users(db: Store | Path, n_users: int,
     return users
 
 
-async def prefill(db: Store, count: int, users: list[dict[str, Any]]) -> None:
-    """Store `count` messages through the store's own write path, then settle them.
+async def prefill(db: Store, count: int, users: list[dict[str, Any]], *,
+                  age: float = 0.0) -> None:
+    """Store `count` messages through the store's own write path, then settle them; the
+    newest `age` seconds old (--retention: older than the retention).
 
     commit_sends charges them (ledger, quotas) like real sends; SQL then moves them to a
     final state (ptt 4) with the history and the done callbacks a delivered message has, so
@@ -441,7 +443,7 @@ async def prefill(db: Store, count: int, users: list[dict[str, Any]]) -> None:
     try:
         per_batch = PREFILL_RECIPIENTS * PREFILL_ORDERS
         batches = -(-count // per_batch)
-        start = time.time() - batches * 60.0
+        start = time.time() - age - batches * 60.0
         made = 0
         for b in range(batches):
             orders = []
@@ -883,6 +885,152 @@ def run(args: argparse.Namespace, folder: Path, procs: Processes,
     return phases
 
 
+# -- --retention: sends while the purge works through a full store (issue 23) -----------------
+#
+# The store is pre-filled with --prefill messages (1,000,000) older than [retention]
+# messages_days, each delivered with its history and its done callback. Runs then alternate,
+# each on a freshly started gateway under the same wrk load: without the purge
+# (retention.interval_seconds = 0), then with it (a pass begins half a second after the start
+# and goes on through the measured window). Last, the gateway runs without load until the
+# purge has gone through every pre-filled message: the time to purge them.
+
+RETENTION_LOSS = 0.10       # sends/s lost to the purge at most (issue 23)
+# Old enough for the default retention (400 days), whatever the pre-fill's own spread.
+RETENTION_AGE = 500 * 86400.0
+
+
+@dataclass
+class Round:
+    """One run of --retention."""
+
+    label: str
+    phase: Phase
+    erased: int   # pre-filled messages whose text went during the run (or deleted whole)
+    deleted: int  # pre-filled messages deleted during the run
+
+
+def retention_untouched(db: Path) -> tuple[int, int]:
+    """(pre-filled messages still whole, pre-filled messages left at all): read-only."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        row = conn.execute("SELECT COALESCE(SUM(body <> ''), 0), COUNT(*) FROM messages "
+                           "WHERE tag = 'prefill'").fetchone()
+    finally:
+        conn.close()
+    return int(row[0]), int(row[1])
+
+
+def retention_env(args: argparse.Namespace, purge: bool) -> dict[str, str]:
+    env = gateway_env(args)
+    env["HTTP2SMS_RETENTION_INTERVAL_SECONDS"] = "0.5" if purge else "0"
+    return env
+
+
+def start_retention_gateway(procs: Processes, db: Path, args: argparse.Namespace, name: str,
+                            purge: bool) -> tuple[Proc, int]:
+    http2sms = Path(PYTHON).parent / "http2sms"
+    argv = [str(http2sms)] if http2sms.exists() else [PYTHON, "-m", "gateway"]
+    port = free_port()
+    proc = procs.start(name, [*argv, "--db", str(db), "serve", "--host", HOST,
+                              "--port", str(port)], env=retention_env(args, purge))
+    wait_listening(proc, port)
+    return proc, port
+
+
+def run_retention(args: argparse.Namespace, folder: Path, procs: Processes) -> bool:
+    receiver_port = free_port()
+    receiver = procs.start("receiver", [PYTHON, str(HERE / "receiver.py"),
+                                        str(receiver_port)])
+    wait_listening(receiver, receiver_port)
+    path = folder / "gateway.sqlite3"
+    db = Store("sqlite", str(path), path=path)
+    print("Preparing the store (accounts, API users) ...", flush=True)
+    users = asyncio.run(create_users(db, args.users, receiver_port))
+    script = write_lua(folder, users, args)
+    print(f"Pre-filling {args.prefill:,} messages older than the retention ...", flush=True)
+    started = time.monotonic()
+    asyncio.run(prefill(db, args.prefill, users, age=RETENTION_AGE))
+    print(f"  pre-filled in {time.monotonic() - started:.1f} s "
+          f"({path.stat().st_size / 1024 / 1024:.0f} MB)", flush=True)
+
+    rounds: list[Round] = []
+    purging_seconds = 0.0
+    for n in range(args.rounds):
+        for purge in (False, True):
+            label = f"{'with' if purge else 'without'} purge #{n + 1}"
+            print(f"Gateway, {label}", flush=True)
+            whole_before, stored_before = retention_untouched(path)
+            proc, port = start_retention_gateway(procs, path, args,
+                                                 f"gateway-{n}-{int(purge)}", purge)
+            t0 = time.monotonic()
+            phase = measure(label, proc, port, script, args, folder, receiver,
+                            receiver_port, db)
+            whole_after, stored_after = retention_untouched(path)
+            phase.drain_seconds = drain(db, proc, args.drain)
+            if purge:
+                purging_seconds += time.monotonic() - t0
+            stop_server(procs, proc)
+            rounds.append(Round(label, phase, whole_before - whole_after,
+                                stored_before - stored_after))
+
+    print("Gateway, no load, until the purge has gone through every pre-filled message",
+          flush=True)
+    proc, _ = start_retention_gateway(procs, path, args, "gateway-purge", True)
+    t0 = time.monotonic()
+    while retention_untouched(path)[1] > 0:
+        if not proc.alive():
+            raise BenchError(f"the gateway died while purging:\n{proc.tail()}")
+        if time.monotonic() - t0 > args.purge_limit:
+            break
+        time.sleep(1.0)
+    rest_seconds = time.monotonic() - t0
+    left = retention_untouched(path)[1]
+    stop_server(procs, proc)
+    return retention_report(rounds, args, purging_seconds, rest_seconds, left)
+
+
+def retention_report(rounds: list[Round], args: argparse.Namespace, purging_seconds: float,
+                     rest_seconds: float, left: int) -> bool:
+    print()
+    print(f"Results: {args.prefill:,} pre-filled messages older than the retention, "
+          f"{args.connections} connections, {args.duration:g} s after a {args.warmup:g} s "
+          f"warm-up, {args.users} API users")
+    header = (f"{'run':<24}{'sends/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'erased':>10}"
+              f"{'deleted':>10}{'errors':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in rounds:
+        load = r.phase.load
+        print(f"{r.label:<24}{load.accepted_per_second:>9,.0f}{load.p50_ms:>8.1f}"
+              f"{load.p99_ms:>8.1f}{r.erased:>10,}{r.deleted:>10,}{load.failed:>8}")
+    without = [r.phase.load.accepted_per_second for r in rounds if "without" in r.label]
+    with_purge = [r.phase.load.accepted_per_second for r in rounds if "with " in r.label]
+    ratio = (sum(with_purge) / len(with_purge)) / (sum(without) / len(without)) \
+        if without and sum(without) else 0.0
+    print()
+    verdict = "PASS" if ratio >= 1 - RETENTION_LOSS else "FAIL"
+    print(f"{verdict}  sends/s with the purge at {ratio:.0%} of those without "
+          f"(target: at least {1 - RETENTION_LOSS:.0%})")
+    if left:
+        print(f"FAIL  {left:,} pre-filled messages still stored after {rest_seconds:.0f} s "
+              "more without load")
+    else:
+        print(f"time to purge {args.prefill:,} messages: {purging_seconds + rest_seconds:.0f} s "
+              f"({purging_seconds:.0f} s of it under load, then {rest_seconds:.0f} s alone)")
+    return all(r.phase.load.failed == 0 for r in rounds)
+
+
+def add_retention_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retention", action="store_true",
+                        help="the retention benchmark instead (issue 23): alternated runs "
+                        "with and without the purge on a store of --prefill old messages, "
+                        "then the time to purge them")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="--retention: pairs of runs without and with the purge (2)")
+    parser.add_argument("--purge-limit", type=float, default=1800.0,
+                        help="--retention: most seconds to wait for the purge to finish")
+
+
 # -- report -----------------------------------------------------------------------------------
 
 def fmt(value: float | None, spec: str) -> str:
@@ -1130,6 +1278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="empty-store runs of each store, alternated (1)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_retention_arguments(parser)
     args = parser.parse_args(argv)
     quick = {"duration": 3.0, "warmup": 1.0, "prefill": 20_000, "drain": 20.0}
     full = {"duration": 15.0, "warmup": 5.0, "prefill": 1_000_000, "drain": 60.0}
@@ -1168,6 +1317,8 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, Any] = {}
     try:
         describe_machine(args, folder)
+        if args.retention:
+            return 0 if run_retention(args, folder, procs) else 1
         phases = run(args, folder, procs, info)
         ok = report(phases, info, args)
         if args.json:

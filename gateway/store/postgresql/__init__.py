@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import structlog
 
+from gateway import retention
 from gateway.records import (
     UNSET,
     Account,
@@ -54,20 +55,25 @@ from gateway.records import (
     OutboxItem,
     OutboxResult,
     OutgoingMessage,
+    PurgeStep,
     SendContext,
     SendOrder,
     SendOutcome,
     SentMessage,
     StateUpdate,
+    StoreStats,
     User,
     UserChanges,
 )
+from gateway.retention import AccountRetention
 from gateway.store import (
     Conflict,
     Counters,
     Held,
     NotFound,
+    PurgedRows,
     Role,
+    StoreError,
     StoreUnavailable,
     Taken,
     Topic,
@@ -1624,6 +1630,201 @@ class PostgreSQLStore:
         async with self._acquire() as conn, conn.transaction():
             yield _PostgreSQLSink(conn, await self._schema(conn))
 
+    # -- data over time: retention, erasure, space, backups, exports (MaintenanceStore) -----
+
+    async def retention_settings(self) -> list[AccountRetention]:
+        rows = await self._read("SELECT id, name, retention_days, personal_data_days "
+                                "FROM accounts ORDER BY id")
+        return [AccountRetention(*row) for row in rows]
+
+    async def set_retention(self, account: str, *, messages_days: Any = UNSET,
+                            personal_data_days: Any = UNSET) -> AccountRetention:
+        async def body(db: Conn) -> Any:
+            account_id = await self._lock_account(db, account)
+            if messages_days is not UNSET:
+                await db.execute("UPDATE accounts SET retention_days = $1 WHERE id = $2",
+                                 messages_days, account_id)
+            if personal_data_days is not UNSET:
+                await db.execute("UPDATE accounts SET personal_data_days = $1 WHERE id = $2",
+                                 personal_data_days, account_id)
+            return await db.fetchrow("SELECT id, name, retention_days, personal_data_days "
+                                     "FROM accounts WHERE id = $1", account_id)
+
+        return AccountRetention(*await self._transaction(body))
+
+    async def erase_due(self, account_id: int, what: PurgedRows, *, before: float,
+                        limit: int) -> PurgeStep:
+        table, number = _PURGED[what]
+        state = "state" if what == "messages" else "'final'"
+
+        async def body(db: Conn) -> PurgeStep:
+            # One purge at a time per account and kind (the purge's own lock makes it so
+            # already): the place is read under its row's lock.
+            through = await db.fetchval(
+                "SELECT erased_through FROM purge_progress WHERE account_id = $1 "
+                "AND what = $2 FOR UPDATE", account_id, what) or 0
+            rows = await db.fetch(
+                f"SELECT id, created_at, {state}, {number} FROM {table} "
+                "WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                account_id, through, limit)
+            plan = rules.erasure([tuple(r) for r in rows], before, limit)
+            if what == "messages":
+                finals = await db.fetch(
+                    "SELECT h.message_id, m.receiver FROM purge_held h "
+                    "JOIN messages m ON m.id = h.message_id WHERE m.account_id = $1 "
+                    "AND m.state = 'final' LIMIT $2", account_id, limit)
+                plan.erase.extend((r[0], retention.mask_number(r[1])) for r in finals)
+                await db.execute("DELETE FROM purge_held WHERE message_id = ANY($1::bigint[])",
+                                 [r[0] for r in finals])
+                await db.execute("INSERT INTO purge_held (message_id) SELECT unnest($1::bigint[]) "
+                                 "ON CONFLICT DO NOTHING", plan.hold)
+                # In id order, as every transaction that locks messages takes them.
+                await db.execute("SELECT 1 FROM messages WHERE id = ANY($1::bigint[]) "
+                                 "ORDER BY id FOR UPDATE", [i for i, _ in plan.erase])
+            ids, masked = _columns(plan.erase, 2)
+            await db.execute(
+                f"UPDATE {table} t SET body = '', {number} = v.masked "
+                "FROM unnest($1::bigint[], $2::text[]) AS v(id, masked) WHERE t.id = v.id",
+                ids, masked)
+            if plan.last_id > through:
+                await db.execute(
+                    "INSERT INTO purge_progress (account_id, what, erased_through) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (account_id, what) "
+                    "DO UPDATE SET erased_through = excluded.erased_through",
+                    account_id, what, plan.last_id)
+            return PurgeStep(erased=len(plan.erase), last_id=plan.last_id, done=plan.done,
+                             held=len(plan.hold))
+
+        return await self._transaction(body)
+
+    async def delete_due(self, account_id: int, what: PurgedRows, *, before: float,
+                         after_id: int, limit: int) -> PurgeStep:
+        table, _ = _PURGED[what]
+        state = "state" if what == "messages" else "'final'"
+
+        async def body(db: Conn) -> PurgeStep:
+            rows = await db.fetch(
+                f"SELECT id, created_at, {state} FROM {table} "
+                "WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                account_id, after_id, limit)
+            plan = rules.deletion([tuple(r) for r in rows], before, limit)
+            if plan.delete:
+                if what == "messages":
+                    await db.execute("SELECT 1 FROM messages WHERE id = ANY($1::bigint[]) "
+                                     "ORDER BY id FOR UPDATE", plan.delete)
+                    for child in ("message_events", "message_parts", "purge_held"):
+                        await db.execute(f"DELETE FROM {child} "
+                                         "WHERE message_id = ANY($1::bigint[])", plan.delete)
+                await db.execute(f"DELETE FROM {table} WHERE id = ANY($1::bigint[])",
+                                 plan.delete)
+            return PurgeStep(deleted=len(plan.delete), last_id=plan.last_id or after_id,
+                             done=plan.done, held=plan.held)
+
+        return await self._transaction(body)
+
+    async def delete_outbox_due(self, before: Mapping[int, float | None],
+                                default_before: float | None, *, after_id: int,
+                                limit: int) -> PurgeStep:
+        async def body(db: Conn) -> PurgeStep:
+            rows = await db.fetch(
+                "SELECT id, account_id, created_at, state FROM outbox WHERE id > $1 "
+                "ORDER BY id LIMIT $2", after_id, limit)
+            plan = rules.outbox_deletion([tuple(r) for r in rows], before, default_before,
+                                         limit)
+            if plan.delete:
+                await db.execute("DELETE FROM outbox_attempts "
+                                 "WHERE outbox_id = ANY($1::bigint[])", plan.delete)
+                # Finished items only: a claim never takes them, no lock to wait for.
+                await db.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[]) "
+                                 "AND state IN ('done', 'dead')", plan.delete)
+            return PurgeStep(deleted=len(plan.delete), last_id=plan.last_id or after_id,
+                             done=plan.done)
+
+        return await self._transaction(body)
+
+    async def purge_preview(self, account_id: int, *, erase_before: float | None,
+                            delete_before: float | None) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for what, (table, _number) in _PURGED.items():
+            final = "AND state = 'final'" if what == "messages" else ""
+            through = await self._read(
+                "SELECT erased_through FROM purge_progress WHERE account_id = $1 "
+                "AND what = $2", account_id, what)
+            rows = await self._read(
+                f"SELECT count(*) FILTER (WHERE created_at < $1 AND id > $2 {final}), "
+                f"count(*) FILTER (WHERE created_at < $3 {final}) FROM {table} "
+                "WHERE account_id = $4",
+                erase_before if erase_before is not None else float("-inf"),
+                through[0][0] if through else 0,
+                delete_before if delete_before is not None else float("-inf"), account_id)
+            found[f"{what}_to_erase"], found[f"{what}_to_delete"] = rows[0]
+        return found
+
+    async def erase_number(self, account_id: int, number: str, *,
+                           limit: int) -> PurgeStep:
+        """As SQLiteStore.erase_number: found a page at a time, erased by `limit`."""
+        erased = held = 0
+        masked = retention.mask_number(number)
+        for what, (table, column) in _PURGED.items():
+            state = "state" if what == "messages" else "'final'"
+            after = 0
+            while True:
+                page = await self._read(
+                    f"SELECT id, {state} FROM {table} WHERE account_id = $1 AND id > $2 "
+                    f"AND {column} = $3 ORDER BY id LIMIT $4",
+                    account_id, after, number, _SCAN_PAGE)
+                if not page:
+                    break
+                after = page[-1][0]
+                held += sum(1 for row in page if row[1] != "final")
+                ids = [row[0] for row in page if row[1] == "final"]
+                for start in range(0, len(ids), limit):
+                    chunk = ids[start:start + limit]
+
+                    sql = (f"UPDATE {table} SET body = '', {column} = $1 "
+                           f"WHERE id = ANY($2::bigint[]) AND {column} = $3")
+
+                    async def body(db: Conn, sql: str = sql, chunk: list[int] = chunk) -> int:
+                        return _count(await db.execute(sql, masked, chunk, number))
+
+                    erased += await self._transaction(body)
+        return PurgeStep(erased=erased, held=held)
+
+    async def reclaim_space(self, *, pages: int) -> int:
+        """Autovacuum gives dead rows' space back to new rows (see docs/retention.md)."""
+        return 0
+
+    async def store_stats(self) -> StoreStats:
+        size = (await self._read("SELECT pg_database_size(current_database())"))[0][0]
+        rows = {table: (await self._read(f"SELECT count(*) FROM {table}"))[0][0]
+                for table in _TABLES}
+        oldest = await self._read("SELECT created_at FROM messages ORDER BY id LIMIT 1")
+        stats = await self._read(
+            "SELECT relname, n_dead_tup, last_autovacuum, last_vacuum FROM pg_stat_user_tables "
+            "WHERE relname = ANY($1::text[]) ORDER BY relname", list(_TABLES))
+        return StoreStats(
+            backend="postgresql", size_bytes=int(size), free_bytes=0, rows=rows,
+            oldest_message_at=oldest[0][0] if oldest else None,
+            details={"dead_rows": {r[0]: int(r[1]) for r in stats},
+                     "last_autovacuum": {r[0]: r[2].isoformat() if r[2] else None
+                                         for r in stats}})
+
+    async def export_messages(self, account_id: int, *, created_from: float,
+                              created_to: float, login: str | None, after_id: int,
+                              limit: int) -> list[Message]:
+        by_login = "AND m.login = $6" if login is not None else ""
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN accounts a ON a.id = m.account_id "
+            "WHERE m.account_id = $1 AND m.id > $2 AND m.created_at >= $3 "
+            f"AND m.created_at <= $4 {by_login} ORDER BY m.id LIMIT $5",
+            account_id, after_id, created_from, created_to, limit,
+            *([login] if login is not None else []))
+        return [_message(r) for r in rows]
+
+    async def backup(self, path: str) -> None:
+        raise StoreError("a PostgreSQL store is backed up with pg_dump (or continuous "
+                         "archiving for point-in-time recovery): see the README")
+
 
 # Tables of the store's own bookkeeping, never copied: its migrations, its counters.
 _BOOKKEEPING = frozenset({"schema_migrations", "meta", "message_ids"})
@@ -1740,3 +1941,15 @@ class _PostgreSQLSink:
             "SELECT setval('settings_version', GREATEST($1, 1, "
             "(SELECT COALESCE(MAX(settings_version), 0) FROM accounts), "
             "(SELECT last_value FROM settings_version)))", counters.settings_version)
+
+
+# Of what the purge walks: its table and the column holding the other party's number.
+_PURGED: dict[PurgedRows, tuple[str, str]] = {
+    "messages": ("messages", "receiver"),
+    "incoming": ("incoming_messages", "sender"),
+}
+# Rows read per page when looking for a number (erase_number).
+_SCAN_PAGE = 5000
+# The tables `store_stats` counts.
+_TABLES = ("accounts", "users", "senders", "messages", "message_events", "message_parts",
+           "incoming_messages", "outbox", "outbox_attempts", "ledger", "admin_tokens")
