@@ -63,6 +63,9 @@ async def populate(store: Store) -> None:
     (callback, *_) = await store.claim_outbox(["callback"], now=T0 + 9, lease=30, limit=10)
     await store.record_outbox_results([OutboxResult(callback.id, T0 + 10, False, "timeout",
                                                     T0 + 70)])
+    # The purge's place: acme's messages erased up to a message still waiting (held).
+    acme = await store.get_account("acme")
+    await store.erase_due(acme.id, "messages", before=T0 + 100, limit=100)
     await manage.delete_user("acme", "gone")
     await manage.update_user("acme", "quota", quota=None)  # credits back to the account
 
