@@ -28,6 +28,7 @@ import heapq
 import itertools
 import re
 import struct
+import time
 from collections.abc import Sequence
 from typing import NamedTuple, TypeVar
 
@@ -54,10 +55,12 @@ RETRY_CODES: tuple[int, ...] = ptt.INTERMEDIATE_CODES
 
 _MAGIC = re.compile(r"99(\d{3})$")
 
-# The shortest time between two batches of reports. Every batch is a transaction of the
-# store (and a fsync) in the gateway: at thousands of messages a second, a wake-up for each
-# due time gave batches of about 20 reports and 350 transactions a second in the delivery
-# worker; the states are at most this late, their times (`at`) stay the planned ones.
+# The shortest time between two batches of reports, on the clock or in real time, whichever
+# passes first (a manual clock may stand still, and due states must still leave). Every
+# batch is a transaction of the store (and a fsync) in the gateway: at thousands of
+# messages a second, a wake-up for each due time gave batches of about 20 reports and 350
+# transactions a second in the delivery worker; the states are at most this late, their
+# times (`at`) stay the planned ones.
 REPORT_BATCH_SECONDS = 0.025
 
 
@@ -200,9 +203,11 @@ def message_rng(seed: int, message_id: int) -> Draws:
 class SimulatedOperator:
     """Plays each message's timeline on the clock and reports the states in batches."""
 
-    def __init__(self, config: SimulatedOperatorConfig, clock: Clock) -> None:
+    def __init__(self, config: SimulatedOperatorConfig, clock: Clock, *,
+                 batch_seconds: float = REPORT_BATCH_SECONDS) -> None:
         self._config = config
         self._clock = clock
+        self._batch_seconds = batch_seconds
         self._validity = config.validity_hours * 3600.0
         self._events: list[tuple[float, int, str, int, int]] = []
         self._seq = itertools.count()
@@ -274,20 +279,29 @@ class SimulatedOperator:
 
     async def _run(self) -> None:
         events = self._events
-        reported_at = float("-inf")  # when the last batch left
+        # When the last batch left, on the clock and in real time (time.monotonic).
+        reported_at = reported_real = float("-inf")
         while True:
             now = self._clock.now()
-            if now >= reported_at + REPORT_BATCH_SECONDS:
+            if events and events[0][0] <= now:
+                wait = reported_real + self._batch_seconds - time.monotonic()
+                if wait > 0 and now < reported_at + self._batch_seconds:
+                    # What falls due meanwhile leaves with them; a submit need not wake us.
+                    self._wake_at = float("-inf")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(sleep_until(
+                            self._clock, reported_at + self._batch_seconds, asyncio.Event()),
+                            wait)
+                    continue
                 due: list[OperatorReport] = []
                 while events and events[0][0] <= now:
                     at, _, name, code, dlr = heapq.heappop(events)
                     due.append(_report(name, code, dlr, at))
-                if due and self._sink is not None:
+                if self._sink is not None:
                     # Not awaited: planned states are not persisted anyway (see `stop`).
                     self._sink.reports(due)
-                    reported_at = now
-            wake_at = max(events[0][0], reported_at + REPORT_BATCH_SECONDS) \
-                if events else None
+                    reported_at, reported_real = now, time.monotonic()
+            wake_at = events[0][0] if events else None
             # A submit wakes us only when it brings a state due before then (`_schedule`).
             self._wake_at = float("inf") if wake_at is None else wake_at
             await sleep_until(self._clock, wake_at, self._wake)
