@@ -135,7 +135,11 @@ def _dlr(code: int) -> int:
     return int(known.dlr)
 
 
+# Looked up once: a plan and its timeline need them for every message.
 _DLRS = {code: _dlr(code) for code in (*RETRY_CODES, *FAILURE_CODES, DELIVERED)}
+_WAITING, _BUFFERED = int(ptt.Dlr.WAITING), int(ptt.Dlr.BUFFERED)
+_EXPIRED_DLR = _dlr(EXPIRED)
+_FINAL_CODES = frozenset(code for code, known in ptt.PTTS.items() if known.final)
 
 
 def plan(receiver: str, rng: Draws, config: SimulatedOperatorConfig, *,
@@ -162,7 +166,7 @@ def plan(receiver: str, rng: Draws, config: SimulatedOperatorConfig, *,
     retries = rng.randint(1, 2) if rng.random() < config.retry_ratio else 0
     if not resumed:
         # A message that will have to be retried is one the network stores ("buffered").
-        steps.append(Step(0.0, ACCEPTED, int(ptt.Dlr.BUFFERED if retries else ptt.Dlr.WAITING)))
+        steps.append(Step(0.0, ACCEPTED, _BUFFERED if retries else _WAITING))
     at = 0.0
     for _ in range(retries):
         at += delay()
@@ -178,16 +182,15 @@ def timeline(steps: Sequence[Step], start: float,
              deadline: float) -> list[tuple[float, int, int]]:
     """Absolute (time, ptt, dlr) events: the plan cut at the deadline, where it expires."""
     if start >= deadline:
-        return [(start, EXPIRED, _dlr(EXPIRED))]
+        return [(start, EXPIRED, _EXPIRED_DLR)]
     events: list[tuple[float, int, int]] = []
-    for step in steps:
-        at = start + step.after
+    for after, code, dlr in steps:
+        at = start + after
         if at >= deadline:
             break
-        events.append((at, step.ptt, step.dlr))
-    last = ptt.lookup(events[-1][1]) if events else None
-    if last is None or not last.final:
-        events.append((deadline, EXPIRED, _dlr(EXPIRED)))
+        events.append((at, code, dlr))
+    if not events or events[-1][1] not in _FINAL_CODES:
+        events.append((deadline, EXPIRED, _EXPIRED_DLR))
     return events
 
 
@@ -260,20 +263,22 @@ class SimulatedOperator:
     def _schedule(self, messages: Sequence[OutgoingMessage], *, resumed: bool) -> None:
         now = self._clock.now()
         first = float("inf")
+        config, seed, events, seq = self._config, self._config.seed, self._events, self._seq
+        push = heapq.heappush
         for message in messages:
-            steps = plan(message.receiver, message_rng(self._config.seed, message.id),
-                         self._config, resumed=resumed)
+            steps = plan(message.receiver, message_rng(seed, message.id), config,
+                         resumed=resumed)
             # Validity counts from when the message was meant to leave.
             deadline = (message.deferred_until or message.created_at) + self._validity
             name = f"{message.id}.1"  # see `reference`
             for at, code, dlr in timeline(steps, now, deadline):
-                first = min(first, at)
-                heapq.heappush(self._events, (at, next(self._seq), name, code, dlr))
+                if at < first:
+                    first = at
+                push(events, (at, next(seq), name, code, dlr))
                 if code == DELIVERED:
                     # A long message is delivered when every part is (the store merges).
                     for part in range(2, message.parts + 1):
-                        heapq.heappush(self._events, (at, next(self._seq),
-                                                      reference(message.id, part), code, dlr))
+                        push(events, (at, next(seq), reference(message.id, part), code, dlr))
         if first < self._wake_at:
             self._wake.set()
 
