@@ -203,9 +203,9 @@ class SentMessage:
     references: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class FinalState:
-    """A message that reached its final state in one `apply_updates` batch."""
+class FinalState(NamedTuple):
+    """A message that reached its final state in one `apply_updates` batch (a named tuple,
+    one a message: see `StateUpdate`)."""
 
     message_id: int
     ptt: int

@@ -61,7 +61,7 @@ _MAGIC = re.compile(r"99(\d{3})$")
 # messages a second, a wake-up for each due time gave batches of about 20 reports and 350
 # transactions a second in the delivery worker; the states are at most this late, their
 # times (`at`) stay the planned ones.
-REPORT_BATCH_SECONDS = 0.025
+REPORT_BATCH_SECONDS = 0.05
 
 
 T = TypeVar("T")
