@@ -27,9 +27,7 @@ committed send side:
   command-line tool, or another gateway on the store, a standby in one-process mode, whose
   accepted sends would otherwise wait for this one's next commit). The committed messages
   themselves are not handed over from memory any more: they would still need a claim,
-  which is a write, and the claim returns them for the same price. After a batch that was
-  not full it waits `gather_seconds` (the gateway: `HAND_OVER_GATHER_SECONDS`) before
-  claiming again, so that the sends of several group commits go in one claim.
+  which is a write, and the claim returns them for the same price.
 - reports: the operator's reports name its references; they are buffered and applied with
   one `apply_reports` transaction per batch (a batch is whatever arrived while the
   previous one committed); when that queued callbacks, the callback worker is woken. The
