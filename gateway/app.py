@@ -18,7 +18,7 @@ from gateway.admin_auth import AdminAuth
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import RateTable
-from gateway.delivery import HAND_OVER_GATHER_SECONDS, Dispatcher
+from gateway.delivery import Dispatcher
 from gateway.delivery_guard import DeliveryGuard
 from gateway.hooks.alerts import AlertService
 from gateway.hooks.callbacks import CallbackHandler
@@ -177,8 +177,7 @@ def _dispatcher(config: Config, store: Store, clock: Clock, metrics: Metrics,
                       # One delivering process per store (the worker's lock, or the one-
                       # process gateway's DeliveryGuard): claims left at its start are a
                       # previous run's.
-                      exclusive=True, on_inbound=IncomingKeeper(store),
-                      gather_seconds=HAND_OVER_GATHER_SECONDS)
+                      exclusive=True, on_inbound=IncomingKeeper(store))
 
 
 def own_ports(config: Config) -> frozenset[int]:

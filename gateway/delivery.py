@@ -96,11 +96,6 @@ log = structlog.get_logger("gateway.delivery")
 LEASE_SECONDS = 60.0
 # Times a report with an unknown reference is held back for a hand-over being recorded.
 UNMATCHED_TRIES = 3
-# The gateway's pause (real time) after handing over a batch that was not full, before the
-# next claim: the sends committed meanwhile go in one claim and one `mark_sent`. Woken by
-# every group commit, the hand-over made 150 claims a second of about 25 messages under
-# scripts/bench, half of them empty (then a read of the next due time), each a transaction.
-HAND_OVER_GATHER_SECONDS = 0.025
 
 T = TypeVar("T")
 InboundHandler = Callable[[Sequence[Inbound]], Awaitable[None]]
@@ -125,8 +120,7 @@ class Dispatcher:
                  on_callbacks: Callable[[], None] | None = None,
                  metrics: Metrics | None = None, follow_store: bool = False,
                  poll_seconds: float = 1.0, lease_seconds: float = LEASE_SECONDS,
-                 exclusive: bool = False, on_inbound: InboundHandler | None = None,
-                 gather_seconds: float = 0.0) -> None:
+                 exclusive: bool = False, on_inbound: InboundHandler | None = None) -> None:
         self._store = store
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -135,7 +129,6 @@ class Dispatcher:
         self._retry_seconds = retry_seconds
         self._lease = lease_seconds
         self._exclusive = exclusive
-        self._gather_seconds = gather_seconds
         self._on_callbacks = on_callbacks
         self._on_inbound = on_inbound or _log_inbound
         self._wake = asyncio.Event()
@@ -314,13 +307,11 @@ class Dispatcher:
             # Cleared before looking, so that a commit while we look is not slept through.
             self._wake.clear()
             self._handing += 1
-            gather = False
             try:
                 batch = await self._store.claim_messages(
                     now=self._clock.now(), lease=self._lease, limit=self._max_batch)
                 if batch:
                     await self._hand_over(batch)
-                    gather = len(batch) < self._max_batch
                     continue
                 due_at = await self._store.next_due_at()
             except Exception as exc:
@@ -334,15 +325,7 @@ class Dispatcher:
                     # A claim that came back empty (or failed) records nothing: the reports
                     # held back for it would otherwise wait, unacknowledged, for ever.
                     self._requeue_held()
-                if gather:
-                    await self._gather()
             await self._sleep(due_at)
-
-    async def _gather(self) -> None:
-        """Let sends accumulate before the next claim (`gather_seconds`), unless stopping."""
-        if self._gather_seconds > 0 and not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._gather_seconds)
 
     async def _sleep(self, due_at: float | None) -> None:
         """Until `due_at` or a wake; meanwhile every `poll_seconds` a read of the store's
