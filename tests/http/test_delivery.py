@@ -445,26 +445,6 @@ async def stays(check: Callable[[], bool]) -> None:
     assert check()
 
 
-async def test_sends_committed_while_it_gathers_are_claimed_together(config: Config) -> None:
-    """After a batch that was not full the hand-over waits `gather_seconds` before its next
-    claim: sends committed meanwhile (each waking it) go to the operator in one call."""
-    first = await seed_queued(config, 1, per_order=1)
-    operator = ScriptedOperator(take)
-    async with dispatching(config, operator, gather_seconds=0.5) as (dispatcher, store):
-        await eventually(lambda: operator.calls == [first])
-        await store.credit_account(ACCOUNT, 1000, at=time.time())
-        user = await store.get_user(ACCOUNT, LOGIN)
-        later: list[int] = []
-        for n in range(3):
-            (outcome,) = await store.commit_sends([SendOrder(
-                user.account_id, user.id, LOGIN, SENDER, "later", 1, 1, 1, True, "",
-                (f"+3361000000{n}",), (100,))], at=time.time())
-            later += outcome.ids
-            dispatcher.on_commit([outcome])
-        await eventually(lambda: operator.submitted == first + later)
-        assert operator.calls == [first, later]
-
-
 async def test_each_message_is_taken_tried_later_or_refused(config: Config) -> None:
     a, b, c = await seed_queued(config, 3, per_order=3)
     throttled: set[int] = set()
