@@ -7,6 +7,7 @@ account label is only ever an authenticated account's name, and can be switched 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Sequence
 
@@ -156,12 +157,27 @@ class Metrics:
         # up to a thousand messages and only a handful of states.
         for (code, dlr), count in Tally((f.ptt, f.dlr) for f in finals).items():
             self.messages_final.labels(str(code), str(dlr)).inc(count)
-        observe = self.time_to_final.observe
-        for f in finals:
-            observe(max(0.0, f.at - f.due_at))
+        observe_many(self.time_to_final, [max(0.0, f.at - f.due_at) for f in finals])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """`histogram.observe` of each amount, with one increment per bucket and one of the
+    sum for them all. prometheus_client has no call for a batch, and its `observe` took
+    2-4 µs an amount: the delivery worker's thousands of final states a second. Its own
+    steps (`Histogram.observe`): the first bucket whose bound is >= the amount."""
+    if not amounts:
+        return
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        counts[bisect_left(bounds, amount)] += 1
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(sum(amounts))
 
 
 def merge_expositions(*texts: bytes) -> bytes:

@@ -1047,28 +1047,30 @@ class SQLiteStore:
         A report whose reference names no part is left out (in `ignored`, like a report
         on a settled message, and in `unmatched`): it belongs to a message the store has
         not recorded as taken (yet: its `mark_sent` may still be on its way).
-        The references are read before the write: they never change once recorded.
+        The references are read in the transaction, on the writer's connection: a read on
+        the reader's went through its thread, and that trip cost the delivery worker more
+        CPU than the read itself (the batch is one indexed lookup of its references).
         """
         if not reports:
             return AppliedUpdates()
         owners: dict[str, int] = {}
         parts: dict[int, int] = {}
         names = sorted({r.reference for r in reports})
-        for start in range(0, len(names), _IN_MAX):
-            marks, chunk = _in(names[start:start + _IN_MAX])
-            for reference, message_id, count in await self._read(
-                    "SELECT p.reference, p.message_id, m.parts FROM message_parts p "
-                    f"JOIN messages m ON m.id = p.message_id WHERE p.reference IN ({marks})",
-                    chunk):
-                owners[reference] = message_id
-                parts[message_id] = count
-        known = [p for p, r in enumerate(reports) if r.reference in owners]
-        # A part's "delivered" of a long message: counted, and standing for the message
-        # only as its last part's (rules.part_delivery_stands); in the same transaction.
-        merged = [p for p in known if reports[p].ptt == DELIVERED and reports[p].final
-                  and parts[owners[reports[p].reference]] > 1]
 
         async def body(db: Conn) -> tuple[AppliedUpdates, list[int]]:
+            for start in range(0, len(names), _IN_MAX):
+                marks, chunk = _in(names[start:start + _IN_MAX])
+                for reference, message_id, count in await db.execute_fetchall(
+                        "SELECT p.reference, p.message_id, m.parts FROM message_parts p "
+                        "JOIN messages m ON m.id = p.message_id "
+                        f"WHERE p.reference IN ({marks})", chunk):
+                    owners[reference] = message_id
+                    parts[message_id] = count
+            known = [p for p, r in enumerate(reports) if r.reference in owners]
+            # A part's "delivered" of a long message: counted, and standing for the message
+            # only as its last part's (rules.part_delivery_stands).
+            merged = [p for p in known if reports[p].ptt == DELIVERED and reports[p].final
+                      and parts[owners[reports[p].reference]] > 1]
             left_out: list[int] = []
             for position in merged:
                 report = reports[position]

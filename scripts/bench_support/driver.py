@@ -36,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # its sibling modules, also when a test loads it by path
+    sys.path.insert(0, str(HERE))
+
+import kannel  # noqa: E402
+
 ROOT = HERE.parent.parent
 PYTHON = sys.executable
 HOST = "127.0.0.1"
@@ -54,8 +59,13 @@ TARGET_RSS_MB = 250.0
 # Targets of issue 20: PostgreSQL against SQLite in the same session.
 TARGET_PG_RATIO = 0.70
 TARGET_PG_P99 = 2.0
+# Targets of issue 24.
+TARGET_PEER_TIMES = 2.0             # sends/s against Kannel's, no callbacks
+TARGET_PEER_TIMES_CALLBACKS = 1.5   # the same with callbacks to the receiver
+TARGET_WORKER_SHARE = 1 / 3         # delivery worker CPU per message / the send process's
 
 WORKER = "delivery worker"
+NO_CALLBACKS = "sqlite, no callbacks"
 
 
 class BenchError(Exception):
@@ -241,13 +251,16 @@ class WrkResult:
         return good / self.seconds if self.seconds else 0.0
 
 
-def write_lua(folder: Path, users: list[dict[str, str]], args: argparse.Namespace) -> Path:
+def write_lua(folder: Path, users: list[dict[str, str]], args: argparse.Namespace,
+              peer: bool = False) -> Path:
+    """The load script; `peer`: the same sends through Kannel's sendsms URL."""
     entries = ",\n".join(
         f"  {{account = {json.dumps(u['account'])}, login = {json.dumps(u['login'])}, "
         f"password = {json.dumps(u['password'])}}}" for u in users)
-    script = folder / "load.lua"
+    script = folder / ("kannel.lua" if peer else "load.lua")
     script.write_text(f"USERS = {{\n{entries}\n}}\nSENDER = {json.dumps(SENDER)}\n"
-                      f"RECIPIENTS = {args.recipients}\nTHREADS = {args.threads}\n\n"
+                      f"RECIPIENTS = {args.recipients}\nTHREADS = {args.threads}\n"
+                      + ("KANNEL = true\n" if peer else "") + "\n"
                       + (HERE / "load.lua").read_text())
     return script
 
@@ -391,9 +404,10 @@ def _pg_plain(url: str, *statements: str) -> None:
     asyncio.run(run())
 
 
-async def create_users(db: Store | Path, n_users: int,
-                       receiver_port: int) -> list[dict[str, Any]]:
-    """Accounts (two API users each), a declared sender, users with every check active."""
+async def create_users(db: Store | Path, n_users: int, receiver_port: int,
+                       callbacks: bool = True) -> list[dict[str, Any]]:
+    """Accounts (two API users each), a declared sender, users with every check active
+    (and a callback URL to the receiver unless `callbacks` is off)."""
     from gateway.service import Management
     from gateway.store import open_store
 
@@ -415,9 +429,10 @@ async def create_users(db: Store | Path, n_users: int,
             account = f"sms-bench-{i % n_accounts + 1}"
             login = f"user{i + 1}"
             await manager.create_user(account, login, PASSWORD)
+            callback = {"callback_url": f"http://{HOST}:{receiver_port}/dlr/{login}"} \
+                if callbacks else {}
             user = await manager.update_user(
-                account, login, quota=QUOTA_PER_USER, ip_restrictions=[HOST],
-                callback_url=f"http://{HOST}:{receiver_port}/dlr/{login}")
+                account, login, quota=QUOTA_PER_USER, ip_restrictions=[HOST], **callback)
             users.append({"account": account, "login": login, "password": PASSWORD,
                           "id": user.id, "account_id": user.account_id})
     finally:
@@ -595,19 +610,44 @@ class Phase:
     reference: bool = False  # a ceiling, not the gateway: the targets do not read it
     kind: str = ""           # the gateway's store: "sqlite" or "postgresql"
     role: str = ""           # "empty", "processes" (serve --processes 2), "full" (pre-filled)
+    peer: bool = False       # Kannel: the row the gateway's are compared with (issue 24)
+    serving: tuple[str, ...] = ()  # the processes that serve, when more than the first
+    # CPU seconds of each process from the start of the window to the end of the drain, and
+    # the accepted sends of the window: issue 24's CPU per message of each process.
+    pids: dict[str, int] = field(default_factory=dict)
+    cpu_start: dict[str, float] = field(default_factory=dict)
+    cpu_to_drain: dict[str, float] = field(default_factory=dict)
+    groups: dict[str, list[int]] = field(default_factory=dict)  # summed, as in `cpu`
 
     def server_cpu_ms(self) -> float:
         """CPU time of the server process per answered request: steadier than req/s when
         other processes compete for the cores."""
         rate = self.load.accepted_per_second
-        server = next(iter(self.cpu.values()), 0.0)  # the server is measured first
-        server += self.cpu.get(WORKER, 0.0)
+        if self.serving:
+            server = sum(self.cpu.get(name, 0.0) for name in self.serving)
+        else:
+            server = next(iter(self.cpu.values()), 0.0)  # the server is measured first
+            server += self.cpu.get(WORKER, 0.0)
         return server * 10 / rate if rate else 0.0
+
+    def cpu_ms_per_message(self) -> dict[str, float]:
+        """CPU ms per accepted send of each process, over the window and the drain."""
+        sends = self.load.accepted_per_second * self.load.seconds
+        return {name: seconds * 1000 / sends for name, seconds in self.cpu_to_drain.items()
+                if sends}
+
+    def settle_cpu(self) -> None:
+        """After the drain: each process's (or group's) CPU since the window started."""
+        self.cpu_to_drain = {name: cpu_seconds(pid) - self.cpu_start[name]
+                             for name, pid in self.pids.items()}
+        for name, found in self.groups.items():
+            self.cpu_to_drain[name] = (sum(cpu_seconds(pid) for pid in found)
+                                       - self.cpu_start[name])
 
 
 def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Namespace,
             folder: Path, receiver: Proc | None = None, receiver_port: int = 0,
-            db: Store | None = None) -> Phase:
+            db: Store | None = None, others: tuple[Proc, ...] = ()) -> Phase:
     if args.idle_worker and receiver:
         workers = child_pids(server.pid)[:1]
         if not workers:
@@ -627,6 +667,8 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
     # The gateway's delivery worker (server.delivery_worker): its CPU and memory count too.
     for child in child_pids(server.pid)[:1]:
         pids[WORKER] = child
+    for other in others:
+        pids[other.name] = other.pid
     if receiver:
         pids["receiver"] = receiver.pid
     # The send processes of `serve --processes N` (the children besides a delivery worker)
@@ -654,7 +696,10 @@ def measure(label: str, server: Proc, port: int, script: Path, args: argparse.Na
         raise BenchError(f"{server.name} died during the run:\n{server.tail()}")
     # Summed peaks: an upper bound of the gateway's memory (they need not peak together).
     rss = peak_rss_mb(server.pid) + (peak_rss_mb(pids[WORKER]) if WORKER in pids else 0.0)
-    phase = Phase(label, load, warm, rss, cpu)
+    found_groups = {name: found for name, found in groups.items() if found}
+    phase = Phase(label, load, warm, rss, cpu, pids=pids,
+                  cpu_start={**cpu0, **{name: group0[name] for name in found_groups}},
+                  groups=found_groups)
     if receiver and before_cb is not None and after_cb is not None:
         phase.callbacks_per_second = (after_cb["count"] - before_cb["count"]) / window
         phase.malformed_callbacks = after_cb["malformed"]
@@ -766,6 +811,37 @@ def log_problems(proc: Proc) -> list[str]:
                          line)]
 
 
+def measure_kannel(procs: Processes, folder: Path, users: list[dict[str, Any]],
+                   args: argparse.Namespace) -> Phase:
+    """Kannel under the same load: bearerbox (file store, fake SMSC), fakesmsc, smsbox."""
+    ports = kannel.Ports(admin=free_port(), smsbox=free_port(), smsc=free_port(),
+                         sendsms=free_port())
+    home = folder / "kannel"
+    conf = kannel.write_config(home, ports, users, args.log_level)
+    bearerbox = procs.start("bearerbox", kannel.bearerbox_argv(conf, args.log_level))
+    wait_listening(bearerbox, ports.smsc)
+    wait_listening(bearerbox, ports.smsbox)
+    fakesmsc = procs.start("fakesmsc", kannel.fakesmsc_argv(ports))
+    smsbox = procs.start("smsbox", kannel.smsbox_argv(conf, args.log_level))
+    wait_listening(smsbox, ports.sendsms)
+    deadline = time.monotonic() + 30.0
+    while not kannel.is_ready(kannel.status(ports)):
+        if time.monotonic() > deadline or not fakesmsc.alive():
+            raise BenchError(f"Kannel's fake SMSC or smsbox did not connect:\n"
+                             f"{kannel.status(ports)}\n{fakesmsc.tail()}")
+        time.sleep(0.1)
+    script = write_lua(folder, users, args, peer=True)
+    try:
+        phase = measure("Kannel 1.4.5 (peer)", bearerbox, ports.sendsms, script, args,
+                        folder, others=(smsbox, fakesmsc))
+    finally:
+        for proc in (smsbox, fakesmsc, bearerbox):
+            procs.stop(proc)
+    phase.reference = phase.peer = True
+    phase.serving = ("bearerbox", "smsbox", "fakesmsc")
+    return phase
+
+
 def run(args: argparse.Namespace, folder: Path, procs: Processes,
         info: dict[str, Any]) -> list[Phase]:
     """Every phase, in order; what else it learns goes into `info` (read by the report and
@@ -837,9 +913,25 @@ def run(args: argparse.Namespace, folder: Path, procs: Processes,
         phase.kind, phase.role = db.kind, role
         phase.stored_before = store_counts(db)["messages"] if role == "full" else 0
         phase.drain_seconds = drain(db, gateway, args.drain)
+        phase.settle_cpu()
         phase.log_problems = log_problems(gateway)
         phases.append(phase)
         stop_server(procs, gateway)
+
+    # 1c. The peer: Kannel under the same load (issue 24).
+    if args.kannel:
+        reason = kannel.missing()
+        if reason:
+            print(f"Kannel: skipped ({reason}; scripts/bench installs it)", flush=True)
+        else:
+            print("Kannel: bearerbox (file store, fake SMSC) + smsbox", flush=True)
+            phases.append(measure_kannel(procs, folder, users, args))
+
+    # 1d. The gateway without callbacks, on an SQLite store of its own, once whatever --store
+    # and --rounds: the delivery worker's CPU per message when it only delivers (issue 24).
+    quiet = new_store("sqlite")
+    asyncio.run(create_users(quiet, args.users, receiver_port, callbacks=False))
+    gateway_run(quiet, NO_CALLBACKS, "no-callbacks", "gateway-no-callbacks")
 
     # 2. The gateway on an empty store, each backend in turn (alternated over --rounds), on
     # a new store each time: one run never inherits another's rows.
@@ -1040,8 +1132,11 @@ def fmt(value: float | None, spec: str) -> str:
 def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) -> bool:
     """Print the table and the targets; return True when every request succeeded."""
     ceiling = phases[0].load.accepted_per_second
-    header = (f"{'run':<32}{'sends/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'ratio':>7}"
-              f"{'callbacks/s':>13}{'cb backlog':>11}{'peak RSS MB':>12}{'CPU ms/req':>11}"
+    peer = next((p.load.accepted_per_second for p in phases if p.peer), None)
+    width = max(28, *(len(p.label) + 2 for p in phases))  # the longest label fits
+    header = (f"{'run':<{width}}{'sends/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'ratio':>7}"
+              f"{'x Kannel':>9}{'callbacks/s':>13}{'cb backlog':>11}{'peak RSS MB':>12}"
+              f"{'CPU ms/req':>11}"
               f"{'errors':>8}")
     print()
     print(f"Results: {args.connections} connections, {args.duration:g} s after a "
@@ -1053,8 +1148,9 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
     for p in phases:
         rate = p.load.accepted_per_second
         ratio = rate / ceiling if ceiling else 0.0
-        print(f"{p.label:<32}{rate:>9,.0f}{p.load.p50_ms:>8.1f}{p.load.p99_ms:>8.1f}"
-              f"{ratio:>7.0%}{fmt(p.callbacks_per_second, ',.0f'):>13}"
+        times = rate / peer if peer and not p.reference else None
+        print(f"{p.label:<{width}}{rate:>9,.0f}{p.load.p50_ms:>8.1f}{p.load.p99_ms:>8.1f}"
+              f"{ratio:>7.0%}{fmt(times, '.2f'):>9}{fmt(p.callbacks_per_second, ',.0f'):>13}"
               f"{fmt(p.backlog, ',d'):>11}{p.rss_mb:>12.0f}{p.server_cpu_ms():>11.2f}"
               f"{p.load.failed:>8}")
     print()
@@ -1067,12 +1163,20 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
             extra = f"; drained {p.drain_seconds:.1f} s after the load"
         elif p.callbacks_per_second is not None:
             extra = f"; not drained within {args.drain:g} s"
-        print(f"  {p.label:<30} {parts}{extra}")
+        print(f"  {p.label:<{width - 2}} {parts}{extra}")
+    print("CPU per accepted send, from the window's start to the end of its drain "
+          "(ms of one core):")
+    for p in phases:
+        per = p.cpu_ms_per_message()
+        if per:
+            parts = ", ".join(f"{name} {value:.3f}" for name, value in per.items()
+                              if name not in ("receiver", "wrk"))
+            print(f"  {p.label:<{width - 2}} {parts}")
     if any(p.submits_per_second is not None for p in phases):
         print("SMPP (the test SMSC, in the measured window):")
         for p in phases:
             if p.submits_per_second is not None:
-                print(f"  {p.label:<30} submit_sm/s {p.submits_per_second:,.0f}, "
+                print(f"  {p.label:<{width - 2}} submit_sm/s {p.submits_per_second:,.0f}, "
                       f"receipts/s {fmt(p.receipts_per_second, ',.0f')}")
     for kind in ("sqlite", "postgresql"):
         if f"prefill_seconds_{kind}" in info:
@@ -1097,7 +1201,8 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
             for line in p.log_problems[:5]:
                 print(f"        {line[:200]}")
 
-    gateways = [p for p in phases if not p.reference]
+    # Issue 7's targets read the rows with callbacks, as before the row without them.
+    gateways = [p for p in phases if not p.reference and p.role != "no-callbacks"]
     if gateways:
         print()
         print("Targets (issue 7; informative: a FAIL does not change the exit status):")
@@ -1127,6 +1232,7 @@ def report(phases: list[Phase], info: dict[str, Any], args: argparse.Namespace) 
         rss = max(g.rss_mb for g in gateways)
         verdict(rss <= TARGET_RSS_MB, f"peak RSS <= {TARGET_RSS_MB:g} MB: {rss:.0f} MB")
         postgresql_targets(phases)
+        issue24(phases, peer)
     print()
     print("Every request answered as expected." if ok else
           "Some requests FAILED unexpectedly (see ERROR above): exit status 1.")
@@ -1167,6 +1273,46 @@ def postgresql_targets(phases: list[Phase]) -> None:
         verdict(kept >= 1 - TARGET_FULL_STORE_LOSS,
                 f"PostgreSQL with {full[0].stored_before:,} stored messages within 15% of "
                 f"the empty store: {kept:.0%}")
+
+
+def issue24(phases: list[Phase], peer: float | None) -> None:
+    """The targets of issue 24: Kannel as the peer, and the delivery worker's CPU. The row
+    without callbacks runs on SQLite, so the row with them is SQLite's empty store (its
+    runs summed over --rounds)."""
+    quiet = next((p for p in phases if p.role == "no-callbacks"), None)
+    called = [p for p in phases if p.kind == "sqlite" and p.role == "empty"]
+    if quiet is None and peer is None:
+        return
+    print()
+    print("Targets (issue 24; informative):")
+    if peer:
+        if quiet is not None:
+            times = quiet.load.accepted_per_second / peer
+            verdict(times >= TARGET_PEER_TIMES,
+                    f"accepted durable sends/s >= {TARGET_PEER_TIMES:g}x Kannel's: "
+                    f"{times:.2f}x ({quiet.load.accepted_per_second:,.0f} / {peer:,.0f})")
+        if called:
+            seconds = sum(p.load.seconds for p in called)
+            rate = sum(p.load.accepted_per_second * p.load.seconds for p in called) / seconds
+            counted = [p.callbacks_per_second for p in called
+                       if p.callbacks_per_second is not None]
+            callbacks = sum(counted) / len(counted) if counted else None
+            verdict(rate / peer >= TARGET_PEER_TIMES_CALLBACKS,
+                    f"with callbacks, sends/s >= {TARGET_PEER_TIMES_CALLBACKS:g}x Kannel's: "
+                    f"{rate / peer:.2f}x, {fmt(callbacks, ',.0f')} callbacks/s")
+        else:
+            print("SKIP  with callbacks against Kannel (no SQLite empty-store row)")
+    else:
+        print("SKIP  sends/s against Kannel (no Kannel row)")
+    if quiet is not None:
+        per = quiet.cpu_ms_per_message()
+        send, work = per.get("gateway-no-callbacks"), per.get(WORKER)
+        if send and work is not None:
+            verdict(work <= send * TARGET_WORKER_SHARE,
+                    f"delivery worker CPU per message <= 1/3 of the send process's "
+                    f"(no callbacks): {work:.3f} / {send:.3f} ms = {work / send:.2f}")
+        else:
+            print("SKIP  delivery worker CPU per message (no delivery worker)")
 
 
 def verdict(passed: bool, text: str) -> None:
@@ -1277,6 +1423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "adds a run of `serve --processes 2`), or both, alternated")
     parser.add_argument("--rounds", type=int, default=1,
                         help="empty-store runs of each store, alternated (1)")
+    parser.add_argument("--no-kannel", dest="kannel", action="store_false",
+                        help="skip the Kannel peer row (issue 24; scripts/bench installs "
+                        "Debian's kannel and kannel-extras for it when missing)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     add_retention_arguments(parser)
     args = parser.parse_args(argv)
@@ -1358,7 +1507,8 @@ def write_json(path: Path, phases: list[Phase], info: dict[str, Any],
          "peak_rss_mb": p.rss_mb, "cpu_percent": p.cpu,
          "server_cpu_ms_per_request": p.server_cpu_ms(), "stored_before": p.stored_before,
          "drain_seconds": p.drain_seconds, "submits_per_second": p.submits_per_second,
-         "receipts_per_second": p.receipts_per_second} for p in phases]}, indent=2,
+         "receipts_per_second": p.receipts_per_second,
+         "cpu_ms_per_message": p.cpu_ms_per_message()} for p in phases]}, indent=2,
         default=str))
 
 

@@ -2,9 +2,11 @@
 -- The driver prepends `USERS = {...}`, `SENDER = "..."` (the users it created),
 -- `RECIPIENTS = N` (how many distinct numbers the sends go to) and `THREADS = N` (wrk's), and
 -- passes where in the rotation to start (`wrk ... URL START`): the previous run's `next`
--- (its BENCH_RESULT field).
--- Every response is checked: a status other than 200, or a body not starting with "OK",
--- is counted; `done` prints one `BENCH_RESULT {json}` line for the driver.
+-- (its BENCH_RESULT field). For the Kannel peer row it also prepends `KANNEL = true`: the same
+-- sends through Kannel's `/cgi-bin/sendsms`, accepted as `202` with `0: Accepted...`.
+-- Every response is checked: a status other than the accepted one, or a body not starting
+-- with the accepted prefix, is counted; `done` prints one `BENCH_RESULT {json}` line for the
+-- driver.
 
 local threads = {}
 -- This thread's place in the rotation, counted from the first run of wrk (a global, so that
@@ -35,17 +37,29 @@ end
 
 -- The parts of a request that do not change, built once (escape and wrk.format cost
 -- microseconds a call).
-local head, tail, prefixes, message
+local head, tail, prefixes, message, suffix
+local accept_status, accept_prefix = 200, "OK"
 
 function init(args)
    prefixes = {}
    for u, user in ipairs(USERS) do
-      prefixes[u] = "/cgi-bin/sms/http2sms.cgi?account=" .. escape(user.account)
-         .. "&login=" .. escape(user.login) .. "&password=" .. escape(user.password)
-         .. "&from=" .. escape(SENDER) .. "&to=%2B3361"
+      if KANNEL then
+         prefixes[u] = "/cgi-bin/sendsms?username=" .. escape(user.login)
+            .. "&password=" .. escape(user.password)
+            .. "&from=" .. escape(SENDER) .. "&to=%2B3361"
+      else
+         prefixes[u] = "/cgi-bin/sms/http2sms.cgi?account=" .. escape(user.account)
+            .. "&login=" .. escape(user.login) .. "&password=" .. escape(user.password)
+            .. "&from=" .. escape(SENDER) .. "&to=%2B3361"
+      end
    end
    head, tail = string.match(wrk.format("GET", "/PATH"), "^(.-)/PATH(.*)$")
-   message = "&message=" .. escape("Your code is ")
+   if KANNEL then
+      message, suffix = "&text=" .. escape("Your code is "), ""
+      accept_status, accept_prefix = 202, "0: Accepted"
+   else
+      message, suffix = "&message=" .. escape("Your code is "), "&noStop=1"
+   end
    -- The threads take turns along the rotation (thread k the places start + k,
    -- start + k + THREADS, ...) from where the previous run of wrk stopped, so no number is
    -- sent to twice until all have been (a warm-up would otherwise fill the gateway's number
@@ -61,14 +75,14 @@ end
 function request()
    position = position + THREADS
    return head .. prefixes[(position % #USERS) + 1] .. recipient(position % RECIPIENTS)
-      .. message .. string.format("%06d", (position * 7919) % 1000000) .. "&noStop=1" .. tail
+      .. message .. string.format("%06d", (position * 7919) % 1000000) .. suffix .. tail
 end
 
 function response(status, headers, body)
-   if status ~= 200 then
+   if status ~= accept_status then
       bad_status = bad_status + 1
       if first_bad == nil then first_bad = "HTTP " .. status .. " " .. (body or "") end
-   elseif body == nil or string.sub(body, 1, 2) ~= "OK" then
+   elseif body == nil or string.sub(body, 1, #accept_prefix) ~= accept_prefix then
       bad_body = bad_body + 1
       if first_bad == nil then first_bad = body or "(no body)" end
    end

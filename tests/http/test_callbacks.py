@@ -599,8 +599,11 @@ async def test_message_show_and_list_read_history_and_callbacks(
     (other,) = ids_of((await h.send(tag="t2"))[1])
 
     async def settled() -> bool:
+        # `other` too: the simulator's reports leave in batches, its final state may come
+        # a batch after the others'.
         return len(await h.gateway.store.message_attempts(delivered)) == 2 and \
-            len(await h.gateway.store.message_attempts(failed)) == 2
+            len(await h.gateway.store.message_attempts(failed)) == 2 and \
+            (await h.gateway.store.get_message(other)).state == "final"
     await eventually(settled)
 
     shown = await run_cli(capsys, "--db", config.store.path, "--json", "message", "show",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import ptt
 from gateway.records import (
     ClaimBounds,
     IncomingMessage,
@@ -460,6 +461,36 @@ async def test_parts_carried_by_one_submit_are_delivered_with_it(stores: Opener)
     applied = await store.apply_reports([report("p", 4)])
     assert len(applied.finals) == 1
     assert (await store.get_message(message_id)).ptt == 4
+
+
+async def test_a_batch_of_many_reports_applies_each_messages_reports_in_order(
+        stores: Opener) -> None:
+    """The delivery worker applies whatever reports arrived as one batch (one transaction):
+    each message's states follow the batch's order, its history too, and what comes after
+    its final state is left out, as a report naming no message is."""
+    store = await stores("delivery")
+    user = await account_with_user(store, 100_000)
+    outcomes = await store.commit_sends([order(user, 100) for _ in range(120)], at=T0 + 1)
+    ids = [i for outcome in outcomes for i in outcome.ids]
+    await store.mark_sent(ids, at=T0 + 2,
+                          references=[SentMessage(i, (f"m{i}",)) for i in ids])
+    retry = ptt.INTERMEDIATE_CODES[0]
+    batch = [report(f"m{i}", 3, T0 + 3) for i in ids]
+    batch += [report(f"m{i}", retry, T0 + 4) for i in ids]
+    batch.append(report("nobody", 4, T0 + 4))
+    batch += [report(f"m{i}", 4, T0 + 5) for i in ids]
+    batch += [report(f"m{i}", 23, T0 + 6) for i in ids[:10]]  # after the final: left out
+    applied = await store.apply_reports(batch)
+    unknown = 2 * len(ids)
+    assert applied.unmatched == (unknown,)
+    assert applied.ignored == (unknown, *range(len(batch) - 10, len(batch)))
+    assert sorted(f.message_id for f in applied.finals) == ids
+    assert applied.message_ids == (*ids, *ids, 0, *ids, *ids[:10])
+    for message_id in (ids[0], ids[57], ids[-1]):
+        message = await store.get_message(message_id)
+        assert (message.state, message.ptt) == ("final", 4)
+        assert [e.ptt for e in await store.message_events(message_id)][-3:] == [3, retry, 4]
+    assert (await store.get_account("acme")).balance == 100_000 - 100 * len(ids)
 
 
 def incoming(sender: str, receiver: str, body: str) -> IncomingMessage:

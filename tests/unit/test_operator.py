@@ -252,6 +252,42 @@ async def test_many_messages_are_reported_in_few_batches() -> None:
         await operator.stop()
 
 
+async def test_reports_leave_in_batches_and_keep_their_planned_times() -> None:
+    clock = ManualClock(T0)
+    operator = SimulatedOperator(
+        cfg(min_delay=0.0, max_delay=1.0, retry_ratio=0.0, failure_ratio=0.0), clock,
+        batch_seconds=0.3)
+    reports = Reports()
+    await operator.start(reports)
+    try:
+        await operator.submit([outgoing(i) for i in range(1, 201)])
+        await reports.settle()
+        assert (reports.batches, len(reports.updates)) == (1, 200)  # the acceptances
+        clock.advance(0.01)
+        await operator.submit([outgoing(201)])
+        clock.advance(0.2)  # states due: they wait for the batch interval (0.3 s)
+        await reports.settle()
+        assert reports.batches == 1
+        clock.advance(0.9)  # past it on the clock: everything due so far, together
+        await reports.settle()
+        assert reports.batches == 2
+        finals = [u for u in reports.updates if u.final]
+        assert sorted(int(u.reference.split(".")[0]) for u in finals) == list(range(1, 202))
+        # Each report keeps its planned time, not the time its batch left.
+        assert len({u.at for u in finals}) > 100
+        assert all(T0 < u.at <= T0 + 1.01 for u in finals)
+        assert next(u.at for u in reports.updates if u.reference == "201.1") == T0 + 0.01
+        # A clock that stands still: the interval passes in real time.
+        reports.arrived.clear()
+        await operator.submit([outgoing(202)])
+        await reports.settle()
+        assert reports.batches == 2
+        await asyncio.wait_for(reports.arrived.wait(), 5)
+        assert (reports.batches, reports.updates[-1].reference) == (3, "202.1")
+    finally:
+        await operator.stop()
+
+
 async def test_it_takes_each_message_with_a_reference_per_part() -> None:
     clock = ManualClock(T0)
     operator, reports = await started(cfg(), clock)
