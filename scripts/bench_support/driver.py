@@ -1117,8 +1117,6 @@ def add_retention_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the retention benchmark instead (issue 23): alternated runs "
                         "with and without the purge on a store of --prefill old messages, "
                         "then the time to purge them")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="--retention: pairs of runs without and with the purge (2)")
     parser.add_argument("--purge-limit", type=float, default=1800.0,
                         help="--retention: most seconds to wait for the purge to finish")
 
@@ -1421,8 +1419,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the gateway's store: SQLite (default), PostgreSQL (a throwaway "
                         "cluster with durable settings, started and removed by the bench; "
                         "adds a run of `serve --processes 2`), or both, alternated")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="empty-store runs of each store, alternated (1)")
+    # One option for both modes: argparse refuses an option defined twice.
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="empty-store runs of each store, alternated (1); with "
+                        "--retention, pairs of runs without and with the purge (2)")
     parser.add_argument("--no-kannel", dest="kannel", action="store_false",
                         help="skip the Kannel peer row (issue 24; scripts/bench installs "
                         "Debian's kannel and kannel-extras for it when missing)")
@@ -1440,6 +1440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need 1 <= --threads <= --connections <= 10000")
     if not 1 <= args.users <= 1000 or not 0 <= args.prefill <= 100_000_000:
         parser.error("--users must be in [1, 1000] and --prefill in [0, 100000000]")
+    if args.rounds is None:
+        args.rounds = 2 if args.retention else 1
     if not 1 <= args.rounds <= 20:
         parser.error("--rounds must be in [1, 20]")
     if not 1 <= args.recipients <= 9_900_000:  # the +3361 numbers load.lua can make
