@@ -132,8 +132,11 @@ async def test_deliver_workers_wait_for_a_gateway_delivering_alone(postgres_url:
     deliver what it stored."""
     async with servers() as started:
         await prepare_store(postgres_url, credits=1000)
-        gateway = await ServerProcess.start(postgres_url)
+        gateway = await ServerProcess.start(postgres_url, env={"HTTP2SMS_LOG_LEVEL": "info"})
         started.append(gateway)
+        # Its worker holds delivery once ready; a `deliver` started before would win instead
+        # (whichever takes the name first delivers), which is not this test's case.
+        await gateway.wait_event("delivery_worker_ready", 20)
         worker = await ServerProcess.deliver(postgres_url, wait_ready=False)
         started.append(worker)
         line = await worker.wait_event("delivery_elsewhere", 20)
