@@ -655,6 +655,9 @@ async def _store_stats(m: Management) -> Any:
 @json_option
 @manages
 async def _backup(m: Management, file: str, force: bool) -> Any:
+    scheme, location = parse_url(m.config.store.location)
+    if scheme == "sqlite":
+        backup.refuse_own_files(file, location)
     if os.path.exists(file) and not force:
         raise CommandError(f"{file} exists (--force to replace it)")
     partial = backup.partial_name(file)
@@ -663,7 +666,10 @@ async def _backup(m: Management, file: str, force: bool) -> Any:
     try:
         await m.store.backup(partial)
         checked = await backup.check(partial)
+        # On disk before the copy takes its name, and the name before "done".
+        backup.make_durable(partial)
         os.replace(partial, file)
+        backup.make_durable(file)
     finally:
         with suppress(FileNotFoundError):
             os.remove(partial)

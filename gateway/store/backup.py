@@ -6,8 +6,12 @@ checks the copy here before it takes the name FILE: SQLite's `integrity_check`, 
 ledger identity (`rules.ledger_problems`) on the copy opened as a store. A backup that
 fails a check is not kept.
 
-`http2sms restore FILE` refuses a store in use (a gateway holds its `delivery` lock) and a
-target that exists unless forced; it copies FILE next to the target (SQLite's backup API),
+A backup never takes the name of the store or of its files, and is synced to disk (with
+its folder) before the command says it is done.
+
+`http2sms restore FILE` refuses a store in use (a gateway holds its `delivery` lock, or any
+process has it open: SQLite's own lock, held until the file is replaced) and a target that
+exists unless forced; it copies FILE next to the target (SQLite's backup API),
 checks the copy the same way, and only then puts it in the target's place, removing the
 target's write-ahead log first: an old log applied to the restored file would corrupt it.
 
@@ -19,7 +23,8 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +78,35 @@ async def check(path: str) -> Checked:
                    purchased=totals["purchased"])
 
 
+def refuse_own_files(file: str, store: str) -> None:
+    """A backup never takes the name of the store it copies, nor of its log, shared memory
+    or locks: replacing the file a gateway writes to (`--force`) would leave it writing to
+    a deleted file, and the old log applied to the copy."""
+    if store == ":memory:":
+        return
+    named = os.path.realpath(file)
+    own = os.path.realpath(store)
+    if named == own or named.startswith(f"{own}-") or (
+            os.path.exists(file) and os.path.exists(store) and os.path.samefile(file, store)):
+        raise StoreError(f"{file} is the store itself or one of its files: a backup goes "
+                         "elsewhere")
+
+
+def make_durable(path: str) -> None:
+    """`path` and its folder's entry for it on disk before a command says it is done:
+    `VACUUM INTO` does not sync what it writes, and a rename is in the folder."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def partial_name(path: str) -> str:
     """Where a copy is written before its checks: next to its final name, same disk."""
     return f"{path}.partial"
@@ -94,6 +128,35 @@ def in_use(path: str) -> bool:
     return False
 
 
+# SQLite's lock bytes (its file format, "the lock-byte page"): every connection to a store
+# in WAL mode holds a read lock in the SHARED range for as long as it is open, idle or not.
+_PENDING_BYTE = 0x40000000
+_SHARED_FIRST = _PENDING_BYTE + 2
+_SHARED_SIZE = 510
+
+
+@contextmanager
+def _unopened(path: str) -> Iterator[None]:
+    """Holds the store at `path` against every SQLite connection, or raises StoreError if
+    one is open: any process on it (a gateway that does not deliver, a command), not only
+    the one holding the delivery lock. Held until the file is replaced: a connection
+    opened meanwhile would write to the file about to be deleted."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, _SHARED_SIZE, _SHARED_FIRST)
+        except OSError:
+            raise StoreError(f"the store {path} is open in another process (a gateway or a "
+                             "command): stop it first") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 async def restore(source: str, target: str, *, force: bool = False) -> Checked:
     """Put a checked copy of the backup `source` in the place of the store `target`."""
     if not Path(source).is_file():
@@ -102,6 +165,11 @@ async def restore(source: str, target: str, *, force: bool = False) -> Checked:
         raise StoreError(f"the store {target} is in use by a running gateway: stop it first")
     if Path(target).exists() and not force:
         raise StoreError(f"{target} exists: restoring would overwrite it (--force to do so)")
+    with _unopened(target):
+        return await _restore(source, target)
+
+
+async def _restore(source: str, target: str) -> Checked:
     copy = partial_name(target)
     _remove(copy)
     try:
@@ -111,7 +179,9 @@ async def restore(source: str, target: str, *, force: bool = False) -> Checked:
         # The target's log and shared memory belong to the file being replaced.
         for leftover in (f"{target}-wal", f"{target}-shm"):
             _remove(leftover)
+        make_durable(copy)
         os.replace(copy, target)
+        make_durable(target)
     except BaseException:
         _remove(copy)
         raise

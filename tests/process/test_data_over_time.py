@@ -324,3 +324,60 @@ def test_an_export_of_200000_messages_runs_in_bounded_memory(tmp_path: Path) -> 
     # All 200,000 held at once would take hundreds of MB; a page at a time, a few more.
     assert large - small < 25
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def test_a_backup_never_takes_the_name_of_the_store_or_of_its_files(tmp_path: Path) -> None:
+    db = tmp_path / "live.sqlite3"
+    asyncio.run(prepare_store(db, credits=100))
+    prefill(db, 10, created_at=NOW - DAY)
+    inode = db.stat().st_ino
+    for name in (db, Path(f"{db}-wal"), tmp_path / "." / "live.sqlite3"):
+        refused = run(db, "backup", str(name), "--force")
+        assert refused.exit_code == 2 and "the store itself" in refused.stderr, refused.stderr
+    assert db.stat().st_ino == inode  # never replaced
+    assert ok_json(db, "store", "stats")["rows"]["messages"] == 10
+
+
+def test_a_backup_is_on_disk_before_it_is_done(tmp_path: Path, monkeypatch: Any) -> None:
+    db = tmp_path / "live.sqlite3"
+    asyncio.run(prepare_store(db, credits=100))
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def noted(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", noted)
+    copy = tmp_path / "backup.sqlite3"
+    ok_json(db, "backup", str(copy))
+    # VACUUM INTO does not sync: the copy, and the folder holding its name, are.
+    assert str(copy) in synced and str(tmp_path) in synced
+    synced.clear()
+    ok_json(tmp_path / "restored.sqlite3", "restore", str(copy))
+    assert str(tmp_path / "restored.sqlite3") in synced and str(tmp_path) in synced
+
+
+def test_a_restore_refuses_a_store_open_in_another_process(tmp_path: Path) -> None:
+    """A gateway that does not deliver (server.delivery = false) or a command holds no
+    delivery lock, but has the store open: replacing it would lose what it writes."""
+    db = tmp_path / "live.sqlite3"
+    asyncio.run(prepare_store(db, credits=100))
+    copy = tmp_path / "backup.sqlite3"
+    ok_json(db, "backup", str(copy))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+         "c.execute('SELECT count(*) FROM accounts').fetchall(); print('open', flush=True); "
+         "sys.stdin.read()", str(db)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        inode = db.stat().st_ino
+        refused = run(db, "restore", str(copy), "--force")
+        assert refused.exit_code == 2 and "open in another process" in refused.stderr
+        assert db.stat().st_ino == inode
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+    assert ok_json(db, "restore", str(copy), "--force")["messages"] == 0
