@@ -52,13 +52,16 @@ def lines(messages: list[Message], fmt: Format) -> str:
                    for m in messages)
 
 
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_line(values: Any) -> str:
     out = io.StringIO()
-    # A tag is the sender's text: a leading =, +, - or @ would be a formula in a
+    # A tag is the sender's text: a leading =, +, -, @, tab or CR would be a formula in a
     # spreadsheet, so such a cell is written with a quote in front (OWASP's advice).
     csv.writer(out, lineterminator="\r\n").writerow(
-        ["'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") and not _number(v)
-         else v for v in values])
+        ["'" + v if isinstance(v, str) and v[:1] in _FORMULA and not _number(v) else v
+         for v in values])
     return out.getvalue()
 
 

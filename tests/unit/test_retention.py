@@ -95,3 +95,9 @@ def test_a_csv_export_starts_with_ovh_s_names_and_defuses_formulas() -> None:
     assert export.header("csv").startswith("id,creationDatetime,login,sender,receiver,tag,"
                                            "numberOfSms,credits,ptt,deliveryReceipt,")
     assert export._csv_line(["=1+1", "+33612****78", "-x"]) == "'=1+1,+33612****78,'-x\r\n"
+
+
+def test_a_csv_export_defuses_a_formula_behind_a_tab_or_a_carriage_return() -> None:
+    # OWASP's list: a cell starting with a tab or a carriage return is a formula too in
+    # some spreadsheets once they trim it.
+    assert export._csv_line(["\t=cmd", "\r=cmd"]) == "'\t=cmd,\"'\r=cmd\"\r\n"
