@@ -72,6 +72,15 @@ async def test_an_unreachable_database_is_unavailable(postgres_server: str) -> N
         await store.open()
 
 
+@pytest.mark.parametrize("url", ["postgresql://u:s3cret@127.0.0.1:abc/db",
+                                 "postgresql://u:s3cret@[::1/db"])
+async def test_a_malformed_url_is_unavailable_without_its_password(url: str) -> None:
+    """A clear one-line error (the CLI's), not a traceback, and no password in it."""
+    with pytest.raises(StoreUnavailable) as refused:
+        await open_store(url, "cli").open()
+    assert "s3cret" not in str(refused.value)
+
+
 def test_every_sqlite_migration_has_its_postgresql_dialect() -> None:
     """A migration added for SQLite alone would leave PostgreSQL stores a schema behind:
     each number has its file in both folders."""

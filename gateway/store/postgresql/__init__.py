@@ -321,11 +321,17 @@ class PostgreSQLStore:
 
     async def open(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=_POOL_SIZES[self._role],
-                timeout=self._timeout, command_timeout=None, reset=_keep_session,
-                server_settings={"application_name": f"http2sms-{self._role}",
-                                 **_SERVER_SETTINGS[self._role]})
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self.dsn, min_size=1, max_size=_POOL_SIZES[self._role],
+                    timeout=self._timeout, command_timeout=None, reset=_keep_session,
+                    server_settings={"application_name": f"http2sms-{self._role}",
+                                     **_SERVER_SETTINGS[self._role]})
+            except ValueError as exc:
+                # asyncpg's parsing of the URL (a port that is not a number, a broken
+                # IPv6 host): its message names the part, never the password.
+                raise StoreUnavailable(f"cannot open the PostgreSQL store: a malformed "
+                                       f"URL ({exc})") from None
             await self._migrate()
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             await self.close()
