@@ -480,7 +480,8 @@ class MaintenanceStore(StoreLifecycle, Protocol):
                            limit: int) -> PurgeStep:
         """Erase the personal data of every final message of the account to `number` and
         of its incoming messages from it, in transactions of at most `limit` rows; those
-        not final yet are counted in `held`, not erased."""
+        not final yet are counted in `held`, not erased. The parts kept of its long
+        messages from it, once whole, are deleted (they hold the text too)."""
         ...
     async def reclaim_space(self, *, pages: int) -> int:
         """Give up to `pages` free pages back to the file system (SQLite's incremental

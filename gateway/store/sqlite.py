@@ -1755,6 +1755,11 @@ class SQLiteStore:
                 for start in range(0, len(ids), limit):
                     erased += await self._erase_ids(table, column, number,
                                                     ids[start:start + limit])
+
+        async def parts(db: Conn) -> None:
+            await db.execute(_ERASE_PARTS, (number, account_id))
+
+        await self._transaction(parts, yield_for=PURGE_GIVE_WAY)
         return PurgeStep(erased=erased, held=held)
 
     async def _erase_ids(self, table: str, column: str, number: str,
@@ -1929,6 +1934,12 @@ _PURGED: dict[PurgedRows, tuple[str, str]] = {
     "messages": ("messages", "receiver"),
     "incoming": ("incoming_messages", "sender"),
 }
+# The parts of the account's long messages from a number, kept after their message was
+# whole (to know a part sent again): they hold its text too (erase_number). By the parts'
+# primary key (sender first), each part's message by its own.
+_ERASE_PARTS = ("DELETE FROM incoming_parts WHERE sender = ? AND incoming_id IN "
+                "(SELECT id FROM incoming_messages WHERE id = incoming_parts.incoming_id "
+                "AND account_id = ?)")
 # Rows read per page when looking for a number (erase_number).
 _SCAN_PAGE = 5000
 # The tables `store_stats` counts.

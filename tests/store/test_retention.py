@@ -17,7 +17,13 @@ from gateway.config import Config, RetentionConfig
 from gateway.hooks.callbacks import callback_params
 from gateway.metrics import Metrics
 from gateway.purge import Purger
-from gateway.records import IncomingMessage, OutboxResult, SendOrder, StateUpdate
+from gateway.records import (
+    IncomingMessage,
+    IncomingPart,
+    OutboxResult,
+    SendOrder,
+    StateUpdate,
+)
 from gateway.retention import DAY
 from gateway.service import Management
 from gateway.store import NotFound, Store
@@ -144,6 +150,28 @@ async def test_erasure_by_number_says_how_many(stores: Opener) -> None:  # noqa:
     assert [(await store.get_message(i)).body for i in (*ids, *again)] == \
         ["", "hello", "hello", ""]
     assert (await management.erase_number("acme", "+33612300000")).erased == 0
+
+
+async def test_erasure_by_number_erases_the_parts_of_its_long_messages(
+        stores: Opener) -> None:  # noqa: F811
+    """The parts of a long message are kept after it is whole (to know one sent again):
+    they hold its text and number too. Another account's stay."""
+    store = await stores("cli")
+    await account_with_user(store, 1000)
+    await store.add_sender("acme", "ACME")
+    await store.create_account("beta", 0, at=T0)
+    await store.add_sender("beta", "BETA")
+    for receiver in ("ACME", "BETA"):
+        found = await store.add_incoming_parts([
+            IncomingPart(f"fp-{receiver}-{seq}", "+33611111111", receiver, 7, 2, seq, body, T0)
+            for seq, body in ((1, "my code "), (2, "is 1234"))])
+        assert found[1]
+    done = await Management(store, Config()).erase_number("acme", "+33611111111")
+    assert done.erased == 1
+    async with store.read_tables() as snapshot:
+        left = [row async for rows in snapshot.rows(
+            "incoming_parts", ("receiver", "body"), batch=10) for row in rows]
+    assert sorted(left) == [("BETA", "is 1234"), ("BETA", "my code ")]
 
 
 async def test_an_export_reads_pages_by_id_in_its_time_range(stores: Opener) -> None:  # noqa: F811

@@ -1794,6 +1794,15 @@ class PostgreSQLStore:
                         return _count(await db.execute(sql, masked, chunk, number))
 
                     erased += await self._transaction(body)
+
+        async def parts(db: Conn) -> None:
+            # The parts of its long messages, kept after each was whole: its text too.
+            await db.execute(
+                "DELETE FROM incoming_parts p WHERE p.sender = $1 AND EXISTS (SELECT 1 "
+                "FROM incoming_messages i WHERE i.id = p.incoming_id AND i.account_id = $2)",
+                number, account_id)
+
+        await self._transaction(parts)
         return PurgeStep(erased=erased, held=held)
 
     async def reclaim_space(self, *, pages: int) -> int:
