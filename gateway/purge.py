@@ -30,7 +30,7 @@ from gateway.config import RetentionConfig
 from gateway.metrics import Metrics
 from gateway.records import PurgeStep
 from gateway.retention import AccountRetention, Retention
-from gateway.store import MaintenanceStore, PurgedRows, StoreError, Taken
+from gateway.store import MaintenanceStore, PurgedRows, StoreError, Taken, rules
 
 log = structlog.get_logger("gateway.purge")
 
@@ -160,6 +160,10 @@ class Purger:
                     await self._batches(report, "deleted", _TABLES[what], partial(
                         self._store.delete_due, account.account_id, what,
                         before=cut.delete_before, limit=limit))
+        # The parts of long incoming messages hold texts and numbers of no account yet:
+        # kept a day at most (their message is then whole, or never will be).
+        await self._batches(report, "deleted", "incoming_parts", partial(
+            self._parts, self._clock.now() - rules.INCOMING_PARTS_SECONDS, limit))
         default = retention.cutoffs(self._clock.now(), self._defaults).delete_before
         await self._batches(report, "deleted", "outbox", partial(
             self._store.delete_outbox_due, outbox_before, default, limit=limit))
@@ -171,6 +175,10 @@ class Purger:
                      after_id: int) -> PurgeStep:
         # The store keeps the erasure's place itself (erased rows stay).
         return await self._store.erase_due(account_id, what, before=before, limit=limit)
+
+    async def _parts(self, before: float, limit: int, *, after_id: int) -> PurgeStep:
+        # Deleted rows are gone: each batch takes the oldest left, no place to keep.
+        return await self._store.delete_parts_due(before=before, limit=limit)
 
     async def _batches(self, report: PurgeReport, kind: str, table: str,
                        step: Callable[..., Awaitable[PurgeStep]]) -> None:

@@ -472,6 +472,11 @@ class MaintenanceStore(StoreLifecycle, Protocol):
         """Delete finished outbox items (and their attempts) created before their
         account's time in `before` (else `default_before`; None: kept)."""
         ...
+    async def delete_parts_due(self, *, before: float, limit: int) -> PurgeStep:
+        """Delete up to `limit` parts of long incoming messages kept since before `before`
+        (whole or not: a part waits a day at most, `rules.INCOMING_PARTS_SECONDS`); `done`
+        once none is left."""
+        ...
     async def purge_preview(self, account_id: int, *, erase_before: float | None,
                             delete_before: float | None) -> dict[str, int]:
         """How many of the account's rows the purge would erase and delete now."""

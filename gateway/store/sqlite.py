@@ -1716,6 +1716,15 @@ class SQLiteStore:
 
         return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
 
+    async def delete_parts_due(self, *, before: float, limit: int) -> PurgeStep:
+        async def body(db: Conn) -> PurgeStep:
+            cursor = await db.execute(
+                "DELETE FROM incoming_parts WHERE rowid IN (SELECT rowid FROM incoming_parts "
+                "WHERE created_at < ? LIMIT ?)", (before, limit))
+            return PurgeStep(deleted=cursor.rowcount, done=cursor.rowcount < limit)
+
+        return await self._transaction(body, yield_for=PURGE_GIVE_WAY)
+
     async def purge_preview(self, account_id: int, *, erase_before: float | None,
                             delete_before: float | None) -> dict[str, int]:
         found: dict[str, int] = {}

@@ -174,6 +174,26 @@ async def test_erasure_by_number_erases_the_parts_of_its_long_messages(
     assert sorted(left) == [("BETA", "is 1234"), ("BETA", "my code ")]
 
 
+async def test_the_purge_deletes_parts_of_long_incoming_messages_after_a_day(
+        stores: Opener) -> None:  # noqa: F811
+    """Whole or not, a part held its text and number: not longer than it can be used."""
+    store = await stores("delivery")
+    await account_with_user(store, 1000)
+    await store.add_sender("acme", "ACME")
+    await store.add_incoming_parts([
+        IncomingPart(f"fp-{seq}", "+33611111111", "ACME", 7, 2, seq, body, T0)
+        for seq, body in ((1, "my code "), (2, "is 1234"))])
+    await store.add_incoming_parts([IncomingPart(f"fp-{n}", "+33611111111", "ACME", n, 2, 1,
+                                                 "waits", T0 + n) for n in (8, 9, 10, 11)])
+    clock = ManualClock(T0 + DAY + 9.5)
+    report = await purger(store, clock).run()
+    assert report.deleted == {"incoming_parts": 4}
+    async with store.read_tables() as snapshot:
+        left = [row async for rows in snapshot.rows(
+            "incoming_parts", ("group_ref", "body"), batch=10) for row in rows]
+    assert sorted(left) == [(10, "waits"), (11, "waits")]
+
+
 async def test_an_export_reads_pages_by_id_in_its_time_range(stores: Opener) -> None:  # noqa: F811
     store = await stores("cli")
     user = await account_with_user(store, 100_000)

@@ -1748,6 +1748,15 @@ class PostgreSQLStore:
 
         return await self._transaction(body)
 
+    async def delete_parts_due(self, *, before: float, limit: int) -> PurgeStep:
+        async def body(db: Conn) -> PurgeStep:
+            deleted = _count(await db.execute(
+                "DELETE FROM incoming_parts WHERE ctid = ANY(ARRAY(SELECT ctid FROM "
+                "incoming_parts WHERE created_at < $1 LIMIT $2))", before, limit))
+            return PurgeStep(deleted=deleted, done=deleted < limit)
+
+        return await self._transaction(body)
+
     async def purge_preview(self, account_id: int, *, erase_before: float | None,
                             delete_before: float | None) -> dict[str, int]:
         found: dict[str, int] = {}
