@@ -7,8 +7,8 @@ process (`writer.WriteTurn`) and does not fsync its commits, which is what a pur
 must never delay a send wants. `http2sms purge` runs the same passes at once.
 
 A pass goes account by account (each with its own days, `gateway.retention`): erase the
-personal data due, delete the messages and incoming messages due, then the finished outbox
-items due, then give the free pages back (SQLite). Every store call is one transaction of
+personal data due, delete the messages and incoming messages due, then the parts of long
+incoming messages kept over a day, then the finished outbox items due, then give the free pages back (SQLite). Every store call is one transaction of
 at most `[retention] batch_size` rows, with a pause between two in which sends take the
 lock; one pass at a time across every process and node (`exclusive("purge")`).
 """
