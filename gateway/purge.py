@@ -8,8 +8,9 @@ must never delay a send wants. `http2sms purge` runs the same passes at once.
 
 A pass goes account by account (each with its own days, `gateway.retention`): erase the
 personal data due, delete the messages and incoming messages due, then the parts of long
-incoming messages kept over a day, then the finished outbox items due, then give the free pages back (SQLite). Every store call is one transaction of
-at most `[retention] batch_size` rows, with a pause between two in which sends take the
+incoming messages kept over a day, then the finished outbox items due, then give the free
+pages back (SQLite). Every store call is one transaction of at most `[retention]
+batch_size` rows, with a pause between two in which sends take the
 lock; one pass at a time across every process and node (`exclusive("purge")`).
 """
 
