@@ -196,12 +196,21 @@ async def _update(db: Conn, sql: str, row: str, rows: Sequence[Sequence[Any]]) -
         await db.execute(sql.format(",".join([row] * len(chunk))),
                          [value for each in chunk for value in each])
 
+# A table's next id: past its rows and past every id the purge deleted. SQLite gives a
+# rowid table MAX(id) + 1: once the purge deleted every row, ids would start again at 1 (an
+# old id naming a new message, and the purge's erasure, which walks on from the last id it
+# erased, never reaching the new ones).
+_DELETED_THROUGH = "{table}_deleted_through"
+_NEXT_ID = ("SELECT max(COALESCE(MAX(id), 0), COALESCE((SELECT CAST(value AS INTEGER) "
+            "FROM meta WHERE key = '" + _DELETED_THROUGH + "'), 0)) + 1 FROM {table}")
+
+
 async def _keep_incoming(db: Conn, owner: tuple[int, str], reference: str, sender: str,
                          receiver: str, body: str, at: float) -> int:
     cursor = await db.execute(
-        "INSERT INTO incoming_messages (account_id, reference, sender, receiver, body, tag, "
-        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (owner[0], reference, sender, receiver, body, owner[1], at))
+        "INSERT INTO incoming_messages (id, account_id, reference, sender, receiver, body, "
+        f"tag, created_at) VALUES (({_NEXT_ID.format(table='incoming_messages')}), "
+        "?, ?, ?, ?, ?, ?, ?)", (owner[0], reference, sender, receiver, body, owner[1], at))
     return int(cursor.lastrowid or 0)
 
 
@@ -795,8 +804,7 @@ class SQLiteStore:
                         "SELECT id, quota_active, quota_left FROM users "
                         f"WHERE id IN ({marks})", params):
                     quotas[uid] = left if active else None
-            (next_id,) = (await db.execute_fetchall(
-                "SELECT COALESCE(MAX(id), 0) + 1 FROM messages"))[0]
+            (next_id,) = (await db.execute_fetchall(_NEXT_ID.format(table="messages")))[0]
 
             decided = rules.decide_sends(orders, rules.Funds(balances, quotas), at=at,
                                          first_id=next_id, versions=versions)
@@ -1687,6 +1695,10 @@ class SQLiteStore:
                 (account_id, after_id, limit))
             plan = rules.deletion(rows, before, limit)
             if plan.delete:
+                await db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                    "SET value = max(CAST(value AS INTEGER), excluded.value)",
+                    (_DELETED_THROUGH.format(table=table), max(plan.delete)))
                 marks, params = _in(plan.delete)
                 if what == "messages":
                     for child in ("message_events", "message_parts", "purge_held"):
@@ -1895,7 +1907,7 @@ class _SQLiteSource:
     async def counters(self) -> Counters:
         rows = list(await self._conn.execute_fetchall(
             "SELECT (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'settings_version'), "
-            "(SELECT COALESCE(MAX(id), 0) + 1 FROM messages)"))
+            f"({_NEXT_ID.format(table='messages')})"))
         return Counters(int(rows[0][0] or 0), int(rows[0][1]))
 
 
@@ -1924,8 +1936,13 @@ class _SQLiteSink:
                                    [(v, i) for i, v in versions])
 
     async def set_counters(self, counters: Counters) -> None:
-        # Message ids follow the messages (MAX(id) + 1); the settings versions' counter
+        # Message ids go past the messages copied and past the source's next id (which
+        # may be past them: its newest messages deleted); the settings versions' counter
         # goes past every version copied, and past the source's.
+        await self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+            "SET value = max(CAST(value AS INTEGER), excluded.value)",
+            (_DELETED_THROUGH.format(table="messages"), counters.next_message_id - 1))
         await self._db.execute(
             "INSERT INTO meta (key, value) VALUES ('settings_version', max(?, "
             "(SELECT COALESCE(MAX(settings_version), 0) FROM accounts), "

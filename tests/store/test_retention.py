@@ -194,6 +194,31 @@ async def test_the_purge_deletes_parts_of_long_incoming_messages_after_a_day(
     assert sorted(left) == [(10, "waits"), (11, "waits")]
 
 
+async def test_the_ids_of_deleted_messages_are_never_given_again(
+        stores: Opener) -> None:  # noqa: F811
+    """Once the purge deleted every message, SQLite's MAX(id) + 1 started again at 1: a
+    client's old id named a new message, and the erasure, walking on from the ids it had
+    erased, never reached the new ones."""
+    store = await stores("delivery")
+    user = await account_with_user(store, 100_000)
+    await store.add_sender("acme", "ACME")
+    ids = await sent_and_final(store, order(user, 100), 3, at=T0)
+    (reply,) = await store.add_incoming([IncomingMessage(
+        0, 0, "ref", "+33612300000", "ACME", "STOP", "", T0)])
+    later = T0 + 401 * DAY
+    clock = ManualClock(later)
+    purge = purger(store, clock)
+    assert (await purge.run()).deleted == {"messages": 3, "incoming_messages": 1}
+    new = await sent_and_final(store, order(user, 100), 1, at=later)
+    assert new[0] > max(ids)
+    (again,) = await store.add_incoming([IncomingMessage(
+        0, 0, "ref-2", "+33612300000", "ACME", "START", "", later)])
+    assert again > reply
+    clock.advance(91 * DAY)
+    assert (await purge.run()).erased == {"messages": 1, "incoming_messages": 1}
+    assert (await store.get_message(new[0])).body == ""
+
+
 async def test_an_export_reads_pages_by_id_in_its_time_range(stores: Opener) -> None:  # noqa: F811
     store = await stores("cli")
     user = await account_with_user(store, 100_000)
