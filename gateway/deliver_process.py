@@ -14,6 +14,8 @@ every claim at its start (and waits while one does).
 On SQLite one process delivers at a time, as with `serve`'s worker: this one holds the
 store's `delivery` lock, or waits for it and says so.
 
+It runs the retention purge too (gateway.purge), as every process that delivers does.
+
 SIGTERM or SIGINT: finish the batch in hand, store the reports received, stop; a second
 signal stops at once.
 """
@@ -32,6 +34,7 @@ from gateway.app import delivery_services
 from gateway.clock import SystemClock
 from gateway.config import Config
 from gateway.metrics import Metrics
+from gateway.purge import Purger
 from gateway.server import spare_the_start_up_heap, store_location
 from gateway.store import open_store, parse_url
 from gateway.worker_process import hold_delivery, lost
@@ -91,9 +94,14 @@ async def run(config: Config, *, ready: asyncio.Event | None = None) -> None:
         callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
                                                   ZoneInfo(config.send.timezone),
                                                   follow_store=True, shared=shared)
+        # The retention purge runs where delivery runs (gateway.purge): with gateways that
+        # do not deliver (server.delivery = false), here or nowhere. Its own lock keeps it
+        # to one process per store.
+        purger = Purger(store, SystemClock(), config.retention, metrics=metrics)
         try:
             await callbacks.start()
             await dispatcher.start()
+            await purger.start()
             log.info("deliver_ready", mode="shared" if shared else "alone")
             if ready is not None:
                 ready.set()
@@ -103,6 +111,7 @@ async def run(config: Config, *, ready: asyncio.Event | None = None) -> None:
                 log.info("deliver_stopping")
         finally:
             losing.cancel()
+            await purger.stop()
             await dispatcher.stop()
             await callbacks.stop()
         lost(lock)

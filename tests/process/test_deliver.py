@@ -258,3 +258,24 @@ async def end_lock_sessions(url: str) -> int:
             "(SELECT oid FROM pg_database WHERE datname = current_database())"))
     finally:
         await conn.close()
+
+
+async def test_a_deliver_worker_runs_the_retention_purge(tmp_path: Path) -> None:
+    """With gateways that do not deliver, `deliver` is where the purge runs: without it,
+    nothing was ever erased nor deleted."""
+    db = tmp_path / "store.sqlite3"
+    await prepare_store(db, credits=1000)
+    ids = await queue_messages(db, 3)
+    old = time.time() - 500 * 86400
+    dbrows.query(str(db), "UPDATE messages SET state = 'final', created_at = ? "
+                 "WHERE id IN (?, ?, ?)", (old, *ids))
+    async with servers() as started:
+        worker = await ServerProcess.deliver(db, env={"HTTP2SMS_RETENTION_INTERVAL_SECONDS": "1"})
+        started.append(worker)
+
+        async def deleted() -> bool:
+            return dbrows.query(str(db), "SELECT COUNT(*) AS n FROM messages")[0]["n"] == 0
+
+        await wait_for(deleted, timeout=20, what="the purge to delete the old messages")
+        assert worker.events("purge_done")
+        assert await worker.stop() == 0
