@@ -146,6 +146,8 @@ def _unopened(path: str) -> Iterator[None]:
     except FileNotFoundError:
         yield
         return
+    except OSError as exc:
+        raise StoreError(f"cannot open the store {path}: {exc}") from None
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, _SHARED_SIZE, _SHARED_FIRST)

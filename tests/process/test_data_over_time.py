@@ -381,3 +381,15 @@ def test_a_restore_refuses_a_store_open_in_another_process(tmp_path: Path) -> No
         holder.stdin.close()
         holder.wait(10)
     assert ok_json(db, "restore", str(copy), "--force")["messages"] == 0
+
+
+def test_a_restore_over_a_folder_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "live.sqlite3"
+    asyncio.run(prepare_store(db, credits=100))
+    copy = tmp_path / "backup.sqlite3"
+    ok_json(db, "backup", str(copy))
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    refused = run(folder, "restore", str(copy), "--force")
+    assert refused.exit_code == 2 and "cannot open the store" in refused.stderr
+    assert folder.is_dir()
