@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import types
 from collections import Counter
 from collections.abc import Sequence
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway import ptt
 from gateway.clock import ManualClock
-from gateway.config import ConfigError, OperatorConfig, SimulatedOperatorConfig
+from gateway.config import ConfigError, OperatorConfig, SimulatedOperatorConfig, SmppSettings
 from gateway.operators import create
 from gateway.operators.base import Acknowledgement, Inbound, LinkStatus, Taken
 from gateway.operators.simulated import (
@@ -25,6 +27,7 @@ from gateway.operators.simulated import (
     reference,
     timeline,
 )
+from gateway.operators.smpp.connector import SmppOperator
 from gateway.records import OperatorReport, OutgoingMessage
 
 T0 = 1_700_000_000.0
@@ -332,3 +335,16 @@ class SmppStub(OperatorConfig, frozen=True, tag="smpp"):
 def test_an_unknown_operator_kind_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="smpp"):
         create(SmppStub(), ManualClock())
+
+
+async def test_a_receipt_without_id_is_logged_without_the_message_s_text() -> None:
+    """A receipt's `text:` field holds the message's first characters (a one-time code)."""
+    operator = SmppOperator(SmppSettings(), ManualClock(0))
+    operator._sink = object()  # type: ignore[assignment]  # never called: no id to match
+    pdu = types.SimpleNamespace(
+        short_message=b"sub:001 dlvrd:001 stat:DELIVRD err:000 text:Your code is 123456",
+        receipted_message_id=None, message_state=None)
+    with capture_logs() as logged:
+        await operator._receipt(pdu)  # type: ignore[arg-type]
+    assert [e["event"] for e in logged] == ["smpp_receipt_without_id"]
+    assert "123456" not in str(logged) and "stat:DELIVRD" in logged[0]["text"]

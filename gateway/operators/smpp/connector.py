@@ -461,7 +461,9 @@ class SmppOperator:
         receipt = pdus.parse_receipt(text, receipted_message_id=receipted,
                                      message_state=state, receipt_id=self._settings.receipt_id)
         if receipt is None:
-            log.warning("smpp_receipt_without_id", text=text[:80])
+            # Without its `text:` field: the first characters of the message (a code).
+            log.warning("smpp_receipt_without_id",
+                        text=text.split("text:", 1)[0].split("Text:", 1)[0][:80])
             return ESME_ROK  # cannot be matched ever: answered, not redelivered for ever
         self.receipts[receipt.stat] = self.receipts.get(receipt.stat, 0) + 1
         self._metrics.smpp_receipts.labels(
