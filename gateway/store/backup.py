@@ -163,6 +163,10 @@ async def restore(source: str, target: str, *, force: bool = False) -> Checked:
     """Put a checked copy of the backup `source` in the place of the store `target`."""
     if not Path(source).is_file():
         raise StoreError(f"no backup at {source}")
+    if Path(target).exists() and os.path.samefile(source, target):
+        # Read through a connection of this process, the store would lose the lock that
+        # keeps others out while it is replaced (POSIX locks go with any close).
+        raise StoreError(f"{source} is the store itself: nothing to restore")
     if in_use(target):
         raise StoreError(f"the store {target} is in use by a running gateway: stop it first")
     if Path(target).exists() and not force:

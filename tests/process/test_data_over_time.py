@@ -393,3 +393,12 @@ def test_a_restore_over_a_folder_is_a_clear_error(tmp_path: Path) -> None:
     refused = run(folder, "restore", str(copy), "--force")
     assert refused.exit_code == 2 and "cannot open the store" in refused.stderr
     assert folder.is_dir()
+
+
+def test_a_restore_of_the_store_from_itself_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "live.sqlite3"
+    asyncio.run(prepare_store(db, credits=100))
+    inode = db.stat().st_ino
+    refused = run(db, "restore", str(db), "--force")
+    assert refused.exit_code == 2 and "the store itself" in refused.stderr
+    assert db.stat().st_ino == inode
