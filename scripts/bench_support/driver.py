@@ -1025,8 +1025,6 @@ def add_retention_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the retention benchmark instead (issue 23): alternated runs "
                         "with and without the purge on a store of --prefill old messages, "
                         "then the time to purge them")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="--retention: pairs of runs without and with the purge (2)")
     parser.add_argument("--purge-limit", type=float, default=1800.0,
                         help="--retention: most seconds to wait for the purge to finish")
 
@@ -1275,8 +1273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the gateway's store: SQLite (default), PostgreSQL (a throwaway "
                         "cluster with durable settings, started and removed by the bench; "
                         "adds a run of `serve --processes 2`), or both, alternated")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="empty-store runs of each store, alternated (1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="empty-store runs of each store, alternated (1); with "
+                        "--retention, pairs of runs without and with the purge (2)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     add_retention_arguments(parser)
     args = parser.parse_args(argv)
@@ -1285,6 +1284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.rounds is None:
+        args.rounds = 2 if args.retention else 1
     if args.duration <= 0 or args.duration > 3600 or args.warmup < 0 or args.warmup > 600:
         parser.error("--duration must be in (0, 3600] and --warmup in [0, 600]")
     if not 1 <= args.threads <= args.connections <= 10_000:
