@@ -138,6 +138,10 @@ _SERVER_SETTINGS: dict[Role, dict[str, str]] = {
     "send": {}, "delivery": {"synchronous_commit": "off"}, "cli": {},
 }
 
+# Group commits the send process keeps in flight (SendStore.concurrent_commits). Measured
+# in docs/benchmark.md; each holds one of the pool's connections while it commits.
+_CONCURRENT_COMMITS = 2
+
 # A deadlock costs one of its transactions; it runs again, up to this many times.
 _RETRIES = 5
 
@@ -297,6 +301,10 @@ async def _add_part(db: Conn, part: IncomingPart, owner: tuple[int, str] | None)
 
 
 class PostgreSQLStore:
+    # Group commits in flight at once (by account, see gateway.send.batcher): one's round
+    # trips and WAL flush overlap the other's, and their flushes are shared.
+    concurrent_commits = _CONCURRENT_COMMITS
+
     def __init__(self, location: str, *, role: Role = "cli",
                  busy_timeout: float | None = None) -> None:
         """Built by `gateway.store.open_store` from a `postgresql://` URL (`location`: what
