@@ -216,7 +216,9 @@ async def test_deliveries_apply_beside_a_send_holding_the_account_refunds_wait_f
     watcher = await asyncpg.connect(postgres_url)
     try:
         alice = await account_with_user(store, 10)
-        (sent,) = await store.commit_sends([order(alice, 2, recipients=2)], at=T0 + 1)
+        bob = await account_with_user(store, 10, name="other", login="bob")
+        (sent,) = await store.commit_sends([order(alice, 2, recipients=3)], at=T0 + 1)
+        (elsewhere,) = await store.commit_sends([order(bob, 2)], at=T0 + 1)
         delivered = StateUpdate.from_ptt(sent.ids[0], 4, T0 + 2)
         failed = StateUpdate.from_ptt(sent.ids[1], 23, T0 + 2)  # final, not billed
         assert not rules.may_refund(delivered) and rules.may_refund(failed)
@@ -224,13 +226,18 @@ async def test_deliveries_apply_beside_a_send_holding_the_account_refunds_wait_f
             await blocker.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
                                   alice.account_id)
             await asyncio.wait_for(store.apply_updates([delivered]), 10)
+            # In one batch with another account's refund: only that account is locked.
+            await asyncio.wait_for(store.apply_updates([
+                StateUpdate.from_ptt(sent.ids[2], 4, T0 + 2),
+                StateUpdate.from_ptt(elsewhere.ids[0], 23, T0 + 2)]), 10)
             refund = asyncio.create_task(store.apply_updates([failed]))
             await waiting_for_locks(watcher, 1)
             assert not refund.done()
             await blocker.execute("UPDATE accounts SET balance = balance - 1 WHERE id = $1",
                                   alice.account_id)
         await refund
-        assert (await store.get_account("acme")).balance == 6 - 1 + 2
+        assert (await store.get_account("acme")).balance == 4 - 1 + 2
+        assert (await store.get_account("other")).balance == 10
         assert (await store.get_message(sent.ids[0])).state == "final"
     finally:
         await blocker.close()

@@ -952,18 +952,20 @@ class PostgreSQLStore:
         """`apply_updates` inside the caller's transaction (which may hold the locks
         already: taken again, in the same order, they cost nothing).
 
-        The accounts' rows are locked only when an update may refund (`rules.may_refund`):
-        the messages' own locks keep a report applied twice from acting twice, and a batch
-        of deliveries holding every account's row until its commit held up the sends of
-        all those accounts (docs/benchmark.md, 7 December)."""
+        Only the accounts of the messages an update may refund (`rules.may_refund`) are
+        locked: the messages' own locks keep a report applied twice from acting twice, and
+        a batch of reports holding every account's row until its commit held up the sends
+        of all those accounts (docs/benchmark.md, 7 December)."""
         if not updates:
             return AppliedUpdates()
         ids = sorted({u.message_id for u in updates})
-        refunding = any(rules.may_refund(u) for u in updates)
+        refunding = sorted({u.message_id for u in updates if rules.may_refund(u)})
+        locked: set[int] = set()
         if refunding:
-            accounts = [r[0] for r in await db.fetch(
-                "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])", ids)]
-            await self._lock_accounts(db, accounts)
+            locked = {r[0] for r in await db.fetch(
+                "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])",
+                refunding)}
+            await self._lock_accounts(db, locked)
         rows = await db.fetch(
             "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
             "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
@@ -992,8 +994,8 @@ class PostgreSQLStore:
                   c.at) for c in plan.callbacks])
             await self._notify(db, "outbox")
         refunds = plan.refunds
-        if refunds and not refunding:
-            raise AssertionError("a refund planned without its accounts locked")
+        if not {r.account_id for r in refunds} <= locked:
+            raise AssertionError("a refund planned without its account locked")
         if refunds:
             await db.executemany(
                 "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
