@@ -184,7 +184,13 @@ class SendStore(StoreLifecycle, Protocol):
       before the commit). Readers that follow new messages of several accounts must not
       treat "the highest id seen" as "all below it are seen". Within one account they
       do (see `ReadStore`).
+
+    `concurrent_commits`: how many `commit_sends` a caller may have in flight at once to
+    gain anything (SQLite: 1, its single writer takes them in turn; PostgreSQL: more,
+    it commits them side by side). More is always correct, only not faster.
     """
+
+    concurrent_commits: int
 
     async def send_context(self, account: str, login: str, *,
                            fresh: bool = False) -> SendContext | None:

@@ -286,6 +286,12 @@ def part_delivery_stands(parts: int, delivered_parts: int, new: bool) -> bool:
     return new and delivered_parts >= parts
 
 
+def may_refund(update: StateUpdate) -> bool:
+    """Whether `plan_updates` may refund for this update, whatever its message's state: a
+    final state the operator did not bill. A store locks the accounts' rows only then."""
+    return update.final and not update.billed
+
+
 def plan_updates(updates: Sequence[StateUpdate], current: Mapping[int, Pending]
                  ) -> UpdatePlan:
     """Apply `updates` in order to the messages in `current`.
@@ -321,7 +327,7 @@ def plan_updates(updates: Sequence[StateUpdate], current: Mapping[int, Pending]
                 mid, message.account_id, message.user_id, message.callback_url,
                 {"id": mid, "ptt": update.ptt, "dlr": update.dlr, "at": update.at,
                  "tag": message.tag}, update.at))
-        if update.final and not update.billed and message.credits:
+        if may_refund(update) and message.credits:
             plan.refunds.append(Refund(
                 update.at, mid, update.ptt, message.account_id, message.user_id,
                 message.login, refund_pool(message.charged_to, message.quota_active),

@@ -317,6 +317,9 @@ _ROLES: dict[Role, tuple[Turn | None, bool]] = {
 
 
 class SQLiteStore:
+    # One writer: a second batch in flight would only wait for the first's turn.
+    concurrent_commits = 1
+
     def __init__(self, path: str | Path, *, role: Role = "cli",
                  busy_timeout: float | None = None) -> None:
         """Built by `gateway.store.open_store`; `busy_timeout` None: 10 seconds."""

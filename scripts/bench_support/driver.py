@@ -1434,14 +1434,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.rounds is None:
+        args.rounds = 2 if args.retention else 1
     if args.duration <= 0 or args.duration > 3600 or args.warmup < 0 or args.warmup > 600:
         parser.error("--duration must be in (0, 3600] and --warmup in [0, 600]")
     if not 1 <= args.threads <= args.connections <= 10_000:
         parser.error("need 1 <= --threads <= --connections <= 10000")
     if not 1 <= args.users <= 1000 or not 0 <= args.prefill <= 100_000_000:
         parser.error("--users must be in [1, 1000] and --prefill in [0, 100000000]")
-    if args.rounds is None:
-        args.rounds = 2 if args.retention else 1
     if not 1 <= args.rounds <= 20:
         parser.error("--rounds must be in [1, 20]")
     if not 1 <= args.recipients <= 9_900_000:  # the +3361 numbers load.lua can make

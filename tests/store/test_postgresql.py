@@ -12,8 +12,8 @@ from gateway.clock import SystemClock
 from gateway.delivery import Dispatcher
 from gateway.delivery_guard import DeliveryGuard
 from gateway.operators.base import LinkStatus, Taken
-from gateway.records import OutgoingMessage, UserChanges
-from gateway.store import StoreUnavailable, open_store, postgresql
+from gateway.records import OutgoingMessage, StateUpdate, UserChanges
+from gateway.store import StoreUnavailable, open_store, postgresql, rules
 from gateway.wakeups import WakeUps
 from tests import postgres
 from tests.store.test_contract import T0, account_with_user, order
@@ -208,6 +208,46 @@ async def test_a_ledger_page_never_skips_an_entry_that_commits_later_with_a_lowe
         await asyncio.gather(first, second)
         page = await store.list_ledger("acme", limit=10, after_id=seen.id)
         assert [e.amount for e in page] == [1000, 5]
+    finally:
+        await blocker.close()
+        await watcher.close()
+        await store.close()
+
+
+async def test_deliveries_apply_beside_a_send_holding_the_account_refunds_wait_for_it(
+        postgres_url: str) -> None:
+    """A report that cannot refund locks its message, not its account: it no longer waits
+    for (nor holds up) the sends committing on that account. A refund still takes the
+    account's row first, so it waits for the send's commit and adds to what it left."""
+    store = open_store(postgres_url, "send")
+    await store.open()
+    blocker = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    try:
+        alice = await account_with_user(store, 10)
+        bob = await account_with_user(store, 10, name="other", login="bob")
+        (sent,) = await store.commit_sends([order(alice, 2, recipients=3)], at=T0 + 1)
+        (elsewhere,) = await store.commit_sends([order(bob, 2)], at=T0 + 1)
+        delivered = StateUpdate.from_ptt(sent.ids[0], 4, T0 + 2)
+        failed = StateUpdate.from_ptt(sent.ids[1], 23, T0 + 2)  # final, not billed
+        assert not rules.may_refund(delivered) and rules.may_refund(failed)
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+                                  alice.account_id)
+            await asyncio.wait_for(store.apply_updates([delivered]), 10)
+            # In one batch with another account's refund: only that account is locked.
+            await asyncio.wait_for(store.apply_updates([
+                StateUpdate.from_ptt(sent.ids[2], 4, T0 + 2),
+                StateUpdate.from_ptt(elsewhere.ids[0], 23, T0 + 2)]), 10)
+            refund = asyncio.create_task(store.apply_updates([failed]))
+            await waiting_for_locks(watcher, 1)
+            assert not refund.done()
+            await blocker.execute("UPDATE accounts SET balance = balance - 1 WHERE id = $1",
+                                  alice.account_id)
+        await refund
+        assert (await store.get_account("acme")).balance == 4 - 1 + 2
+        assert (await store.get_account("other")).balance == 10
+        assert (await store.get_message(sent.ids[0])).state == "final"
     finally:
         await blocker.close()
         await watcher.close()

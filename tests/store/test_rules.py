@@ -166,6 +166,8 @@ def test_a_message_is_settled_refunded_and_changed_at_most_once(
     assert not set(finals) & already_final
     refunded = [r.message_id for r in plan.refunds]
     assert len(refunded) == len(set(refunded)) and set(refunded) <= set(finals)
+    # A store locks the accounts only for a batch `may_refund` says may refund.
+    assert set(refunded) <= {u.message_id for u in updates if rules.may_refund(u)}
     changed = [c.message_id for c in plan.changes]
     assert len(changed) == len(set(changed))
     assert {u.message_id for u in plan.applied} == set(changed)

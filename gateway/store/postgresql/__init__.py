@@ -138,6 +138,10 @@ _SERVER_SETTINGS: dict[Role, dict[str, str]] = {
     "send": {}, "delivery": {"synchronous_commit": "off"}, "cli": {},
 }
 
+# Group commits the send process keeps in flight (SendStore.concurrent_commits). Measured
+# in docs/benchmark.md; each holds one of the pool's connections while it commits.
+_CONCURRENT_COMMITS = 2
+
 # A deadlock costs one of its transactions; it runs again, up to this many times.
 _RETRIES = 5
 
@@ -297,6 +301,10 @@ async def _add_part(db: Conn, part: IncomingPart, owner: tuple[int, str] | None)
 
 
 class PostgreSQLStore:
+    # Group commits in flight at once (by account, see gateway.send.batcher): one's round
+    # trips and WAL flush overlap the other's, and their flushes are shared.
+    concurrent_commits = _CONCURRENT_COMMITS
+
     def __init__(self, location: str, *, role: Role = "cli",
                  busy_timeout: float | None = None) -> None:
         """Built by `gateway.store.open_store` from a `postgresql://` URL (`location`: what
@@ -948,13 +956,22 @@ class PostgreSQLStore:
     async def _apply_updates(self, db: Conn, updates: Sequence[StateUpdate]
                              ) -> AppliedUpdates:
         """`apply_updates` inside the caller's transaction (which may hold the locks
-        already: taken again, in the same order, they cost nothing)."""
+        already: taken again, in the same order, they cost nothing).
+
+        Only the accounts of the messages an update may refund (`rules.may_refund`) are
+        locked: the messages' own locks keep a report applied twice from acting twice, and
+        a batch of reports holding every account's row until its commit held up the sends
+        of all those accounts (docs/benchmark.md, 7 December)."""
         if not updates:
             return AppliedUpdates()
         ids = sorted({u.message_id for u in updates})
-        accounts = [r[0] for r in await db.fetch(
-            "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])", ids)]
-        await self._lock_accounts(db, accounts)
+        refunding = sorted({u.message_id for u in updates if rules.may_refund(u)})
+        locked: set[int] = set()
+        if refunding:
+            locked = {r[0] for r in await db.fetch(
+                "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])",
+                refunding)}
+            await self._lock_accounts(db, locked)
         rows = await db.fetch(
             "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
             "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
@@ -983,6 +1000,8 @@ class PostgreSQLStore:
                   c.at) for c in plan.callbacks])
             await self._notify(db, "outbox")
         refunds = plan.refunds
+        if not {r.account_id for r in refunds} <= locked:
+            raise AssertionError("a refund planned without its account locked")
         if refunds:
             await db.executemany(
                 "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
