@@ -737,23 +737,31 @@ async def test_a_report_before_its_message_is_recorded_as_taken_still_applies(
 
 class SlowFirstMarkStore:
     """The real store; the first mark_sent (the first chunk's) commits only after `others`
-    more have, as a write stuck behind others on a loaded machine."""
+    more have, as a write stuck behind others on a loaded machine. Claims wait for `ready`
+    (the link bound: else every message is told to try later, five seconds on)."""
 
     def __init__(self, path: str, others: int) -> None:
         self._store = open_store(path, "delivery")
+        self.ready = asyncio.Event()
         self.others = others
         self.marked = 0
         self.first_marked = False
+        self.first_waiting = asyncio.Event()
         self._calls = 0
         self._others_done = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
+    async def claim_messages(self, **kwargs: Any) -> Sequence[OutgoingMessage]:
+        await self.ready.wait()
+        return cast(Sequence[OutgoingMessage], await self._store.claim_messages(**kwargs))
+
     async def mark_sent(self, *args: Any, **kwargs: Any) -> None:
         self._calls += 1
         first = self._calls == 1
         if first:
+            self.first_waiting.set()
             await asyncio.wait_for(self._others_done.wait(), 20)
         await self._store.mark_sent(*args, **kwargs)
         if first:
@@ -784,6 +792,13 @@ async def test_receipts_before_a_slow_chunk_is_recorded_are_never_dropped(
     try:
         async with dispatching(config, cast(Any, operator), clock=SystemClock(),
                                store=cast(Store, slow)) as (dispatcher, store):
+            assert await operator.wait_bound(5), operator.link_status()
+            slow.ready.set()
+            await asyncio.wait_for(slow.first_waiting.wait(), 10)
+            # A reference no message has, meanwhile: held back with the others, then
+            # acknowledged (dropped) once every chunk before it is recorded.
+            stray = dispatcher.reports([OperatorReport.from_ptt("nobody", 4, time.time())])
+
             async def delivered() -> bool:
                 return await states(store, ids) == ["final"] * len(ids)
             await eventually(lambda: slow.first_marked, timeout=20)
@@ -791,6 +806,7 @@ async def test_receipts_before_a_slow_chunk_is_recorded_are_never_dropped(
             for message_id in ids:
                 assert (await store.get_message(message_id)).ptt == 4, message_id
             await eventually(lambda: smsc.receipts_acknowledged == len(ids))
+            await asyncio.wait_for(stray, 5)
             assert dispatcher.waiting_reports == 0
     finally:
         await smsc.stop()
