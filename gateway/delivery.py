@@ -37,11 +37,11 @@ committed send side:
   previous one committed); when that queued callbacks, the callback worker is woken. The
   `Acknowledgement` returned to the operator for a call completes once all of that call's
   reports are committed. A report can arrive before the `mark_sent` recording its
-  reference has committed (the network answers fast); while a hand-over is being recorded
-  such reports are held back, in order, and applied after it (or after the claim, when it
-  found nothing to hand over). A reference still unknown
-  after that belongs to no message the store knows: it is logged, and acknowledged (the
-  network would otherwise redeliver it for ever).
+  reference has committed (the network answers fast, and a chunk is recorded only once
+  all of it is answered): such a report is held back, in order, until every claim made
+  before it arrived has been recorded (or came back empty), and applied again then. A
+  reference still unknown after that belongs to no message this dispatcher handed over:
+  it is logged, and acknowledged (the network would otherwise redeliver it for ever).
 
 Messages an operator took and never settles end at its `expiry` (gateway.expiry), when it
 gives one: an expiry task settles them as it settles refusals.
@@ -111,11 +111,6 @@ LEASE_SECONDS = 60.0
 # CPU the burst stays below (405-423/s with the old dispatcher's 351-375/s, load 7 on two
 # cores): the gateway and the test SMSC then wait for a core, not for the dispatcher.
 PIPELINE_DEPTH = 4
-# Times a report with an unknown reference is held back for a hand-over being recorded,
-# when one is handed over at a time. Each recording that ends tries it again, so with chunks
-# in a pipeline it gets one more try per chunk besides its own (they may all be recorded
-# before the one that took its message).
-UNMATCHED_TRIES = 3
 
 T = TypeVar("T")
 InboundHandler = Callable[[Sequence[Inbound]], Awaitable[None]]
@@ -129,8 +124,9 @@ class _Ticket:
     done: Acknowledgement
 
 
-# A report waiting for the store: its sink call's ticket, and how many times it was held
-# back. A tuple: thousands a second are made.
+# A report waiting for the store: its sink call's ticket, and the number of the last claim
+# made when it arrived (its message, if handed over here, is in that claim or an earlier
+# one). A tuple: thousands a second are made.
 _Queued = tuple[OperatorReport, _Ticket, int]
 
 
@@ -162,15 +158,14 @@ class Dispatcher:
         # refused for good is taken apart to find the report(s) it refuses.
         self._isolating = 0
         self._reports_wake = asyncio.Event()
-        # Hand-overs between their claim and the end of their recording, and how many
-        # recordings have ended: the report loop decides with them whether an unknown
-        # reference may still be recorded (see the module doc).
-        self._handing = 0
-        self._recorded = 0
+        # Claims numbered as they start, and those whose hand-over is not recorded yet: a
+        # report with an unknown reference may belong to any of them made before it
+        # arrived (see the module doc).
+        self._claims = 0
+        self._unrecorded: set[int] = set()
         # A connector that paces its submits (it gives a batch hint) gets the next chunks
         # claimed while one is on its way: its window never drains between two chunks.
         self._depth = PIPELINE_DEPTH if batch_hint(operator) else 1
-        self._unmatched_tries = UNMATCHED_TRIES + self._depth - 1
         self._stopping = asyncio.Event()
         self._operator_stopped = False
         # Set once the messages in flight at the start are resumed. The hand-over waits
@@ -207,7 +202,8 @@ class Dispatcher:
             done.set_result(None)
             return done
         ticket = _Ticket(len(reports), done)
-        self._reports.extend([(report, ticket, 0) for report in reports])
+        mark = self._claims
+        self._reports.extend([(report, ticket, mark) for report in reports])
         self._reports_wake.set()
         return done
 
@@ -345,14 +341,16 @@ class Dispatcher:
                 # Cleared before looking, so that a commit while we look is not slept
                 # through.
                 self._wake.clear()
-                self._handing += 1
+                self._claims += 1
+                claim = self._claims
+                self._unrecorded.add(claim)
                 handed = False
                 due_at: float | None = None
                 try:
                     batch = await self._store.claim_messages(
                         now=self._clock.now(), lease=self._lease, limit=size)
                     if batch:
-                        task = asyncio.create_task(self._hand_over_claimed(batch),
+                        task = asyncio.create_task(self._hand_over_claimed(claim, batch),
                                                    name="delivery-hand-over-chunk")
                         running.add(task)
                         task.add_done_callback(running.discard)
@@ -365,28 +363,39 @@ class Dispatcher:
                     continue
                 finally:
                     if not handed:
-                        self._handing_done()
+                        self._claim_recorded(claim)
                 await self._sleep(due_at)
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
-    async def _hand_over_claimed(self, batch: Sequence[OutgoingMessage]) -> None:
+    async def _hand_over_claimed(self, claim: int,
+                                 batch: Sequence[OutgoingMessage]) -> None:
         try:
-            await self._hand_over(batch)
+            await self._hand_over(batch, claim)
         except Exception as exc:
             log.error("hand_over_failed", error=str(exc))
             await self._pause()
         finally:
-            self._handing_done()
+            # Also when it failed: the reports held back for it would otherwise wait,
+            # unacknowledged, for ever.
+            self._claim_recorded(claim)
             self._wake.set()  # a place is free: claim the next chunk
 
-    def _handing_done(self) -> None:
-        self._handing -= 1
-        if not self._handing:
-            # A claim that came back empty (or failed) records nothing: the reports
-            # held back for it would otherwise wait, unacknowledged, for ever.
-            self._requeue_held()
+    def _claim_recorded(self, claim: int) -> None:
+        """A claim's hand-over is recorded (or recorded nothing): the reports held back
+        only for claims up to it go back to the queue."""
+        if claim not in self._unrecorded:
+            return
+        self._unrecorded.discard(claim)
+        if not self._held:
+            return
+        oldest = min(self._unrecorded, default=self._claims + 1)
+        ready = [queued for queued in self._held if queued[2] < oldest]
+        if ready:
+            self._held = [queued for queued in self._held if queued[2] >= oldest]
+            self._reports[:0] = ready
+            self._reports_wake.set()
 
     async def _sleep(self, due_at: float | None) -> None:
         """Until `due_at` or a wake; meanwhile every `poll_seconds` a read of the store's
@@ -407,15 +416,16 @@ class Dispatcher:
             if due_at is not None and due_at <= self._clock.now():
                 return
 
-    async def _hand_over(self, messages: Sequence[OutgoingMessage]) -> None:
+    async def _hand_over(self, messages: Sequence[OutgoingMessage], claim: int) -> None:
         """Submit claimed messages and record each answer."""
         self._in_hand += len(messages)
         try:
-            await self._submit_and_record(messages)
+            await self._submit_and_record(messages, claim)
         finally:
             self._in_hand -= len(messages)
 
-    async def _submit_and_record(self, messages: Sequence[OutgoingMessage]) -> None:
+    async def _submit_and_record(self, messages: Sequence[OutgoingMessage],
+                                 claim: int) -> None:
         started = time.perf_counter()
         results: Sequence[SubmitResult] = ()
         try:
@@ -473,8 +483,7 @@ class Dispatcher:
                 "mark_sent", taken,
                 lambda: self._store.mark_sent([t.message_id for t in taken], at=now,
                                               references=taken))
-        self._recorded += 1
-        self._requeue_held()
+        self._claim_recorded(claim)  # its references are known: the reports for them apply
         if refused:
             await self._settle_refusals(refused)
         if later:
@@ -539,12 +548,6 @@ class Dispatcher:
 
     # -- reports -----------------------------------------------------------------------
 
-    def _requeue_held(self) -> None:
-        if self._held:
-            self._reports[:0] = self._held
-            self._held = []
-            self._reports_wake.set()
-
     async def _report_loop(self) -> None:
         while True:
             if not self._reports:
@@ -557,7 +560,9 @@ class Dispatcher:
             batch = self._reports[:size]
             del self._reports[:size]
             self._isolating = max(0, self._isolating - len(batch))
-            recorded = self._recorded
+            # Claims not recorded when the store looks: a report that arrived after the
+            # last of them started may still name one of their messages.
+            oldest = min(self._unrecorded, default=self._claims + 1)
             try:
                 applied = await self._store.apply_reports([q[0] for q in batch])
             except Exception as exc:
@@ -594,20 +599,22 @@ class Dispatcher:
             retried: set[int] = set()
             unknown: list[str] = []
             for position in applied.unmatched:
-                report, ticket, tries = batch[position]
-                if tries < self._unmatched_tries and (self._recorded != recorded
-                                                      or self._handing):
-                    retry.append((report, ticket, tries + 1))
+                queued = batch[position]
+                if queued[2] >= oldest:
+                    retry.append(queued)
                     retried.add(position)
                 else:
-                    unknown.append(report.reference)
+                    unknown.append(queued[0].reference)
             if unknown:
-                log.warning("reports_unmatched", reports=len(unknown), references=unknown[:10])
+                log.warning("reports_unmatched", reports=len(unknown), references=unknown[:10],
+                            hint="no message in the store has them, every hand-over "
+                                 "before them recorded: acknowledged, dropped")
             if retry:
-                if self._recorded != recorded:
-                    self._reports[:0] = retry  # recorded meanwhile: at once
-                else:
-                    self._held.extend(retry)
+                now_oldest = min(self._unrecorded, default=self._claims + 1)
+                ready = [queued for queued in retry if queued[2] < now_oldest]
+                if ready:
+                    self._reports[:0] = ready  # recorded meanwhile: at once
+                self._held.extend(queued for queued in retry if queued[2] >= now_oldest)
                 batch = [q for p, q in enumerate(batch) if p not in retried]
             self.applied += len(batch)
             _acknowledge(batch)

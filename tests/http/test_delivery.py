@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gateway.clock import ManualClock, SystemClock
-from gateway.config import Config
+from gateway.config import Config, SmppSettings
 from gateway.delivery import Dispatcher
 from gateway.operators.base import (
     Inbound,
@@ -30,6 +30,7 @@ from gateway.operators.base import (
     Taken,
 )
 from gateway.operators.simulated import reference
+from gateway.operators.smpp.connector import SmppOperator
 from gateway.records import (
     AppliedUpdates,
     OperatorReport,
@@ -42,6 +43,7 @@ from gateway.service import Management
 from gateway.store import OverCreditLimit, Store, open_store
 from tests import dbrows
 from tests.conftest import ACCOUNT, LOGIN, PASSWORD, SENDER, Harness, eventually, ledger_identity
+from tests.smsc import Smsc
 
 T0 = 1_700_000_000.0
 PARIS = ZoneInfo("Europe/Paris")
@@ -731,6 +733,83 @@ async def test_a_report_before_its_message_is_recorded_as_taken_still_applies(
         for message_id in ids:
             assert await history_of(store, message_id) == [(None, 0), (3, 4), (4, 1)]
         await asyncio.wait_for(acks[0], 5)
+
+
+class SlowFirstMarkStore:
+    """The real store; the first mark_sent (the first chunk's) commits only after `others`
+    more have, as a write stuck behind others on a loaded machine. Claims wait for `ready`
+    (the link bound: else every message is told to try later, five seconds on)."""
+
+    def __init__(self, path: str, others: int) -> None:
+        self._store = open_store(path, "delivery")
+        self.ready = asyncio.Event()
+        self.others = others
+        self.marked = 0
+        self.first_marked = False
+        self.first_waiting = asyncio.Event()
+        self._calls = 0
+        self._others_done = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim_messages(self, **kwargs: Any) -> Sequence[OutgoingMessage]:
+        await self.ready.wait()
+        return cast(Sequence[OutgoingMessage], await self._store.claim_messages(**kwargs))
+
+    async def mark_sent(self, *args: Any, **kwargs: Any) -> None:
+        self._calls += 1
+        first = self._calls == 1
+        if first:
+            self.first_waiting.set()
+            await asyncio.wait_for(self._others_done.wait(), 20)
+        await self._store.mark_sent(*args, **kwargs)
+        if first:
+            self.first_marked = True
+            return
+        self.marked += 1
+        if self.marked >= self.others:
+            self._others_done.set()
+
+
+async def test_receipts_before_a_slow_chunk_is_recorded_are_never_dropped(
+        config: Config) -> None:
+    """The SMSC sends each receipt before its submit_sm_resp; the first chunk's mark_sent
+    commits after ten others. Its receipts, unmatched until then, were tried again once per
+    chunk recorded meanwhile, at most six times, then acknowledged and dropped as naming no
+    message: messages delivered per the SMSC stayed sent (ptt 3) for ever (the bench's
+    reports_unmatched warnings)."""
+    ids = await seed_queued(config, 24, per_order=24)
+    smsc = Smsc()
+    await smsc.start()
+    smsc.auto_receipt, smsc.receipt_first = "DELIVRD", True
+    # A window of 2: chunks of 2 messages, 4 of them in flight (PIPELINE_DEPTH).
+    operator = SmppOperator(SmppSettings(host="127.0.0.1", port=smsc.port,
+                                         system_id="gateway", password="secret", window=2,
+                                         reconnect_first_seconds=0.05,
+                                         reconnect_max_seconds=0.2), SystemClock())
+    slow = SlowFirstMarkStore(config.store.path, others=10)
+    try:
+        async with dispatching(config, cast(Any, operator), clock=SystemClock(),
+                               store=cast(Store, slow)) as (dispatcher, store):
+            assert await operator.wait_bound(5), operator.link_status()
+            slow.ready.set()
+            await asyncio.wait_for(slow.first_waiting.wait(), 10)
+            # A reference no message has, meanwhile: held back with the others, then
+            # acknowledged (dropped) once every chunk before it is recorded.
+            stray = dispatcher.reports([OperatorReport.from_ptt("nobody", 4, time.time())])
+
+            async def delivered() -> bool:
+                return await states(store, ids) == ["final"] * len(ids)
+            await eventually(lambda: slow.first_marked, timeout=20)
+            await eventually(delivered, timeout=20)
+            for message_id in ids:
+                assert (await store.get_message(message_id)).ptt == 4, message_id
+            await eventually(lambda: smsc.receipts_acknowledged == len(ids))
+            await asyncio.wait_for(stray, 5)
+            assert dispatcher.waiting_reports == 0
+    finally:
+        await smsc.stop()
 
 
 async def test_inbound_messages_are_handed_on_and_acknowledged(config: Config) -> None:
