@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp import web
 
@@ -31,6 +30,7 @@ from tests.serverproc import (
     store_totals,
     wait_for,
 )
+from tests.store.test_postgresql import end_lock_sessions
 
 DEBUG = {"HTTP2SMS_LOG_LEVEL": "debug"}
 
@@ -246,18 +246,6 @@ async def test_a_gateway_s_delivery_worker_whose_lock_connection_ends_is_started
                                 (sent,))[0]["state"] == "final"
         await wait_for(final, timeout=20, what="the new worker to deliver")
         assert await gateway.stop() == 0
-
-
-async def end_lock_sessions(url: str) -> int:
-    """End the database sessions holding advisory locks (the store-wide locks)."""
-    conn = await asyncpg.connect(url)
-    try:
-        return int(await conn.fetchval(
-            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks "
-            "WHERE locktype = 'advisory' AND granted AND database = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database())"))
-    finally:
-        await conn.close()
 
 
 async def test_a_deliver_worker_runs_the_retention_purge(tmp_path: Path) -> None:
