@@ -14,7 +14,8 @@ every claim at its start (and waits while one does).
 On SQLite one process delivers at a time, as with `serve`'s worker: this one holds the
 store's `delivery` lock, or waits for it and says so.
 
-It runs the retention purge too (gateway.purge), as every process that delivers does.
+It runs what every process that delivers runs (gateway.delivery_role), the retention purge
+(gateway.purge) included.
 
 SIGTERM or SIGINT: finish the batch in hand, store the reports received, stop; a second
 signal stops at once.
@@ -23,21 +24,17 @@ signal stops at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-from zoneinfo import ZoneInfo
 
 import structlog
 
-from gateway.app import delivery_services
-from gateway.clock import SystemClock
 from gateway.config import Config
+from gateway.delivery import Dispatcher
+from gateway.delivery_role import DeliveryRole
 from gateway.metrics import Metrics
-from gateway.purge import Purger
-from gateway.server import spare_the_start_up_heap, store_location
-from gateway.store import open_store, parse_url
-from gateway.worker_process import hold_delivery, lost
+from gateway.server import store_location
+from gateway.store import parse_url
 
 log = structlog.get_logger("gateway.deliver")
 
@@ -76,49 +73,22 @@ async def run(config: Config, *, ready: asyncio.Event | None = None) -> None:
         log.info("deliver_starting", store=store_location(location), mode="alone",
                  detail="on SQLite one process delivers at a time: this one takes the "
                         "store's delivery lock, or waits while another process holds it")
-    store = open_store(config.store, "delivery")
-    await store.open()
     metrics = Metrics(per_account_labels=config.metrics.per_account_labels)
-    held = contextlib.AsyncExitStack()
+    role = DeliveryRole(config, metrics, shared=shared)
+    await role.open()
+
+    def delivering(dispatcher: Dispatcher) -> None:
+        log.info("deliver_ready", mode="shared" if shared else "alone")
+        if ready is not None:
+            ready.set()
+
     stopping = asyncio.create_task(stop.wait())
     try:
-        holding = asyncio.create_task(hold_delivery(store, held, shared=shared))
-        await asyncio.wait({holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not holding.done():
-            holding.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await holding
-            return
-        lock = holding.result()
-        losing = asyncio.create_task(lock.lost.wait())
-        callbacks, dispatcher = delivery_services(config, store, SystemClock(), metrics,
-                                                  ZoneInfo(config.send.timezone),
-                                                  follow_store=True, shared=shared)
-        # The retention purge runs where delivery runs (gateway.purge): with gateways that
-        # do not deliver (server.delivery = false), here or nowhere. Its own lock keeps it
-        # to one process per store.
-        purger = Purger(store, SystemClock(), config.retention, metrics=metrics)
-        try:
-            await callbacks.start()
-            await dispatcher.start()
-            await purger.start()
-            log.info("deliver_ready", mode="shared" if shared else "alone")
-            if ready is not None:
-                ready.set()
-            spare_the_start_up_heap()
-            await asyncio.wait({stopping, losing}, return_when=asyncio.FIRST_COMPLETED)
-            if stopping.done():
-                log.info("deliver_stopping")
-        finally:
-            losing.cancel()
-            await purger.stop()
-            await dispatcher.stop()
-            await callbacks.stop()
-        lost(lock)
+        await role.run({stopping}, on_ready=delivering,
+                       on_stop=lambda: log.info("deliver_stopping"))
     finally:
         stopping.cancel()
-        await store.close()
-        await held.aclose()
+        await role.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         log.info("deliver_stopped")
