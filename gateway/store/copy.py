@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.store import Store, StoreError
+from gateway.store import Store, StoreError, rules
 
 # Tables in an order where every row's references come before it. A table the copy does
 # not know (added by a later migration) is copied too, after these, by name.
@@ -81,30 +81,13 @@ def schema_differences(source: dict[str, tuple[str, ...]],
     return found
 
 
-def ledger_problems(side: str, totals: dict[str, int]) -> list[str]:
-    """The ledger identity, as `ledger_totals` gives it: purchased = balances + quotas +
-    spent, and the ledger's movements agree with the balances and quotas held."""
-    found = []
-    held = totals["balances"] + totals["quotas"] + totals["spent"]
-    if totals["purchased"] != held:
-        found.append(f"{side}: purchased {totals['purchased']} != balances + quotas + spent "
-                     f"{held}")
-    if totals["ledger_balances"] != totals["balances"]:
-        found.append(f"{side}: the ledger's balances {totals['ledger_balances']} != the "
-                     f"accounts' {totals['balances']}")
-    if totals["ledger_quotas"] != totals["quotas"]:
-        found.append(f"{side}: the ledger's quotas {totals['ledger_quotas']} != the users' "
-                     f"{totals['quotas']}")
-    return found
-
-
 def check(tables: Sequence[TableCount], source_totals: dict[str, int],
           target_totals: dict[str, int]) -> list[str]:
     """Everything that shows the target is not the source (empty: it is)."""
     found = [f"{t.table}: {t.source} rows in the source, {t.copied} copied, {t.target} in "
              "the target" for t in tables if not t.source == t.copied == t.target]
-    found += ledger_problems("source", source_totals)
-    found += ledger_problems("target", target_totals)
+    for side, totals in (("source", source_totals), ("target", target_totals)):
+        found += [f"{side}: {problem}" for problem in rules.ledger_problems(totals)]
     if source_totals != target_totals:
         found.append(f"the ledger totals differ: source {source_totals}, target "
                      f"{target_totals}")

@@ -32,5 +32,5 @@ def test_rows_lost_on_the_way_are_named() -> None:
 def test_a_broken_ledger_on_either_side_is_named() -> None:
     broken = {**GOOD, "balances": 601, "ledger_balances": 601}
     problems = check([], GOOD, broken)
-    assert problems[0] == "target: purchased 1000 != balances + quotas + spent 1001"
+    assert problems[0] == "target: purchased 1000 <> balances 601 + quotas 100 + spent 300"
     assert problems[-1].startswith("the ledger totals differ")
