@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -25,6 +25,7 @@ from gateway.records import (
     AdminToken,
     ConsoleUser,
     Message,
+    MessageFilter,
     PurgeStep,
     User,
     UserChanges,
@@ -38,6 +39,9 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 SUPPORTS = ("mail", "sms", "both")
 # `GET /1.0/sms/ptts` would hide an account of that name from the admin API.
 RESERVED_NAMES = frozenset({"ptts"})
+# SQLite integers are signed 64-bit; binding a larger Python int raises OverflowError.
+MAX_ID = 2**63 - 1
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
 class ValidationError(ValueError):
@@ -350,6 +354,54 @@ def validate_sender(sender: str) -> str:
         return text
     raise ValidationError("sender", "up to 11 letters and digits, or a number of up to "
                           "15 digits")
+
+
+def int_param(name: str, raw: str | None, default: int | None, low: int,
+              high: int = MAX_ID) -> int | None:
+    """An integer of a query (an id, a limit, a code), `default` when not given."""
+    if raw is None:
+        return default
+    if not _INTEGER.fullmatch(raw.strip()):
+        raise ValidationError(name, "an integer")
+    value = int(raw)
+    if not low <= value <= high:
+        raise ValidationError(name, f"between {low} and {high}")
+    return value
+
+
+def outgoing_filter(account_id: int, query: Mapping[str, str], *, login: str | None,
+                    period: tuple[str, str],
+                    moment: Callable[[str, str, bool], float | None]) -> MessageFilter:
+    """The outgoing list's filter from a query's values, for the admin API and the console
+    alike: a value absent filters on nothing; ValidationError names the parameter at fault.
+
+    `tag` and `sender` as given, `ptt` an integer, `receiver` an international number.
+    Each edge reads the period's bounds its own way: `moment(name, raw, end)` for the
+    parameters named in `period` (the admin API takes ISO 8601 times, the console days).
+    """
+    first, last = period
+    return MessageFilter(
+        account_id=account_id, login=login, tag=query.get("tag"),
+        ptt=int_param("ptt", query.get("ptt"), None, -MAX_ID),
+        receiver=_receiver(query.get("receiver")), sender=query.get("sender"),
+        created_from=_bound(query, first, moment, end=False),
+        created_to=_bound(query, last, moment, end=True))
+
+
+def _receiver(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return phones.normalize(phones.restore_plus(raw))
+    except phones.InvalidNumber:
+        raise ValidationError("receiver", "an international number such as "
+                                          "+33612345678") from None
+
+
+def _bound(query: Mapping[str, str], name: str,
+           moment: Callable[[str, str, bool], float | None], *, end: bool) -> float | None:
+    raw = query.get(name)
+    return None if raw is None else moment(name, raw, end)
 
 
 def _amount(field: str, value: Any) -> int:

@@ -20,7 +20,7 @@ from urllib.parse import quote, urlencode
 import structlog
 from aiohttp import web
 
-from gateway import export, health, phones, ptt, web_ip
+from gateway import export, health, ptt, web_ip
 from gateway.admin.openapi import document
 from gateway.admin_auth import AdminAuth, Denied
 from gateway.credits import as_number
@@ -30,10 +30,16 @@ from gateway.records import (
     LedgerEntry,
     Message,
     MessageEvent,
-    MessageFilter,
     User,
 )
-from gateway.service import Management, ValidationError, account_view, user_view
+from gateway.service import (
+    Management,
+    ValidationError,
+    account_view,
+    int_param,
+    outgoing_filter,
+    user_view,
+)
 from gateway.store import Conflict, NotEnoughCredits, NotFound, StoreUnavailable
 from gateway.tokens import Access
 from gateway.web_ip import caller_ip
@@ -44,8 +50,6 @@ if TYPE_CHECKING:
 PREFIX = "/1.0"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-# SQLite integers are signed 64-bit; binding a larger Python int raises OverflowError.
-_MAX_ID = 2**63 - 1
 
 log = structlog.get_logger("gateway.admin")
 
@@ -226,21 +230,6 @@ def _query(request: web.Request, allowed: frozenset[str]) -> Mapping[str, str]:
         if len(request.query.getall(key)) > 1:
             raise ValidationError(key, "given more than once")
     return request.query
-
-
-_INTEGER = re.compile(r"-?[0-9]{1,19}")
-
-
-def int_param(name: str, raw: str | None, default: int | None, low: int,
-              high: int = _MAX_ID) -> int | None:
-    if raw is None:
-        return default
-    if not _INTEGER.fullmatch(raw.strip()):
-        raise ValidationError(name, "an integer")
-    value = int(raw)
-    if not low <= value <= high:
-        raise ValidationError(name, f"between {low} and {high}")
-    return value
 
 
 def datetime_param(name: str, raw: str | None, *, end: bool = False) -> float | None:
@@ -531,18 +520,11 @@ async def list_outgoing(request: web.Request) -> web.Response:
     before = int_param("before", query.get("before"), None, 1)
     store = _manage(request).store
     user = await store.get_user(request.match_info["account"], request.match_info["login"])
-    where = MessageFilter(
-        account_id=user.account_id,
+    where = outgoing_filter(
+        user.account_id, query,
         # By login, not user id: the history of a deleted and re-created login stays its own.
-        login=user.login,
-        tag=query.get("tag"),
-        ptt=int_param("ptt", query.get("ptt"), None, -_MAX_ID),
-        receiver=_receiver(query.get("receiver")),
-        sender=query.get("sender"),
-        created_from=datetime_param("creationDatetime.from", query.get("creationDatetime.from")),
-        created_to=datetime_param("creationDatetime.to", query.get("creationDatetime.to"),
-                                  end=True),
-    )
+        login=user.login, period=("creationDatetime.from", "creationDatetime.to"),
+        moment=lambda name, raw, end: datetime_param(name, raw, end=end))
     messages = await store.list_messages(where, limit=limit + 1, before_id=before)
     messages, headers = page(request, messages, lambda m: m.id, limit, "before")
     return web.json_response([m.id for m in messages], headers=headers)
@@ -581,16 +563,6 @@ async def export_outgoing(request: web.Request) -> web.StreamResponse:
         await response.write(export.lines(page, fmt).encode())
     await response.write_eof()
     return response
-
-
-def _receiver(raw: str | None) -> str | None:
-    if raw is None:
-        return None
-    try:
-        return phones.normalize(phones.restore_plus(raw))
-    except phones.InvalidNumber:
-        raise ValidationError("receiver", "an international number such as "
-                                          "+33612345678") from None
 
 
 async def get_outgoing(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from gateway import encoding, phones
 from gateway.credits import RateTable, format_credits
 from gateway.iprules import MAX_RESTRICTIONS
 from gateway.records import MessageFilter
-from gateway.service import ValidationError
+from gateway.service import ValidationError, outgoing_filter
 
 __all__ = ["MAX_RESTRICTIONS", "Estimate", "alert_fields", "estimate", "message_filter",
            "quota_field", "restrictions"]
@@ -87,23 +87,13 @@ def split_recipients(text: str) -> list[str]:
 
 
 def message_filter(account_id: int, query: Mapping[str, str], tz: ZoneInfo) -> MessageFilter:
-    """The outgoing list's filters; ValidationError names the field at fault."""
-    ptt = query.get("ptt", "").strip()
-    if ptt and whole_number(ptt.removeprefix("-")) is None:
-        raise ValidationError("ptt", "an integer")
-    receiver = query.get("receiver", "").strip()
-    if receiver:
-        try:
-            receiver = phones.normalize(phones.restore_plus(receiver))
-        except phones.InvalidNumber:
-            raise ValidationError("receiver", "an international number such as "
-                                              "+33612345678") from None
-    return MessageFilter(
-        account_id=account_id, login=query.get("login", "").strip() or None,
-        tag=query.get("tag", "") or None, ptt=int(ptt) if ptt else None,
-        receiver=receiver or None,
-        created_from=_day(query.get("from", ""), tz, "from"),
-        created_to=_day(query.get("to", ""), tz, "to", end=True))
+    """The outgoing list's filters (`service.outgoing_filter`); ValidationError names the
+    field at fault. The form sends every field, a blank one filtering on nothing."""
+    given = {name: query.get(name, "").strip() for name in ("ptt", "receiver", "from", "to")}
+    given["tag"] = query.get("tag", "")
+    return outgoing_filter(account_id, {name: raw for name, raw in given.items() if raw},
+                           login=query.get("login", "").strip() or None, period=("from", "to"),
+                           moment=lambda name, raw, end: _day(raw, tz, name, end=end))
 
 
 def whole_number(raw: str) -> int | None:
