@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import structlog
 
 from gateway.config import Config, to_dict
+from gateway.restarts import RestartDelay
 
 log = structlog.get_logger("gateway.worker")
 
@@ -202,14 +203,18 @@ class DeliveryWorker:
 
     async def _supervise(self) -> None:
         """Start the worker again whenever it dies: delivery resumes from the store."""
+        restarts = RestartDelay(self._restart_seconds)
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
         while True:
             process = self._process
             assert process is not None
             code = await process.wait()
             await self._forget(process)
-            log.error("delivery_worker_exited", pid=process.pid, code=code,
-                      restart_in=self._restart_seconds)
-            await asyncio.sleep(self._restart_seconds)
+            wait = restarts.after(loop.time() - started_at)
+            log.error("delivery_worker_exited", pid=process.pid, code=code, restart_in=wait)
+            await asyncio.sleep(wait)
+            started_at = loop.time()
             try:
                 await self._spawn()
             except OSError as exc:
