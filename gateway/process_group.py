@@ -26,7 +26,8 @@ worker's next look at the store.
   `server.shutdown_grace_seconds` (a second signal is passed on: cut what is left); one
   still running a few seconds later is killed. The children run in their own session, so
   a terminal's Ctrl-C reaches them once, through the supervisor.
-- A child that dies after it listened is started again: the others serve meanwhile (the
+- A child that dies after it listened is started again (after a wait that grows while it
+  keeps dying soon after its starts: gateway.restarts): the others serve meanwhile (the
   kernel leaves a closed socket out of the group), and nothing answered is lost (a send
   is answered only after its commit); only the answers of its requests in flight are,
   which the clients may retry. A child that exits before it listens (the port taken by
@@ -52,6 +53,7 @@ from gateway import logs
 from gateway.app import Gateway
 from gateway.config import Config, from_dict, to_dict
 from gateway.records import SendOutcome
+from gateway.restarts import RestartDelay
 from gateway.server import install_uvloop, serve
 from gateway.store import StoreError, open_store
 
@@ -61,7 +63,8 @@ READY = b"ready\n"
 POKE = b"p"
 # What a child does with the group's poke pipe.
 DELIVERS, SENDS = "delivers", "sends"
-# Seconds between a child's death and its new start.
+# Seconds between a child's death and its new start, doubled after each quick death
+# (gateway.restarts).
 RESTART_SECONDS = 1.0
 # Past the grace period, how long the children get before they are killed.
 KILL_MARGIN_SECONDS = 5.0
@@ -79,6 +82,7 @@ class _Child:
     process: asyncio.subprocess.Process | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     starts: int = 0
+    started_at: float = 0.0
     # The read end of the pipe on which the running process says it listens.
     announcer: int = -1
 
@@ -139,6 +143,7 @@ class ProcessGroup:
                 os.close(fd)
 
     async def _watch(self, child: _Child) -> None:
+        restarts = RestartDelay(self._restart_seconds)
         while not self._stopping:
             try:
                 await self._spawn(child)
@@ -148,6 +153,7 @@ class ProcessGroup:
                 return
             process = child.process
             assert process is not None
+            child.started_at = asyncio.get_running_loop().time()
             announced = asyncio.ensure_future(self._announced(child, process))
             code = await process.wait()
             with contextlib.suppress(asyncio.CancelledError):
@@ -159,10 +165,11 @@ class ProcessGroup:
                           code=code)
                 self._failed.set()
                 return
+            wait = restarts.after(asyncio.get_running_loop().time() - child.started_at)
             log.error("process_exited", index=child.index, pid=process.pid, code=code,
-                      restart_in=self._restart_seconds)
+                      restart_in=wait)
             child.ready.clear()
-            await asyncio.sleep(self._restart_seconds)
+            await asyncio.sleep(wait)
 
     async def _spawn(self, child: _Child) -> None:
         read_end, write_end = os.pipe()

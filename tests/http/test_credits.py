@@ -11,6 +11,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.credits import InvalidAmount, RateTable, format_credits, to_cents
 from gateway.service import ValidationError
@@ -56,6 +58,16 @@ def test_rate_table_prefixes_of_any_length() -> None:
     assert table.rate("+33699999999") == 50
     assert table.rate("+336123456789012") == 400
     assert RateTable().rate("+33612345678") == 100  # no table: the default
+
+
+@given(prefixes=st.dictionaries(st.from_regex(r"\+[1-9][0-9]{0,6}", fullmatch=True),
+                                st.integers(1, 999), max_size=12),
+       number=st.from_regex(r"\+[1-9][0-9]{1,14}", fullmatch=True))
+def test_rate_table_takes_the_longest_matching_prefix(prefixes: dict[str, int],
+                                                      number: str) -> None:
+    table = RateTable(default=7, by_prefix=prefixes)
+    matching = [prefix for prefix in prefixes if number.startswith(prefix)]
+    assert table.rate(number) == (prefixes[max(matching, key=len)] if matching else 7)
 
 
 # -- quota moves -----------------------------------------------------------------------------

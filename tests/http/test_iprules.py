@@ -35,6 +35,12 @@ def test_allowed() -> None:
     assert iprules.allowed(ip, ["2001:DB8:0::1"])
     assert not iprules.allowed(ip, ["2001:db8::2"])
     assert not iprules.allowed(None, ["1.2.3.4"])
+    # As stored (a tuple, its parsed set kept) and as a list; v4 caller, mapped entry.
+    listed = ("198.51.100.7", "::ffff:203.0.113.9", "2001:db8::1")
+    for restrictions in (listed, list(listed)):
+        assert iprules.allowed(iprules.parse_ip("203.0.113.9"), restrictions)
+        assert iprules.allowed(iprules.parse_ip("::ffff:198.51.100.7"), restrictions)
+        assert not iprules.allowed(iprules.parse_ip("198.51.100.8"), restrictions)
 
 
 @pytest.mark.parametrize("item", [
