@@ -356,6 +356,9 @@ def validate_sender(sender: str) -> str:
                           "15 digits")
 
 
+PTT_LIMIT = 2**31 - 1
+
+
 def int_param(name: str, raw: str | None, default: int | None, low: int,
               high: int = MAX_ID) -> int | None:
     """An integer of a query (an id, a limit, a code), `default` when not given."""
@@ -382,7 +385,9 @@ def outgoing_filter(account_id: int, query: Mapping[str, str], *, login: str | N
     first, last = period
     return MessageFilter(
         account_id=account_id, login=login, tag=query.get("tag"),
-        ptt=int_param("ptt", query.get("ptt"), None, -MAX_ID),
+        # A ptt is a small code stored in 32 bits: a larger one (PostgreSQL's INTEGER
+        # refused it with a 500) matches no message, and is refused as out of range.
+        ptt=int_param("ptt", query.get("ptt"), None, -PTT_LIMIT, PTT_LIMIT),
         receiver=_receiver(query.get("receiver")), sender=query.get("sender"),
         created_from=_bound(query, first, moment, end=False),
         created_to=_bound(query, last, moment, end=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.service import MAX_ID, ValidationError, outgoing_filter
+from gateway.service import PTT_LIMIT, ValidationError, outgoing_filter
 
 
 def stamp(name: str, raw: str, end: bool) -> float:
@@ -42,7 +42,7 @@ def test_a_plus_turned_into_a_space_by_the_query_is_given_back() -> None:
     ({"ptt": "x"}, "ptt: an integer"),
     ({"ptt": "²"}, "ptt: an integer"),
     ({"ptt": ""}, "ptt: an integer"),
-    ({"ptt": str(MAX_ID + 1)}, f"ptt: between {-MAX_ID} and {MAX_ID}"),
+    ({"ptt": str(PTT_LIMIT + 1)}, f"ptt: between {-PTT_LIMIT} and {PTT_LIMIT}"),
     ({"receiver": "0612345678"}, "receiver: an international number such as +33612345678"),
     ({"until": "bad"}, "until: a date"),
     # The first parameter at fault is named, in the list's order.
