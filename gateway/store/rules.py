@@ -23,7 +23,6 @@ from gateway.records import (
     ClaimBounds,
     FinalState,
     MessageStats,
-    OutboxResult,
     OutgoingMessage,
     SendOrder,
     SendOutcome,
@@ -468,21 +467,6 @@ INCOMING_REPEAT_SECONDS = 600.0
 # The parts of a long message wait this long for the others (and a part kept is known when
 # sent again for as long): an SMSC holds the rest while the gateway is down.
 INCOMING_PARTS_SECONDS = 86_400.0
-
-
-def outbox_outcomes(results: Sequence[OutboxResult]) -> list[OutboxResult]:
-    """One result per item of a batch of attempts' results, the one that decides its state:
-    an item tried twice (its lease ran out while its first result waited to be recorded)
-    is done if an attempt succeeded (the last success), else given up if one says so (the
-    first), else due again at its last retry's time. In the order of each item's first
-    result."""
-    decided: dict[int, OutboxResult] = {}
-    for result in results:
-        before = decided.get(result.item_id)
-        if before is None or result.ok or (not before.ok and before.next_attempt_at
-                                             is not None):
-            decided[result.item_id] = result
-    return list(decided.values())
 
 
 def whole_text(total: int, parts: Iterable[tuple[int, str]]) -> str | None:

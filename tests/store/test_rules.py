@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.records import ClaimBounds, OutboxResult, SendOrder, StateUpdate
+from gateway.records import ClaimBounds, SendOrder, StateUpdate
 from gateway.store import NotEnoughCredits, rules
 from gateway.store.rules import Funds, Pending, Watch
 
@@ -210,20 +210,6 @@ def test_a_new_threshold_is_armed_unless_already_crossed() -> None:
 
 
 # -- outbox claims -------------------------------------------------------------------------
-
-
-def test_one_outcome_per_outbox_item_the_one_that_decides_its_state() -> None:
-    """An item tried twice in one batch of results: a success settles it whatever came
-    around it, the first give-up stands, else the last retry's time."""
-    ok, retry, dead = (lambda i, at: OutboxResult(i, at, True, "ok"),
-                       lambda i, at: OutboxResult(i, at, False, "503", at + 60),
-                       lambda i, at: OutboxResult(i, at, False, "gone"))
-    got = rules.outbox_outcomes([
-        retry(1, 1.0), ok(2, 1.0), ok(1, 2.0), retry(1, 3.0),
-        retry(2, 2.0), dead(3, 1.0), retry(3, 2.0), dead(3, 3.0),
-        retry(4, 1.0), retry(4, 2.0), dead(5, 1.0)])
-    assert got == [ok(1, 2.0), ok(2, 1.0), dead(3, 1.0), retry(4, 2.0), dead(5, 1.0)]
-
 
 
 def test_claims_cap_each_target_and_skip_busy_ones() -> None:

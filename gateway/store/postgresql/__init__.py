@@ -235,144 +235,6 @@ UNION ALL SELECT false, id, quota_left, NULL::bigint, quota_active FROM u
 """
 
 
-# What a batch of state changes writes (`_apply_updates`), in one statement where a
-# statement per row cost the server an execution each (asyncpg's executemany): the
-# messages' new states ($1-$7, one row a message: `rules.plan_updates` merges a message's
-# changes), the events ($8-$12) and the callbacks ($13-$18) in the order applied (their
-# ids follow it), and the other nodes' callback workers woken at the commit when callbacks
-# were queued ($19: the id of the store instance committing). The messages are found by
-# `id = ANY($1)` as well as by the join: PostgreSQL keeps a generic plan for a statement
-# asyncpg prepared, made for the tables' sizes of the moment, and a join to `unnest` made
-# on a new, nearly empty database is a hash join over a scan of the whole table, kept
-# until an ANALYZE (autovacuum's, at most once a minute): `= ANY` is looked up in the
-# primary key whatever the table's size. The same in the other statements joining arrays.
-_STORE_UPDATES = """
-WITH c AS (
-    UPDATE messages SET ptt = r.ptt, dlr = r.dlr, state = r.state,
-        sent_at = COALESCE(messages.sent_at, r.sent_at),
-        delivered_at = COALESCE(messages.delivered_at, r.delivered_at),
-        updated_at = r.updated_at
-    FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[], $5::float8[], $6::float8[],
-        $7::float8[]) AS r(id, ptt, dlr, state, sent_at, delivered_at, updated_at)
-    WHERE messages.id = ANY($1::bigint[]) AND messages.id = r.id
-), e AS (
-    INSERT INTO message_events (message_id, at, ptt, dlr, note)
-    SELECT r.message_id, r.at, r.ptt, r.dlr, r.note
-    FROM unnest($8::bigint[], $9::float8[], $10::int[], $11::int[], $12::text[])
-        WITH ORDINALITY AS r(message_id, at, ptt, dlr, note, n)
-    ORDER BY r.n
-), o AS (
-    INSERT INTO outbox (kind, message_id, account_id, user_id, target, payload, created_at,
-        next_attempt_at)
-    SELECT 'callback', r.message_id, r.account_id, r.user_id, r.target, r.payload, r.at, r.at
-    FROM unnest($13::bigint[], $14::bigint[], $15::bigint[], $16::text[], $17::text[],
-        $18::float8[]) WITH ORDINALITY AS r(message_id, account_id, user_id, target, payload,
-        at, n)
-    ORDER BY r.n
-)
-SELECT pg_notify('http2sms_outbox', $19::text) WHERE cardinality($13::bigint[]) > 0
-"""
-
-# The refunds of a batch of state changes, in one statement: their ledger entries
-# ($1-$7, in order), then the balances ($8, $9) and quotas ($10, $11) they give back to
-# (one row each: summed by account and by user), the accounts' rows locked by the caller.
-# It answers whether a user of the accounts refunded ($12) watches its credits: only then
-# are the alerts evaluated (a round trip less, with the accounts' rows held, otherwise).
-_STORE_REFUNDS = """
-WITH l AS (
-    INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, amount,
-        reference)
-    SELECT r.at, r.account_id, r.user_id, r.login, 'refund', 'spent', r.pool, r.amount,
-        r.reference
-    FROM unnest($1::float8[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
-        $6::bigint[], $7::text[]) WITH ORDINALITY
-        AS r(at, account_id, user_id, login, pool, amount, reference, n)
-    ORDER BY r.n
-), b AS (
-    UPDATE accounts SET balance = balance + r.amount
-    FROM unnest($8::bigint[], $9::bigint[]) AS r(id, amount) WHERE accounts.id = r.id
-), q AS (
-    UPDATE users SET quota_left = quota_left + r.amount
-    FROM unnest($10::bigint[], $11::bigint[]) AS r(id, amount) WHERE users.id = r.id
-)
-SELECT EXISTS (SELECT 1 FROM users WHERE account_id = ANY($12::bigint[])
-               AND alert_threshold IS NOT NULL)
-"""
-
-# A batch handed to the operator ($2, still claimable), and the operator's reference of
-# each of their parts ($3-$5, one row per reference), in one statement.
-_MARK_SENT = f"""
-WITH p AS (
-    INSERT INTO message_parts (reference, message_id, part)
-    SELECT * FROM unnest($3::text[], $4::bigint[], $5::int[])
-    ON CONFLICT (reference) DO UPDATE
-    SET message_id = excluded.message_id, part = excluded.part
-)
-UPDATE messages SET state = 'sent', sent_at = $1, updated_at = $1
-WHERE id = ANY($2::bigint[]) AND {_CLAIMABLE}
-"""
-
-# The outcomes of outbox items' attempts, in one statement: each attempt ($1 item, $2 at,
-# $3 ok, $4 detail, in order), then each item's new state from the result that decides it
-# (`rules.outbox_outcomes`: $5-$9, one row an item): done, due again at $9, or dead ($9
-# NULL). An item no longer pending (cancelled meanwhile) stays so, unless it succeeded.
-_RECORD_RESULTS = """
-WITH a AS (
-    INSERT INTO outbox_attempts (outbox_id, at, ok, detail)
-    SELECT r.item_id, r.at, r.ok, r.detail
-    FROM unnest($1::bigint[], $2::float8[], $3::bool[], $4::text[]) WITH ORDINALITY
-        AS r(item_id, at, ok, detail, n)
-    ORDER BY r.n
-)
-UPDATE outbox SET
-    state = CASE WHEN r.ok THEN 'done' WHEN r.next_at IS NULL THEN 'dead' ELSE state END,
-    done_at = CASE WHEN r.ok OR r.next_at IS NULL THEN r.at ELSE done_at END,
-    next_attempt_at = CASE WHEN r.ok OR r.next_at IS NULL THEN next_attempt_at
-                           ELSE r.next_at END,
-    last_error = CASE WHEN r.ok THEN '' ELSE r.detail END
-FROM unnest($5::bigint[], $6::float8[], $7::bool[], $8::text[], $9::float8[])
-    AS r(item_id, at, ok, detail, next_at)
-WHERE outbox.id = ANY($5::bigint[]) AND outbox.id = r.item_id
-    AND (r.ok OR outbox.state = 'pending')
-"""
-
-# A claim of due messages, in one statement (no BEGIN nor COMMIT of its own to wait for):
-# up to $3 deferred ones whose time came, then queued ones up to $4 in all, each row locked
-# SKIP LOCKED (another claimer's are passed over) and checked again once locked, so no two
-# claims share one; claimed until $1 (the lease), due at $2.
-_CLAIM_MESSAGES = f"""
-WITH d AS (
-    UPDATE messages SET claimed_until = $1 WHERE id IN (
-        SELECT id FROM messages WHERE state = 'deferred' AND {_DUE_DEFERRED} <= $2
-        ORDER BY {_DUE_DEFERRED}, id LIMIT $3 FOR UPDATE SKIP LOCKED)
-    RETURNING {_OUTGOING_COLUMNS}
-), q AS (
-    UPDATE messages SET claimed_until = $1 WHERE id IN (
-        SELECT id FROM messages WHERE state = 'queued' AND claimed_until <= $2
-        ORDER BY claimed_until, id LIMIT $4 - (SELECT count(*) FROM d)
-        FOR UPDATE SKIP LOCKED)
-    RETURNING {_OUTGOING_COLUMNS}
-)
-SELECT * FROM d UNION ALL SELECT * FROM q
-"""
-
-# The outbox items a claim chose ($2), taken until $1 (the lease) if still due at $3 and
-# not locked by another claim: the check is made again on each row once locked.
-_CLAIM_OUTBOX = """
-UPDATE outbox SET next_attempt_at = $1, attempts = attempts + 1
-WHERE id IN (SELECT id FROM outbox WHERE id = ANY($2::bigint[]) AND state = 'pending'
-             AND next_attempt_at <= $3 ORDER BY id FOR UPDATE SKIP LOCKED)
-RETURNING id, kind, message_id, account_id, user_id, target, payload, created_at, attempts
-"""
-
-# The accounts of messages ($1) locked, by id, in one statement (a message's account never
-# changes: no need to lock the message to read it).
-_LOCK_MESSAGES_ACCOUNTS = """
-SELECT id FROM accounts WHERE id IN (SELECT account_id FROM messages
-                                     WHERE id = ANY($1::bigint[]))
-ORDER BY id FOR UPDATE
-"""
-
 async def _keep_session(_conn: Any) -> None:
     """What a connection given back to the pool needs undone: nothing. The store leaves no
     session state on its pool's connections (its settings are per transaction, its
@@ -634,17 +496,12 @@ class PostgreSQLStore:
             raise StoreUnavailable("the store is closed")
         return self._pool.acquire(timeout=self._timeout)
 
-    async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]], *,
-                           block: bool = True) -> T:
-        """Run `body` in one transaction, again whole if it lost a deadlock. `block` False:
-        `body` runs a single statement, its own transaction (see `_statement`)."""
+    async def _transaction(self, body: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+        """Run `body` in one transaction, again whole if it lost a deadlock."""
         for attempt in range(_RETRIES):
             try:
-                async with self._acquire() as conn:
-                    if not block:
-                        return await body(conn)
-                    async with conn.transaction():
-                        return await body(conn)
+                async with self._acquire() as conn, conn.transaction():
+                    return await body(conn)
             except _RETRIED:
                 if attempt == _RETRIES - 1:
                     raise
@@ -654,15 +511,6 @@ class PostgreSQLStore:
             except _UNAVAILABLE as exc:
                 raise StoreUnavailable(f"cannot write to the store: {exc}") from exc
         raise AssertionError("unreachable")
-
-    async def _statement(self, sql: str, *params: Any) -> str:
-        """A write of one statement, in the implicit transaction PostgreSQL gives a
-        statement sent alone: one round trip, where `_transaction` adds BEGIN's and
-        COMMIT's. Atomic all the same; run again whole if it lost a deadlock."""
-        async def body(db: Conn) -> str:
-            return await db.execute(sql, *params)
-
-        return await self._transaction(body, block=False)
 
     async def _read(self, sql: str, *params: Any) -> list[Any]:
         try:
@@ -1071,14 +919,19 @@ class PostgreSQLStore:
         if not ids:
             return
 
-        parts: dict[str, tuple[int, int]] = {}
-        for m in references:
-            for part, reference in enumerate(m.references, 1):
-                # One row per reference, the last given (as one statement a row did):
-                # ON CONFLICT cannot change a row twice in one statement.
-                parts[reference] = (m.message_id, part)
-        await self._statement(_MARK_SENT, at, list(ids), list(parts),
-                              [p[0] for p in parts.values()], [p[1] for p in parts.values()])
+        async def body(db: Conn) -> None:
+            await db.execute(
+                "UPDATE messages SET state = 'sent', sent_at = $1, updated_at = $1 "
+                f"WHERE id = ANY($2::bigint[]) AND {_CLAIMABLE}", at, list(ids))
+            parts = [(reference, m.message_id, part)
+                     for m in references for part, reference in enumerate(m.references, 1)]
+            if parts:
+                await db.executemany(
+                    "INSERT INTO message_parts (reference, message_id, part) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (reference) DO UPDATE "
+                    "SET message_id = excluded.message_id, part = excluded.part", parts)
+
+        await self._transaction(body)
 
     async def apply_updates(self, updates: Sequence[StateUpdate]) -> AppliedUpdates:
         """State changes, their callbacks and refunds in one transaction; the accounts'
@@ -1094,7 +947,9 @@ class PostgreSQLStore:
     @staticmethod
     async def _lock_messages(db: Conn, ids: Sequence[int]) -> None:
         """The messages' accounts locked (by id), then the messages (by id)."""
-        await db.execute(_LOCK_MESSAGES_ACCOUNTS, ids)
+        accounts = [r[0] for r in await db.fetch(
+            "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])", ids)]
+        await PostgreSQLStore._lock_accounts(db, accounts)
         await db.execute("SELECT 1 FROM messages WHERE id = ANY($1::bigint[]) ORDER BY id "
                          "FOR UPDATE", ids)
 
@@ -1113,7 +968,10 @@ class PostgreSQLStore:
         refunding = sorted({u.message_id for u in updates if rules.may_refund(u)})
         locked: set[int] = set()
         if refunding:
-            locked = {r[0] for r in await db.fetch(_LOCK_MESSAGES_ACCOUNTS, refunding)}
+            locked = {r[0] for r in await db.fetch(
+                "SELECT DISTINCT account_id FROM messages WHERE id = ANY($1::bigint[])",
+                refunding)}
+            await self._lock_accounts(db, locked)
         rows = await db.fetch(
             "SELECT m.id, m.state, m.account_id, m.user_id, m.charged_to, m.credits, "
             "m.tag, m.login, COALESCE(u.callback_url, a.callback_url), u.quota_active, "
@@ -1123,27 +981,40 @@ class PostgreSQLStore:
             "WHERE m.id = ANY($1::bigint[]) ORDER BY m.id FOR UPDATE OF m", ids)
         plan = rules.plan_updates(updates,
                                   {r[0]: rules.Pending._make(tuple(r)) for r in rows})
-        if plan.changes or plan.applied or plan.callbacks:
-            await db.execute(
-                _STORE_UPDATES, *_columns(plan.changes, 7),
-                *_columns([(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied],
-                          5),
-                *_columns([(c.message_id, c.account_id, c.user_id, c.target,
-                            json.dumps(c.payload), c.at) for c in plan.callbacks], 6),
-                self._instance)
+        if plan.changes:
+            await db.executemany(
+                "UPDATE messages SET ptt = $2, dlr = $3, state = $4, "
+                "sent_at = COALESCE(sent_at, $5), delivered_at = COALESCE(delivered_at, $6),"
+                " updated_at = $7 WHERE id = $1", plan.changes)
+        if plan.applied:
+            await db.executemany(
+                "INSERT INTO message_events (message_id, at, ptt, dlr, note) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                [(u.message_id, u.at, u.ptt, u.dlr, u.note) for u in plan.applied])
+        if plan.callbacks:
+            await db.executemany(
+                "INSERT INTO outbox (kind, message_id, account_id, user_id, target, "
+                "payload, created_at, next_attempt_at) "
+                "VALUES ('callback', $1, $2, $3, $4, $5, $6, $6)",
+                [(c.message_id, c.account_id, c.user_id, c.target, json.dumps(c.payload),
+                  c.at) for c in plan.callbacks])
+            await self._notify(db, "outbox")
         refunds = plan.refunds
         if not {r.account_id for r in refunds} <= locked:
             raise AssertionError("a refund planned without its account locked")
         if refunds:
-            accounts, quotas = plan.account_refunds(), plan.quota_refunds()
-            refunded = sorted({r.account_id for r in refunds})
-            if await db.fetchval(
-                    _STORE_REFUNDS,
-                    *_columns([(r.at, r.account_id, r.user_id, r.login, r.pool, r.amount,
-                                r.reference) for r in refunds], 7),
-                    list(accounts), list(accounts.values()), list(quotas),
-                    list(quotas.values()), refunded):
-                await self._evaluate_alerts(db, refunded, refunds[-1].at)
+            await db.executemany(
+                "INSERT INTO ledger (at, account_id, user_id, login, kind, source, target, "
+                "amount, reference) VALUES ($1, $2, $3, $4, 'refund', 'spent', $5, $6, $7)",
+                [(r.at, r.account_id, r.user_id, r.login, r.pool, r.amount, r.reference)
+                 for r in refunds])
+            await db.executemany("UPDATE accounts SET balance = balance + $1 WHERE id = $2",
+                                 [(v, k) for k, v in plan.account_refunds().items()])
+            await db.executemany("UPDATE users SET quota_left = quota_left + $1 "
+                                 "WHERE id = $2",
+                                 [(v, k) for k, v in plan.quota_refunds().items()])
+            await self._evaluate_alerts(db, {r.account_id for r in refunds},
+                                        refunds[-1].at)
         return AppliedUpdates(len(plan.callbacks), tuple(plan.finals), tuple(plan.ignored))
 
 
@@ -1153,27 +1024,41 @@ class PostgreSQLStore:
         LOCKED), and each row is checked again once locked, so no two claims share one."""
         if limit <= 0:
             return []
+        returning = f"RETURNING {_OUTGOING_COLUMNS}"
 
         async def body(db: Conn) -> list[Any]:
-            return list(await db.fetch(_CLAIM_MESSAGES, now + lease, now, max(1, limit // 2),
-                                       limit))
+            deferred = await db.fetch(
+                "UPDATE messages SET claimed_until = $1 WHERE id IN (SELECT id FROM messages "
+                f"WHERE state = 'deferred' AND {_DUE_DEFERRED} <= $2 "
+                f"ORDER BY {_DUE_DEFERRED}, id LIMIT $3 FOR UPDATE SKIP LOCKED) {returning}",
+                now + lease, now, max(1, limit // 2))
+            queued = await db.fetch(
+                "UPDATE messages SET claimed_until = $1 WHERE id IN (SELECT id FROM messages "
+                "WHERE state = 'queued' AND claimed_until <= $2 "
+                f"ORDER BY claimed_until, id LIMIT $3 FOR UPDATE SKIP LOCKED) {returning}",
+                now + lease, now, limit - len(deferred))
+            return [tuple(r) for r in (*deferred, *queued)]
 
-        return [_outgoing(tuple(r)) for r in sorted(await self._transaction(body, block=False))]
+        return [_outgoing(r) for r in sorted(await self._transaction(body))]
 
     async def release_messages(self, until: Sequence[tuple[int, float]]) -> None:
         if not until:
             return
         rows = sorted({mid: (mid, at) for mid, at in until}.values())
 
-        await self._statement(
-            "UPDATE messages SET claimed_until = r.until "
-            "FROM unnest($1::bigint[], $2::float8[]) AS r(id, until) "
-            f"WHERE messages.id = ANY($1::bigint[]) AND messages.id = r.id AND {_CLAIMABLE}",
-            [r[0] for r in rows], [r[1] for r in rows])
+        async def body(db: Conn) -> None:
+            await db.executemany(
+                f"UPDATE messages SET claimed_until = $2 WHERE id = $1 AND {_CLAIMABLE}", rows)
+
+        await self._transaction(body)
 
     async def free_claims(self) -> int:
-        return _count(await self._statement(
-            f"UPDATE messages SET claimed_until = 0 WHERE {_CLAIMABLE} AND claimed_until > 0"))
+        async def body(db: Conn) -> int:
+            return _count(await db.execute(
+                f"UPDATE messages SET claimed_until = 0 WHERE {_CLAIMABLE} "
+                "AND claimed_until > 0"))
+
+        return await self._transaction(body)
 
     async def next_due_at(self) -> float | None:
         rows = await self._read(
@@ -1201,9 +1086,8 @@ class PostgreSQLStore:
         owners: dict[str, int] = {}
         parts: dict[int, int] = {}
         for reference, message_id, count in await self._read(
-                "SELECT p.reference, p.message_id, "
-                "(SELECT m.parts FROM messages m WHERE m.id = p.message_id) "
-                "FROM message_parts p WHERE p.reference = ANY($1::text[])",
+                "SELECT p.reference, p.message_id, m.parts FROM message_parts p "
+                "JOIN messages m ON m.id = p.message_id WHERE p.reference = ANY($1::text[])",
                 names):
             owners[reference] = message_id
             parts[message_id] = count
@@ -1367,23 +1251,10 @@ class PostgreSQLStore:
                            skip_targets: Sequence[str] = (),
                            skip_accounts: Sequence[int] = (), deep: bool = False,
                            results: Sequence[OutboxResult] = ()) -> list[OutboxItem]:
-        """As SQLiteStore.claim_outbox. The window of due items is read without locks
-        (locking it cost the server a row lock, and its WAL, on four times the items taken);
-        the items chosen are then taken by one statement that locks them SKIP LOCKED and
-        checks again that each is still due: an item another node is taking, or took, is
-        passed over (this claim gets fewer), never taken twice. A single statement is its
-        own transaction; with results to record first, one transaction for both."""
-        # One kind (the callbacks' worker) by equality: the due index (kind, next_attempt_at)
-        # then gives the items in their order and the LIMIT reads the window alone. With
-        # `= ANY` PostgreSQL 15 reads every due item and sorts them (a seq scan of the
-        # outbox once the backlog is large): EXPLAIN ANALYZE of a window of 512 among
-        # 12,000 due items (of 200,000): 48 ms with `= ANY`, 6 ms by equality.
-        if len(kinds) == 1:
-            where = "state = 'pending' AND kind = $1::text AND next_attempt_at <= $2"
-            params: list[Any] = [kinds[0], now]
-        else:
-            where = "state = 'pending' AND kind = ANY($1::text[]) AND next_attempt_at <= $2"
-            params = [list(kinds), now]
+        """As SQLiteStore.claim_outbox. The window of due items is locked (SKIP LOCKED:
+        another node's window is passed over, not waited for) until the claim commits."""
+        where = "state = 'pending' AND kind = ANY($1::text[]) AND next_attempt_at <= $2"
+        params: list[Any] = [list(kinds), now]
         if deep and skip_targets:
             params.append(list(skip_targets))
             where += f" AND NOT (target = ANY(${len(params)}::text[]))"
@@ -1391,24 +1262,28 @@ class PostgreSQLStore:
             params.append(list(skip_accounts))
             where += f" AND NOT (account_id = ANY(${len(params)}::bigint[]))"
         params.append(limit * CLAIM_WINDOW)
-        chosen: list[int] = []
-        if limit > 0:
-            due = await self._read(
-                f"SELECT id, kind, target, account_id FROM outbox WHERE {where} "
-                f"ORDER BY next_attempt_at, id LIMIT ${len(params)}", *params)
-            chosen = rules.choose_claims((tuple(r) for r in due), limit=limit, bounds=bounds,
-                                         skip=set(skip_targets))
-        if not chosen and not results:
-            return []
+        skipped = set(skip_targets)
 
         async def body(db: Conn) -> list[Any]:
             if results:
                 await self._record_results(db, results)
+            if limit <= 0:
+                return []
+            due = await db.fetch(
+                f"SELECT id, kind, target, account_id FROM outbox WHERE {where} "
+                f"ORDER BY next_attempt_at, id LIMIT ${len(params)} FOR UPDATE SKIP LOCKED",
+                *params)
+            chosen = rules.choose_claims((tuple(r) for r in due), limit=limit, bounds=bounds,
+                                         skip=skipped)
             if not chosen:
                 return []
-            return list(await db.fetch(_CLAIM_OUTBOX, now + lease, chosen, now))
+            return list(await db.fetch(
+                "UPDATE outbox SET next_attempt_at = $1, attempts = attempts + 1 "
+                "WHERE id = ANY($2::bigint[]) "
+                "RETURNING id, kind, message_id, account_id, user_id, target, payload, "
+                "created_at, attempts", now + lease, chosen))
 
-        rows = await self._transaction(body, block=bool(results) and bool(chosen))
+        rows = await self._transaction(body)
         items = [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
                  for r in rows]
         items.sort(key=lambda item: item.id)
@@ -1439,17 +1314,31 @@ class PostgreSQLStore:
         async def body(db: Conn) -> None:
             await self._record_results(db, results)
 
-        await self._transaction(body, block=False)
+        await self._transaction(body)
 
     @staticmethod
     async def _record_results(db: Conn, results: Sequence[OutboxResult]) -> None:
-        # Each item's attempt, then its new state: done; due again (not an item cancelled
-        # meanwhile, see `_follow_callback_urls`: it stays so); or dead, given up.
-        await db.execute(
-            _RECORD_RESULTS,
-            *_columns([(r.item_id, r.at, r.ok, r.detail[:500]) for r in results], 4),
-            *_columns([(r.item_id, r.at, r.ok, r.detail[:500], r.next_attempt_at)
-                       for r in rules.outbox_outcomes(results)], 5))
+        await db.executemany(
+            "INSERT INTO outbox_attempts (outbox_id, at, ok, detail) VALUES ($1, $2, $3, $4)",
+            [(r.item_id, r.at, r.ok, r.detail[:500]) for r in results])
+        done = [(r.item_id, r.at) for r in results if r.ok]
+        if done:
+            await db.executemany(
+                "UPDATE outbox SET state = 'done', done_at = $2, last_error = '' WHERE id = $1",
+                done)
+        failed = [r for r in results if not r.ok]
+        retry = [(r.next_attempt_at, r.detail[:500], r.item_id) for r in failed
+                 if r.next_attempt_at is not None]
+        dead = [(r.at, r.detail[:500], r.item_id) for r in failed if r.next_attempt_at is None]
+        # Not an item cancelled meanwhile (see `_follow_callback_urls`): it stays so.
+        if retry:
+            await db.executemany(
+                "UPDATE outbox SET next_attempt_at = $1, last_error = $2 "
+                "WHERE id = $3 AND state = 'pending'", retry)
+        if dead:
+            await db.executemany(
+                "UPDATE outbox SET state = 'dead', done_at = $1, last_error = $2 "
+                "WHERE id = $3 AND state = 'pending'", dead)
 
     # -- reading back ----------------------------------------------------------------
 
