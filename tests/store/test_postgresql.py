@@ -254,6 +254,35 @@ async def test_deliveries_apply_beside_a_send_holding_the_account_refunds_wait_f
         await store.close()
 
 
+async def test_claims_racing_on_one_window_take_each_outbox_item_once(
+        postgres_url: str) -> None:
+    """Outbox claims read their window without locks, so racing claims of two nodes choose
+    the same items: each item is still taken by one of them only, and none is left."""
+    nodes = [open_store(postgres_url, "delivery") for _ in range(2)]
+    for node in nodes:
+        await node.open()
+    try:
+        alice = await account_with_user(nodes[0], 10)
+        queued = {await nodes[0].enqueue_outbox(
+            "callback", account_id=alice.account_id, user_id=alice.id,
+            target=f"http://example.test/{n % 3}", payload={"n": n}, at=T0 + n / 1000)
+            for n in range(300)}
+
+        async def claim(node: postgresql.PostgreSQLStore) -> list[int]:
+            taken: list[int] = []
+            while items := await node.claim_outbox(("callback",), now=T0 + 10, lease=600,
+                                                   limit=7):
+                taken.extend(i.id for i in items)
+            return taken
+
+        claims = await asyncio.gather(*(claim(node) for node in nodes for _ in range(3)))
+        taken = [item for claimed in claims for item in claimed]
+        assert sorted(taken) == sorted(queued)
+    finally:
+        for node in nodes:
+            await node.close()
+
+
 # -- wake-ups between nodes (LISTEN/NOTIFY) ---------------------------------------------
 
 
