@@ -41,6 +41,8 @@ SUPPORTS = ("mail", "sms", "both")
 RESERVED_NAMES = frozenset({"ptts"})
 # SQLite integers are signed 64-bit; binding a larger Python int raises OverflowError.
 MAX_ID = 2**63 - 1
+# A ptt is a small code; both backends store it in 32 bits.
+PTT_LIMIT = 2**31 - 1
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
@@ -354,9 +356,6 @@ def validate_sender(sender: str) -> str:
         return text
     raise ValidationError("sender", "up to 11 letters and digits, or a number of up to "
                           "15 digits")
-
-
-PTT_LIMIT = 2**31 - 1
 
 
 def int_param(name: str, raw: str | None, default: int | None, low: int,
