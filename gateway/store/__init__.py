@@ -394,11 +394,12 @@ class ConsoleStore(StoreLifecycle, Protocol):
 @dataclass(frozen=True)
 class Counters:
     """Where a store's own counters stand, beyond the ids of its rows: the last settings
-    version handed out, and the next message id (a gap left by a send rolled back is kept,
-    so an id is never handed out twice)."""
+    version handed out, and the next message and incoming message ids (a gap left by a send
+    rolled back, or by the purge's deletions, is kept, so an id is never handed out twice)."""
 
     settings_version: int
     next_message_id: int
+    next_incoming_id: int = 1
 
 
 class TableSource(Protocol):

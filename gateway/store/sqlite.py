@@ -1910,8 +1910,9 @@ class _SQLiteSource:
     async def counters(self) -> Counters:
         rows = list(await self._conn.execute_fetchall(
             "SELECT (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'settings_version'), "
-            f"({_NEXT_ID.format(table='messages')})"))
-        return Counters(int(rows[0][0] or 0), int(rows[0][1]))
+            f"({_NEXT_ID.format(table='messages')}), "
+            f"({_NEXT_ID.format(table='incoming_messages')})"))
+        return Counters(int(rows[0][0] or 0), int(rows[0][1]), int(rows[0][2]))
 
 
 class _SQLiteSink:
@@ -1939,13 +1940,15 @@ class _SQLiteSink:
                                    [(v, i) for i, v in versions])
 
     async def set_counters(self, counters: Counters) -> None:
-        # Message ids go past the messages copied and past the source's next id (which
-        # may be past them: its newest messages deleted); the settings versions' counter
-        # goes past every version copied, and past the source's.
-        await self._db.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-            "SET value = max(CAST(value AS INTEGER), excluded.value)",
-            (_DELETED_THROUGH.format(table="messages"), counters.next_message_id - 1))
+        # Message and incoming message ids go past the rows copied and past the source's
+        # next ids (which may be past them: its newest rows deleted by the purge); the
+        # settings versions' counter goes past every version copied, and past the source's.
+        for table, next_id in (("messages", counters.next_message_id),
+                               ("incoming_messages", counters.next_incoming_id)):
+            await self._db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                "SET value = max(CAST(value AS INTEGER), excluded.value)",
+                (_DELETED_THROUGH.format(table=table), next_id - 1))
         await self._db.execute(
             "INSERT INTO meta (key, value) VALUES ('settings_version', max(?, "
             "(SELECT COALESCE(MAX(settings_version), 0) FROM accounts), "

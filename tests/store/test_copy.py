@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Config
+from gateway.clock import ManualClock
+from gateway.config import Config, RetentionConfig
+from gateway.metrics import Metrics
+from gateway.purge import Purger
 from gateway.records import (
     IncomingMessage,
     IncomingPart,
@@ -18,6 +21,7 @@ from gateway.records import (
     SentMessage,
     StateUpdate,
 )
+from gateway.retention import DAY
 from gateway.service import Management
 from gateway.store import Store, open_store
 from gateway.store import copy as copy_module
@@ -204,3 +208,35 @@ async def test_every_table_has_its_place_in_the_copy_order(tmp_path: Path) -> No
     finally:
         await store.close()
     assert tables <= set(copy_module.TABLE_ORDER), sorted(tables - set(copy_module.TABLE_ORDER))
+
+
+@pytest.mark.parametrize("direction", ["to_postgresql", "to_sqlite"])
+async def test_incoming_message_ids_deleted_by_the_purge_are_never_given_again(
+        tmp_path: Path, postgres_url: str, direction: str) -> None:
+    """The source's purge deleted every incoming message: the target's next one must not
+    take an id a client may still hold (the copy carries the source's next id)."""
+    sqlite_url = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    source, target = (sqlite_url, postgres_url) if direction == "to_postgresql" \
+        else (postgres_url, sqlite_url)
+    store = open_store(source, "cli")
+    await store.open()
+    try:
+        await account_with_user(store, 100)
+        await store.add_sender("acme", "ACME")
+        ids = [(await store.add_incoming([IncomingMessage(
+            0, 0, f"in{n}", "+33612300000", "ACME", "STOP", "", T0)]))[0] for n in range(3)]
+        purge = Purger(store, ManualClock(T0 + 401 * DAY),
+                       RetentionConfig(batch_pause_seconds=0), metrics=Metrics())
+        assert (await purge.run()).deleted.get("incoming_messages") == 3
+    finally:
+        await store.close()
+    assert (await copy(source, target)).exit_code == 0
+
+    copied = open_store(target, "delivery")
+    await copied.open()
+    try:
+        (new,) = await copied.add_incoming([IncomingMessage(
+            0, 0, "in-new", "+33612300000", "ACME", "START", "", T0 + 402 * DAY)])
+        assert new > max(ids)
+    finally:
+        await copied.close()

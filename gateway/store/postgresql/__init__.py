@@ -1929,7 +1929,13 @@ class _PostgreSQLSource:
         row = await self._conn.fetchrow(
             "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END "
             "FROM settings_version), (SELECT next_id FROM message_ids)")
-        return Counters(int(row[0]), int(row[1]))
+        incoming = await self._conn.fetchval(
+            "SELECT pg_get_serial_sequence('incoming_messages', 'id')")
+        # The identity's next value, read without drawing one (nextval would be a write).
+        after = await self._conn.fetchval(
+            f"SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END "
+            f"FROM {incoming}")
+        return Counters(int(row[0]), int(row[1]), int(after))
 
 
 class _PostgreSQLSink:
@@ -1974,9 +1980,12 @@ class _PostgreSQLSink:
             sequence = await self._conn.fetchval("SELECT pg_get_serial_sequence($1, 'id')",
                                                  f'"{table}"')
             if sequence is not None:
+                # Incoming message ids also past the source's next one: its newest incoming
+                # messages may have been deleted by the purge, and an id is never given twice.
+                floor = counters.next_incoming_id if table == "incoming_messages" else 1
                 await self._conn.execute(
-                    f'SELECT setval($1, COALESCE(MAX(id), 0) + 1, false) FROM "{table}"',
-                    sequence)
+                    f'SELECT setval($1, GREATEST(COALESCE(MAX(id), 0) + 1, $2), false) '
+                    f'FROM "{table}"', sequence, floor)
         await self._conn.execute(
             "UPDATE message_ids SET next_id = GREATEST(next_id, $1, "
             "(SELECT COALESCE(MAX(id), 0) + 1 FROM messages))", counters.next_message_id)
