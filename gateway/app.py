@@ -18,7 +18,7 @@ from gateway.admin_auth import AdminAuth
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.credits import RateTable
-from gateway.delivery import Dispatcher
+from gateway.delivery import ELSEWHERE_WAIT_SECONDS, Dispatcher
 from gateway.delivery_guard import DeliveryGuard
 from gateway.hooks.alerts import AlertService
 from gateway.hooks.callbacks import CallbackHandler
@@ -184,8 +184,10 @@ def _dispatcher(config: Config, store: Store, clock: Clock, metrics: Metrics,
                       metrics=metrics, follow_store=follow_store,
                       # One delivering process per store (the worker's lock, or the one-
                       # process gateway's DeliveryGuard): claims left at its start are a
-                      # previous run's. Shared: they end with their lease.
-                      exclusive=not shared, on_inbound=IncomingKeeper(store))
+                      # previous run's. Shared: they end with their lease, and a receipt
+                      # may be for another worker's message, not recorded yet.
+                      exclusive=not shared, on_inbound=IncomingKeeper(store),
+                      elsewhere_wait=ELSEWHERE_WAIT_SECONDS if shared else 0.0)
 
 
 def own_ports(config: Config) -> frozenset[int]:

@@ -42,6 +42,12 @@ committed send side:
   before it arrived has been recorded (or came back empty), and applied again then. A
   reference still unknown after that belongs to no message this dispatcher handed over:
   it is logged, and acknowledged (the network would otherwise redeliver it for ever).
+  Unless dispatchers share the store (`http2sms deliver` workers on PostgreSQL): a
+  network that sends a receipt to any bind of an account sends some of another worker's
+  here, possibly before that worker has recorded its chunk. Such a report is tried again
+  every `ELSEWHERE_RETRY_SECONDS` for `elsewhere_wait` seconds after its arrival
+  (`ELSEWHERE_WAIT_SECONDS` for shared workers), unacknowledged, before it counts as
+  unknown.
 
 Messages an operator took and never settles end at its `expiry` (gateway.expiry), when it
 gives one: an expiry task settles them as it settles refusals.
@@ -111,6 +117,11 @@ LEASE_SECONDS = 60.0
 # CPU the burst stays below (405-423/s with the old dispatcher's 351-375/s, load 7 on two
 # cores): the gateway and the test SMSC then wait for a core, not for the dispatcher.
 PIPELINE_DEPTH = 4
+# How long a report with an unknown reference waits for another dispatcher sharing the
+# store to record its message (see the module doc), and how often it is tried meanwhile.
+# A chunk is recorded once all of it is answered (about a second of traffic for SMPP).
+ELSEWHERE_WAIT_SECONDS = 10.0
+ELSEWHERE_RETRY_SECONDS = 0.5
 
 T = TypeVar("T")
 InboundHandler = Callable[[Sequence[Inbound]], Awaitable[None]]
@@ -124,10 +135,10 @@ class _Ticket:
     done: Acknowledgement
 
 
-# A report waiting for the store: its sink call's ticket, and the number of the last claim
+# A report waiting for the store: its sink call's ticket, the number of the last claim
 # made when it arrived (its message, if handed over here, is in that claim or an earlier
-# one). A tuple: thousands a second are made.
-_Queued = tuple[OperatorReport, _Ticket, int]
+# one), and when it arrived (monotonic). A tuple: thousands a second are made.
+_Queued = tuple[OperatorReport, _Ticket, int, float]
 
 
 class Dispatcher:
@@ -136,7 +147,10 @@ class Dispatcher:
                  on_callbacks: Callable[[], None] | None = None,
                  metrics: Metrics | None = None, follow_store: bool = False,
                  poll_seconds: float = 1.0, lease_seconds: float = LEASE_SECONDS,
-                 exclusive: bool = False, on_inbound: InboundHandler | None = None) -> None:
+                 exclusive: bool = False, on_inbound: InboundHandler | None = None,
+                 elsewhere_wait: float = 0.0) -> None:
+        """`elsewhere_wait`: seconds a report with an unknown reference waits for another
+        dispatcher sharing the store and the network's account (see the module doc)."""
         self._store = store
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -145,12 +159,17 @@ class Dispatcher:
         self._retry_seconds = retry_seconds
         self._lease = lease_seconds
         self._exclusive = exclusive
+        self._elsewhere_wait = elsewhere_wait
         self._on_callbacks = on_callbacks
         self._on_inbound = on_inbound or _log_inbound
         self._wake = asyncio.Event()
         self._in_hand = 0
         self._reports: list[_Queued] = []
         self._held: list[_Queued] = []
+        # Reports waiting for another dispatcher sharing the store to record their
+        # message (see the module doc), and the timer that tries them again.
+        self._elsewhere: list[_Queued] = []
+        self._elsewhere_retry: asyncio.TimerHandle | None = None
         # Reports the store refuses for good (not for being unavailable): logged, kept
         # unacknowledged (the network sends them again after a restart), never retried.
         self._aside: list[_Queued] = []
@@ -202,8 +221,8 @@ class Dispatcher:
             done.set_result(None)
             return done
         ticket = _Ticket(len(reports), done)
-        mark = self._claims
-        self._reports.extend([(report, ticket, mark) for report in reports])
+        mark, arrived = self._claims, time.monotonic()
+        self._reports.extend([(report, ticket, mark, arrived) for report in reports])
         self._reports_wake.set()
         return done
 
@@ -238,7 +257,7 @@ class Dispatcher:
     @property
     def waiting_reports(self) -> int:
         """Operator reports waiting in memory for the store."""
-        return len(self._reports) + len(self._held)
+        return len(self._reports) + len(self._held) + len(self._elsewhere)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -274,9 +293,12 @@ class Dispatcher:
             self._report_task = None
         for task in list(self._inbound_tasks):
             task.cancel()
+        if self._elsewhere_retry is not None:
+            self._elsewhere_retry.cancel()
+            self._elsewhere_retry = None
         # Not stored: not acknowledged, so a network that cares sends them again.
-        for _, ticket, _ in (*self._reports, *self._held, *self._aside):
-            ticket.done.cancel()
+        for queued in (*self._reports, *self._held, *self._elsewhere, *self._aside):
+            queued[1].done.cancel()
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -570,7 +592,7 @@ class Dispatcher:
                     log.error("apply_reports_failed", error=str(exc), reports=len(batch))
                     # Not lost: not acknowledged, and the messages are not final, so the
                     # next start resumes them.
-                    for _, ticket, _ in batch:
+                    for _, ticket, _, _ in batch:
                         ticket.done.cancel()
                     return
                 if isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
@@ -596,15 +618,22 @@ class Dispatcher:
             self._settled(applied)
             _log_states(batch, applied)
             retry: list[_Queued] = []
+            elsewhere: list[_Queued] = []
             retried: set[int] = set()
             unknown: list[str] = []
+            waited_since = time.monotonic() - self._elsewhere_wait
             for position in applied.unmatched:
                 queued = batch[position]
                 if queued[2] >= oldest:
                     retry.append(queued)
                     retried.add(position)
+                elif queued[3] > waited_since:
+                    elsewhere.append(queued)
+                    retried.add(position)
                 else:
                     unknown.append(queued[0].reference)
+            if elsewhere:
+                self._wait_elsewhere(elsewhere)
             if unknown:
                 log.warning("reports_unmatched", reports=len(unknown), references=unknown[:10],
                             hint="no message in the store has them, every hand-over "
@@ -615,9 +644,24 @@ class Dispatcher:
                 if ready:
                     self._reports[:0] = ready  # recorded meanwhile: at once
                 self._held.extend(queued for queued in retry if queued[2] >= now_oldest)
+            if retried:
                 batch = [q for p, q in enumerate(batch) if p not in retried]
             self.applied += len(batch)
             _acknowledge(batch)
+
+    def _wait_elsewhere(self, reports: list[_Queued]) -> None:
+        """Try `reports` again in a while: another dispatcher may record their message."""
+        self._elsewhere.extend(reports)
+        if self._elsewhere_retry is None:
+            self._elsewhere_retry = asyncio.get_running_loop().call_later(
+                ELSEWHERE_RETRY_SECONDS, self._retry_elsewhere)
+
+    def _retry_elsewhere(self) -> None:
+        self._elsewhere_retry = None
+        if self._elsewhere:
+            self._reports.extend(self._elsewhere)
+            self._elsewhere = []
+            self._reports_wake.set()
 
     def _settled(self, applied: AppliedUpdates) -> None:
         self._metrics.finals(applied.finals)
@@ -639,7 +683,7 @@ def _acknowledge(done: Sequence[_Queued]) -> None:
     """Count committed reports off their tickets; a sink call's reports are adjacent."""
     last: _Ticket | None = None
     count = 0
-    for _, ticket, _ in done:
+    for _, ticket, _, _ in done:
         if ticket is last:
             count += 1
             continue
@@ -673,7 +717,7 @@ def _log_states(batch: Sequence[_Queued], applied: AppliedUpdates) -> None:
         return
     ignored = set(applied.ignored)
     unmatched = set(applied.unmatched)  # logged by the caller
-    for position, (report, _, _) in enumerate(batch):
+    for position, (report, _, _, _) in enumerate(batch):
         message_id = applied.message_ids[position] if applied.message_ids else 0
         if position in unmatched:
             continue

@@ -16,9 +16,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from gateway import delivery
+from gateway.app import delivery_services
 from gateway.clock import ManualClock, SystemClock
 from gateway.config import Config, SmppSettings
 from gateway.delivery import Dispatcher
+from gateway.metrics import Metrics
 from gateway.operators.base import (
     Inbound,
     Later,
@@ -810,6 +813,64 @@ async def test_receipts_before_a_slow_chunk_is_recorded_are_never_dropped(
             assert dispatcher.waiting_reports == 0
     finally:
         await smsc.stop()
+
+
+async def test_a_receipt_for_a_message_another_shared_worker_has_not_recorded_waits_for_it(
+        config: Config) -> None:
+    """`http2sms deliver` workers share the store and one SMSC account: the network may send
+    this worker the receipt of a message another worker submitted and has not recorded yet
+    (a chunk is recorded once all of it is answered). It was acknowledged and dropped as
+    soon as this worker's own claims were recorded, and the message stayed sent."""
+    (message_id,) = await seed_queued(config, 1, per_order=1)
+    other = open_store(config.store.path, "delivery")
+    await other.open()
+    try:
+        # The other worker's claim, submitted and not yet recorded.
+        assert [m.id for m in await other.claim_messages(now=time.time(), lease=60.0,
+                                                         limit=10)] == [message_id]
+        async with dispatching(config, ScriptedOperator(take), clock=SystemClock(),
+                               elsewhere_wait=delivery.ELSEWHERE_WAIT_SECONDS
+                               ) as (dispatcher, store):
+            acknowledged = dispatcher.reports([OperatorReport.from_ptt("theirs", 4,
+                                                                       time.time())])
+            await eventually(lambda: len(dispatcher._elsewhere) == 1)
+            assert not acknowledged.done()
+            await other.mark_sent([message_id], at=time.time(),
+                                  references=[SentMessage(message_id, ("theirs",))])
+            await asyncio.wait_for(acknowledged, 5)
+            message = await store.get_message(message_id)
+            assert (message.state, message.ptt) == ("final", 4)
+            assert dispatcher.waiting_reports == 0
+    finally:
+        await other.close()
+
+
+async def test_only_workers_sharing_the_store_wait_for_each_others_receipts(
+        config: Config) -> None:
+    store = open_store(config.store.path, "delivery")
+    await store.open()
+    try:
+        for shared, wait in ((True, delivery.ELSEWHERE_WAIT_SECONDS), (False, 0.0)):
+            _, dispatcher = delivery_services(config, store, SystemClock(), Metrics(),
+                                              ZoneInfo(config.send.timezone),
+                                              follow_store=True, shared=shared)
+            assert dispatcher._elsewhere_wait == wait
+    finally:
+        await store.close()
+
+
+async def test_a_shared_workers_unknown_receipt_is_dropped_after_its_wait(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(delivery, "ELSEWHERE_RETRY_SECONDS", 0.05)
+    await seed_queued(config, 0)
+    async with dispatching(config, ScriptedOperator(take), clock=SystemClock(),
+                           elsewhere_wait=0.3) as (dispatcher, _):
+        started = time.monotonic()
+        await asyncio.wait_for(dispatcher.reports([OperatorReport.from_ptt(
+            "nobody", 4, time.time())]), 5)
+        # Acknowledged (the network would send it for ever), after its wait, not before.
+        assert time.monotonic() - started >= 0.3
+        assert dispatcher.waiting_reports == 0
 
 
 async def test_inbound_messages_are_handed_on_and_acknowledged(config: Config) -> None:
