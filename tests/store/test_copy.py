@@ -156,12 +156,17 @@ async def max_id(url: str, table: str) -> int:
         await store.close()
 
 
+def ends(tmp_path: Path, postgres_url: str, direction: str) -> tuple[str, str]:
+    """The source and target URLs of a copy `direction` ("to_postgresql", "to_sqlite")."""
+    sqlite_url = f"sqlite:///{tmp_path / 'source.sqlite3'}"
+    return (sqlite_url, postgres_url) if direction == "to_postgresql" \
+        else (postgres_url, sqlite_url)
+
+
 @pytest.mark.parametrize("direction", ["to_postgresql", "to_sqlite"])
 async def test_the_copied_store_serves_sends_with_new_ids(
         tmp_path: Path, postgres_url: str, direction: str) -> None:
-    sqlite_url = f"sqlite:///{tmp_path / 'source.sqlite3'}"
-    source, target = (sqlite_url, postgres_url) if direction == "to_postgresql" \
-        else (postgres_url, sqlite_url)
+    source, target = ends(tmp_path, postgres_url, direction)
     store = open_store(source, "cli")
     await store.open()
     try:
@@ -215,9 +220,7 @@ async def test_incoming_message_ids_deleted_by_the_purge_are_never_given_again(
         tmp_path: Path, postgres_url: str, direction: str) -> None:
     """The source's purge deleted every incoming message: the target's next one must not
     take an id a client may still hold (the copy carries the source's next id)."""
-    sqlite_url = f"sqlite:///{tmp_path / 'source.sqlite3'}"
-    source, target = (sqlite_url, postgres_url) if direction == "to_postgresql" \
-        else (postgres_url, sqlite_url)
+    source, target = ends(tmp_path, postgres_url, direction)
     store = open_store(source, "cli")
     await store.open()
     try:
