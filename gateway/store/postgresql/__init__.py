@@ -1435,13 +1435,8 @@ class PostgreSQLStore:
     async def create_token(self, name: str, key: str, digest: str,
                            accounts: Sequence[str] | None, *, at: float) -> AdminToken:
         async def body(db: Conn) -> None:
-            account_ids = []
-            for account in sorted(set(accounts or ())):
-                account_id = await db.fetchval("SELECT id FROM accounts WHERE name = $1",
-                                               account)
-                if account_id is None:
-                    raise NotFound(f"unknown account {account!r}")
-                account_ids.append(account_id)
+            account_ids = [await _account_id(db, account)
+                           for account in sorted(set(accounts or ()))]
             try:
                 token_id = await db.fetchval(
                     "INSERT INTO admin_tokens (name, key, digest, all_accounts, created_at) "
@@ -1498,13 +1493,7 @@ class PostgreSQLStore:
     async def create_console_user(self, email: str, password_hash: str, *, operator: bool,
                                   accounts: Sequence[str], at: float) -> ConsoleUser:
         async def body(db: Conn) -> None:
-            account_ids = []
-            for account in sorted(set(accounts)):
-                account_id = await db.fetchval("SELECT id FROM accounts WHERE name = $1",
-                                               account)
-                if account_id is None:
-                    raise NotFound(f"unknown account {account!r}")
-                account_ids.append(account_id)
+            account_ids = [await _account_id(db, account) for account in sorted(set(accounts))]
             try:
                 user_id = await db.fetchval(
                     "INSERT INTO console_users (email, password_hash, operator, created_at) "
@@ -1993,6 +1982,14 @@ class _PostgreSQLSink:
             "SELECT setval('settings_version', GREATEST($1, 1, "
             "(SELECT COALESCE(MAX(settings_version), 0) FROM accounts), "
             "(SELECT last_value FROM settings_version)))", counters.settings_version)
+
+
+async def _account_id(db: Conn, account: str) -> int:
+    """The id of the account named `account`; NotFound when there is none."""
+    account_id = await db.fetchval("SELECT id FROM accounts WHERE name = $1", account)
+    if account_id is None:
+        raise NotFound(f"unknown account {account!r}")
+    return int(account_id)
 
 
 # Of what the purge walks: its table and the column holding the other party's number.
